@@ -1,0 +1,195 @@
+"""The Geneformer encoder: build or load a BERT, pool it to one vector per cell, classify it.
+
+A released Geneformer checkpoint is a ``BertForMaskedLM``; only its encoder (``bert.*``) is
+used here, the masked-language-model head is dropped and the classifier head starts fresh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, BertConfig, BertModel, PretrainedConfig
+
+from geneformer_colon.errors import InputError
+
+Pooling = Literal["cls", "mean"]
+
+
+def build_bert(
+    vocab_size: int,
+    num_hidden_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    pad_token_id: int = 0,
+    hidden_act: str = "relu",
+    hidden_dropout_prob: float = 0.02,
+    attention_probs_dropout_prob: float = 0.02,
+    layer_norm_eps: float = 1e-12,
+    seed: int = 0,
+) -> BertModel:
+    """A randomly initialised BERT encoder of Geneformer's shape (defaults are Geneformer V1's).
+
+    The initialisation depends on ``seed`` only: the global torch RNG is neither read nor advanced.
+    """
+    config = BertConfig(
+        vocab_size=vocab_size,
+        num_hidden_layers=num_hidden_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        hidden_act=hidden_act,
+        hidden_dropout_prob=hidden_dropout_prob,
+        attention_probs_dropout_prob=attention_probs_dropout_prob,
+        layer_norm_eps=layer_norm_eps,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertModel(config, add_pooling_layer=False)
+
+
+def _unloadable(source: str, error: Exception) -> InputError:
+    reason = str(error).strip().splitlines()[0]
+    return InputError(
+        f"{source}: cannot load a Geneformer checkpoint ({reason}); give a local directory of a "
+        "Geneformer checkout holding config.json and model.safetensors or pytorch_model.bin "
+        "(e.g. Geneformer/Geneformer-V1-10M), or a hub id such as ctheodoris/Geneformer with "
+        "network access (offline: download it once, then set HF_HUB_OFFLINE=1)"
+    )
+
+
+def load_pretrained_bert(
+    name_or_path: str | os.PathLike[str],
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> BertModel:
+    """The encoder of a Geneformer checkpoint (hub id or local directory), in float32 with SDPA.
+
+    Works for checkpoints saved as ``BertForMaskedLM``, ``BertForSequenceClassification`` or
+    ``BertModel``, in safetensors or ``pytorch_model.bin``: task heads are ignored. A checkpoint
+    that leaves any encoder weight uninitialised is refused rather than silently trained from
+    random weights.
+    """
+    source = f"{name_or_path}" + (f" (subfolder {subfolder})" if subfolder else "")
+    hub_kwargs = {"subfolder": subfolder or "", "revision": revision or "main"}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as error:  # ValueError: a config.json without a known model_type
+        raise _unloadable(source, error) from None
+    if config.model_type != "bert":
+        raise InputError(
+            f"{source}: model_type is {config.model_type!r}, not 'bert'; "
+            "point the model at a Geneformer checkpoint (a BERT)"
+        )
+    try:
+        model, info = BertModel.from_pretrained(
+            name_or_path,
+            config=config,
+            add_pooling_layer=False,
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+            output_loading_info=True,
+            **hub_kwargs,
+        )
+    except OSError as error:
+        raise _unloadable(source, error) from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise InputError(
+            f"{source}: {len(missing)} encoder weights missing from the checkpoint ({shown}); "
+            "point the model at a Geneformer BERT checkpoint"
+        )
+    return model
+
+
+def check_vocabulary(
+    config: PretrainedConfig,
+    vocab_size: int,
+    pad_token_id: int,
+    input_size: int,
+    source: str,
+) -> None:
+    """Refuse a model whose vocabulary or positions do not fit the tokenizer's dictionaries.
+
+    A model whose config has no pad id is accepted: only the attention mask excludes padding.
+    """
+    problems = []
+    if config.vocab_size != vocab_size:
+        problems.append(
+            f"vocab_size {config.vocab_size} != token dictionary size {vocab_size}"
+        )
+    if config.pad_token_id is not None and config.pad_token_id != pad_token_id:
+        problems.append(f"pad_token_id {config.pad_token_id} != dictionary <pad> id {pad_token_id}")
+    if input_size > config.max_position_embeddings:
+        problems.append(
+            f"input size {input_size} > max_position_embeddings {config.max_position_embeddings}"
+        )
+    if problems:
+        raise InputError(
+            f"{source}: model does not match the token dictionary: {'; '.join(problems)}; use the "
+            "model with its own dictionaries (model=geneformer_v1 with the *_gc30M dictionaries, "
+            "model=geneformer_v2 with the *_gc104M dictionaries)"
+        )
+
+
+class CellEncoder(nn.Module):
+    """A BERT encoder pooled to one vector per cell.
+
+    ``pooling="cls"`` takes position 0 (V2's ``<cls>``; in V1, which has no ``<cls>``, that is the
+    top-ranked gene); ``pooling="mean"`` averages the hidden states of the attended positions,
+    so padding never changes a cell's vector.
+    ``freeze_layers=N > 0`` freezes the embeddings and the first N encoder layers.
+    """
+
+    def __init__(self, bert: BertModel, pooling: Pooling = "mean", freeze_layers: int = 0) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise InputError(f"model.pooling is {pooling!r}; set it to 'cls' or 'mean'")
+        n_layers = len(bert.encoder.layer)
+        if not 0 <= freeze_layers <= n_layers:
+            raise InputError(
+                f"model.freeze_layers is {freeze_layers}; set it between 0 and the model's "
+                f"{n_layers} layers"
+            )
+        self.bert = bert
+        self.pooling = pooling
+        if freeze_layers > 0:
+            for module in [bert.embeddings, *bert.encoder.layer[:freeze_layers]]:
+                module.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
+class ClassifierHead(nn.Module):
+    """Dropout then a linear layer from the cell vector to one logit per class."""
+
+    def __init__(self, hidden_size: int, n_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, n_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh weights, initialised as BERT's classifier heads are: N(0, 0.02), zero bias."""
+        nn.init.normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(pooled))

@@ -1,0 +1,210 @@
+"""Backbone: building, loading a real BertForMaskedLM checkpoint, vocabulary checks, pooling, freezing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+from geneformer_colon.errors import InputError
+from geneformer_colon.model.backbone import (
+    CellEncoder,
+    ClassifierHead,
+    build_bert,
+    check_vocabulary,
+    load_pretrained_bert,
+)
+
+# Geneformer V1's shape, shrunk: relu, dropout 0.02, layer-norm eps 1e-12, pad 0.
+SMALL = dict(
+    vocab_size=60,
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=48,
+)
+
+
+def small_bert(seed: int = 0):
+    return build_bert(**SMALL, seed=seed).eval()
+
+
+def batch_with_padding() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two cells: 5 genes then 3 pads, and 8 genes."""
+    input_ids = torch.tensor([[7, 12, 30, 4, 9, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 12]])
+    attention_mask = (torch.arange(8) < torch.tensor([[5], [8]])).long()
+    return input_ids, attention_mask
+
+
+def test_build_bert_shape_sdpa_and_seeded() -> None:
+    bert = small_bert(seed=3)
+    config = bert.config
+    assert (config.vocab_size, config.num_hidden_layers, config.hidden_size) == (60, 2, 32)
+    assert (config.num_attention_heads, config.intermediate_size) == (4, 64)
+    assert (config.max_position_embeddings, config.pad_token_id, config.hidden_act) == (48, 0, "relu")
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.02
+    assert config.layer_norm_eps == 1e-12
+    assert config._attn_implementation == "sdpa"
+    assert bert.pooler is None
+    assert len(bert.encoder.layer) == 2
+
+    rng_before = torch.random.get_rng_state()
+    same, other = build_bert(**SMALL, seed=3), build_bert(**SMALL, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), rng_before), "global RNG must be untouched"
+    for (name, p), q, r in zip(bert.named_parameters(), same.parameters(), other.parameters()):
+        assert torch.equal(p, q), name
+    weight = bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(weight, other.encoder.layer[0].attention.self.query.weight)
+
+
+@pytest.mark.parametrize("format", ["safetensors", "bin", "classifier"])
+def test_load_pretrained_takes_encoder_of_masked_lm(tmp_path: Path, format: str) -> None:
+    torch.manual_seed(11)
+    config = BertConfig(**SMALL, hidden_act="relu", hidden_dropout_prob=0.02, layer_norm_eps=1e-12)
+    mlm = (BertForSequenceClassification if format == "classifier" else BertForMaskedLM)(config).eval()
+    if format in ("safetensors", "classifier"):
+        mlm.save_pretrained(tmp_path)  # transformers 5 always writes safetensors
+        assert (tmp_path / "model.safetensors").is_file()
+    else:  # the older Geneformer layout: config.json + pytorch_model.bin with `bert.` keys
+        config.save_pretrained(tmp_path)
+        torch.save(mlm.state_dict(), tmp_path / "pytorch_model.bin")
+    saved = mlm.state_dict()
+    assert "bert.encoder.layer.1.output.dense.weight" in saved
+
+    bert = load_pretrained_bert(tmp_path)
+    assert bert.config._attn_implementation == "sdpa"
+    assert bert.pooler is None
+    loaded = bert.state_dict()
+    # The pooler of a sequence-classification checkpoint is dropped like the heads.
+    assert set(loaded) == {
+        k.removeprefix("bert.") for k in saved if k.startswith("bert.") and ".pooler." not in k
+    }
+    for key, value in loaded.items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, saved[f"bert.{key}"]), key
+    ids, mask = batch_with_padding()
+    torch.testing.assert_close(
+        bert(input_ids=ids, attention_mask=mask).last_hidden_state,
+        mlm.bert(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
+
+
+def test_load_pretrained_subfolder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(**SMALL))
+    mlm.save_pretrained(tmp_path / "Geneformer-V1-10M")
+    bert = load_pretrained_bert(tmp_path, subfolder="Geneformer-V1-10M")
+    assert torch.equal(bert.embeddings.word_embeddings.weight, mlm.bert.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "empty_dir", "hub_offline"])
+def test_load_pretrained_errors_name_path_and_fix(tmp_path: Path, where: str) -> None:
+    name = {
+        "missing_dir": str(tmp_path / "no" / "such" / "dir"),
+        "empty_dir": str(tmp_path),
+        "hub_offline": "ctheodoris/Geneformer-not-cached",  # conftest sets HF_HUB_OFFLINE=1
+    }[where]
+    with pytest.raises(InputError) as error:
+        load_pretrained_bert(name)
+    message = str(error.value)
+    assert name in message and "HF_HUB_OFFLINE" in message and "local directory" in message
+    assert "\n" not in message
+
+
+def test_load_pretrained_refuses_non_bert_and_missing_weights(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(InputError, match="model_type is 'gpt2'"):
+        load_pretrained_bert(tmp_path / "gpt2")
+
+    # A checkpoint holding only the embeddings: the encoder would silently start random.
+    config = BertConfig(**SMALL)
+    config.save_pretrained(tmp_path / "partial")
+    embeddings = build_bert(**SMALL).embeddings.state_dict()
+    partial = {f"bert.embeddings.{k}": v for k, v in embeddings.items()}
+    torch.save(partial, tmp_path / "partial" / "pytorch_model.bin")
+    with pytest.raises(InputError, match="encoder weights missing"):
+        load_pretrained_bert(tmp_path / "partial")
+
+
+def test_check_vocabulary() -> None:
+    config = BertConfig(**SMALL)
+    check_vocabulary(config, vocab_size=60, pad_token_id=0, input_size=48, source="m")
+    with pytest.raises(InputError) as error:
+        check_vocabulary(config, vocab_size=25426, pad_token_id=0, input_size=48, source="ckpt/v2")
+    message = str(error.value)
+    assert all(s in message for s in ("ckpt/v2", "60", "25426", "model=geneformer_v1", "model=geneformer_v2"))
+    with pytest.raises(InputError, match=r"pad_token_id 0 != dictionary <pad> id 1"):
+        check_vocabulary(config, vocab_size=60, pad_token_id=1, input_size=48, source="m")
+    with pytest.raises(InputError, match=r"input size 4096 > max_position_embeddings 48"):
+        check_vocabulary(config, vocab_size=60, pad_token_id=0, input_size=4096, source="m")
+
+
+def test_mean_pooling_ignores_padding() -> None:
+    encoder = CellEncoder(small_bert(), pooling="mean").eval()
+    ids, mask = batch_with_padding()
+    pooled = encoder(ids, mask)
+    assert pooled.shape == (2, encoder.hidden_size) == (2, 32)
+
+    # Independent reference: each cell alone, unpadded, averaged by hand over its positions.
+    for row, length in enumerate(mask.sum(1).tolist()):
+        alone = encoder.bert(input_ids=ids[row : row + 1, :length]).last_hidden_state
+        torch.testing.assert_close(pooled[row], alone[0].mean(0), atol=1e-5, rtol=1e-5)
+
+    # Changing what sits under the padding (ids, hence embeddings) changes nothing.
+    other_ids = ids.clone()
+    other_ids[0, 5:] = torch.tensor([33, 1, 59])
+    torch.testing.assert_close(encoder(other_ids, mask), pooled, atol=1e-6, rtol=1e-6)
+    # ... while changing a real gene does.
+    other_ids[0, 2] = 31
+    assert not torch.allclose(encoder(other_ids, mask)[0], pooled[0], atol=1e-4)
+
+
+def test_cls_pooling_is_position_zero() -> None:
+    bert = small_bert()
+    encoder = CellEncoder(bert, pooling="cls").eval()
+    ids, mask = batch_with_padding()
+    hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(encoder(ids, mask), hidden[:, 0])
+
+
+def test_freeze_layers() -> None:
+    encoder = CellEncoder(small_bert(), freeze_layers=1)
+    frozen = {n for n, p in encoder.named_parameters() if not p.requires_grad}
+    expected = {
+        n for n, _ in encoder.named_parameters()
+        if n.startswith(("bert.embeddings.", "bert.encoder.layer.0."))
+    }
+    assert frozen == expected and len(expected) > 10
+    assert all(p.requires_grad for p in CellEncoder(small_bert(), freeze_layers=0).parameters())
+
+    # Backward leaves frozen parameters without gradients.
+    ids, mask = batch_with_padding()
+    encoder(ids, mask).sum().backward()
+    grads = {n: p.grad is not None for n, p in encoder.named_parameters()}
+    assert not any(grads[n] for n in frozen)
+    assert grads["bert.encoder.layer.1.output.dense.weight"]
+
+
+@pytest.mark.parametrize("kwargs", [{"pooling": "max"}, {"freeze_layers": 3}, {"freeze_layers": -1}])
+def test_cell_encoder_bad_config(kwargs: dict) -> None:
+    with pytest.raises(InputError, match="model.(pooling|freeze_layers)"):
+        CellEncoder(small_bert(), **kwargs)
+
+
+def test_classifier_head_reset() -> None:
+    torch.manual_seed(0)
+    head = ClassifierHead(hidden_size=32, n_classes=3, dropout=0.0)
+    pooled = torch.randn(4, 32)
+    torch.testing.assert_close(head(pooled), pooled @ head.linear.weight.T + head.linear.bias)
+    assert head(pooled).shape == (4, 3)
+    with torch.no_grad():
+        head.linear.weight.fill_(1.0)
+        head.linear.bias.fill_(1.0)
+    head.reset_parameters()
+    assert torch.count_nonzero(head.linear.bias) == 0
+    assert 0.005 < head.linear.weight.std().item() < 0.05
