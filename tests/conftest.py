@@ -21,3 +21,37 @@ def geneformer_dicts() -> Path:
     if not (GENEFORMER_DICTS / "token_dictionary_gc30M.pkl").is_file():
         pytest.skip(f"real Geneformer dictionaries not found in {GENEFORMER_DICTS}")
     return GENEFORMER_DICTS
+
+
+@pytest.fixture(scope="session")
+def shared_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic GEO files and caches shared by the tests (each is keyed by its inputs)."""
+    root = tmp_path_factory.mktemp("shared")
+    return {"data": root / "data", "cache": root / "cache"}
+
+
+def tiny_overrides(output_dir: Path, shared: dict[str, Path]) -> list[str]:
+    """Settings that make a whole run take seconds on two CPU cores."""
+    return [
+        f"paths.output_dir={output_dir}",
+        f"paths.data_dir={shared['data']}",
+        f"paths.cache_dir={shared['cache']}",
+        "data.source.n_cells=480",
+        "data.source.n_genes=300",
+        "data.batch_size=32",
+        "model.tokenizer.input_size=128",
+        "model.architecture.hidden_size=32",
+        "model.architecture.intermediate_size=64",
+        "model.architecture.num_attention_heads=2",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_model_summary=false",
+    ]
+
+
+def compose_train(overrides: list[str], config_name: str = "train"):
+    """The train config as Hydra composes it for the command line."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name, overrides=overrides)

@@ -1,0 +1,88 @@
+"""Token store caching, donor splits and batches of the datamodule on synthetic GEO data."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from conftest import compose_train, tiny_overrides
+from hydra.utils import instantiate
+
+from geneformer_colon.errors import InputError
+
+
+def datamodule(tmp_path, shared, *overrides):
+    cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared) + list(overrides))
+    return instantiate(cfg.data)
+
+
+def test_splits_are_by_donor_and_never_share_one(tmp_path, shared_dirs):
+    dm = datamodule(tmp_path, shared_dirs)
+    dm.setup()
+    donors = {split: set(dm.split_cells(split)["donor"]) for split in ("train", "val", "test")}
+    assert donors["val"] == {"KUL19"} and donors["test"] == {"KUL01"}
+    assert donors["train"] == {"KUL21", "KUL28", "KUL30", "KUL31"}
+    assert sum(len(dm.splits[s]) for s in dm.splits) == len(dm.store)
+
+
+def test_unknown_donor_lists_the_donors_present(tmp_path, shared_dirs):
+    dm = datamodule(tmp_path, shared_dirs, "data.test_donors=[KUL99]")
+    with pytest.raises(InputError, match=r"data.test_donors.*KUL99.*KUL01.*KUL19"):
+        dm.setup()
+
+
+def test_donor_in_two_splits_is_refused(tmp_path, shared_dirs):
+    dm = datamodule(tmp_path, shared_dirs, "data.test_donors=[KUL19]")
+    with pytest.raises(InputError, match="share"):
+        dm.setup()
+
+
+def test_cell_type_filter_and_unknown_cell_type(tmp_path, shared_dirs):
+    dm = datamodule(tmp_path, shared_dirs, "data.cell_types=[Epithelial cells]")
+    dm.setup()
+    assert set(dm.split_cells("train")["cell_type"]) == {"Epithelial cells"}
+    bad = datamodule(tmp_path, shared_dirs, "data.cell_types=[Neurons]")
+    with pytest.raises(InputError, match=r"Neurons.*Epithelial cells"):
+        bad.setup()
+
+
+def test_a_class_absent_from_a_split_is_an_error(tmp_path, shared_dirs):
+    dm = datamodule(tmp_path, shared_dirs, "data.labels=[Normal, Border, Tumor, Metastasis]")
+    with pytest.raises(InputError, match="Metastasis"):
+        dm.setup()
+
+
+def test_batches_pad_to_their_longest_cell(tmp_path, shared_dirs):
+    dm = datamodule(tmp_path, shared_dirs)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape[1] == lengths.max()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+    for row, index in enumerate(batch["index"].tolist()):
+        np.testing.assert_array_equal(batch["input_ids"][row, : lengths[row]].numpy(), dm.store.cell_tokens(index))
+    assert set(batch["labels"].tolist()) <= {0, 1, 2}
+
+
+def test_store_is_reused_and_rebuilt_when_the_dictionary_changes(tmp_path, shared_dirs):
+    first = datamodule(tmp_path, shared_dirs)
+    first.setup()
+    again = datamodule(tmp_path, shared_dirs)
+    again.setup()
+    assert again.store.directory == first.store.directory
+    assert (again.store.directory / "tokens.npy").stat().st_mtime_ns == (
+        first.store.directory / "tokens.npy").stat().st_mtime_ns
+
+    # the same vocabulary with one gene's median changed: a new store
+    token = dict(first.dictionaries.token)
+    median = dict(first.dictionaries.median)
+    gene = next(iter(median))
+    median[gene] *= 1000.0
+    for name, content in (("token.pkl", token), ("median.pkl", median)):
+        (tmp_path / name).write_bytes(pickle.dumps(content))
+    changed = datamodule(tmp_path, shared_dirs, f"model.tokenizer.token_dictionary={tmp_path / 'token.pkl'}",
+                         f"model.tokenizer.gene_median_dictionary={tmp_path / 'median.pkl'}")
+    changed.setup()
+    assert changed.store.directory != first.store.directory
+    assert len(changed.store) == len(first.store)

@@ -1,0 +1,317 @@
+"""Ingest: GEO KUL3 text (synthetic round trip, cache, bad input) and .h5ad to canonical form."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from geneformer_colon.data import ingest
+from geneformer_colon.data.ingest import read_gene_name_map, read_h5ad, read_kul3
+from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
+from geneformer_colon.errors import InputError
+
+N_CELLS, N_GENES, SEED = 300, 400, 3
+KEYS = dict(donor_key="patient", label_key="region", cell_type_key="celltype")  # the test h5ad's
+
+
+@pytest.fixture(scope="module")
+def geo(tmp_path_factory) -> dict[str, Path]:
+    return write_synthetic_kul3(tmp_path_factory.mktemp("geo"), N_CELLS, N_GENES, SEED)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return generate_counts(N_CELLS, N_GENES, SEED)
+
+
+def _write_gz(path: Path, text: str) -> Path:
+    with gzip.open(path, "wt") as handle:
+        handle.write(text)
+    return path
+
+
+def _tiny_kul3(tmp_path: Path, matrix_rows: list[str]) -> tuple[Path, Path]:
+    """A hand-written GEO pair: genes x cells c1-c3 and an annotation of every cell."""
+    cells = ("c1", "c2", "c3")
+    matrix = _write_gz(tmp_path / "m.txt.gz", "Index\tc1\tc2\tc3\n" + "".join(matrix_rows))
+    rows = "".join(f"{c}\tKUL01\tTumor\tKUL01-T\tT cells\tCD8+ T cells\n" for c in cells)
+    annotation = _write_gz(
+        tmp_path / "a.txt.gz", "Index\tPatient\tClass\tSample\tCell_type\tCell_subtype\n" + rows
+    )
+    return matrix, annotation
+
+
+# ---------------------------------------------------------------- GEO round trip
+
+
+def test_round_trip_joins_the_annotation_by_index(geo, cohort, tmp_path, caplog) -> None:
+    # The annotation shuffled, plus two cells the matrix lacks: the join must go by Index.
+    annotation = cohort.annotation.sample(frac=1.0, random_state=0)
+    extra = annotation.iloc[:2].assign(Index=["KUL99-T_AAAA", "KUL99-T_CCCC"])
+    shuffled = tmp_path / "shuffled.txt.gz"
+    pd.concat([annotation, extra]).to_csv(shuffled, sep="\t", index=False)
+    with caplog.at_level(logging.WARNING, logger="geneformer_colon.data.ingest"):
+        adata = read_kul3(geo["matrix"], shuffled, gene_map=geo["gene_table"])
+
+    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.int32
+    assert (adata.X != cohort.counts).nnz == 0
+    assert list(adata.obs_names) == list(cohort.annotation["Index"])
+    expected = cohort.annotation.set_index("Index")
+    for obs_column, geo_column in [
+        ("donor", "Patient"), ("label", "Class"), ("sample", "Sample"),
+        ("cell_type", "Cell_type"), ("cell_subtype", "Cell_subtype"),
+    ]:
+        assert list(adata.obs[obs_column]) == list(expected[geo_column])
+    n_counts = adata.obs["n_counts"]
+    assert n_counts.dtype == np.int64
+    np.testing.assert_array_equal(n_counts, cohort.counts.toarray().sum(axis=1))
+    assert list(adata.var_names) == cohort.symbols
+    assert list(adata.var["symbol"]) == cohort.symbols
+    assert list(adata.var["ensembl_id"]) == cohort.ensembl_ids  # "" where unmapped
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"4 of {N_GENES} genes have no Ensembl id in {geo['gene_table']}" in messages
+    assert any("2 annotation rows have no column" in m for m in messages)
+
+
+def test_gene_map_as_dict_and_pickle(geo, cohort, tmp_path) -> None:
+    mapping = {s: e for s, e in zip(cohort.symbols, cohort.ensembl_ids) if e}
+    pkl = tmp_path / "gene_name_id_dict.pkl"
+    pkl.write_bytes(pickle.dumps(mapping))
+    assert read_gene_name_map(pkl) == mapping
+    from_dict = read_kul3(geo["matrix"], geo["annotation"], gene_map=mapping)
+    assert list(from_dict.var["ensembl_id"]) == cohort.ensembl_ids
+    unmapped = read_kul3(geo["matrix"], geo["annotation"])
+    assert set(unmapped.var["ensembl_id"]) == {""}
+
+
+def test_gene_map_tsv_with_or_without_header(tmp_path) -> None:
+    rows = "TP53\tENSG00000141510\nEGFR\tENSG00000146648\nNOID\t\n"
+    with_header = tmp_path / "with.tsv"
+    with_header.write_text("symbol\tensembl_id\n" + rows)
+    without = tmp_path / "without.tsv"
+    without.write_text(rows)
+    expected = {"TP53": "ENSG00000141510", "EGFR": "ENSG00000146648"}
+    assert read_gene_name_map(with_header) == expected
+    assert read_gene_name_map(without) == expected
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("TP53\tENSG00000141510\tchr17\n")
+    with pytest.raises(InputError, match=r"bad\.tsv: line 1 has 3 tab-separated fields"):
+        read_gene_name_map(bad)
+    token_dict = tmp_path / "token_dictionary.pkl"
+    token_dict.write_bytes(pickle.dumps({"ENSG00000141510": 7}))
+    with pytest.raises(InputError, match="token_dictionary.pkl: maps 'ENSG00000141510' to int"):
+        read_gene_name_map(token_dict)
+
+
+def test_real_geneformer_gene_name_map(geneformer_dicts) -> None:
+    mapping = read_gene_name_map(geneformer_dicts / "gene_name_id_dict_gc30M.pkl")
+    assert mapping["TP53"] == "ENSG00000141510"
+    assert len(mapping) == 40_248
+
+
+def test_plain_text_float_and_crlf_rows_are_read(tmp_path) -> None:
+    rows = ["G1\t0\t2\t1.0\n", "G2\t3\t0\t0\r\n", "G3\t0\t0\t12"]  # float, CRLF, no final newline
+    matrix, annotation = _tiny_kul3(tmp_path, rows)
+    adata = read_kul3(matrix, annotation)
+    np.testing.assert_array_equal(adata.X.toarray(), [[0, 3, 0], [2, 0, 0], [1, 0, 12]])
+    assert list(adata.var_names) == ["G1", "G2", "G3"]
+    assert list(adata.obs["n_counts"]) == [3, 2, 13]
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_reused_then_rebuilt_when_input_changes(geo, cohort, tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "kul3.h5ad"
+    first = read_kul3(geo["matrix"], geo["annotation"], geo["gene_table"], cache_path=cache)
+    assert cache.is_file() and [p.name for p in tmp_path.iterdir()] == ["kul3.h5ad"]
+    built_ns = cache.stat().st_mtime_ns
+    parses = []
+    real_parser = ingest._read_matrix
+
+    def counting_parser(*args):
+        parses.append(args)
+        return real_parser(*args)
+
+    monkeypatch.setattr(ingest, "_read_matrix", counting_parser)
+    again = read_kul3(geo["matrix"], geo["annotation"], geo["gene_table"], cache_path=cache)
+    assert parses == [] and cache.stat().st_mtime_ns == built_ns
+    assert (again.X != first.X).nnz == 0 and again.X.dtype == np.int32
+    pd.testing.assert_frame_equal(again.obs, first.obs)
+    pd.testing.assert_frame_equal(again.var, first.var)
+
+    # A gene table with one more unmapped gene, written later: the cache is rebuilt.
+    table = tmp_path / "genes.tsv"
+    pairs = zip(cohort.symbols[1:], cohort.ensembl_ids[1:])
+    table.write_text("".join(f"{s}\t{e}\n" for s, e in pairs if e))
+    rebuilt = read_kul3(geo["matrix"], geo["annotation"], table, cache_path=cache)
+    assert len(parses) == 1 and rebuilt.var["ensembl_id"].iloc[0] == ""
+    # Touching an input (same bytes, new mtime) also invalidates.
+    stat = table.stat()
+    os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    read_kul3(geo["matrix"], geo["annotation"], table, cache_path=cache)
+    assert len(parses) == 2
+
+
+# ---------------------------------------------------------------- bad GEO input
+
+
+def test_truncated_download(geo, tmp_path) -> None:
+    truncated = tmp_path / "truncated.txt.gz"
+    truncated.write_bytes(geo["matrix"].read_bytes()[:-2000])
+    with pytest.raises(InputError) as err:
+        read_kul3(truncated, geo["annotation"])
+    assert str(err.value).startswith(f"{truncated}: cannot read the count matrix")
+    assert "truncated" in str(err.value)
+
+
+def test_missing_annotation_column(tmp_path) -> None:
+    matrix, _ = _tiny_kul3(tmp_path, ["G1\t1\t2\t3\n"])
+    no_class = "Index\tPatient\tSample\tCell_type\tCell_subtype\nc1\tK\tK-T\tT\tx\n"
+    annotation = _write_gz(tmp_path / "ann.txt.gz", no_class)
+    with pytest.raises(InputError) as err:
+        read_kul3(matrix, annotation)
+    message = str(err.value)
+    assert str(annotation) in message and "'Class' missing" in message
+    assert "columns: Index, Patient, Sample, Cell_type, Cell_subtype" in message
+
+
+def test_cells_missing_from_the_annotation(tmp_path) -> None:
+    _, annotation = _tiny_kul3(tmp_path, [])  # annotates c1-c3
+    matrix = _write_gz(tmp_path / "m4.txt.gz", "Index\tc1\tc2\tc3\tc9\nG1\t1\t2\t3\t4\n")
+    with pytest.raises(InputError) as err:
+        read_kul3(matrix, annotation)
+    message = str(err.value)
+    assert str(matrix) in message and str(annotation) in message and "'c9'" in message
+
+
+@pytest.mark.parametrize(
+    ("row", "what"),
+    [("G2\t1\t-4\t0\n", "negative count '-4' for cell 'c2'"),
+     ("G2\t1\t0\t2.5\n", "fractional count '2.5' for cell 'c3'"),
+     ("G2\t1\tNA\t2\n", "non-numeric count 'NA' for cell 'c2'"),
+     ("G2\t1\t2\n", "has 2 counts but the header names 3 cells")],
+)
+def test_bad_counts_name_the_file_and_gene_row(tmp_path, row: str, what: str) -> None:
+    matrix, annotation = _tiny_kul3(tmp_path, ["G1\t0\t1\t2\n", row, "G3\t5\t5\t5\n"])
+    with pytest.raises(InputError) as err:
+        read_kul3(matrix, annotation)
+    message = str(err.value)
+    assert message.startswith(f"{matrix}: gene row 'G2' (line 3)")
+    assert what in message
+
+
+# ---------------------------------------------------------------- h5ad
+
+
+@pytest.fixture(scope="module")
+def h5ad_file(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.5, size=(12, 8)).astype(np.int64)
+    counts[0, 0] = 0
+    normalised = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    obs = pd.DataFrame(
+        {
+            "patient": pd.Categorical(["P1", "P2", "P3"] * 4),
+            "region": ["Tumor", "Normal"] * 6,
+            "celltype": ["Epithelial cells"] * 12,
+            "batch": [f"b{i % 2}" for i in range(12)],
+        },
+        index=[f"cell{i}" for i in range(12)],
+    )
+    var = pd.DataFrame(
+        {"gene_ids": [f"ENSG{i:011d}" for i in range(7)] + [None]},
+        index=[f"GENE{i}" for i in range(8)],
+    )
+    adata = ad.AnnData(X=normalised, obs=obs, var=var, layers={"counts": sp.csr_matrix(counts)})
+    path = tmp_path_factory.mktemp("h5ad") / "cells.h5ad"
+    adata.write_h5ad(path)
+    return path, counts
+
+
+def test_h5ad_custom_keys_layer_and_var_column(h5ad_file, caplog) -> None:
+    path, counts = h5ad_file
+    with caplog.at_level(logging.WARNING, logger="geneformer_colon.data.ingest"):
+        adata = read_h5ad(
+            path, donor_key="patient", label_key="region", cell_type_key="celltype",
+            sample_key="batch", ensembl_key="gene_ids", layer="counts",
+        )
+    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.int32
+    np.testing.assert_array_equal(adata.X.toarray(), counts)
+    assert list(adata.obs.columns) == ["donor", "label", "cell_type", "sample", "n_counts"]
+    assert list(adata.obs["donor"]) == ["P1", "P2", "P3"] * 4
+    assert list(adata.obs["label"]) == ["Tumor", "Normal"] * 6
+    assert list(adata.obs["sample"]) == [f"b{i % 2}" for i in range(12)]
+    assert all(isinstance(v, str) for v in adata.obs["donor"])
+    np.testing.assert_array_equal(adata.obs["n_counts"], counts.sum(axis=1))
+    assert list(adata.var["ensembl_id"]) == [f"ENSG{i:011d}" for i in range(7)] + [""]
+    assert list(adata.var["symbol"]) == [f"GENE{i}" for i in range(8)]
+    assert any("1 of 8 genes have no Ensembl id" in r.getMessage() for r in caplog.records)
+
+
+def test_h5ad_ids_from_var_index_and_dense_float_counts(tmp_path, h5ad_file) -> None:
+    _, counts = h5ad_file
+    adata = ad.AnnData(
+        X=counts.astype(np.float32),
+        obs=pd.DataFrame(
+            {"donor": ["D"] * 12, "label": ["Normal"] * 12, "cell_type": ["T cells"] * 12},
+            index=[f"c{i}" for i in range(12)],
+        ),
+        var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(8)]),
+    )
+    path = tmp_path / "ids.h5ad"
+    adata.write_h5ad(path)
+    canonical = read_h5ad(path, ensembl_key=None)
+    assert canonical.X.dtype == np.int32
+    np.testing.assert_array_equal(canonical.X.toarray(), counts)
+    assert list(canonical.var["ensembl_id"]) == [f"ENSG{i:011d}" for i in range(8)]
+    assert list(canonical.obs["sample"]) == ["D-Normal"] * 12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (dict(donor_key="Patient"),
+         ["obs column 'Patient' missing", "patient, region", "data.source.donor_key"]),
+        (dict(KEYS, layer="raw"), ["layer 'raw' missing (layers: counts)", "data.source.layer"]),
+        (dict(KEYS, ensembl_key="ensembl"),
+         ["var column 'ensembl' missing (columns: gene_ids)", "data.source.ensembl_key"]),
+        (dict(KEYS, ensembl_key=None), ["X holds a fractional value", "data.source.layer"]),
+    ],
+)
+def test_h5ad_errors_name_file_and_field(h5ad_file, kwargs, expected) -> None:
+    path, _ = h5ad_file
+    with pytest.raises(InputError) as err:
+        read_h5ad(path, **kwargs)
+    message = str(err.value)
+    assert message.startswith(str(path))
+    for part in expected:
+        assert part in message
+
+
+def test_h5ad_negative_counts_in_a_layer(tmp_path) -> None:
+    layer = sp.csr_matrix(np.array([[1, 0], [0, -2]]))
+    adata = ad.AnnData(
+        X=np.zeros((2, 2)),
+        obs=pd.DataFrame(
+            {"donor": ["D", "D"], "label": ["Tumor"] * 2, "cell_type": ["B cells"] * 2},
+            index=["a", "b"],
+        ),
+        var=pd.DataFrame({"ensembl_id": ["E1", "E2"]}, index=["g1", "g2"]),
+        layers={"counts": layer},
+    )
+    path = tmp_path / "neg.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(InputError) as err:
+        read_h5ad(path, layer="counts")
+    expected = f"{path}: layers['counts'] holds a negative value -2 (cell 'b', gene 'g2')"
+    assert str(err.value).startswith(expected)
