@@ -31,6 +31,8 @@ def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         cfg.model.tokenizer.gene_median_dictionary = str(dictionaries / "gene_median_dictionary.pkl")
         mapping = dictionaries / "ensembl_mapping_dict.pkl"
         cfg.model.tokenizer.gene_mapping = str(mapping) if mapping.is_file() else None
+        # config.yaml is saved resolved: data.tokenizer is a copy of model.tokenizer, not a link.
+        cfg.data.tokenizer = cfg.model.tokenizer
     return cfg
 
 

@@ -161,3 +161,45 @@ def test_success_criteria_are_checked_and_recorded(tmp_path, shared_dirs):
     success = metrics_of(tmp_path, "criteria")["success"]
     assert success["val/accuracy"]["passed"] is True
     assert success["test/macro_f1"]["passed"] is False
+
+
+def test_a_save_pretrained_checkpoint_loads_through_model_pretrained(tmp_path, shared_dirs):
+    from transformers import BertConfig, BertForMaskedLM
+
+    tiny = tiny_overrides(tmp_path / "outputs", shared_dirs)
+    vocab_size = len(build_datamodule(compose_train(tiny)).dictionaries.token)
+    checkpoint = BertForMaskedLM(BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=256, hidden_act="relu", pad_token_id=0))
+    checkpoint.save_pretrained(tmp_path / "geneformer")
+
+    cfg = compose_train(tiny + [f"model.pretrained={tmp_path / 'geneformer'}", "run_name=pretrained",
+                                "+trainer.fast_dev_run=true"])
+    encoder = build_module(cfg, build_datamodule(cfg)).encoder.bert.state_dict()
+    for name, tensor in checkpoint.bert.state_dict().items():
+        if not name.startswith("pooler"):
+            torch.testing.assert_close(encoder[name], tensor, msg=name)
+    run_training(cfg)
+    assert metrics_of(tmp_path, "pretrained")["status"] == "finished"
+
+
+def test_eval_scores_the_best_checkpoint_on_other_donors(tmp_path, shared_dirs):
+    train(tmp_path, shared_dirs, "run_name=to_eval")
+    run_dir = tmp_path / "outputs" / "to_eval"
+    result = subprocess.run(
+        [sys.executable, "eval.py", f"run_dir={run_dir}", "data.test_donors=[KUL21]"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_dir / "eval" / "test-KUL21"
+    metrics = json.loads((out / "metrics.json").read_text())
+    table = pd.read_csv(out / "predictions" / "test.csv")
+    assert set(table["donor"]) == {"KUL21"}
+    assert (out / "plots" / "confusion_test.png").is_file()
+    truth = table["true"].map(CLASSES.index)
+    assert metrics["test"]["accuracy"] == pytest.approx(
+        accuracy_score(truth, table[[f"prob_{c}" for c in CLASSES]].to_numpy().argmax(1)), abs=1e-6)
+
+    bad = subprocess.run([sys.executable, "eval.py", f"run_dir={run_dir}", "data.test_donors=[KUL77]"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "KUL77" in bad.stderr and "Traceback" not in bad.stderr

@@ -112,7 +112,8 @@ class CellDataModule(pl.LightningDataModule):
     # ---- building (rank 0 in prepare_data; every rank then opens what is on disk) ----
 
     def prepare_data(self) -> None:
-        self._open_store()
+        if self.store is None:
+            self.store = self._open_store()
 
     def _open_store(self) -> TokenStore:
         h5ad_path = self.source.h5ad(self.cache_dir)
@@ -180,8 +181,9 @@ class CellDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Split by donor. Every class must have cells in each split the stage uses
         (fit: train and val; validate: val; test: test; None: all three)."""
-        if self.store is None:
-            self.store = self._open_store()
+        if not self.splits:
+            if self.store is None:
+                self.store = self._open_store()
             cells = self._filter_frame(self.store.cells, source=str(self.store.meta["source"]))
             label_ids = cells["label"].map({name: i for i, name in enumerate(self.class_names)}).to_numpy()
             donor_split = np.where(
