@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from geneformer_colon.data import ingest
 from geneformer_colon.data.ingest import read_gene_name_map, read_h5ad, read_kul3
 from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
 from geneformer_colon.errors import InputError
@@ -125,41 +123,6 @@ def test_plain_text_float_and_crlf_rows_are_read(tmp_path) -> None:
     np.testing.assert_array_equal(adata.X.toarray(), [[0, 3, 0], [2, 0, 0], [1, 0, 12]])
     assert list(adata.var_names) == ["G1", "G2", "G3"]
     assert list(adata.obs["n_counts"]) == [3, 2, 13]
-
-
-# ---------------------------------------------------------------- cache
-
-
-def test_cache_reused_then_rebuilt_when_input_changes(geo, cohort, tmp_path, monkeypatch) -> None:
-    cache = tmp_path / "kul3.h5ad"
-    first = read_kul3(geo["matrix"], geo["annotation"], geo["gene_table"], cache_path=cache)
-    assert cache.is_file() and [p.name for p in tmp_path.iterdir()] == ["kul3.h5ad"]
-    built_ns = cache.stat().st_mtime_ns
-    parses = []
-    real_parser = ingest._read_matrix
-
-    def counting_parser(*args):
-        parses.append(args)
-        return real_parser(*args)
-
-    monkeypatch.setattr(ingest, "_read_matrix", counting_parser)
-    again = read_kul3(geo["matrix"], geo["annotation"], geo["gene_table"], cache_path=cache)
-    assert parses == [] and cache.stat().st_mtime_ns == built_ns
-    assert (again.X != first.X).nnz == 0 and again.X.dtype == np.int32
-    pd.testing.assert_frame_equal(again.obs, first.obs)
-    pd.testing.assert_frame_equal(again.var, first.var)
-
-    # A gene table with one more unmapped gene, written later: the cache is rebuilt.
-    table = tmp_path / "genes.tsv"
-    pairs = zip(cohort.symbols[1:], cohort.ensembl_ids[1:])
-    table.write_text("".join(f"{s}\t{e}\n" for s, e in pairs if e))
-    rebuilt = read_kul3(geo["matrix"], geo["annotation"], table, cache_path=cache)
-    assert len(parses) == 1 and rebuilt.var["ensembl_id"].iloc[0] == ""
-    # Touching an input (same bytes, new mtime) also invalidates.
-    stat = table.stat()
-    os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    read_kul3(geo["matrix"], geo["annotation"], table, cache_path=cache)
-    assert len(parses) == 2
 
 
 # ---------------------------------------------------------------- bad GEO input

@@ -12,8 +12,6 @@ Canonical AnnData (what everything downstream consumes):
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import logging
 import os
 import zlib
@@ -23,7 +21,6 @@ from pathlib import Path
 from typing import IO
 
 import anndata as ad
-import h5py
 import numba
 import numpy as np
 import pandas as pd
@@ -31,7 +28,6 @@ import scipy.sparse as sp
 
 from geneformer_colon.data.dictionaries import load_pickle_dict
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +40,6 @@ _KUL3_OBS = {
     "Sample": "sample",
     "Cell_subtype": "cell_subtype",
 }
-FINGERPRINT_KEY = "ingest_fingerprint"
-_CACHE_VERSION = "read_kul3/1"  # bump when the canonical form changes, to invalidate caches
 _READ_BYTES = 1 << 24  # decompressed bytes of the matrix parsed per block
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -101,15 +95,13 @@ def read_kul3(
     matrix_path: str | os.PathLike[str],
     annotation_path: str | os.PathLike[str],
     gene_map: GeneMap | None = None,
-    cache_path: str | os.PathLike[str] | None = None,
 ) -> ad.AnnData:
     """Read the GEO KUL3 count matrix and annotation into the canonical AnnData.
 
     The matrix (genes as rows, cells as columns, header ``Index`` then cell ids) is parsed in
     blocks of gene rows, never densely as a whole. ``gene_map`` (a path for
-    :func:`read_gene_name_map` or a dict) gives ``var.ensembl_id``. With ``cache_path`` the
-    result is kept as .h5ad together with a fingerprint of the inputs and reused while they
-    are unchanged.
+    :func:`read_gene_name_map` or a dict) gives ``var.ensembl_id``. Caching the result is the
+    data source's job (:mod:`geneformer_colon.data.sources`).
     """
     matrix_path, annotation_path = Path(matrix_path), Path(annotation_path)
     inputs = {matrix_path: "data.source.data_dir", annotation_path: "data.source.data_dir"}
@@ -118,14 +110,6 @@ def read_kul3(
     for path, config in inputs.items():
         if not path.is_file():
             raise InputError(f"{path}: file not found; check {config}")
-    fingerprint = None
-    if cache_path is not None:
-        cache_path = Path(cache_path)
-        fingerprint = _fingerprint(matrix_path, annotation_path, gene_map)
-        if _cached_fingerprint(cache_path) == fingerprint:
-            logger.info("reusing %s (inputs unchanged)", cache_path)
-            return ad.read_h5ad(cache_path)
-
     cell_ids = _matrix_header(matrix_path)
     obs = _kul3_obs(annotation_path, matrix_path, cell_ids)
     counts, symbols = _read_matrix(matrix_path, cell_ids)
@@ -138,16 +122,11 @@ def read_kul3(
         mapping, source = read_gene_name_map(gene_map), str(gene_map)
     ensembl_ids = [mapping.get(s, "") for s in symbols]
     _log_unmapped(ensembl_ids, source)
-    adata = ad.AnnData(
+    return ad.AnnData(
         X=counts,
         obs=obs,
         var=pd.DataFrame({"symbol": symbols, "ensembl_id": ensembl_ids}, index=symbols),
     )
-    if cache_path is not None:
-        adata.uns[FINGERPRINT_KEY] = fingerprint
-        with atomic_path(cache_path) as tmp:
-            adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
-    return adata
 
 
 def read_h5ad(
@@ -424,36 +403,6 @@ def _parse_rows(buf, pos, n_cells, indices, data, row_nnz, spans):  # pragma: no
         row_nnz[rows] = nnz - first
         rows += 1
     return pos, rows, nnz
-
-
-def _fingerprint(matrix: Path, annotation: Path, gene_map: GeneMap | None) -> str:
-    """The identity of the inputs: resolved path, size and mtime of each file."""
-
-    def stamp(path: Path) -> list[str | int]:
-        stat = path.stat()
-        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-    if gene_map is None:
-        map_id: object = None
-    elif isinstance(gene_map, Mapping):
-        items = json.dumps(sorted((str(k), str(v)) for k, v in gene_map.items()))
-        map_id = hashlib.sha256(items.encode()).hexdigest()
-    else:
-        map_id = stamp(Path(gene_map))
-    return json.dumps(
-        {"reader": _CACHE_VERSION, "matrix": stamp(matrix), "annotation": stamp(annotation),
-         "gene_map": map_id}
-    )
-
-
-def _cached_fingerprint(path: Path) -> str | None:
-    """The fingerprint stored in a cache file, without loading the matrix; None if unusable."""
-    try:
-        with h5py.File(path, "r") as handle:
-            value = handle["uns"][FINGERPRINT_KEY][()]
-    except (OSError, KeyError):
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------- shared

@@ -19,6 +19,9 @@ from geneformer_colon.io import atomic_path, file_fingerprint
 
 log = logging.getLogger(__name__)
 
+# Part of every cached file's key: bump it when the canonical AnnData changes, to rebuild caches.
+CANONICAL_FORMAT = 1
+
 
 class DataSource(abc.ABC):
     """Produces the canonical AnnData (see ``ingest``) as an ``.h5ad`` under a cache folder."""
@@ -36,7 +39,8 @@ class DataSource(abc.ABC):
         for path in self.inputs():
             if path is not None and not path.is_file():
                 raise InputError(f"{path}: input file not found; {self.missing_hint()}")
-        key = hashlib.sha256((file_fingerprint(*self.inputs()) + repr(self.settings())).encode()).hexdigest()[:16]
+        identity = f"{CANONICAL_FORMAT}\0{file_fingerprint(*self.inputs())}\0{self.settings()!r}"
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         path = Path(cache_dir) / "ingest" / f"{type(self).__name__.lower()}-{key}.h5ad"
         if not path.is_file():
             log.info("ingest: reading %s", ", ".join(str(p) for p in self.inputs() if p is not None))
