@@ -77,6 +77,7 @@ def test_load_pretrained_takes_encoder_of_masked_lm(tmp_path: Path, format: str)
     bert = load_pretrained_bert(tmp_path)
     assert bert.config._attn_implementation == "sdpa"
     assert bert.pooler is None
+    assert bert.training  # ready to fine-tune: dropout active
     loaded = bert.state_dict()
     # The pooler of a sequence-classification checkpoint is dropped like the heads.
     assert set(loaded) == {
@@ -86,6 +87,7 @@ def test_load_pretrained_takes_encoder_of_masked_lm(tmp_path: Path, format: str)
         assert value.dtype == torch.float32
         assert torch.equal(value, saved[f"bert.{key}"]), key
     ids, mask = batch_with_padding()
+    bert.eval()
     torch.testing.assert_close(
         bert(input_ids=ids, attention_mask=mask).last_hidden_state,
         mlm.bert(input_ids=ids, attention_mask=mask).last_hidden_state,

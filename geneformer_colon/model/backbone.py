@@ -107,7 +107,7 @@ def load_pretrained_bert(
             f"{source}: {len(missing)} encoder weights missing from the checkpoint ({shown}); "
             "point the model at a Geneformer BERT checkpoint"
         )
-    return model
+    return model.train()  # from_pretrained leaves it in eval mode: dropout would stay off in training
 
 
 def check_vocabulary(
