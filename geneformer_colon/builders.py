@@ -89,6 +89,14 @@ def load_weights(module: CellClassifier, path: str | Path) -> Path:
     return checkpoint
 
 
+def start_from(module: CellClassifier, path: str | Path, reinit_head: bool = False) -> Path:
+    """``init_from``: another run's best weights; ``model.reinit_head`` then gives the head fresh ones."""
+    checkpoint = load_weights(module, path)
+    if reinit_head:
+        module.head.reset_parameters()
+    return checkpoint
+
+
 def resolve_precision(precision: str | int) -> str | int:
     """``auto``: bf16 autocast where the GPU supports it, full precision otherwise."""
     if precision != "auto":

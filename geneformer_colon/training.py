@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from geneformer_colon.builders import build_datamodule, build_module, build_trainer, load_weights
+from geneformer_colon.builders import build_datamodule, build_module, build_trainer, start_from
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
@@ -114,9 +114,7 @@ def run_training(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     if cfg.init_from and resume_from is None:
-        log.info("starting from the weights of %s", load_weights(module, cfg.init_from))
-        if cfg.model.reinit_head:
-            module.head.reset_parameters()
+        log.info("starting from the weights of %s", start_from(module, cfg.init_from, cfg.model.reinit_head))
     save_config(cfg, run_dir)
     datamodule.dictionaries.save(run_dir / "dictionaries")
 

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO_ROOT, compose_train, tiny_overrides
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from geneformer_colon.builders import build_datamodule, build_module, load_weights
+from geneformer_colon.builders import build_datamodule, build_module, load_weights, start_from
 from geneformer_colon.errors import InputError
 from geneformer_colon.training import run_training
 
@@ -47,6 +47,13 @@ def test_experiments_from_colon3_start_from_its_best_weights(tmp_path, shared_di
             torch.testing.assert_close(tensor, best[name], msg=name)
         train(tmp_path, shared_dirs, f"experiment={experiment}", "+trainer.fast_dev_run=true")
         assert metrics_of(tmp_path, experiment)["init_from"] == str(tmp_path / "outputs" / "colon3")
+
+    # model.reinit_head: the encoder from colon3, the head fresh
+    module = build_module(cfg, build_datamodule(cfg))
+    start_from(module, cfg.init_from, reinit_head=True)
+    for name, tensor in module.state_dict().items():
+        same = torch.equal(tensor, best[name])
+        assert same != name.startswith("head."), name
 
 
 def test_checkpoint_of_another_vocabulary_is_refused(tmp_path, shared_dirs):
