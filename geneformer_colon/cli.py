@@ -18,6 +18,21 @@ def _synth(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from geneformer_colon.report.compare import compare_runs, print_comparison
+
+    print_comparison(compare_runs(args.paths, args.out))
+
+
+def _history(args: argparse.Namespace) -> None:
+    from geneformer_colon.report.history import append_history, history_entry
+
+    entry = history_entry(args.run_dir)
+    print(entry)
+    if args.append:
+        print(f"appended to {append_history(entry, args.append)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geneformer-colon", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--genes", type=int, default=2000)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
+
+    compare = commands.add_parser(
+        "compare", help="runs side by side (run directories or sweep roots): table, comparison.md, plots"
+    )
+    compare.add_argument("paths", nargs="+", metavar="PATH", help="a run directory or a folder holding runs")
+    compare.add_argument("--out", help="where comparison.md and the plots go (default: the folder holding the runs)")
+    compare.set_defaults(run=_compare)
+
+    history = commands.add_parser("history", help="a run as a markdown entry of the training log")
+    history.add_argument("run_dir")
+    history.add_argument("--append", metavar="FILE", help="also append the entry to FILE (e.g. TRAINING_HISTORY.md)")
+    history.set_defaults(run=_history)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""What the Hydra entry points share: logging set-up and one clear line for a bad input."""
+"""What the Hydra entry points share: the run directory, sweep jobs, one clear line for a bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
 from geneformer_colon.errors import InputError
+from geneformer_colon.sweep import in_multirun, run_sweep_job
 
 
 def report_input_errors(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,3 +28,12 @@ def report_input_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def run_job(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
+    """Run ``task`` in Hydra's output directory; in a sweep, a failing job is recorded, not fatal."""
+    with open_dict(cfg):
+        cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    if in_multirun():
+        return run_sweep_job(task, cfg)
+    return task(cfg)

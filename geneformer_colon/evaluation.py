@@ -8,7 +8,12 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from geneformer_colon.builders import build_datamodule, build_module, load_weights, resolve_precision
+from geneformer_colon.builders import (
+    build_datamodule,
+    build_module,
+    load_weights,
+    resolve_precision,
+)
 from geneformer_colon.errors import InputError
 from geneformer_colon.report.artifacts import write_json
 from geneformer_colon.training import write_split_outputs

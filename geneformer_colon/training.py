@@ -10,20 +10,38 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from geneformer_colon.builders import build_datamodule, build_module, build_trainer, start_from
+from geneformer_colon.builders import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    start_from,
+)
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.module import CellClassifier
-from geneformer_colon.report.artifacts import plot_confusion, prediction_table, write_csv, write_json
+from geneformer_colon.report.artifacts import (
+    plot_confusion,
+    prediction_table,
+    write_csv,
+    write_json,
+)
+from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import check_success, print_summary
+from geneformer_colon.report.wandb_run import (
+    finishing_wandb_run,
+    flat_config,
+    report_run,
+)
 
 log = logging.getLogger(__name__)
 
 # What a run writes into its directory (Hydra's own .hydra/ and log are left alone).
-RUN_FILES = ("checkpoints", "metrics.json", "config.yaml", "predictions", "plots", "csv", "dictionaries", "eval")
+RUN_FILES = ("checkpoints", "metrics.json", "config.yaml", "predictions", "plots", "csv", "dictionaries", "eval",
+             "wandb", "history.md")
 
 
 class SaveOnInterrupt(pl.Callback):
@@ -70,6 +88,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None
         if not last.is_file():
             raise InputError(f"{run_dir}: resume=true but there is no checkpoints/last.ckpt to continue from")
         return last
+    if rank_zero_only.rank != 0:  # a DDP rank: its rank 0 has checked (and maybe cleared) the directory
+        return None
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
         raise InputError(
@@ -92,10 +112,12 @@ def write_split_outputs(
 ) -> dict[str, Any]:
     """predictions/<split>.csv and plots/confusion_<split>.png from the module's last evaluation."""
     result = module.results[split]
-    cells = datamodule.store.cells.iloc[result["index"]]
-    table = prediction_table(cells, result["targets"], result["probabilities"], module.class_names)
-    write_csv(run_dir / "predictions" / f"{split}.csv", table)
-    plot_confusion(result["confusion_matrix"], module.class_names, run_dir / "plots" / f"confusion_{split}.png", title)
+    if module.trainer.is_global_zero:  # under DDP every rank holds the gathered results: one writes them
+        cells = datamodule.store.cells.iloc[result["index"]]
+        table = prediction_table(cells, result["targets"], result["probabilities"], module.class_names)
+        write_csv(run_dir / "predictions" / f"{split}.csv", table)
+        plot_confusion(result["confusion_matrix"], module.class_names, run_dir / "plots" / f"confusion_{split}.png",
+                       title)
     return {**result["metrics"], "confusion_matrix": result["confusion_matrix"]}
 
 
@@ -106,6 +128,7 @@ def best_epoch(epochs: list[dict[str, float]], monitor: str = "val/macro_f1") ->
     return max(epochs, key=lambda epoch: (epoch[monitor], -epoch["epoch"]))["epoch"]
 
 
+@finishing_wandb_run()
 def run_training(cfg: DictConfig) -> float:
     """Train, test the best checkpoint, write every file of the run; return best val macro F1."""
     run_dir = Path(cfg.paths.run_dir)
@@ -115,11 +138,14 @@ def run_training(cfg: DictConfig) -> float:
     module = build_module(cfg, datamodule)
     if cfg.init_from and resume_from is None:
         log.info("starting from the weights of %s", start_from(module, cfg.init_from, cfg.model.reinit_head))
-    save_config(cfg, run_dir)
-    datamodule.dictionaries.save(run_dir / "dictionaries")
+    if rank_zero_only.rank == 0:  # DDP: the first process writes the run directory
+        save_config(cfg, run_dir)
+        datamodule.dictionaries.save(run_dir / "dictionaries")
 
     metrics_path = run_dir / "metrics.json"
     trainer = build_trainer(cfg, [SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt"), RecordEpochs(metrics_path)])
+    for logger in trainer.loggers:  # flat keys (loss.focal_gamma, ...) that W&B's run table filters by
+        logger.log_hyperparams(flat_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     epochs = list(module.epoch_history)  # evaluating the best checkpoint below reloads its shorter history
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
@@ -140,6 +166,9 @@ def run_training(cfg: DictConfig) -> float:
         **final,
         "success": success,
     }
-    write_json(metrics_path, summary)
-    print_summary(summary, module.class_names, run_dir)
+    if trainer.is_global_zero:
+        write_json(metrics_path, summary)
+        report_run(trainer.loggers, summary, module.class_names, run_dir)
+        write_history(run_dir)
+        print_summary(summary, module.class_names, run_dir)
     return final["val"]["macro_f1"]

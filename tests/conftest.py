@@ -55,3 +55,24 @@ def compose_train(overrides: list[str], config_name: str = "train"):
 
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         return compose(config_name, overrides=overrides)
+
+
+# Hydra-style job folders of a sweep over these overrides (on top of experiment=colon6).
+JOBS = {
+    "0_loss.focal_gamma=0": ["loss.focal_gamma=0"],
+    "1_augment.mixup_prob=0.3,loss.focal_gamma=1.5": ["augment.mixup_prob=0.3", "loss.focal_gamma=1.5"],
+}
+SWEEP = Path("multirun") / "2026-11-24" / "10-00-00"
+
+
+@pytest.fixture(scope="session", name="trained_runs")
+def trained_runs_fixture(tmp_path_factory, shared_dirs) -> list[Path]:
+    """Two finished 2-epoch tiny runs in a sweep-like folder <base>/multirun/<date>/<time>/<job>/."""
+    sweep = tmp_path_factory.getbasetemp() / "trained_runs" / SWEEP
+    from geneformer_colon.training import run_training
+
+    runs = [sweep / job for job in JOBS]
+    for run_dir, overrides in zip(runs, JOBS.values()):
+        run_training(compose_train(tiny_overrides(sweep / "outputs", shared_dirs) + [
+            "experiment=colon6", "logger=csv", "trainer.max_epochs=2", f"paths.run_dir='{run_dir}'", *overrides]))
+    return runs

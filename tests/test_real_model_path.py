@@ -14,7 +14,11 @@ import pytest
 from conftest import compose_train, tiny_overrides
 
 from geneformer_colon.data.dictionaries import load_pickle_dict
-from geneformer_colon.data.synthetic import generate_counts, write_geo_matrix, write_synthetic_kul3
+from geneformer_colon.data.synthetic import (
+    generate_counts,
+    write_geo_matrix,
+    write_synthetic_kul3,
+)
 from geneformer_colon.training import run_training
 
 

@@ -12,7 +12,11 @@ import pytest
 import scipy.sparse as sp
 
 from geneformer_colon.data.dictionaries import GeneDictionaries, derive_dictionaries
-from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_anndata, tokenize_cells
+from geneformer_colon.data.tokenizer import (
+    TokenizerSettings,
+    tokenize_anndata,
+    tokenize_cells,
+)
 from geneformer_colon.errors import InputError
 
 V1_FILES = ("token_dictionary_gc30M.pkl", "gene_median_dictionary_gc30M.pkl")

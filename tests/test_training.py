@@ -14,7 +14,12 @@ import torch
 from conftest import REPO_ROOT, compose_train, tiny_overrides
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from geneformer_colon.builders import build_datamodule, build_module, load_weights, start_from
+from geneformer_colon.builders import (
+    build_datamodule,
+    build_module,
+    load_weights,
+    start_from,
+)
 from geneformer_colon.errors import InputError
 from geneformer_colon.training import run_training
 

@@ -87,6 +87,11 @@ class CellClassifier(pl.LightningModule):
         targets = F.one_hot(batch["labels"], len(self.class_names)).to(embeddings.dtype)
         embeddings, targets = self.augment.mix(embeddings, targets)
         loss = self.loss(self.head(embeddings), targets)
+        if not torch.isfinite(loss):  # a diverged run stops here rather than training on NaN weights
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: training "
+                "diverged; lower optimizer.lr (model.learning_rate) or set trainer.gradient_clip_val"
+            )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
@@ -115,7 +120,7 @@ class CellClassifier(pl.LightningModule):
         self._outputs[split] = []
         index, targets, probabilities = (torch.cat(column) for column in zip(*outputs))
         if self.trainer.world_size > 1:
-            index, targets, probabilities = (self.all_gather(t).flatten(0, 1) for t in (index, targets, probabilities))
+            index, targets, probabilities = (self._gather_ragged(t) for t in (index, targets, probabilities))
         self.results[split] = {
             "metrics": values,
             "confusion_matrix": confusion,
@@ -125,6 +130,15 @@ class CellClassifier(pl.LightningModule):
         }
         if split == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.epoch_history.append({"epoch": self.current_epoch, **{f"val/{k}": v for k, v in values.items()}})
+
+    def _gather_ragged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows, concatenated: ranks may hold different numbers of rows (all_gather needs
+        equal shapes, so each pads to the longest share and the padding is cut off again)."""
+        sizes = self.all_gather(torch.tensor(len(tensor), device=self.device)).flatten().tolist()
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        gathered = self.all_gather(padded.to(self.device)).cpu()
+        return torch.cat([rows[:size] for rows, size in zip(gathered, sizes)])
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

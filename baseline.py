@@ -1,0 +1,22 @@
+"""Naive Bayes on the same split and metrics as training: `python baseline.py experiment=colon6 [overrides]`.
+
+With `-m` (a sweep), a job that fails is recorded in the sweep's summary and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from geneformer_colon.baseline.naive_bayes import run_baseline
+from geneformer_colon.entry import report_input_errors, run_job
+
+
+@hydra.main(config_path="conf", config_name="baseline", version_base="1.3")
+@report_input_errors
+def main(cfg: DictConfig) -> float:
+    return run_job(run_baseline, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Hydra multirun jobs: a failed job is recorded and the sweep goes on; the sweep root's summary.
+
+Each job of ``python train.py -m ...`` keeps a small record in ``<sweep dir>/.jobs/<num>.json``
+(its overrides, run directory, status and error) as it starts and as it ends, and then rewrites
+``summary.csv`` and ``summary.md`` in the sweep root from all the records and the jobs'
+``metrics.json``. Records are one file per job and the rewrite holds a lock, so jobs that end
+at the same time on several workers (a SLURM array) lose no row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch.distributed
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
+from pytorch_lightning.utilities import rank_zero_only
+
+from geneformer_colon.errors import InputError
+from geneformer_colon.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+RECORDS = ".jobs"
+SPLITS = ("val", "test")
+METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
+COLUMNS = ["job", "overrides", "status", "best_epoch",
+           *(f"{split}_{metric}" for split in SPLITS for metric in METRICS), "run_dir", "error"]
+# What a failed job returns: a maximising optimiser ranks it last. (NaN would end an Optuna
+# sweep: hydra-optuna-sweeper 1.3 fails to record a NaN trial and raises.)
+FAILED_JOB_VALUE = float("-inf")
+# Job folder names are cut to this many bytes (file systems allow 255): Optuna's long floats
+# and a few constant overrides would exceed it.
+MAX_DIRNAME_BYTES = 200
+# Set by Lightning's DDP launcher in the process that starts the other ranks.
+LAUNCHER_ENVIRON = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def job_dirname(num: int, overrides: str) -> str:
+    """``<num>_<overrides>`` as one folder name: ``/`` made ``_``, at most MAX_DIRNAME_BYTES bytes.
+
+    A name cut short ends in a hash of the whole name, so two jobs never share a folder.
+    """
+    name = f"{num}_{overrides}".replace("/", "_") if overrides else str(num)
+    if len(name.encode()) <= MAX_DIRNAME_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name.encode()[: MAX_DIRNAME_BYTES - 9].decode(errors="ignore") + "~" + digest
+
+
+# conf/hydra/default.yaml names job folders with ${job_dirname:...}; every process that
+# resolves the sweep's config (train.py, a SLURM worker unpickling the job) imports this module.
+if not OmegaConf.has_resolver("job_dirname"):
+    OmegaConf.register_new_resolver("job_dirname", job_dirname)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_sweep_job(train: Callable[[DictConfig], float], cfg: DictConfig) -> float:
+    """One job of a multirun: ``train(cfg)``, recorded; a failure returns FAILED_JOB_VALUE.
+
+    The exception is logged (an input error as one line) and written to the job's record and
+    its ``metrics.json``; the launcher then starts the next job instead of ending the sweep.
+    Ctrl-C and SIGTERM still end the sweep.
+    """
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    record = {"job": int(hydra_cfg.job.num), "overrides": list(hydra_cfg.overrides.task),
+              "run_dir": str(cfg.paths.run_dir), "status": "running", "error": None}
+    save_record(sweep_dir, record)
+    try:
+        with lightning_ranks_follow_this_job(hydra_cfg):
+            value = train(cfg)
+        record["status"] = "finished"
+    except Exception as error:  # any failure of one job is that job's, not the sweep's
+        if isinstance(error, InputError):
+            log.error("job %d failed: %s", record["job"], error)
+        else:
+            log.exception("job %d failed", record["job"])
+        record.update(status="failed", error=f"{type(error).__name__}: {error}")
+        mark_run_failed(Path(cfg.paths.run_dir), record["error"])
+        value = FAILED_JOB_VALUE
+    save_record(sweep_dir, record)
+    return value
+
+
+@contextlib.contextmanager
+def lightning_ranks_follow_this_job(hydra_cfg: DictConfig) -> Iterator[None]:
+    """Make the ranks Lightning's DDP launcher starts run this job, in this job's folder.
+
+    The launcher re-runs ``sys.argv`` (here the whole sweep, ``-m`` and all) with
+    ``hydra.run.dir=<hydra.run.dir>`` added: for the job's duration the command line becomes
+    the job's own overrides as a single run and ``hydra.run.dir`` the job's folder. The
+    launcher's environment variables are undone afterwards so that the next job starts its
+    own ranks. Where SLURM or torchrun start the ranks, nothing is re-run and this is moot.
+    """
+    argv = list(sys.argv)
+    environ = {key: os.environ.get(key) for key in LAUNCHER_ENVIRON}
+    sys.argv[1:] = [*hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+        for key, value in environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        # Lightning leaves its process group up until the process exits: the next job needs its own.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@rank_zero_only
+def mark_run_failed(run_dir: Path, error: str) -> None:
+    """``metrics.json``: status ``failed`` and the error, keeping the epochs done so far.
+
+    A finished run's record is never overwritten (the job may have failed because the folder
+    already held one).
+    """
+    path = run_dir / "metrics.json"
+    metrics = read_json(path)
+    if metrics.get("status") == "finished":
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**metrics, "status": "failed", "error": error}, indent=2))
+
+
+@rank_zero_only
+def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
+    """Write a job's record, then rewrite the sweep's summary."""
+    with atomic_path(sweep_dir / RECORDS / f"{record['job']}.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    write_summary(sweep_dir)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def varying_overrides(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Each job's overrides without those every job shares (all of them while there is one job)."""
+    if len(jobs) < 2:
+        return [list(job) for job in jobs]
+    shared = set(jobs[0]).intersection(*jobs[1:])
+    return [[override for override in job if override not in shared] for job in jobs]
+
+
+def summary_table(sweep_dir: Path) -> pd.DataFrame:
+    """One row a job: overrides that differ, status, best epoch, final val/test metrics, error."""
+    records = sorted((read_json(path) for path in (sweep_dir / RECORDS).glob("*.json")), key=lambda r: r.get("job", -1))
+    records = [record for record in records if "job" in record]
+    rows = []
+    for record, overrides in zip(records, varying_overrides([r["overrides"] for r in records])):
+        metrics = read_json(Path(record["run_dir"]) / "metrics.json") if record["status"] == "finished" else {}
+        row = {"job": record["job"], "overrides": " ".join(overrides), "status": record["status"],
+               "best_epoch": metrics.get("best_epoch"), "run_dir": record["run_dir"], "error": record["error"]}
+        for split in SPLITS:
+            row.update({f"{split}_{name}": metrics.get(split, {}).get(name) for name in METRICS})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"job": "Int64", "best_epoch": "Int64"})
+
+
+def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
+    """The summary as a markdown page: counts, the best job by val macro F1, the table."""
+    counts = table["status"].value_counts()
+    lines = [f"# Sweep {sweep_dir}", "",
+             f"{len(table)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "failed", "running"))]
+    scored = table.dropna(subset=["val_macro_f1"])
+    if len(scored):
+        best = scored.loc[scored["val_macro_f1"].idxmax()]
+        lines.append(f"best val macro F1: job {best['job']} ({best['val_macro_f1']:.3f}) {best['overrides']}")
+    headers = ["job", "overrides", "status", "best epoch",
+               *(f"{split} {label}" for split in SPLITS for label in METRICS.values()), "run dir", "error"]
+    lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in table.itertuples(index=False):
+        cells = [_cell(value) for value in row]
+        cells[-2] = Path(row.run_dir).name
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if pd.isna(value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_summary(sweep_dir: Path) -> pd.DataFrame:
+    """Rewrite ``summary.csv`` and ``summary.md`` in the sweep root (atomically, one writer at a time)."""
+    (sweep_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / RECORDS / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = summary_table(sweep_dir)
+        with atomic_path(sweep_dir / "summary.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(sweep_dir / "summary.md") as tmp:
+            tmp.write_text(markdown(table, sweep_dir))
+    return table
+
+
+class SweepSummary(Callback):
+    """Registered in conf/hydra/default.yaml: as a sweep ends, its summary once more and where it is."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not any((sweep_dir / RECORDS).glob("*.json")):  # an app whose jobs do not go through run_sweep_job
+            return
+        counts = write_summary(sweep_dir)["status"].value_counts()
+        log.info("sweep done: %s; summary in %s", ", ".join(f"{n} {status}" for status, n in counts.items()),
+                 sweep_dir / "summary.md")

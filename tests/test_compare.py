@@ -1,0 +1,119 @@
+"""`geneformer-colon compare`: two runs, a sweep root with unfinished jobs, the files it writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+from conftest import JOBS, SWEEP
+
+from geneformer_colon import cli
+from geneformer_colon.report.compare import (
+    EPOCH_PLOT,
+    METRIC_COLUMNS,
+    RECALL_PLOT,
+    TABLE_FILE,
+    compare_runs,
+    differing_keys,
+)
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_png(path: Path) -> None:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100, path
+    assert np.ptp(image[..., :3]) > 0, f"{path} is blank"
+
+
+def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_path):
+    out = tmp_path / "comparison"
+    frame = compare_runs(trained_runs, out)
+    assert sorted(frame["run"]) == sorted(JOBS)
+    assert frame["val_macro_f1"].is_monotonic_decreasing
+    for row in frame.to_dict("records"):
+        metrics = metrics_of(trained_runs[list(JOBS).index(row["run"])])
+        assert row["status"] == "finished"
+        assert row["best_epoch"] == metrics["best_epoch"]
+        for split in ("val", "test"):
+            for metric in ("accuracy", "macro_f1", "macro_auroc"):
+                assert row[f"{split}_{metric}"] == pytest.approx(metrics[split][metric])
+    # run_dir, run_name and the other paths differ too, but are not how the runs were made
+    config_columns = [column for column in frame.columns if column not in ("run", "status", "best_epoch",
+                                                                          *METRIC_COLUMNS)]
+    assert sorted(config_columns) == ["augment.mixup_prob", "loss.focal_gamma"]
+    by_run = frame.set_index("run")
+    assert by_run.loc["0_loss.focal_gamma=0", "loss.focal_gamma"] == "0"
+    assert by_run.loc["1_augment.mixup_prob=0.3,loss.focal_gamma=1.5", "augment.mixup_prob"] == "0.3"
+
+    markdown = (out / TABLE_FILE).read_text().splitlines()
+    table = [line for line in markdown if line.startswith("|")]
+    assert len(table) == 2 + len(JOBS)
+    assert "val macro F1" in table[0] and "loss.focal_gamma" in table[0]
+    assert table[2].startswith(f"| {frame['run'][0]} | finished |")
+    assert f"{frame['val_macro_f1'][0]:.3f}" in table[2]
+    assert_png(out / EPOCH_PLOT)
+    assert_png(out / RECALL_PLOT)
+
+
+def rewrite_metrics(run_dir: Path, **changes) -> None:
+    metrics = {**metrics_of(run_dir), **changes}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_sweep_root_lists_runs_at_any_depth_and_unfinished_ones_by_status(trained_runs, tmp_path):
+    root = tmp_path / "multirun"
+    shutil.copytree(trained_runs[0].parents[2], root)
+    sweep = tmp_path / SWEEP
+    first = sweep / next(iter(JOBS))
+    best = shutil.copytree(first, sweep / "2_best")
+    rewrite_metrics(best, val={**metrics_of(first)["val"], "macro_f1": 0.99})
+    failed = shutil.copytree(first, sweep / "3_loss.focal_gamma=9")
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "NaN loss",
+                                                     "epochs": metrics_of(first)["epochs"][:1]}))
+    (sweep / "4_augment.mixup_prob=0.9" / ".hydra").mkdir(parents=True)  # died before writing anything
+    shutil.copy(first / "config.yaml", sweep / "4_augment.mixup_prob=0.9" / ".hydra" / "config.yaml")
+    (first / "eval" / "test-KUL21").mkdir(parents=True)  # what eval.py writes: not another run
+    shutil.copy(first / "metrics.json", first / "eval" / "test-KUL21" / "metrics.json")
+
+    frame = compare_runs([root])
+    assert frame["run"][0] == "2_best"
+    assert sorted(frame["run"][1:3]) == sorted(JOBS)
+    assert list(frame["run"][3:]) == ["3_loss.focal_gamma=9", "4_augment.mixup_prob=0.9"]
+    assert list(frame["status"]) == ["finished"] * 3 + ["failed", "no metrics.json"]
+    assert frame["val_macro_f1"][0] == pytest.approx(0.99)
+    assert frame[["val_macro_f1", "test_macro_f1"]][3:].isna().all().all()
+    assert (sweep / TABLE_FILE).is_file()  # by default next to the runs
+    assert "| 4_augment.mixup_prob=0.9 | no metrics.json |" in (sweep / TABLE_FILE).read_text()
+    assert_png(sweep / EPOCH_PLOT)
+
+
+def test_cli_prints_the_table(trained_runs, tmp_path, capsys):
+    cli.main(["compare", *map(str, trained_runs), "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for job in JOBS:
+        assert job in printed
+    assert "val macro F1" in printed and "loss.focal_gamma" in printed
+    assert (tmp_path / TABLE_FILE).is_file()
+
+
+def test_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path}: holds no run directory" in capsys.readouterr().err
+
+
+def test_differing_keys_skip_paths_and_names_and_count_absent_keys():
+    run_a = {"paths": {"run_dir": "a"}, "run_name": "a", "logger": {"wandb": {"name": "a", "save_dir": "a"}},
+             "data": {"val_donors": ["KUL19"], "cache_dir": "x"}, "loss": {"focal_gamma": 0.0}}
+    run_b = {"paths": {"run_dir": "b"}, "run_name": "b", "logger": {"wandb": {"name": "b", "save_dir": "b"}},
+             "data": {"val_donors": ["KUL21"], "cache_dir": "y"}, "loss": {"focal_gamma": 0.0},
+             "baseline": {"alpha": 1.0}}
+    assert differing_keys([run_a, run_b]) == ["data.val_donors", "baseline.alpha"]

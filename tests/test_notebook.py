@@ -1,0 +1,38 @@
+"""notebooks/compare_runs.ipynb runs top to bottom on runs the tests made (nbclient, a real kernel)."""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+from conftest import REPO_ROOT
+from ipykernel.kernelspec import install
+from nbclient import NotebookClient
+
+from geneformer_colon.report.compare import TABLE_FILE
+
+NOTEBOOK = REPO_ROOT / "notebooks" / "compare_runs.ipynb"
+KERNEL = "geneformer-colon-tests"
+
+
+def test_notebook_executes_on_two_runs(trained_runs, tmp_path, monkeypatch):
+    # a kernelspec running this very interpreter (ipykernel writes sys.executable), found via JUPYTER_PATH
+    install(kernel_name=KERNEL, prefix=str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
+    monkeypatch.setenv("GENEFORMER_COLON_RUNS", os.pathsep.join(map(str, trained_runs)))
+    monkeypatch.setenv("GENEFORMER_COLON_COMPARE_OUT", str(tmp_path / "comparison"))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(notebook, kernel_name=KERNEL, timeout=120,
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    text = "\n".join(str(output.get("data", {}).get("text/plain", "")) + str(output.get("text", ""))
+                     for output in outputs)
+    for run_dir in trained_runs:
+        assert run_dir.name in text  # in the comparison table and the confusion-matrix headings
+    assert "loss.focal_gamma" in text and "val/macro_f1" in text
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) == 2 + 2 * len(trained_runs)  # epochs, recall, val and test confusion per run
+    assert (tmp_path / "comparison" / TABLE_FILE).is_file()
