@@ -23,12 +23,7 @@ from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.module import CellClassifier
-from geneformer_colon.report.artifacts import (
-    plot_confusion,
-    prediction_table,
-    write_csv,
-    write_json,
-)
+from geneformer_colon.report.artifacts import write_json, write_split_files
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import check_success, print_summary
 from geneformer_colon.report.wandb_run import (
@@ -113,11 +108,8 @@ def write_split_outputs(
     """predictions/<split>.csv and plots/confusion_<split>.png from the module's last evaluation."""
     result = module.results[split]
     if module.trainer.is_global_zero:  # under DDP every rank holds the gathered results: one writes them
-        cells = datamodule.store.cells.iloc[result["index"]]
-        table = prediction_table(cells, result["targets"], result["probabilities"], module.class_names)
-        write_csv(run_dir / "predictions" / f"{split}.csv", table)
-        plot_confusion(result["confusion_matrix"], module.class_names, run_dir / "plots" / f"confusion_{split}.png",
-                       title)
+        write_split_files(run_dir, split, datamodule.store.cells.iloc[result["index"]], result["targets"],
+                          result["probabilities"], result["confusion_matrix"], module.class_names, title)
     return {**result["metrics"], "confusion_matrix": result["confusion_matrix"]}
 
 

@@ -24,12 +24,7 @@ from sklearn.naive_bayes import MultinomialNB
 
 from geneformer_colon.builders import build_datamodule
 from geneformer_colon.data.datamodule import SPLITS, CellDataModule
-from geneformer_colon.report.artifacts import (
-    plot_confusion,
-    prediction_table,
-    write_csv,
-    write_json,
-)
+from geneformer_colon.report.artifacts import write_json, write_split_files
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.metrics import ClassificationMetrics
 from geneformer_colon.report.summary import check_success, print_summary
@@ -84,10 +79,8 @@ def run_baseline(cfg: DictConfig) -> float:
     final: dict[str, Any] = {}
     for split in ("val", "test"):
         probabilities, final[split] = score_split(model, features[split], targets[split], class_names)
-        table = prediction_table(datamodule.split_cells(split), targets[split], probabilities, class_names)
-        write_csv(run_dir / "predictions" / f"{split}.csv", table)
-        plot_confusion(final[split]["confusion_matrix"], class_names, run_dir / "plots" / f"confusion_{split}.png",
-                       f"{cfg.run_name} {split}")
+        write_split_files(run_dir, split, datamodule.split_cells(split), targets[split], probabilities,
+                          final[split]["confusion_matrix"], class_names, f"{cfg.run_name} {split}")
     summary = {
         "run_name": cfg.run_name,
         "status": "finished",

@@ -66,3 +66,19 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
+
+
+def write_split_files(
+    run_dir: str | Path,
+    split: str,
+    cells: pd.DataFrame,
+    targets: np.ndarray,
+    probabilities: np.ndarray,
+    confusion: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    title: str,
+) -> None:
+    """``predictions/<split>.csv`` and ``plots/confusion_<split>.png`` of a run directory."""
+    run_dir = Path(run_dir)
+    write_csv(run_dir / "predictions" / f"{split}.csv", prediction_table(cells, targets, probabilities, class_names))
+    plot_confusion(confusion, class_names, run_dir / "plots" / f"confusion_{split}.png", title)
