@@ -15,7 +15,7 @@ from geneformer_colon.builders import (
     resolve_precision,
 )
 from geneformer_colon.errors import InputError
-from geneformer_colon.report.artifacts import write_json
+from geneformer_colon.io import write_json
 from geneformer_colon.training import write_split_outputs
 
 

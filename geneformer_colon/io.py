@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -48,3 +50,9 @@ def file_fingerprint(*paths: str | os.PathLike[str] | None) -> str:
         stat = resolved.stat()
         digest.update(f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike[str], content: Any) -> None:
+    """``content`` as indented JSON at ``path``, written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2))

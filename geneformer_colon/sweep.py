@@ -29,13 +29,12 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
+from geneformer_colon.io import atomic_path, write_json
+from geneformer_colon.report.compare import METRICS, SPLITS
 
 log = logging.getLogger(__name__)
 
 RECORDS = ".jobs"
-SPLITS = ("val", "test")
-METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
 COLUMNS = ["job", "overrides", "status", "best_epoch",
            *(f"{split}_{metric}" for split in SPLITS for metric in METRICS), "run_dir", "error"]
 # What a failed job returns: a maximising optimiser ranks it last. (NaN would end an Optuna
@@ -138,15 +137,13 @@ def mark_run_failed(run_dir: Path, error: str) -> None:
     metrics = read_json(path)
     if metrics.get("status") == "finished":
         return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**metrics, "status": "failed", "error": error}, indent=2))
+    write_json(path, {**metrics, "status": "failed", "error": error})
 
 
 @rank_zero_only
 def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
     """Write a job's record, then rewrite the sweep's summary."""
-    with atomic_path(sweep_dir / RECORDS / f"{record['job']}.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+    write_json(sweep_dir / RECORDS / f"{record['job']}.json", record)
     write_summary(sweep_dir)
 
 

@@ -21,9 +21,9 @@ from geneformer_colon.builders import (
 )
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
+from geneformer_colon.io import atomic_path, write_json
 from geneformer_colon.model.module import CellClassifier
-from geneformer_colon.report.artifacts import write_json, write_split_files
+from geneformer_colon.report.artifacts import write_split_files
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import check_success, print_summary
 from geneformer_colon.report.wandb_run import (

@@ -24,7 +24,8 @@ from sklearn.naive_bayes import MultinomialNB
 
 from geneformer_colon.builders import build_datamodule
 from geneformer_colon.data.datamodule import SPLITS, CellDataModule
-from geneformer_colon.report.artifacts import write_json, write_split_files
+from geneformer_colon.io import write_json
+from geneformer_colon.report.artifacts import write_split_files
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.metrics import ClassificationMetrics
 from geneformer_colon.report.summary import check_success, print_summary
@@ -68,7 +69,7 @@ def run_baseline(cfg: DictConfig) -> float:
     prepare_run_dir(run_dir, resume=False, overwrite=cfg.overwrite)
     datamodule = build_datamodule(cfg)
     save_config(cfg, run_dir)
-    adata = ad.read_h5ad(datamodule.source.h5ad(datamodule.cache_dir))
+    adata = datamodule.read_adata()
     features = split_features(datamodule, adata, cfg.baseline)
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}
     class_names = datamodule.class_names

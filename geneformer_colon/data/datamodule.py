@@ -118,10 +118,11 @@ class CellDataModule(pl.LightningDataModule):
     def _open_store(self) -> TokenStore:
         h5ad_path = self.source.h5ad(self.cache_dir)
         fingerprint = file_fingerprint(h5ad_path)
-        read_adata = cache(lambda: ad.read_h5ad(h5ad_path))
-        self.dictionaries = self._load_dictionaries(h5ad_path, fingerprint, read_adata)
+        # Read at most once, and only if a dictionary or the store must be built (or asked for).
+        self.read_adata = cache(lambda: ad.read_h5ad(h5ad_path))
+        self.dictionaries = self._load_dictionaries(h5ad_path, fingerprint, self.read_adata)
         return open_or_build_store(
-            self.cache_dir / "tokens", h5ad_path, fingerprint, read_adata, self.dictionaries, self.settings
+            self.cache_dir / "tokens", h5ad_path, fingerprint, self.read_adata, self.dictionaries, self.settings
         )
 
     def _load_dictionaries(self, h5ad_path: Path, fingerprint: str, read_adata) -> GeneDictionaries:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -15,11 +13,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from geneformer_colon.io import atomic_path  # noqa: E402
-
-
-def write_json(path: str | Path, content: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=2))
 
 
 def prediction_table(

@@ -23,12 +23,11 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.io import atomic_path
-from geneformer_colon.report.compare import flatten
+from geneformer_colon.report.compare import SPLITS, flatten
 
 RUN_ID_FILE = Path("wandb") / "run_id"
 # Config groups left out of the logged config: where things are, not how the run was made.
 UNLOGGED_GROUPS = ("paths", "logger")
-SPLITS = ("val", "test")
 
 
 def sweep_id() -> str | None:
