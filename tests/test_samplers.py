@@ -89,6 +89,14 @@ def test_eval_batches_cover_split_once_across_ranks(cells):
     assert sorted(seen) == list(range(len(cells["lengths"])))
 
 
+def test_a_small_split_still_gives_every_rank_a_batch():
+    shares = [EvalBatchSampler(np.arange(3), 64, rank=r, world_size=2) for r in (0, 1)]
+    assert all(len(sampler) == 1 for sampler in shares)
+    assert sorted(i for sampler in shares for batch in sampler for i in batch) == [0, 1, 2]
+    assert all(len(batch) <= 64 for batch in EvalBatchSampler(np.arange(200), 64)) and len(
+        EvalBatchSampler(np.arange(200), 64)) == 4
+
+
 def test_unknown_strategy_is_refused(cells):
     with pytest.raises(InputError, match="data.balance_strategy"):
         TrainBatchSampler(**cells, batch_size=32, strategy="donor")

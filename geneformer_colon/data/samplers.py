@@ -103,11 +103,19 @@ class TrainBatchSampler(Sampler[list[int]]):
 
 
 class EvalBatchSampler(Sampler[list[int]]):
-    """Evaluation batches sorted by length (little padding); rank r takes every r-th batch."""
+    """Evaluation batches sorted by length (little padding); rank r takes every r-th batch.
+
+    A split is cut into at least as many batches as there are ranks (when it has that many
+    cells), so no rank is left without a batch to wait in the others' gathers.
+    """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         by_length = np.argsort(-np.asarray(lengths), kind="stable")
-        self.batches = [batch.tolist() for batch in _chunks(by_length, batch_size)][rank::world_size]
+        if math.ceil(len(by_length) / batch_size) < world_size:
+            batches = np.array_split(by_length, min(world_size, len(by_length)))
+        else:
+            batches = _chunks(by_length, batch_size)
+        self.batches = [batch.tolist() for batch in batches][rank::world_size]
 
     def __len__(self) -> int:
         return len(self.batches)
