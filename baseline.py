@@ -1,6 +1,7 @@
 """Naive Bayes on the same split and metrics as training: `python baseline.py experiment=colon6 [overrides]`.
 
-With `-m` (a sweep), a job that fails is recorded in the sweep's summary and the sweep goes on.
+With `cv=lodo` every donor is the test donor once; with `-m` (a sweep), a job that fails is
+recorded in the sweep's summary and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from geneformer_colon.baseline.naive_bayes import run_baseline
-from geneformer_colon.entry import report_input_errors, run_job
+from geneformer_colon.console import report_input_errors
+from geneformer_colon.entry import run_job
 
 
 @hydra.main(config_path="conf", config_name="baseline", version_base="1.3")

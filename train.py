@@ -1,6 +1,7 @@
 """Train a Geneformer cell classifier: `python train.py experiment=colon6 [overrides]`.
 
-With `-m` (a sweep), a job that fails is recorded in the sweep's summary and the sweep goes on.
+With `cv=lodo` every donor is the test donor once; with `-m` (a sweep), a job that fails is
+recorded in the sweep's summary and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -8,14 +9,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from geneformer_colon.entry import report_input_errors, run_job
-from geneformer_colon.training import run_training
+from geneformer_colon.console import report_input_errors
+from geneformer_colon.entry import run_job
+from geneformer_colon.training import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @report_input_errors
 def main(cfg: DictConfig) -> float:
-    return run_job(run_training, cfg)
+    return run_job(train, cfg)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Config -> objects: the datamodule, the classifier module and the Lightning trainer."""
+"""Config -> objects: the datamodule, the classifier module, the Lightning trainer; checkpoints read safely."""
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -11,69 +14,91 @@ from omegaconf import DictConfig, OmegaConf
 
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
-from geneformer_colon.model.backbone import (
-    CellEncoder,
-    ClassifierHead,
-    build_bert,
-    check_vocabulary,
-    load_pretrained_bert,
-)
+from geneformer_colon.model.backbone import Vocabulary
 from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.rundir import RunLayout
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (what checkpoints store), resolved."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def build_datamodule(cfg: DictConfig, stage: str | None = None) -> CellDataModule:
-    datamodule = instantiate(cfg.data)
+    """The data of a composed config (a config from a run directory is checked when it is read)."""
+    datamodule = instantiate(cfg.data, tokenizer=plain(cfg.model.tokenizer))
     datamodule.prepare_data()
     datamodule.setup(stage)
     return datamodule
 
 
-def build_encoder(model_cfg: DictConfig, datamodule: CellDataModule, seed: int) -> CellEncoder:
-    """The pretrained Geneformer named by ``model.pretrained``, else a BERT built from ``model.architecture``."""
-    vocab_size = len(datamodule.dictionaries.token)
-    pad_id = datamodule.special_token_ids["<pad>"]
-    input_size = datamodule.store.meta["input_size"]
-    if model_cfg.pretrained:
-        bert = load_pretrained_bert(model_cfg.pretrained, subfolder=model_cfg.get("subfolder"),
-                                    revision=model_cfg.get("revision"))
-        source = f"model.pretrained={model_cfg.pretrained}"
-    else:
-        bert = build_bert(vocab_size=vocab_size, pad_token_id=pad_id, seed=seed,
-                          **OmegaConf.to_container(model_cfg.architecture, resolve=True))
-        source = "model.architecture"
-    check_vocabulary(bert.config, vocab_size, pad_id, input_size, source)
-    return CellEncoder(bert, pooling=model_cfg.pooling, freeze_layers=model_cfg.freeze_layers)
+def vocabulary_of(datamodule: CellDataModule) -> Vocabulary:
+    return Vocabulary(len(datamodule.dictionaries.token), datamodule.special_token_ids["<pad>"],
+                      datamodule.store.meta["input_size"], datamodule.dictionaries)
 
 
 def build_module(cfg: DictConfig, datamodule: CellDataModule) -> CellClassifier:
-    encoder = build_encoder(cfg.model, datamodule, cfg.seed)
-    head = ClassifierHead(encoder.hidden_size, len(datamodule.class_names), dropout=cfg.model.head_dropout)
+    """The classifier: the encoder ``model.encoder`` names (new or pretrained), pooling, head, loss, augmentation."""
+    make_bert = instantiate(cfg.model.encoder, _partial_=True)
+    bert = make_bert(vocabulary=vocabulary_of(datamodule), seed=cfg.seed)
     return CellClassifier(
-        encoder=encoder,
-        head=head,
-        loss=instantiate(cfg.loss, class_names=datamodule.class_names),
-        augment=instantiate(cfg.augment),
+        bert_config=bert.config.to_dict(),
         class_names=datamodule.class_names,
         special_token_ids=datamodule.special_token_ids,
+        tokenizer={"model_version": datamodule.settings.model_version,
+                   "input_size": datamodule.settings.resolved_input_size},
+        pooling=cfg.model.pooling,
+        head_dropout=cfg.model.head_dropout,
+        freeze_layers=cfg.model.freeze_layers,
+        loss=plain(cfg.loss),
+        augment=plain(cfg.augment),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
         seed=cfg.seed,
-        **OmegaConf.to_container(cfg.optimizer, resolve=True),
+        bert=bert,
     )
+
+
+# ---- checkpoints ----
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     """A ``.ckpt`` file, or a run directory's ``checkpoints/<which>.ckpt``."""
     path = Path(path)
-    checkpoint = path / "checkpoints" / f"{which}.ckpt" if path.is_dir() else path
+    checkpoint = RunLayout(path).checkpoint(which) if path.is_dir() else path
     if not checkpoint.is_file():
         raise InputError(f"{checkpoint}: no checkpoint there; give a run directory holding "
                          f"checkpoints/{which}.ckpt or a .ckpt file")
     return checkpoint
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file loaded safely (tensors and plain data only), or one clear error.
+
+    A file holding code or arbitrary objects is refused, never loaded with ``weights_only=False``.
+    """
+    if not zipfile.is_zipfile(path):  # what torch.save and Lightning write
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (not a PyTorch zip archive); use "
+                         "checkpoints/best.ckpt or last.ckpt of a run directory")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: holds objects a checkpoint written by train.py does not hold (code, classes); "
+                         "it is not loaded: use a checkpoint from a run directory") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint ({reason[:200]}); use checkpoints/best.ckpt "
+                         "or last.ckpt of a run directory") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (no state_dict); use checkpoints/best.ckpt "
+                         "or last.ckpt of a run directory")
+    return checkpoint
+
+
 def load_weights(module: CellClassifier, path: str | Path) -> Path:
     """Copy another run's weights into ``module`` (safe loading; the vocabulary must match)."""
     checkpoint = resolve_checkpoint(path)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(checkpoint)["state_dict"]
     expected = module.state_dict()
     for name, tensor in state.items():
         if name in expected and expected[name].shape != tensor.shape:
@@ -89,12 +114,31 @@ def load_weights(module: CellClassifier, path: str | Path) -> Path:
     return checkpoint
 
 
+def classifier_from_checkpoint(path: str | Path, which: str = "best") -> tuple[CellClassifier, Path]:
+    """A run's classifier (a run directory or a ``.ckpt``), rebuilt from the checkpoint alone, in eval mode."""
+    checkpoint_path = resolve_checkpoint(path, which)
+    checkpoint = read_checkpoint(checkpoint_path)
+    settings = checkpoint.get("hyper_parameters")
+    if not isinstance(settings, dict) or "bert_config" not in settings:
+        raise InputError(f"{checkpoint_path}: holds no model settings (hyper_parameters); use a checkpoint "
+                         "written by train.py of this version")
+    module = CellClassifier(**settings)
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise InputError(f"{checkpoint_path}: its weights do not fit its settings (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); the file is damaged")
+    return module.eval(), checkpoint_path
+
+
 def start_from(module: CellClassifier, path: str | Path, reinit_head: bool = False) -> Path:
     """``init_from``: another run's best weights; ``model.reinit_head`` then gives the head fresh ones."""
     checkpoint = load_weights(module, path)
     if reinit_head:
         module.head.reset_parameters()
     return checkpoint
+
+
+# ---- the trainer ----
 
 
 def resolve_precision(precision: str | int) -> str | int:
@@ -105,12 +149,15 @@ def resolve_precision(precision: str | int) -> str | int:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    """A Trainer of ``cfg.trainer`` (any Trainer argument), the configured callbacks and loggers, and ``callbacks``."""
+    trainer_kwargs = plain(cfg.trainer)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
+    configured = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     return pl.Trainer(
         **trainer_kwargs,
-        callbacks=[instantiate(c) for c in cfg.callbacks.values() if c is not None] + list(callbacks or []),
-        logger=[instantiate(c) for c in cfg.logger.values() if c is not None],
+        callbacks=configured + list(callbacks or []),
+        logger=loggers or False,
         use_distributed_sampler=False,
         default_root_dir=cfg.paths.run_dir,
     )

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.console import report_input_errors
 
 
 def _synth(args: argparse.Namespace) -> None:
     from geneformer_colon.data.synthetic import write_synthetic_kul3
 
-    paths = write_synthetic_kul3(args.out_dir, n_cells=args.cells, n_genes=args.genes, seed=args.seed)
+    paths = write_synthetic_kul3(args.out_dir, n_cells=args.cells, n_genes=args.genes, seed=args.seed,
+                                 donor_shift=args.donor_shift)
     for path in paths.values():
         print(path)
 
@@ -21,13 +21,13 @@ def _synth(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from geneformer_colon.report.compare import compare_runs, print_comparison
 
-    print_comparison(compare_runs(args.paths, args.out))
+    print_comparison(*compare_runs(args.paths, args.out))
 
 
 def _history(args: argparse.Namespace) -> None:
-    from geneformer_colon.report.history import append_history, history_entry
+    from geneformer_colon.report.history import append_history, run_history
 
-    entry = history_entry(args.run_dir)
+    entry = run_history(args.run_dir)
     print(entry)
     if args.append:
         print(f"appended to {append_history(entry, args.append)}")
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--cells", type=int, default=3000)
     synth.add_argument("--genes", type=int, default=2000)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--donor-shift", type=float, default=1.0,
+                       help="0: no donor-specific shift; 1: the default story (KUL19 hardest); more: harsher")
     synth.set_defaults(run=_synth)
 
     compare = commands.add_parser(
@@ -63,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report_input_errors(args.run)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,66 +1,118 @@
-"""Evaluate a finished run's best checkpoint on any donors: `python eval.py run_dir=...`."""
+"""Evaluate a finished run's best checkpoint on other cells: ``python eval.py run_dir=... [overrides]``."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from geneformer_colon.builders import (
-    build_datamodule,
-    build_module,
-    load_weights,
-    resolve_precision,
-)
+from geneformer_colon.builders import build_datamodule, classifier_from_checkpoint, plain, resolve_precision
+from geneformer_colon.config import compose_run_config
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import write_json
-from geneformer_colon.training import write_split_outputs
+from geneformer_colon.report.summary import print_summary
+from geneformer_colon.rundir import (
+    FINISHED,
+    TEST,
+    RunLayout,
+    prediction_table,
+    read_config,
+    read_run,
+    run_record,
+    save_config,
+    split_entry,
+    write_metrics,
+    write_split,
+)
+
+log = logging.getLogger(__name__)
+
+OWN_KEYS = {"run_dir": None, "name": None, "allow_training_donors": False}
 
 
-def evaluation_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The run's saved config with the command line's overrides, reading the run's own dictionaries.
+def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
+    """``run_dir=``, ``name=`` and ``allow_training_donors=`` from the command line; the rest are overrides."""
+    arguments: dict[str, Any] = dict(OWN_KEYS, overrides=[])
+    for argument in argv:
+        key, equals, value = argument.partition("=")
+        if key in OWN_KEYS and equals:
+            arguments[key] = value.lower() == "true" if key == "allow_training_donors" else value
+        elif argument in ("-h", "--help"):
+            raise InputError("usage: python eval.py run_dir=<run directory> [name=<folder>] "
+                             "[allow_training_donors=true] [override ...]")
+        else:
+            arguments["overrides"].append(argument)
+    if not arguments["run_dir"]:
+        raise InputError("run_dir: not given; python eval.py run_dir=outputs/<run_name> [data.test_donors=[...]]")
+    return arguments
+
+
+def evaluation_config(layout: RunLayout, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
+    """The run's saved config under the overrides, tokenizing with the run's own dictionaries.
 
     Validation donors are dropped unless given, so any donor may be a test donor.
     """
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise InputError(f"{run_dir}: no config.yaml; run_dir must be a directory written by train.py")
-    cfg = OmegaConf.load(saved)
+    if not layout.config.is_file():
+        hint = " (a cross-validated run: evaluate one of its folds/<donor>)" if layout.folds.is_dir() else ""
+        raise InputError(f"{layout.root}: no config.yaml{hint}; run_dir must be a directory written by train.py")
+    if layout.folds.is_dir():
+        raise InputError(f"{layout.root}: a cross-validated run; evaluate one of its folds, "
+                         f"run_dir={layout.folds}/<test donor>")
+    cfg = compose_run_config(layout.config, ["data.val_donors=[]", *overrides], conf_dir)
+    dictionaries = layout.dictionaries
     with open_dict(cfg):
-        cfg.data.val_donors = []
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
-        dictionaries = run_dir / "dictionaries"
         cfg.model.tokenizer.token_dictionary = str(dictionaries / "token_dictionary.pkl")
         cfg.model.tokenizer.gene_median_dictionary = str(dictionaries / "gene_median_dictionary.pkl")
         mapping = dictionaries / "ensembl_mapping_dict.pkl"
         cfg.model.tokenizer.gene_mapping = str(mapping) if mapping.is_file() else None
-        # config.yaml is saved resolved: data.tokenizer is a copy of model.tokenizer, not a link.
-        cfg.data.tokenizer = cfg.model.tokenizer
     return cfg
 
 
-def run_evaluation(run_dir: str | Path, overrides: list[str], name: str | None = None) -> dict[str, Any]:
+def check_unseen(layout: RunLayout, cfg: DictConfig, allow_training_donors: bool) -> None:
+    """A test donor the run trained on would make its figures meaningless: refused unless allowed.
+
+    Only when the data is the run's own: in another file the same donor name is not the same person.
+    """
+    saved = read_config(layout.config)
+    if allow_training_donors or plain(cfg.data.source) != saved.get("data", {}).get("source"):
+        return
+    trained_on = set(read_run(layout.root).donors("train"))
+    seen = sorted(trained_on & set(cfg.data.test_donors))
+    if seen:
+        raise InputError(f"data.test_donors: {seen} trained the run in {layout.root}; evaluate on donors it never "
+                         f"saw (not {sorted(trained_on)}), or add allow_training_donors=true")
+
+
+def run_evaluation(run_dir: str | Path, overrides: Sequence[str], conf_dir: Path, name: str | None = None,
+                   allow_training_donors: bool = False) -> dict[str, Any]:
     """Test the run's best checkpoint; write metrics, predictions and plots to run_dir/eval/<name>/."""
-    run_dir = Path(run_dir)
-    cfg = evaluation_config(run_dir, overrides)
+    layout = RunLayout(Path(run_dir))
+    cfg = evaluation_config(layout, overrides, conf_dir)
+    check_unseen(layout, cfg, allow_training_donors)
     name = name or "test-" + "-".join(cfg.data.test_donors)
-    out_dir = run_dir / "eval" / name
+    out = layout.evaluation(name)
+    module, checkpoint = classifier_from_checkpoint(layout.root)
     datamodule = build_datamodule(cfg, stage="test")
-    module = build_module(cfg, datamodule)
-    checkpoint = load_weights(module, run_dir)
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        precision=resolve_precision(cfg.trainer.precision),
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=out_dir,
-    )
+    if datamodule.class_names != module.class_names:
+        raise InputError(f"data.labels {datamodule.class_names} differ from the classes the run learned "
+                         f"{module.class_names}; evaluate with the run's own labels")
+    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1,
+                         precision=resolve_precision(cfg.trainer.precision), logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False, default_root_dir=out.root)
     trainer.test(module, datamodule=datamodule, verbose=False)
-    test = write_split_outputs(out_dir, module, datamodule, "test", f"{cfg.run_name} on {name}")
-    result = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "test_donors": list(cfg.data.test_donors),
-              "overrides": overrides, "test": test}
-    write_json(out_dir / "metrics.json", result)
-    return result
+    result = module.results[TEST]
+    table = prediction_table(datamodule.store.cells.iloc[result["index"]], result["targets"], result["probabilities"],
+                             module.class_names)
+    test = split_entry(table, result["metrics"], result["confusion_matrix"], module.class_names)
+    write_split(out, TEST, table, result["confusion_matrix"], module.class_names, f"{cfg.run_name} on {name}")
+    record = run_record(f"{cfg.run_name} on {name}", "eval", FINISHED, {TEST: datamodule.split_donors(TEST)},
+                        {TEST: len(datamodule.splits[TEST])}, final={TEST: test},
+                        recipe={"run_dir": str(layout.root), "checkpoint": str(checkpoint),
+                                "overrides": list(overrides)})
+    record = write_metrics(out, record)
+    save_config(out, cfg)
+    print_summary(record, module.class_names, out.root)
+    return record

@@ -1,16 +1,31 @@
-"""Atomic file and directory writes: nothing half-written is ever left at the final name."""
+"""Files on disk: atomic writes, builds done once under a lock, JSON in and out.
+
+Nothing half-written is ever left at a final name: a file or directory is written at a
+temporary sibling and renamed. A build that several processes may start at once (the ingest
+cache, a token store, synthetic data) runs under a lock file, so it is done once and the
+others reuse it; leftovers of a killed build are removed by the next one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+TEMPORARY_MARK = ".tmp-"
+
+
+def temporary_sibling(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}")
 
 
 @contextlib.contextmanager
@@ -22,24 +37,64 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_sibling(final)
     try:
         yield tmp
         if final.is_dir() and tmp.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        remove(tmp)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held on ``path`` (created if needed) for the block; waits for other holders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(final: str | os.PathLike[str], build: Callable[[Path], None], done: Callable[[Path], bool] | None = None
+               ) -> bool:
+    """Make ``final`` with ``build(tmp)`` unless it exists; return whether this call built it.
+
+    The build holds ``.<name>.lock`` beside ``final``: a second process asking for the same
+    ``final`` waits, then finds it built. Temporaries left by a killed build are removed first
+    (while the lock is held nobody else can be writing them). ``done`` says whether ``final``
+    is complete (default: it exists).
+    """
+    final = Path(final)
+    is_done = done or (lambda path: path.exists())
+    if is_done(final):
+        return False
+    with file_lock(final.with_name(f".{final.name}.lock")):
+        if is_done(final):
+            return False
+        for leftover in final.parent.glob(f".{final.name}{TEMPORARY_MARK}*"):
+            remove(leftover)
+        with atomic_path(final) as tmp:
+            build(tmp)
+    return True
 
 
 def file_fingerprint(*paths: str | os.PathLike[str] | None) -> str:
     """A cheap identity of input files: resolved path, size and modification time of each.
 
-    Used as a cache key: a file replaced or edited in place changes its size or mtime.
-    ``None`` entries (an optional input not given) are part of the key as such.
+    Used as a cache key for files a user hands in: a file replaced or edited in place changes
+    its size or mtime. ``None`` entries (an optional input not given) are part of the key as such.
     """
     digest = hashlib.sha256()
     for path in paths:
@@ -52,7 +107,39 @@ def file_fingerprint(*paths: str | os.PathLike[str] | None) -> str:
     return digest.hexdigest()
 
 
+def text_fingerprint(*parts: object) -> str:
+    """A short stable hash of ``parts`` (their ``repr``), for cache keys of settings."""
+    return hashlib.sha256("\0".join(repr(part) for part in parts).encode()).hexdigest()[:16]
+
+
+def rounded(content: Any, digits: int = 4) -> Any:
+    """``content`` with every float rounded to ``digits`` decimals (non-finite floats kept)."""
+    if isinstance(content, float):
+        return round(content, digits) if math.isfinite(content) else content
+    if isinstance(content, dict):
+        return {key: rounded(value, digits) for key, value in content.items()}
+    if isinstance(content, (list, tuple)):
+        return [rounded(value, digits) for value in content]
+    return content
+
+
 def write_json(path: str | os.PathLike[str], content: Any) -> None:
     """``content`` as indented JSON at ``path``, written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=2))
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when the file is absent or not a JSON object."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def open_text(path: Path) -> IO[str]:
+    """A text file, gzipped (``.gz``) or plain, with line endings kept as they are."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="")
+    return path.open("r", newline="")

@@ -10,9 +10,7 @@ at the same time on several workers (a SLURM array) lose no row.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -28,15 +26,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 from pytorch_lightning.utilities import rank_zero_only
 
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, write_json
-from geneformer_colon.report.compare import METRICS, SPLITS
+from geneformer_colon.errors import input_error_in
+from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
+from geneformer_colon.rundir import EVAL_SPLITS, FAILED, FINISHED, METRICS, RUNNING, RunLayout, mark_failed, read_run
+from geneformer_colon.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
 RECORDS = ".jobs"
-COLUMNS = ["job", "overrides", "status", "best_epoch",
-           *(f"{split}_{metric}" for split in SPLITS for metric in METRICS), "run_dir", "error"]
+COLUMNS = ["job", "overrides", "status", "best_epoch", "folds",
+           *(f"{split}_{metric}" for split in EVAL_SPLITS for metric in METRICS),
+           *(f"{split}_macro_f1_sd" for split in EVAL_SPLITS), "run_dir", "error"]
 # What a failed job returns: a maximising optimiser ranks it last. (NaN would end an Optuna
 # sweep: hydra-optuna-sweeper 1.3 fails to record a NaN trial and raises.)
 FAILED_JOB_VALUE = float("-inf")
@@ -69,8 +69,8 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_sweep_job(train: Callable[[DictConfig], float], cfg: DictConfig) -> float:
-    """One job of a multirun: ``train(cfg)``, recorded; a failure returns FAILED_JOB_VALUE.
+def run_sweep_job(task: Callable[[DictConfig], float], cfg: DictConfig) -> float:
+    """One job of a multirun: ``task(cfg)``, recorded; a failure returns FAILED_JOB_VALUE.
 
     The exception is logged (an input error as one line) and written to the job's record and
     its ``metrics.json``; the launcher then starts the next job instead of ending the sweep.
@@ -79,19 +79,22 @@ def run_sweep_job(train: Callable[[DictConfig], float], cfg: DictConfig) -> floa
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(hydra_cfg.sweep.dir)
     record = {"job": int(hydra_cfg.job.num), "overrides": list(hydra_cfg.overrides.task),
-              "run_dir": str(cfg.paths.run_dir), "status": "running", "error": None}
+              "run_dir": str(cfg.paths.run_dir), "status": RUNNING, "error": None}
     save_record(sweep_dir, record)
     try:
         with lightning_ranks_follow_this_job(hydra_cfg):
-            value = train(cfg)
-        record["status"] = "finished"
+            value = task(cfg)
+        record["status"] = FINISHED
     except Exception as error:  # any failure of one job is that job's, not the sweep's
-        if isinstance(error, InputError):
-            log.error("job %d failed: %s", record["job"], error)
+        bad_input = input_error_in(error)
+        if bad_input is not None:
+            log.error("job %d failed: %s", record["job"], bad_input)
+            error = bad_input
         else:
             log.exception("job %d failed", record["job"])
-        record.update(status="failed", error=f"{type(error).__name__}: {error}")
-        mark_run_failed(Path(cfg.paths.run_dir), record["error"])
+        record.update(status=FAILED, error=f"{type(error).__name__}: {error}")
+        if rank_zero_only.rank == 0:
+            mark_failed(RunLayout(cfg.paths.run_dir), record["error"])
         value = FAILED_JOB_VALUE
     save_record(sweep_dir, record)
     return value
@@ -127,31 +130,10 @@ def lightning_ranks_follow_this_job(hydra_cfg: DictConfig) -> Iterator[None]:
 
 
 @rank_zero_only
-def mark_run_failed(run_dir: Path, error: str) -> None:
-    """``metrics.json``: status ``failed`` and the error, keeping the epochs done so far.
-
-    A finished run's record is never overwritten (the job may have failed because the folder
-    already held one).
-    """
-    path = run_dir / "metrics.json"
-    metrics = read_json(path)
-    if metrics.get("status") == "finished":
-        return
-    write_json(path, {**metrics, "status": "failed", "error": error})
-
-
-@rank_zero_only
 def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
     """Write a job's record, then rewrite the sweep's summary."""
     write_json(sweep_dir / RECORDS / f"{record['job']}.json", record)
     write_summary(sweep_dir)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def varying_overrides(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -163,52 +145,44 @@ def varying_overrides(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
 
 
 def summary_table(sweep_dir: Path) -> pd.DataFrame:
-    """One row a job: overrides that differ, status, best epoch, final val/test metrics, error."""
+    """One row a job: overrides that differ, status, best epoch (folds of a CV job), final metrics
+    (a CV job's means over its folds, with the standard deviation of macro F1), error."""
     records = sorted((read_json(path) for path in (sweep_dir / RECORDS).glob("*.json")), key=lambda r: r.get("job", -1))
     records = [record for record in records if "job" in record]
     rows = []
     for record, overrides in zip(records, varying_overrides([r["overrides"] for r in records])):
-        metrics = read_json(Path(record["run_dir"]) / "metrics.json") if record["status"] == "finished" else {}
+        run = read_run(record["run_dir"]) if record["status"] == FINISHED else None
         row = {"job": record["job"], "overrides": " ".join(overrides), "status": record["status"],
-               "best_epoch": metrics.get("best_epoch"), "run_dir": record["run_dir"], "error": record["error"]}
-        for split in SPLITS:
-            row.update({f"{split}_{name}": metrics.get(split, {}).get(name) for name in METRICS})
+               "best_epoch": run.metrics.get("best_epoch") if run and not run.is_cv else None,
+               "folds": len(run.cv.get("folds", [])) if run and run.is_cv else None,
+               "run_dir": record["run_dir"], "error": record["error"]}
+        for split in EVAL_SPLITS:
+            row.update({f"{split}_{name}": run.headline(split, name) if run else None for name in METRICS})
+            row[f"{split}_macro_f1_sd"] = run.spread(split, "macro_f1") if run else None
         rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"job": "Int64", "best_epoch": "Int64"})
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"job": "Int64", "best_epoch": "Int64", "folds": "Int64"})
 
 
 def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
     """The summary as a markdown page: counts, the best job by val macro F1, the table."""
     counts = table["status"].value_counts()
     lines = [f"# Sweep {sweep_dir}", "",
-             f"{len(table)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "failed", "running"))]
+             f"{len(table)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (FINISHED, FAILED, RUNNING))]
     scored = table.dropna(subset=["val_macro_f1"])
     if len(scored):
         best = scored.loc[scored["val_macro_f1"].idxmax()]
         lines.append(f"best val macro F1: job {best['job']} ({best['val_macro_f1']:.3f}) {best['overrides']}")
-    headers = ["job", "overrides", "status", "best epoch",
-               *(f"{split} {label}" for split in SPLITS for label in METRICS.values()), "run dir", "error"]
-    lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in table.itertuples(index=False):
-        cells = [_cell(value) for value in row]
-        cells[-2] = Path(row.run_dir).name
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if pd.isna(value):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    shown = table.drop(columns=[c for c in ("folds", "val_macro_f1_sd", "test_macro_f1_sd") if table[c].isna().all()])
+    titles = {"best_epoch": "best epoch", "run_dir": "run dir", "val_macro_f1_sd": "val macro F1 sd",
+              "test_macro_f1_sd": "test macro F1 sd",
+              **{f"{split}_{name}": f"{split} {title}" for split in EVAL_SPLITS for name, title in METRICS.items()}}
+    rows = shown.assign(run_dir=[Path(path).name for path in shown["run_dir"]]).itertuples(index=False)
+    return "\n".join(lines) + "\n\n" + markdown_table([titles.get(c, c) for c in shown.columns], rows)
 
 
 def write_summary(sweep_dir: Path) -> pd.DataFrame:
     """Rewrite ``summary.csv`` and ``summary.md`` in the sweep root (atomically, one writer at a time)."""
-    (sweep_dir / RECORDS).mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / RECORDS / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(sweep_dir / RECORDS / ".lock"):
         table = summary_table(sweep_dir)
         with atomic_path(sweep_dir / "summary.csv") as tmp:
             table.to_csv(tmp, index=False)

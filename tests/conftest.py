@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,13 +42,25 @@ def tiny_overrides(output_dir: Path, shared: dict[str, Path]) -> list[str]:
         "data.source.n_genes=300",
         "data.batch_size=32",
         "model.tokenizer.input_size=128",
-        "model.architecture.hidden_size=32",
-        "model.architecture.intermediate_size=64",
-        "model.architecture.num_attention_heads=2",
+        "model.encoder.hidden_size=32",
+        "model.encoder.intermediate_size=64",
+        "model.encoder.num_attention_heads=2",
         "trainer.max_epochs=1",
         "callbacks.progress_bar=null",
-        "+trainer.enable_model_summary=false",
     ]
+
+
+def run_script(script: str, *arguments: str, wait: bool = True, timeout: int = 600, **kwargs):
+    """``python <script> <arguments>`` in the repository, with tests/helpers importable (for test callbacks).
+
+    ``wait``: the finished process (output captured), else the running Popen (output to a log file).
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "tests" / "helpers")}
+    command = [sys.executable, script, *arguments]
+    if wait:
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+                              check=False, **kwargs)
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, **kwargs)
 
 
 def compose_train(overrides: list[str], config_name: str = "train"):
@@ -69,10 +83,10 @@ SWEEP = Path("multirun") / "2026-11-24" / "10-00-00"
 def trained_runs_fixture(tmp_path_factory, shared_dirs) -> list[Path]:
     """Two finished 2-epoch tiny runs in a sweep-like folder <base>/multirun/<date>/<time>/<job>/."""
     sweep = tmp_path_factory.getbasetemp() / "trained_runs" / SWEEP
-    from geneformer_colon.training import run_training
+    from geneformer_colon.training import train
 
     runs = [sweep / job for job in JOBS]
     for run_dir, overrides in zip(runs, JOBS.values()):
-        run_training(compose_train(tiny_overrides(sweep / "outputs", shared_dirs) + [
+        train(compose_train(tiny_overrides(sweep / "outputs", shared_dirs) + [
             "experiment=colon6", "logger=csv", "trainer.max_epochs=2", f"paths.run_dir='{run_dir}'", *overrides]))
     return runs

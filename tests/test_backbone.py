@@ -8,28 +8,25 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
+from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import (
     CellEncoder,
     ClassifierHead,
-    build_bert,
+    Vocabulary,
     check_vocabulary,
-    load_pretrained_bert,
+    new_bert,
+    pretrained_bert,
 )
 
 # Geneformer V1's shape, shrunk: relu, dropout 0.02, layer-norm eps 1e-12, pad 0.
-SMALL = dict(
-    vocab_size=60,
-    num_hidden_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=48,
-)
+SHAPE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+VOCABULARY = Vocabulary(size=60, pad_token_id=0, input_size=48)
+SMALL = dict(vocab_size=60, max_position_embeddings=48, **SHAPE)
 
 
 def small_bert(seed: int = 0):
-    return build_bert(**SMALL, seed=seed).eval()
+    return new_bert(VOCABULARY, **SHAPE, seed=seed).eval()
 
 
 def batch_with_padding() -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +49,7 @@ def test_build_bert_shape_sdpa_and_seeded() -> None:
     assert len(bert.encoder.layer) == 2
 
     rng_before = torch.random.get_rng_state()
-    same, other = build_bert(**SMALL, seed=3), build_bert(**SMALL, seed=4)
+    same, other = new_bert(VOCABULARY, **SHAPE, seed=3), new_bert(VOCABULARY, **SHAPE, seed=4)
     assert torch.equal(torch.random.get_rng_state(), rng_before), "global RNG must be untouched"
     for (name, p), q, r in zip(bert.named_parameters(), same.parameters(), other.parameters()):
         assert torch.equal(p, q), name
@@ -74,7 +71,7 @@ def test_load_pretrained_takes_encoder_of_masked_lm(tmp_path: Path, format: str)
     saved = mlm.state_dict()
     assert "bert.encoder.layer.1.output.dense.weight" in saved
 
-    bert = load_pretrained_bert(tmp_path)
+    bert = pretrained_bert(VOCABULARY, tmp_path)
     assert bert.config._attn_implementation == "sdpa"
     assert bert.pooler is None
     assert bert.training  # ready to fine-tune: dropout active
@@ -98,7 +95,7 @@ def test_load_pretrained_subfolder(tmp_path: Path) -> None:
     torch.manual_seed(0)
     mlm = BertForMaskedLM(BertConfig(**SMALL))
     mlm.save_pretrained(tmp_path / "Geneformer-V1-10M")
-    bert = load_pretrained_bert(tmp_path, subfolder="Geneformer-V1-10M")
+    bert = pretrained_bert(VOCABULARY, tmp_path, subfolder="Geneformer-V1-10M")
     assert torch.equal(bert.embeddings.word_embeddings.weight, mlm.bert.embeddings.word_embeddings.weight)
 
 
@@ -110,7 +107,7 @@ def test_load_pretrained_errors_name_path_and_fix(tmp_path: Path, where: str) ->
         "hub_offline": "ctheodoris/Geneformer-not-cached",  # conftest sets HF_HUB_OFFLINE=1
     }[where]
     with pytest.raises(InputError) as error:
-        load_pretrained_bert(name)
+        pretrained_bert(VOCABULARY, name)
     message = str(error.value)
     assert name in message and "HF_HUB_OFFLINE" in message and "local directory" in message
     assert "\n" not in message
@@ -121,29 +118,46 @@ def test_load_pretrained_refuses_non_bert_and_missing_weights(tmp_path: Path) ->
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(InputError, match="model_type is 'gpt2'"):
-        load_pretrained_bert(tmp_path / "gpt2")
+        pretrained_bert(VOCABULARY, tmp_path / "gpt2")
 
     # A checkpoint holding only the embeddings: the encoder would silently start random.
     config = BertConfig(**SMALL)
     config.save_pretrained(tmp_path / "partial")
-    embeddings = build_bert(**SMALL).embeddings.state_dict()
+    embeddings = small_bert().embeddings.state_dict()
     partial = {f"bert.embeddings.{k}": v for k, v in embeddings.items()}
     torch.save(partial, tmp_path / "partial" / "pytorch_model.bin")
     with pytest.raises(InputError, match="encoder weights missing"):
-        load_pretrained_bert(tmp_path / "partial")
+        pretrained_bert(VOCABULARY, tmp_path / "partial")
 
 
 def test_check_vocabulary() -> None:
     config = BertConfig(**SMALL)
-    check_vocabulary(config, vocab_size=60, pad_token_id=0, input_size=48, source="m")
+    check_vocabulary(config, VOCABULARY, source="m")
     with pytest.raises(InputError) as error:
-        check_vocabulary(config, vocab_size=25426, pad_token_id=0, input_size=48, source="ckpt/v2")
+        check_vocabulary(config, Vocabulary(25426, 0, 48), source="ckpt/v2")
     message = str(error.value)
     assert all(s in message for s in ("ckpt/v2", "60", "25426", "model=geneformer_v1", "model=geneformer_v2"))
     with pytest.raises(InputError, match=r"pad_token_id 0 != dictionary <pad> id 1"):
-        check_vocabulary(config, vocab_size=60, pad_token_id=1, input_size=48, source="m")
+        check_vocabulary(config, Vocabulary(60, 1, 48), source="m")
     with pytest.raises(InputError, match=r"input size 4096 > max_position_embeddings 48"):
-        check_vocabulary(config, vocab_size=60, pad_token_id=0, input_size=4096, source="m")
+        check_vocabulary(config, Vocabulary(60, 0, 4096), source="m")
+
+
+def test_a_pretrained_vocabulary_of_another_size_is_refused_before_loading(tmp_path: Path) -> None:
+    BertForMaskedLM(BertConfig(**SMALL)).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=r"vocab_size 60 != token dictionary size 100"):
+        pretrained_bert(Vocabulary(100, 0, 48), tmp_path)
+
+
+def test_a_checkpoint_with_its_own_dictionaries_must_be_used_with_them(tmp_path: Path) -> None:
+    BertForMaskedLM(BertConfig(**SMALL)).save_pretrained(tmp_path)
+    token = {"<pad>": 0, "<mask>": 1, **{f"ENSG{i:011d}": i for i in range(2, 60)}}
+    median = {gene: 1.0 for gene in token if gene.startswith("ENSG")}
+    GeneDictionaries(token, median).save(tmp_path)
+    assert pretrained_bert(Vocabulary(60, 0, 48, GeneDictionaries(token, median)), tmp_path).config.vocab_size == 60
+    other = GeneDictionaries(token, {**median, "ENSG00000000002": 2.0})
+    with pytest.raises(InputError, match=r"token_dictionary.pkl and gene_median_dictionary.pkl differ"):
+        pretrained_bert(Vocabulary(60, 0, 48, other), tmp_path)
 
 
 def test_mean_pooling_ignores_padding() -> None:

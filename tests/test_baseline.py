@@ -22,7 +22,7 @@ from sklearn.naive_bayes import MultinomialNB
 
 from geneformer_colon.baseline.naive_bayes import run_baseline
 from geneformer_colon.report.compare import compare_runs
-from geneformer_colon.report.history import history_entry
+from geneformer_colon.report.history import run_history
 
 CLASSES = ["Normal", "Border", "Tumor"]
 
@@ -35,8 +35,8 @@ def metrics_of(run_dir: Path) -> dict:
 def baseline_run(tmp_path_factory, shared_dirs) -> Path:
     """`python baseline.py experiment=colon6` (composed as Hydra does) on the tiny data the trained runs use."""
     out = tmp_path_factory.mktemp("baseline")
-    val_macro_f1 = run_baseline(compose_train(tiny_overrides(out, shared_dirs) + ["experiment=colon6"], "baseline"))
-    assert val_macro_f1 == metrics_of(out / "colon6-naive_bayes")["val"]["macro_f1"]
+    record = run_baseline(compose_train(tiny_overrides(out, shared_dirs) + ["experiment=colon6"], "baseline"))
+    assert record == metrics_of(out / "colon6-naive_bayes")
     return out / "colon6-naive_bayes"
 
 
@@ -47,6 +47,7 @@ def test_a_run_directory_in_the_training_format(baseline_run, trained_runs):
         assert (baseline_run / name).is_file(), name
     metrics, reference = metrics_of(baseline_run), metrics_of(trained)
     assert list(metrics) == list(reference)
+    assert metrics["kind"] == "baseline" and reference["kind"] == "train"
     for split in ("val", "test"):
         assert list(metrics[split]) == list(reference[split])
         assert list(pd.read_csv(baseline_run / "predictions" / f"{split}.csv").columns) == \
@@ -64,15 +65,15 @@ def test_metrics_equal_scikit_learn_on_its_predictions(baseline_run, split):
     probabilities = table[[f"prob_{name}" for name in CLASSES]].to_numpy()
     predicted = table["predicted"].map(CLASSES.index).to_numpy()
     assert (predicted == probabilities.argmax(1)).all()
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted), abs=1e-6)
-    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-6)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted), abs=1e-4)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-4)
     assert metrics["macro_auroc"] == pytest.approx(
         roc_auc_score(truth, probabilities, multi_class="ovr", average="macro"), abs=1e-4)
     precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=[0, 1, 2], zero_division=0)
     for index, name in enumerate(CLASSES):
-        assert metrics[f"precision/{name}"] == pytest.approx(precision[index], abs=1e-6)
-        assert metrics[f"recall/{name}"] == pytest.approx(recall[index], abs=1e-6)
-        assert metrics[f"f1/{name}"] == pytest.approx(f1[index], abs=1e-6)
+        assert metrics[f"precision/{name}"] == pytest.approx(precision[index], abs=1e-4)
+        assert metrics[f"recall/{name}"] == pytest.approx(recall[index], abs=1e-4)
+        assert metrics[f"f1/{name}"] == pytest.approx(f1[index], abs=1e-4)
     assert metrics["confusion_matrix"] == confusion_matrix(truth, predicted, labels=[0, 1, 2]).tolist()
 
 
@@ -95,7 +96,7 @@ def test_filters_apply_and_the_model_is_naive_bayes_on_normalised_counts(tmp_pat
     assert set(predictions["cell_type"]) == {"Epithelial cells"}
     assert set(predictions["true"]) == {"Normal", "Tumor"}
 
-    adata = ad.read_h5ad(instantiate(cfg.data).source.h5ad(cfg.paths.cache_dir))
+    adata = ad.read_h5ad(instantiate(cfg.data.source).canonical(cfg.paths.cache_dir))
     kept = adata.obs["cell_type"].eq("Epithelial cells") & adata.obs["label"].isin(["Normal", "Tumor"])
     train = kept & ~adata.obs["donor"].isin(["KUL19", "KUL01"])
     counts = adata.X.toarray().astype(np.float64)
@@ -109,10 +110,10 @@ def test_filters_apply_and_the_model_is_naive_bayes_on_normalised_counts(tmp_pat
 
 
 def test_compare_and_history_read_it_like_any_run(baseline_run, trained_runs, tmp_path):
-    frame = compare_runs([trained_runs[0], baseline_run], tmp_path)
+    frame, _ = compare_runs([trained_runs[0], baseline_run], tmp_path)
     assert list(frame["status"]) == ["finished", "finished"]
     row = frame[frame["run"].str.endswith("/colon6-naive_bayes")].iloc[0]
     assert row["val_macro_f1"] == pytest.approx(metrics_of(baseline_run)["val"]["macro_f1"])
     assert pd.isna(row["best_epoch"])
-    entry = history_entry(baseline_run)
+    entry = run_history(baseline_run)
     assert "naive Bayes" in entry and "**Final metrics**" in entry and "_No epochs recorded._" in entry

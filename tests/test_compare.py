@@ -12,13 +12,13 @@ import pytest
 from conftest import JOBS, SWEEP
 
 from geneformer_colon import cli
+from geneformer_colon.config import differing_keys
 from geneformer_colon.report.compare import (
     EPOCH_PLOT,
     METRIC_COLUMNS,
     RECALL_PLOT,
     TABLE_FILE,
     compare_runs,
-    differing_keys,
 )
 
 
@@ -34,7 +34,8 @@ def assert_png(path: Path) -> None:
 
 def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_path):
     out = tmp_path / "comparison"
-    frame = compare_runs(trained_runs, out)
+    frame, pairs = compare_runs(trained_runs, out)
+    assert pairs == []  # one test donor each: nothing to pair
     assert sorted(frame["run"]) == sorted(JOBS)
     assert frame["val_macro_f1"].is_monotonic_decreasing
     for row in frame.to_dict("records"):
@@ -82,7 +83,7 @@ def test_sweep_root_lists_runs_at_any_depth_and_unfinished_ones_by_status(traine
     (first / "eval" / "test-KUL21").mkdir(parents=True)  # what eval.py writes: not another run
     shutil.copy(first / "metrics.json", first / "eval" / "test-KUL21" / "metrics.json")
 
-    frame = compare_runs([root])
+    frame, _ = compare_runs([root])
     assert frame["run"][0] == "2_best"
     assert sorted(frame["run"][1:3]) == sorted(JOBS)
     assert list(frame["run"][3:]) == ["3_loss.focal_gamma=9", "4_augment.mixup_prob=0.9"]

@@ -9,12 +9,13 @@ import pytest
 from conftest import compose_train, tiny_overrides
 from hydra.utils import instantiate
 
+from geneformer_colon.builders import plain
 from geneformer_colon.errors import InputError
 
 
 def datamodule(tmp_path, shared, *overrides):
     cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared) + list(overrides))
-    return instantiate(cfg.data)
+    return instantiate(cfg.data, tokenizer=plain(cfg.model.tokenizer))
 
 
 def test_splits_are_by_donor_and_never_share_one(tmp_path, shared_dirs):
@@ -71,8 +72,8 @@ def test_store_is_reused_and_rebuilt_when_the_dictionary_changes(tmp_path, share
     again = datamodule(tmp_path, shared_dirs)
     again.setup()
     assert again.store.directory == first.store.directory
-    assert (again.store.directory / "tokens.npy").stat().st_mtime_ns == (
-        first.store.directory / "tokens.npy").stat().st_mtime_ns
+    assert (again.store.directory / "tokens.bin").stat().st_mtime_ns == (
+        first.store.directory / "tokens.bin").stat().st_mtime_ns
 
     # the same vocabulary with one gene's median changed: a new store
     token = dict(first.dictionaries.token)
@@ -86,3 +87,17 @@ def test_store_is_reused_and_rebuilt_when_the_dictionary_changes(tmp_path, share
     changed.setup()
     assert changed.store.directory != first.store.directory
     assert len(changed.store) == len(first.store)
+
+
+def test_a_store_built_in_chunks_is_byte_identical_to_one_built_at_once(tmp_path, shared_dirs):
+    from geneformer_colon.data.store import build_store
+
+    dm = datamodule(tmp_path, shared_dirs)
+    dm.prepare_data()
+    for chunk_cells in (7, 100, 1_000_000):
+        build_store(dm.canonical, "cells", dm.dictionaries, dm.settings, tmp_path / f"store{chunk_cells}", chunk_cells)
+    names = sorted(path.name for path in (tmp_path / "store7").iterdir())
+    assert names == ["cells.csv", "meta.json", "offsets.npy", "tokens.bin"]
+    for chunk_cells in (100, 1_000_000):
+        for name in names:
+            assert (tmp_path / "store7" / name).read_bytes() == (tmp_path / f"store{chunk_cells}" / name).read_bytes()

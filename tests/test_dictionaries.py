@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import (
     GeneDictionaries,
     derive_dictionaries,
@@ -97,7 +98,7 @@ def reference_medians(adata: ad.AnnData) -> dict[str, float]:
 @pytest.mark.parametrize("with_n_counts", [False, True])
 def test_derived_medians_match_a_per_gene_reference(with_n_counts):
     adata = counts_adata(seed=1, with_n_counts=with_n_counts)
-    derived = derive_dictionaries(adata)
+    derived = derive_dictionaries(CellCounts.from_anndata(adata))
     assert derived.median == reference_medians(adata)
     assert derived.mapping is None
 
@@ -105,12 +106,13 @@ def test_derived_medians_match_a_per_gene_reference(with_n_counts):
 def test_derived_vocabulary_is_specials_then_expressed_genes_in_column_order():
     adata = counts_adata(seed=2, with_n_counts=False)
     expected = ["<pad>", "<mask>", "E1", "E2", "E3", "E5", "E6"]  # E4 and "" left out
-    assert derive_dictionaries(adata, "V1").token == {gene: i for i, gene in enumerate(expected)}
-    assert list(derive_dictionaries(adata, "V1").token) == expected
-    v2 = derive_dictionaries(adata, "V2").token
+    derived = derive_dictionaries(CellCounts.from_anndata(adata), "V1").token
+    assert derived == {gene: i for i, gene in enumerate(expected)}
+    assert list(derive_dictionaries(CellCounts.from_anndata(adata), "V1").token) == expected
+    v2 = derive_dictionaries(CellCounts.from_anndata(adata), "V2").token
     assert list(v2)[:4] == ["<pad>", "<mask>", "<cls>", "<eos>"] and v2["E1"] == 4
     with pytest.raises(InputError, match="model_version 'v1' is unknown"):
-        derive_dictionaries(adata, "v1")
+        derive_dictionaries(CellCounts.from_anndata(adata), "v1")
 
 
 def test_save_load_round_trip(tmp_path):

@@ -12,7 +12,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from geneformer_colon.report.metrics import ClassificationMetrics
+from geneformer_colon.model.metrics import ClassificationMetrics
 
 CLASSES = ["Normal", "Border", "Tumor"]
 

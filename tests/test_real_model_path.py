@@ -19,7 +19,7 @@ from geneformer_colon.data.synthetic import (
     write_geo_matrix,
     write_synthetic_kul3,
 )
-from geneformer_colon.training import run_training
+from geneformer_colon.training import train
 
 
 @pytest.fixture
@@ -53,9 +53,10 @@ def test_kul3_with_geneformer_v1_trains_on_real_dictionaries(tmp_path, shared_di
     overrides = [o for o in overrides if not o.startswith(("data.source", "model."))]
     cfg = compose_train(overrides + ["experiment=colon6", "data=kul3", "model=geneformer_v1",
                                      f"paths.geneformer_dir={geneformer_checkout}", f"data.source.data_dir={geo}"])
-    run_training(cfg)
+    train(cfg)
     metrics = json.loads((tmp_path / "outputs" / "colon6" / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     config = (tmp_path / "outputs" / "colon6" / "config.yaml").read_text()
     assert "Geneformer-V1-10M" in config and "gene_dictionaries_30m/token_dictionary_gc30M.pkl" in config
-    assert len(load_pickle_dict(tmp_path / "outputs" / "colon6" / "dictionaries" / "token_dictionary.pkl")) == len(token)
+    saved = load_pickle_dict(tmp_path / "outputs" / "colon6" / "dictionaries" / "token_dictionary.pkl")
+    assert len(saved) == len(token)

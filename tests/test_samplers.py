@@ -59,18 +59,51 @@ def test_ranks_draw_disjoint_shares_of_equal_length(cells, strategy):
     assert len(ranks[0]) == len(ranks[1]) == len(list(ranks[0]))
 
 
-def test_none_visits_every_cell_once_and_groups_by_length(cells):
-    sampler = TrainBatchSampler(**cells, batch_size=32, strategy="none", seed=0)
-    batches = list(sampler)
-    indices = np.concatenate(batches)
+def padding(cells, batches) -> int:
+    return sum(int(cells["lengths"][b].max() * len(b) - cells["lengths"][b].sum()) for b in batches)
+
+
+def test_none_visits_every_cell_once(cells):
+    indices = drawn(TrainBatchSampler(**cells, batch_size=32, strategy="none", seed=0))
     assert sorted(indices.tolist()) == list(range(len(cells["labels"])))
 
-    def padding(batch_list) -> int:
-        return sum(int(cells["lengths"][b].max() * len(b) - cells["lengths"][b].sum()) for b in batch_list)
 
-    shuffled = np.random.default_rng(0).permutation(len(indices))
-    random_batches = [shuffled[i : i + 32] for i in range(0, len(shuffled), 32)]
-    assert padding(batches) < 0.2 * padding(random_batches)
+@pytest.mark.parametrize("strategy", ["none", "class", "class_donor"])
+def test_every_strategy_groups_by_length(cells, strategy):
+    """Each batch pads little: far less than the same draws in random order (balance is kept: see above)."""
+    sampler = TrainBatchSampler(**cells, batch_size=32, strategy=strategy, seed=0)
+    batches = [np.asarray(batch) for batch in sampler]
+    draws = np.random.default_rng(0).permutation(np.concatenate(batches))
+    random_batches = [draws[i : i + 32] for i in range(0, len(draws), 32)]
+    assert padding(cells, batches) < 0.2 * padding(cells, random_batches)
+    assert sorted(len(batch) for batch in batches)[1:] == [32] * (len(batches) - 1)  # one short batch at most
+
+
+@pytest.mark.parametrize("strategy", ["none", "class", "class_donor"])
+def test_a_token_budget_is_never_exceeded_and_every_epoch_has_as_many_batches(cells, strategy):
+    budget = 8192
+    samplers = [TrainBatchSampler(**cells, batch_size=32, strategy=strategy, seed=2, max_tokens=budget, epochs=6,
+                                  rank=rank, world_size=2) for rank in (0, 1)]
+    counts = set()
+    for epoch in range(6):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            counts.add(len(batches))
+            assert all(len(batch) * cells["lengths"][batch].max() <= budget for batch in batches)
+            assert len(drawn(sampler)) == sampler.share_size  # every draw of the epoch, none lost or repeated
+    assert counts == {len(samplers[0])} == {len(samplers[1])}
+    sizes = [len(batch) for batch in samplers[0]]
+    assert max(sizes) > 3 * min(sizes)  # short cells share a batch, long ones do not
+
+
+def test_skip_resumes_an_epoch_where_it_stopped(cells):
+    sampler = TrainBatchSampler(**cells, batch_size=32, strategy="class_donor", seed=4)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.skip = 10
+    assert list(sampler) == whole[10:]
+    assert list(sampler) == whole  # the skip applies to one pass only
 
 
 def test_set_epoch_reaches_the_sampler_the_way_lightning_calls_it(cells):
@@ -87,6 +120,13 @@ def test_eval_batches_cover_split_once_across_ranks(cells):
     shares = [EvalBatchSampler(cells["lengths"], 50, rank=r, world_size=2) for r in (0, 1)]
     seen = [i for sampler in shares for batch in sampler for i in batch]
     assert sorted(seen) == list(range(len(cells["lengths"])))
+
+
+def test_eval_batches_under_a_token_budget_cover_the_split_once(cells):
+    shares = [EvalBatchSampler(cells["lengths"], 50, rank=r, world_size=2, max_tokens=10_000) for r in (0, 1)]
+    batches = [batch for sampler in shares for batch in sampler]
+    assert sorted(i for batch in batches for i in batch) == list(range(len(cells["lengths"])))
+    assert all(len(batch) * cells["lengths"][batch].max() <= 10_000 for batch in batches)
 
 
 def test_a_small_split_still_gives_every_rank_a_batch():

@@ -49,7 +49,7 @@ def grid_sweep(tmp_path_factory, shared_dirs):
     log = tmp_path / "sweep.log"  # a file, not a pipe: a full pipe would stall the sweep until waited for
     with open(log, "w") as output:
         process = subprocess.Popen(
-            sweep_command(tmp_path, shared_dirs, sweep_dir, *GRID, "+trainer.limit_train_batches=2"),
+            sweep_command(tmp_path, shared_dirs, sweep_dir, *GRID, "trainer.limit_train_batches=2"),
             cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, text=True,
         )
 
@@ -66,7 +66,7 @@ def grid_sweep(tmp_path_factory, shared_dirs):
 def test_optuna_study_in_sqlite_survives_failed_trials_and_is_continued(tmp_path, shared_dirs, grid_sweep):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     common = ["experiment=colon6", "sweep=optuna", f"hydra.sweeper.storage={storage}",
-              "hydra.sweeper.study_name=study", "hydra.sweeper.n_trials=3", "+trainer.fast_dev_run=true"]
+              "hydra.sweeper.study_name=study", "hydra.sweeper.n_trials=3", "trainer.fast_dev_run=true"]
     # First invocation: every trial fails (an unknown test donor); the study records them and goes on.
     first = run_sweep(tmp_path, shared_dirs, tmp_path / "first", *common, "data.test_donors=[KUL99]")
     assert list(first["status"]) == ["failed"] * 3
@@ -118,10 +118,10 @@ def test_grid_sweep_records_the_failed_job_and_goes_on(grid_sweep):
 
 
 def test_job_folder_names_stay_short_and_distinct():
-    overrides = ",".join(f"model.architecture.key_{i}=0.{i:0>17}" for i in range(12))
+    overrides = ",".join(f"model.encoder.key_{i}=0.{i:0>17}" for i in range(12))
     names = [job_dirname(num, overrides) for num in (0, 1)]
     assert all(len(name.encode()) <= MAX_DIRNAME_BYTES for name in names)
-    assert names[0] != names[1] and names[0].startswith("0_model.architecture.key_0=")
+    assert names[0] != names[1] and names[0].startswith("0_model.encoder.key_0=")
     assert job_dirname(2, "init_from=outputs/colon3,seed=1") == "2_init_from=outputs_colon3,seed=1"
     assert job_dirname(3, "") == "3"
 

@@ -12,16 +12,8 @@ import scipy.sparse as sp
 from scipy import stats
 
 from geneformer_colon.data import synthetic
-from geneformer_colon.data.synthetic import (
-    ANNOTATION_FILE,
-    CELL_TYPES,
-    CLASSES,
-    DONORS,
-    GENE_TABLE_FILE,
-    MATRIX_FILE,
-    generate_counts,
-    write_synthetic_kul3,
-)
+from geneformer_colon.data.kul3 import ANNOTATION_COLUMNS, ANNOTATION_FILE, CELL_TYPES, CLASSES, DONORS, MATRIX_FILE
+from geneformer_colon.data.synthetic import GENE_TABLE_FILE, generate_counts, write_synthetic_kul3
 from geneformer_colon.errors import InputError
 
 CELL_ID = re.compile(r"^(KUL\d\d)-([NBT])_[ACGT]{16}$")
@@ -58,7 +50,7 @@ def test_shapes_types_and_gene_ids(small: synthetic.SyntheticKUL3) -> None:
     assert sp.isspmatrix_csr(counts) and counts.dtype == np.int32 and counts.shape == (600, 400)
     assert counts.data.min() > 0 and counts.has_sorted_indices
     assert small.symbols == [f"SYNG{i:05d}" for i in range(1, 401)]
-    assert list(small.annotation.columns) == list(synthetic.ANNOTATION_COLUMNS)
+    assert list(small.annotation.columns) == list(ANNOTATION_COLUMNS)
     mapped = [e for e in small.ensembl_ids if e]
     assert len(mapped) == 396  # 1% of the genes have no Ensembl id
     assert len(set(mapped)) == len(mapped)

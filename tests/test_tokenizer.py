@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import GeneDictionaries, derive_dictionaries
 from geneformer_colon.data.tokenizer import (
     TokenizerSettings,
@@ -211,7 +212,7 @@ def test_n_counts_from_obs_or_row_sums():
 def test_tokenize_cells_layout_and_empty_warning(v1, caplog):
     ids, ties = v1_ids(v1, seed=8)
     adata = make_adata(ids, ties, seed=9)
-    cells = tokenize_cells(adata, v1, TokenizerSettings("V1", input_size=512), source="data/x.h5ad")
+    cells = tokenize_cells(CellCounts.from_anndata(adata, "data/x.h5ad"), v1, TokenizerSettings("V1", input_size=512))
     assert cells.tokens.dtype == np.uint16 and cells.offsets.dtype == np.int64
     assert cells.offsets[0] == 0 and cells.offsets[-1] == cells.tokens.size and len(cells) == adata.n_obs
     assert cells.n_empty == 2 and list(cells.lengths[[2, 3]]) == [0, 0]
@@ -223,8 +224,8 @@ def test_tokenize_cells_layout_and_empty_warning(v1, caplog):
 def test_derived_v2_dictionaries_frame_the_cell():
     X = sp.csr_matrix(np.array([[0, 2, 1], [0, 0, 0], [5, 0, 1]], dtype=np.int32))
     adata = ad.AnnData(X, var=pd.DataFrame({"ensembl_id": ["E1", "E2", "E3"]}, index=["a", "b", "c"]))
-    dicts = derive_dictionaries(adata, model_version="V2")
-    cells = tokenize_cells(adata, dicts, TokenizerSettings("V2"))
+    dicts = derive_dictionaries(CellCounts.from_anndata(adata), model_version="V2")
+    cells = tokenize_cells(CellCounts.from_anndata(adata), dicts, TokenizerSettings("V2"))
     assert [list(cell) for cell in cells.to_list()] == reference_tokens(adata, dicts, "V2")
     assert cells.to_list()[0][0] == dicts.token["<cls>"] == 2
 
@@ -237,7 +238,7 @@ def counts_adata(X) -> ad.AnnData:
 def test_negative_counts_are_refused(v1):
     adata = counts_adata(sp.csr_matrix(np.array([[1, -2, 3]], dtype=np.int32)))
     with pytest.raises(InputError, match=r"^data/kul3.h5ad: X holds -2.*raw integer UMI counts"):
-        tokenize_cells(adata, v1, TokenizerSettings(), source="data/kul3.h5ad")
+        tokenize_cells(CellCounts.from_anndata(adata, "data/kul3.h5ad"), v1, TokenizerSettings())
 
 
 def test_fractional_counts_are_refused(v1):
@@ -274,6 +275,6 @@ def test_float_counts_and_wide_token_ids():
     ids = ["A", "B", "C", "D"]
     adata = ad.AnnData(X, var=pd.DataFrame({"ensembl_id": ids}, index=ids))
     dicts = GeneDictionaries({"<pad>": 0, "<mask>": 1, "A": 70_000, "B": 3, "C": 4, "D": 5}, dict.fromkeys(ids, 1.0))
-    cells = tokenize_cells(adata, dicts, TokenizerSettings())
+    cells = tokenize_cells(CellCounts.from_anndata(adata), dicts, TokenizerSettings())
     assert cells.tokens.dtype == np.int32
     assert [list(cell) for cell in cells.to_list()] == [[4, 70_000, 5], [3, 4]]

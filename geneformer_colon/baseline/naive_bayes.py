@@ -12,24 +12,36 @@ true class.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.naive_bayes import MultinomialNB
 
 from geneformer_colon.builders import build_datamodule
-from geneformer_colon.data.datamodule import SPLITS, CellDataModule
-from geneformer_colon.io import write_json
-from geneformer_colon.report.artifacts import write_split_files
+from geneformer_colon.config import check_values
+from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.model.metrics import ClassificationMetrics
 from geneformer_colon.report.history import write_history
-from geneformer_colon.report.metrics import ClassificationMetrics
-from geneformer_colon.report.summary import check_success, print_summary
-from geneformer_colon.training import prepare_run_dir, save_config
+from geneformer_colon.report.summary import print_summary
+from geneformer_colon.rundir import (
+    EVAL_SPLITS,
+    FINISHED,
+    SPLITS,
+    Run,
+    RunLayout,
+    check_success,
+    prediction_table,
+    run_record,
+    save_config,
+    split_entry,
+    write_metrics,
+    write_split,
+)
+from geneformer_colon.training import prepare_run_dir, recipe
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +65,24 @@ def split_features(datamodule: CellDataModule, adata: ad.AnnData, settings: Dict
 
 def score_split(
     model: MultinomialNB, features: sp.csr_matrix, targets: np.ndarray, class_names: list[str]
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Class probabilities and the training metrics (same keys, same code) of one split."""
+) -> tuple[np.ndarray, dict[str, float], list[list[int]]]:
+    """Class probabilities, the training metrics (same keys, same code) and the confusion matrix of a split."""
     log_probabilities = model.predict_log_proba(features)
     probabilities = np.exp(log_probabilities)
     loss = -log_probabilities[np.arange(len(targets)), targets].mean()
     metrics = ClassificationMetrics(class_names)
     metrics.update(torch.from_numpy(probabilities), torch.from_numpy(targets), torch.tensor(loss))
-    return probabilities, {**metrics.compute(), "confusion_matrix": metrics.confusion_matrix()}
+    return probabilities, metrics.compute(), metrics.confusion_matrix()
 
 
-def run_baseline(cfg: DictConfig) -> float:
-    """Fit on the training donors, score val and test, write the run directory; return val macro F1."""
-    run_dir = Path(cfg.paths.run_dir)
-    prepare_run_dir(run_dir, resume=False, overwrite=cfg.overwrite)
+def run_baseline(cfg: DictConfig) -> dict[str, Any]:
+    """Fit on the training donors, score val and test, write the run directory; return its metrics.json record."""
+    layout = RunLayout(cfg.paths.run_dir)
+    check_values(cfg)
     datamodule = build_datamodule(cfg)
-    save_config(cfg, run_dir)
-    adata = datamodule.read_adata()
+    prepare_run_dir(layout, overwrite=cfg.overwrite)
+    save_config(layout, cfg)
+    adata = ad.read_h5ad(datamodule.canonical)
     features = split_features(datamodule, adata, cfg.baseline)
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}
     class_names = datamodule.class_names
@@ -78,21 +91,15 @@ def run_baseline(cfg: DictConfig) -> float:
     log.info("naive Bayes fitted on %d training cells x %d genes", *features["train"].shape)
 
     final: dict[str, Any] = {}
-    for split in ("val", "test"):
-        probabilities, final[split] = score_split(model, features[split], targets[split], class_names)
-        write_split_files(run_dir, split, datamodule.split_cells(split), targets[split], probabilities,
-                          final[split]["confusion_matrix"], class_names, f"{cfg.run_name} {split}")
-    summary = {
-        "run_name": cfg.run_name,
-        "status": "finished",
-        "epochs": [],
-        "best_epoch": None,
-        "best_checkpoint": None,
-        "init_from": None,
-        **final,
-        "success": check_success(cfg.success_criteria, final),
-    }
-    write_json(run_dir / "metrics.json", summary)
-    write_history(run_dir)
-    print_summary(summary, class_names, run_dir)
-    return final["val"]["macro_f1"]
+    for split in EVAL_SPLITS:
+        probabilities, metrics, confusion = score_split(model, features[split], targets[split], class_names)
+        table = prediction_table(datamodule.split_cells(split), targets[split], probabilities, class_names)
+        final[split] = split_entry(table, metrics, confusion, class_names)
+        write_split(layout, split, table, confusion, class_names, cfg.run_name)
+    record = run_record(cfg.run_name, "baseline", FINISHED, {split: datamodule.split_donors(split) for split in SPLITS},
+                        {split: len(datamodule.splits[split]) for split in SPLITS}, final=final,
+                        success=check_success(cfg.success_criteria, final), recipe=recipe())
+    record = write_metrics(layout, record)
+    write_history(Run(layout.root, record, OmegaConf.to_container(cfg, resolve=True), {}))
+    print_summary(record, class_names, layout.root)
+    return record

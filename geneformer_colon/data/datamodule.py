@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Sequence
-from functools import cache
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import GeneDictionaries, derive_dictionaries
+from geneformer_colon.data.h5ad import H5adCounts
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
 from geneformer_colon.data.sources import DataSource
 from geneformer_colon.data.store import TokenStore, open_or_build_store
 from geneformer_colon.data.tokenizer import TokenizerSettings
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, file_fingerprint
+from geneformer_colon.io import atomic_path, build_once, text_fingerprint
+from geneformer_colon.rundir import SPLITS, TEST, TRAIN, VAL
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+STAGE_SPLITS = {"fit": (TRAIN, VAL), "validate": (VAL,), "test": (TEST,), "predict": (TEST,)}
+# Epochs a token-budget plan covers when the trainer sets no end (max_epochs -1).
+_OPEN_ENDED_EPOCHS = 1000
 
 
 class TokenDataset(Dataset):
@@ -63,26 +64,63 @@ def pad_batch(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, tor
     }
 
 
+class ResumableDataLoader(DataLoader):
+    """The training loader, with its place in the epoch: ``state_dict()`` / ``load_state_dict()``.
+
+    After ``load_state_dict`` the next pass starts at the batch where the interrupted one stopped
+    (if it is the same epoch), so no batch is trained on twice or skipped. The count is of batches
+    delivered to the loop (worker processes may have prepared more).
+    """
+
+    batch_sampler: TrainBatchSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delivered = 0
+        self.resume_at: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        start = 0
+        if self.resume_at is not None and self.resume_at["epoch"] == self.batch_sampler.epoch:
+            start = self.resume_at["batches"]
+        self.resume_at = None
+        self.batch_sampler.skip = start
+        self.delivered = start
+        for batch in super().__iter__():
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "batches": self.delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = dict(state)
+        self.batch_sampler.set_epoch(state["epoch"])
+
+
 class CellDataModule(pl.LightningDataModule):
     """Donor-split cells of one data source, tokenized for Geneformer.
 
     Train is every donor not in ``val_donors`` or ``test_donors``. ``labels`` names the
-    classes and their order (cells of other labels are left out); ``cell_types`` optionally
-    keeps only some cell types. When ``tokenizer`` names no token dictionary, a vocabulary and
-    gene medians are derived from the training cells and cached.
+    classes and their order (cells of other labels are left out); ``None`` uses no label at all
+    (pretraining). ``cell_types`` optionally keeps only some cell types. When ``tokenizer`` names
+    no token dictionary, a vocabulary and gene medians are derived from the training cells and
+    cached. ``max_tokens``: batches hold as many cells as fit that many padded tokens instead of
+    ``batch_size`` / ``eval_batch_size`` cells.
     """
 
     def __init__(
         self,
         source: DataSource,
         tokenizer: dict[str, Any],
-        labels: Sequence[str] = ("Normal", "Border", "Tumor"),
+        labels: Sequence[str] | None = ("Normal", "Border", "Tumor"),
         val_donors: Sequence[str] = ("KUL19",),
         test_donors: Sequence[str] = ("KUL01",),
         cell_types: Sequence[str] | None = None,
         balance_strategy: str = "none",
         batch_size: int = 16,
         eval_batch_size: int = 64,
+        max_tokens: int | None = None,
         mega_batch_factor: int = 50,
         num_workers: int = 0,
         seed: int = 0,
@@ -94,17 +132,22 @@ class CellDataModule(pl.LightningDataModule):
         self.settings = TokenizerSettings(
             model_version=self.tokenizer.get("model_version", "V1"), input_size=self.tokenizer.get("input_size")
         )
-        self.class_names = list(labels)
-        self.val_donors = list(val_donors)
-        self.test_donors = list(test_donors)
+        self.uses_labels = labels is not None
+        self.class_names = list(labels or [])
+        self.val_donors = list(val_donors or [])
+        self.test_donors = list(test_donors or [])
         self.cell_types = list(cell_types) if cell_types else None
         self.balance_strategy = balance_strategy
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
+        self.max_tokens = max_tokens
         self.mega_batch_factor = mega_batch_factor
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = Path(cache_dir)
+        self.train_loader: ResumableDataLoader | None = None
+        self.resume_position: dict[str, int] | None = None
+        self.canonical: Path | None = None
         self.store: TokenStore | None = None
         self.dictionaries: GeneDictionaries | None = None
         self.splits: dict[str, TokenDataset] = {}
@@ -116,16 +159,12 @@ class CellDataModule(pl.LightningDataModule):
             self.store = self._open_store()
 
     def _open_store(self) -> TokenStore:
-        h5ad_path = self.source.h5ad(self.cache_dir)
-        fingerprint = file_fingerprint(h5ad_path)
-        # Read at most once, and only if a dictionary or the store must be built (or asked for).
-        self.read_adata = cache(lambda: ad.read_h5ad(h5ad_path))
-        self.dictionaries = self._load_dictionaries(h5ad_path, fingerprint, self.read_adata)
-        return open_or_build_store(
-            self.cache_dir / "tokens", h5ad_path, fingerprint, self.read_adata, self.dictionaries, self.settings
-        )
+        self.canonical = self.source.canonical(self.cache_dir)
+        self.dictionaries = self._load_dictionaries(self.canonical)
+        return open_or_build_store(self.cache_dir / "tokens", self.canonical, self.source.describe(),
+                                   self.dictionaries, self.settings)
 
-    def _load_dictionaries(self, h5ad_path: Path, fingerprint: str, read_adata) -> GeneDictionaries:
+    def _load_dictionaries(self, canonical: Path) -> GeneDictionaries:
         if self.tokenizer.get("token_dictionary"):
             if not self.tokenizer.get("gene_median_dictionary"):
                 raise InputError(
@@ -137,23 +176,33 @@ class CellDataModule(pl.LightningDataModule):
                 self.tokenizer["gene_median_dictionary"],
                 self.tokenizer.get("gene_mapping"),
             )
-        key_parts = [fingerprint, self.settings.model_version, sorted(self.val_donors), sorted(self.test_donors)]
-        key_parts.append(sorted(self.cell_types) if self.cell_types else None)
-        directory = self.cache_dir / "dictionaries" / hashlib.sha256(repr(key_parts).encode()).hexdigest()[:16]
-        if not (directory / "token_dictionary.pkl").is_file():
-            adata = read_adata()
-            cells = self._filter_frame(adata.obs, source=str(h5ad_path))
-            train = ~cells["donor"].isin(self.val_donors + self.test_donors)
-            log.info("deriving a vocabulary and gene medians from %d training cells", int(train.sum()))
-            derived = derive_dictionaries(adata[cells.index[train]], model_version=self.settings.model_version)
-            with atomic_path(directory) as tmp:
-                derived.save(tmp)
+        key = text_fingerprint(canonical.name, self.settings.model_version, sorted(self.val_donors),
+                               sorted(self.test_donors), sorted(self.cell_types) if self.cell_types else None,
+                               sorted(self.class_names) if self.uses_labels else None)
+        directory = self.cache_dir / "dictionaries" / key
+        build_once(directory, lambda tmp: self._derive_dictionaries(canonical).save(tmp),
+                   done=lambda path: (path / "token_dictionary.pkl").is_file())
         return GeneDictionaries.load(directory / "token_dictionary.pkl", directory / "gene_median_dictionary.pkl")
+
+    def _derive_dictionaries(self, canonical: Path) -> GeneDictionaries:
+        with H5adCounts(canonical) as file:
+            obs = file.obs.assign(position=np.arange(file.shape[0]))
+        cells = self._filter_frame(obs)
+        train = cells["position"].to_numpy()[~cells["donor"].isin(self.val_donors + self.test_donors).to_numpy()]
+        log.info("deriving a vocabulary and gene medians from %d training cells", len(train))
+        counts = CellCounts.from_canonical(canonical, self.source.describe(), rows=np.sort(train))
+        return derive_dictionaries(counts, model_version=self.settings.model_version)
+
+    def save_dictionaries(self, directory: Path) -> None:
+        """The dictionaries in use, written where a run keeps them (atomically)."""
+        with atomic_path(directory) as tmp:
+            self.dictionaries.save(tmp)
 
     # ---- splits ----
 
-    def _filter_frame(self, cells: pd.DataFrame, source: str) -> pd.DataFrame:
+    def _filter_frame(self, cells: pd.DataFrame) -> pd.DataFrame:
         """Check the donors, cell types and labels asked for; keep cells of those types and labels."""
+        source = self.source.describe()
         donors = sorted(cells["donor"].astype(str).unique())
         for key, asked in (("data.val_donors", self.val_donors), ("data.test_donors", self.test_donors)):
             unknown = sorted(set(asked) - set(donors))
@@ -168,16 +217,25 @@ class CellDataModule(pl.LightningDataModule):
             if unknown:
                 raise InputError(f"{source}: data.cell_types names unknown {unknown}; cell types present: {present}")
             cells = cells[cells["cell_type"].isin(self.cell_types)]
-        unknown_labels = sorted(set(self.class_names) - set(cells["label"].astype(str).unique()))
+        if not self.uses_labels:
+            return cells
+        present_labels = sorted(cells["label"].astype(str).unique())
+        unknown_labels = sorted(set(self.class_names) - set(present_labels))
         if unknown_labels:
             raise InputError(
                 f"{source}: data.labels names {unknown_labels}, absent from the label column "
-                f"(labels present: {sorted(cells['label'].astype(str).unique())})"
+                f"(labels present: {present_labels})"
             )
         left_out = ~cells["label"].isin(self.class_names)
         if left_out.any():
             log.info("leaving out %d cells whose label is not in data.labels", int(left_out.sum()))
         return cells[~left_out]
+
+    def available_donors(self) -> list[str]:
+        """The donors with cells of the kept labels and cell types (reads only the canonical file's obs)."""
+        with H5adCounts(self.source.canonical(self.cache_dir)) as file:
+            obs = file.obs
+        return sorted(self._filter_frame(obs)["donor"].astype(str).unique())
 
     def setup(self, stage: str | None = None) -> None:
         """Split by donor. Every class must have cells in each split the stage uses
@@ -185,34 +243,47 @@ class CellDataModule(pl.LightningDataModule):
         if not self.splits:
             if self.store is None:
                 self.store = self._open_store()
-            cells = self._filter_frame(self.store.cells, source=str(self.store.meta["source"]))
-            label_ids = cells["label"].map({name: i for i, name in enumerate(self.class_names)}).to_numpy()
+            cells = self._filter_frame(self.store.cells)
+            if self.uses_labels:
+                label_ids = cells["label"].map({name: i for i, name in enumerate(self.class_names)}).to_numpy()
+            else:
+                label_ids = np.full(len(cells), -1)
             donor_split = np.where(
                 cells["donor"].isin(self.val_donors),
-                "val",
-                np.where(cells["donor"].isin(self.test_donors), "test", "train"),
+                VAL,
+                np.where(cells["donor"].isin(self.test_donors), TEST, TRAIN),
             )
             for split in SPLITS:
                 in_split = donor_split == split
                 self.splits[split] = TokenDataset(self.store, cells.index.to_numpy()[in_split], label_ids[in_split])
             log.info("cells per split: %s", {split: len(data) for split, data in self.splits.items()})
         for split in STAGE_SPLITS.get(stage, SPLITS):
-            self._check_classes(split)
+            self._check_split(split)
 
-    def _check_classes(self, split: str) -> None:
+    def _check_split(self, split: str) -> None:
+        if len(self.splits[split]) == 0:
+            raise InputError(
+                f"{self.store.source}: the {split} split has no cell (data.val_donors={self.val_donors}, "
+                f"data.test_donors={self.test_donors}, data.cell_types={self.cell_types}); choose donors that "
+                "have cells of the kept labels and cell types"
+            )
+        if not self.uses_labels:
+            return
         present = set(self.splits[split].label_ids.tolist())
         for class_id, name in enumerate(self.class_names):
             if class_id not in present:
-                donors = sorted(self.split_cells(split)["donor"].unique())
                 raise InputError(
-                    f"{self.store.meta['source']}: class {name!r} has no cell in the {split} split "
-                    f"(donors {donors}, data.cell_types={self.cell_types}); choose other "
+                    f"{self.store.source}: class {name!r} has no cell in the {split} split "
+                    f"(donors {self.split_donors(split)}, data.cell_types={self.cell_types}); choose other "
                     "data.val_donors/data.test_donors or drop the class from data.labels"
                 )
 
     def split_cells(self, split: str) -> pd.DataFrame:
         """The store's metadata rows of a split, in dataset order (for prediction files)."""
         return self.store.cells.iloc[self.splits[split].positions]
+
+    def split_donors(self, split: str) -> list[str]:
+        return sorted(self.split_cells(split)["donor"].unique())
 
     @property
     def special_token_ids(self) -> dict[str, int]:
@@ -224,8 +295,9 @@ class CellDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, dataset: TokenDataset, batch_sampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: TokenDataset, batch_sampler: Any, loader: type[DataLoader] = DataLoader
+                ) -> DataLoader:
+        return loader(
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=pad_batch,
@@ -233,11 +305,10 @@ class CellDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.splits["train"]
-        rank, world = self._rank_and_world()
-        cells = self.split_cells("train")
-        sampler = TrainBatchSampler(
+    def train_sampler(self, rank: int = 0, world_size: int = 1, epochs: int = 1) -> TrainBatchSampler:
+        dataset = self.splits[TRAIN]
+        cells = self.split_cells(TRAIN)
+        return TrainBatchSampler(
             labels=dataset.label_ids,
             donors=cells["donor"].to_numpy(),
             lengths=cells["length"].to_numpy(),
@@ -245,18 +316,43 @@ class CellDataModule(pl.LightningDataModule):
             strategy=self.balance_strategy,
             seed=self.seed,
             rank=rank,
-            world_size=world,
+            world_size=world_size,
             mega_batch_factor=self.mega_batch_factor,
+            max_tokens=self.max_tokens,
+            epochs=epochs,
         )
-        return self._loader(dataset, sampler)
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        trainer = getattr(self, "trainer", None)
+        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs is not None else 1
+        epochs = max_epochs if max_epochs > 0 else _OPEN_ENDED_EPOCHS
+        self.train_loader = self._loader(self.splits[TRAIN], self.train_sampler(rank, world, epochs),
+                                         ResumableDataLoader)
+        if self.resume_position is not None:
+            self.train_loader.load_state_dict(self.resume_position)
+            self.resume_position = None
+        return self.train_loader
+
+    # ---- the training loader's place in its epoch, in checkpoints ----
+    # Lightning restores a datamodule's state before it asks for any loader (it asks for the training
+    # loader early, to count the optimizer steps, before loops and loader states are restored), so
+    # the position travels here and reaches the loader as it is made.
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self.train_loader.state_dict()} if self.train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_position = state.get("train_position")
+
+    def eval_dataloader(self, split: str) -> DataLoader:
         rank, world = self._rank_and_world()
         lengths = self.split_cells(split)["length"].to_numpy()
-        return self._loader(self.splits[split], EvalBatchSampler(lengths, self.eval_batch_size, rank, world))
+        sampler = EvalBatchSampler(lengths, self.eval_batch_size, rank, world, max_tokens=self.max_tokens)
+        return self._loader(self.splits[split], sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self.eval_dataloader(VAL)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader(TEST)

@@ -13,19 +13,21 @@ import json
 import math
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.data.medians import nonzero_medians
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
+from geneformer_colon.io import atomic_path, open_text
+
+if TYPE_CHECKING:
+    from geneformer_colon.data.counts import CellCounts
 
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 
@@ -77,9 +79,57 @@ def load_pickle_dict(path: str | Path) -> dict[Any, Any]:
     return dict(loaded)
 
 
-# ---- the canonical AnnData, as the dictionaries and the tokenizer read it ----
+# ---- gene names to ids ----
 
-TARGET_SUM = 10_000
+
+def read_gene_name_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Gene symbol -> Ensembl id, from a Geneformer ``gene_name_id_dict*.pkl`` or a TSV.
+
+    The TSV has two tab-separated columns, symbol then Ensembl id (optionally gzipped). Its
+    first row is taken as a header when its id does not start with ``ENS``; rows with an empty
+    id are skipped.
+    """
+    path = Path(path)
+    if path.suffix in {".pkl", ".pickle"}:
+        mapping = load_pickle_dict(path)
+        bad = next(((k, v) for k, v in mapping.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise InputError(
+                f"{path}: maps {bad[0]!r} to {type(bad[1]).__name__} {bad[1]!r}, not to an Ensembl "
+                "id; the gene map must be a gene_name_id_dict*.pkl (symbol -> Ensembl id)"
+            )
+        return {str(k): v for k, v in mapping.items()}
+    if not path.is_file():
+        raise InputError(
+            f"{path}: gene map not found; set data.source.gene_map to a symbol/id TSV or pkl"
+        )
+    mapping: dict[str, str] = {}
+    with open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) != 2:
+                raise InputError(
+                    f"{path}: line {number} has {len(fields)} tab-separated fields, expected 2 "
+                    "(gene symbol, Ensembl id)"
+                )
+            symbol, gene_id = fields
+            if number == 1 and not gene_id.startswith("ENS"):
+                continue  # header
+            if not gene_id:
+                continue
+            if mapping.setdefault(symbol, gene_id) != gene_id:
+                raise InputError(
+                    f"{path}: line {number}: symbol {symbol!r} maps to both {mapping[symbol]!r} "
+                    f"and {gene_id!r}; keep one row per symbol"
+                )
+    return mapping
+
+
+
+# ---- model versions ----
+
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "V1": ("<pad>", "<mask>"),
     "V2": ("<pad>", "<mask>", "<cls>", "<eos>"),
@@ -105,69 +155,6 @@ def special_token_ids(token_dict: Mapping[str, int], model_version: str) -> dict
             "dictionary of that model version (*_gc30M for V1, *_gc104M for V2)"
         )
     return {name: int(token_dict[name]) for name in names}
-
-
-def var_gene_ids(adata: ad.AnnData) -> tuple[str, np.ndarray]:
-    """The gene ids of ``adata``'s columns and the field they come from.
-
-    ``var["ensembl_id"]`` when present (ingest fills it from symbols), else the var index.
-    """
-    if "ensembl_id" in adata.var:
-        return "var['ensembl_id']", adata.var["ensembl_id"].astype(str).to_numpy()
-    return "var_names", adata.var_names.astype(str).to_numpy()
-
-
-def check_raw_counts(data: np.ndarray, source: str) -> None:
-    """Refuse anything but raw integer UMI counts (the non-zeros of the expression matrix)."""
-    if data.size == 0:
-        return
-    if np.issubdtype(data.dtype, np.integer):
-        bad = data[data < 0][:1] if data.min() < 0 else data[:0]
-    else:
-        bad = np.empty(0, dtype=data.dtype)
-        for start in range(0, data.size, 1 << 22):  # chunks: no temporary the size of the matrix
-            chunk = data[start : start + (1 << 22)]
-            wrong = ~np.isfinite(chunk) | (chunk < 0) | (chunk != np.floor(chunk))
-            if wrong.any():
-                bad = chunk[wrong][:1]
-                break
-    if bad.size:
-        raise InputError(
-            f"{source}: X holds {bad[0].item()!r}, not a raw count; Geneformer needs raw integer UMI counts "
-            "(not normalised, log-transformed or scaled values): give the raw count matrix as X"
-        )
-
-
-def obs_n_counts(adata: ad.AnnData, X: sp.csr_matrix, source: str) -> np.ndarray | None:
-    """Each cell's total count over all genes from ``obs["n_counts"]`` (float64), checked.
-
-    ``None`` when the column is absent: then a cell's total is its row sum in ``X``. The column
-    is preferred because it was counted before any gene was filtered out.
-    """
-    if "n_counts" not in adata.obs:
-        return None
-    n_counts = pd.to_numeric(adata.obs["n_counts"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(n_counts) | (n_counts < 0) | ((n_counts == 0) & (np.diff(X.indptr) > 0))
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            f"{source}: obs column 'n_counts' is {adata.obs['n_counts'].iloc[first]!r} for cell "
-            f"{adata.obs_names[first]!r} ({int(bad.sum())} such cells); it must be each cell's positive "
-            "total UMI count: fix it or drop the column to use the row sums of X"
-        )
-    return n_counts
-
-
-def as_csr(X: Any, source: str) -> sp.csr_matrix:
-    """``X`` as a CSR matrix: no copy when it already is one, never a dense copy of a sparse one."""
-    if sp.issparse(X):
-        return sp.csr_matrix(X) if X.format != "csr" else X
-    if isinstance(X, np.ndarray):
-        return sp.csr_matrix(X)
-    raise InputError(
-        f"{source}: X is a {type(X).__name__}; load the AnnData into memory (read_h5ad without "
-        "backed=, or adata.to_memory()) so that X is a numpy or scipy.sparse matrix"
-    )
 
 
 # ---- the dictionaries ----
@@ -246,51 +233,30 @@ class GeneDictionaries:
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def derive_dictionaries(adata: ad.AnnData, model_version: str = "V1") -> GeneDictionaries:
-    """A vocabulary and gene medians from ``adata`` itself, for a model trained from scratch.
+def derive_dictionaries(cells: CellCounts, model_version: str = "V1") -> GeneDictionaries:
+    """A vocabulary and gene medians from the cells themselves, for a model trained from scratch.
 
-    The vocabulary is every gene id (``var["ensembl_id"]``, else the var index; "" skipped)
-    with a non-zero count in some cell, after the special tokens of ``model_version``, in
-    column order; columns sharing an id are one gene (their counts summed). A gene's median
-    is Geneformer's: the median, over the cells where the gene is non-zero, of
-    count / n_counts * 10,000.
+    The vocabulary is every gene id (``cells.gene_ids``; "" skipped) with a non-zero count in some
+    cell, after the special tokens of ``model_version``, in column order; columns sharing an id are
+    one gene (their counts summed). A gene's median is Geneformer's: the median, over the cells
+    where the gene is non-zero, of count / n_counts * 10,000, computed exactly from the cells'
+    chunks (``medians``): memory does not grow with the number of cells.
     """
     specials = SPECIAL_TOKENS[check_model_version(model_version)]
-    source = "adata"
-    X = as_csr(adata.X, source)
-    check_raw_counts(X.data, source)
-    n_counts = obs_n_counts(adata, X, source)
-    if n_counts is None:
-        n_counts = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
-    _, ids = var_gene_ids(adata)
+    ids = cells.gene_ids
     named = np.flatnonzero(ids != "")
     codes, genes = pd.factorize(ids[named])  # genes in first-column order
-    if genes.size < X.shape[1]:  # columns without an id, or sharing one: sum the counts per gene
-        X = X @ sp.csr_matrix((np.ones(named.size, dtype=X.dtype), (named, codes)), shape=(X.shape[1], genes.size))
-    by_gene = X.tocsc()
-    medians = _column_medians(by_gene.indptr.astype(np.int64), by_gene.indices, by_gene.data, n_counts)
+    collapse = None
+    if genes.size < ids.size:  # columns without an id, or sharing one: sum the counts per gene
+        collapse = sp.csr_matrix((np.ones(named.size, dtype=np.int64), (named, codes)), shape=(ids.size, genes.size))
+    def by_gene() -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
+        for counts, n_counts in cells.chunks():
+            yield (sp.csr_matrix(counts @ collapse) if collapse is not None else counts), n_counts
+
+    medians = nonzero_medians(by_gene, genes.size)
     expressed = np.flatnonzero(medians > 0)
     if expressed.size == 0:
-        raise InputError(f"{source}: no gene has a non-zero count; cannot derive a vocabulary from it")
+        raise InputError(f"{cells.source}: no gene has a non-zero count; cannot derive a vocabulary from it")
     token = {name: index for index, name in enumerate(specials)}
     token.update({str(gene): len(specials) + i for i, gene in enumerate(genes[expressed])})
     return GeneDictionaries(token, {str(gene): float(medians[i]) for i, gene in zip(expressed, genes[expressed])})
-
-
-@numba.njit(cache=True)
-def _column_medians(indptr, rows, counts, n_counts):  # pragma: no cover - compiled
-    """Per column of a CSC matrix, the median of count / n_counts * 10,000 over its non-zeros (0: none)."""
-    medians = np.zeros(indptr.size - 1)
-    widest = 0
-    for column in range(indptr.size - 1):
-        widest = max(widest, indptr[column + 1] - indptr[column])
-    values = np.empty(widest)
-    for column in range(indptr.size - 1):
-        found = 0
-        for k in range(indptr[column], indptr[column + 1]):
-            if counts[k] > 0:
-                values[found] = (counts[k] / n_counts[rows[k]]) * TARGET_SUM
-                found += 1
-        if found:
-            medians[column] = np.median(values[:found])
-    return medians

@@ -1,52 +1,47 @@
 """Where cells come from: each source turns its inputs into one cached canonical ``.h5ad``.
 
 A source is the ``data.source`` node of the config (``conf/data/*.yaml``). Everything after
-it (dictionaries, tokenizer, store, splits) sees only the canonical AnnData, so a new kind of
-input is one class here plus one YAML file.
+it (dictionaries, tokenizer, store, splits) sees only the canonical AnnData (``canonical``), so a
+new kind of input is one class here plus one YAML file.
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from geneformer_colon.data import ingest, synthetic
+from geneformer_colon.data import h5ad, kul3, synthetic
+from geneformer_colon.data.canonical import write_canonical
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, file_fingerprint
+from geneformer_colon.io import build_once, file_fingerprint, text_fingerprint
 
 log = logging.getLogger(__name__)
 
 # Part of every cached file's key: bump it when the canonical AnnData changes, to rebuild caches.
-CANONICAL_FORMAT = 1
+CANONICAL_FORMAT = 2
+_WRITE_CHUNK_CELLS = 10_000
 
 
 class DataSource(abc.ABC):
-    """Produces the canonical AnnData (see ``ingest``) as an ``.h5ad`` under a cache folder."""
+    """Produces the canonical AnnData as an ``.h5ad`` under a cache folder, once per identity."""
 
     @abc.abstractmethod
     def inputs(self) -> list[Path | None]:
-        """The files the AnnData is made from (their fingerprint names the cached file)."""
+        """The files the AnnData is made from."""
 
     @abc.abstractmethod
     def write_canonical(self, path: Path) -> None:
         """Read the inputs and write the canonical AnnData to ``path``."""
 
-    def h5ad(self, cache_dir: str | Path) -> Path:
-        """Path of the canonical ``.h5ad``, built only when no file of these inputs exists yet."""
-        for path in self.inputs():
-            if path is not None and not path.is_file():
-                raise InputError(f"{path}: input file not found; {self.missing_hint()}")
-        identity = f"{CANONICAL_FORMAT}\0{file_fingerprint(*self.inputs())}\0{self.settings()!r}"
-        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        path = Path(cache_dir) / "ingest" / f"{type(self).__name__.lower()}-{key}.h5ad"
-        if not path.is_file():
-            log.info("ingest: reading %s", ", ".join(str(p) for p in self.inputs() if p is not None))
-            with atomic_path(path) as tmp:
-                self.write_canonical(tmp)
-        return path
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The user's input, as error messages name it (never the cache copy)."""
+
+    def identity(self) -> str:
+        """What the canonical content depends on: the input files (path, size, time) and settings."""
+        return file_fingerprint(*self.inputs()) + repr(self.settings())
 
     def settings(self) -> tuple:
         """Options that change the canonical content for the same input files."""
@@ -55,6 +50,24 @@ class DataSource(abc.ABC):
     def missing_hint(self) -> str:
         return "check the data config"
 
+    def check_inputs(self) -> None:
+        for path in self.inputs():
+            if path is not None and not path.is_file():
+                raise InputError(f"{path}: input file not found; {self.missing_hint()}")
+
+    def canonical(self, cache_dir: str | Path) -> Path:
+        """Path of the canonical ``.h5ad``, built only when no file of this identity exists yet.
+
+        Two processes asking at once build it once (a lock); a build killed half-way leaves no
+        file at the final name, and its leftovers are removed by the next build.
+        """
+        self.check_inputs()
+        key = text_fingerprint(CANONICAL_FORMAT, self.identity())
+        path = Path(cache_dir) / "ingest" / f"{type(self).__name__.lower()}-{key}.h5ad"
+        if build_once(path, self.write_canonical):
+            log.info("ingest: %s -> %s", self.describe(), path)
+        return path
+
 
 @dataclass
 class KUL3Source(DataSource):
@@ -62,8 +75,8 @@ class KUL3Source(DataSource):
 
     data_dir: str
     gene_map: str | None = None
-    matrix_file: str = synthetic.MATRIX_FILE
-    annotation_file: str = synthetic.ANNOTATION_FILE
+    matrix_file: str = kul3.MATRIX_FILE
+    annotation_file: str = kul3.ANNOTATION_FILE
 
     def inputs(self) -> list[Path | None]:
         root = Path(self.data_dir)
@@ -71,7 +84,12 @@ class KUL3Source(DataSource):
 
     def write_canonical(self, path: Path) -> None:
         matrix, annotation, gene_map = self.inputs()
-        ingest.read_kul3(matrix, annotation, gene_map=gene_map).write_h5ad(path)
+        adata = kul3.read_kul3(matrix, annotation, gene_map=gene_map)
+        chunks = (adata.X[start : start + _WRITE_CHUNK_CELLS] for start in range(0, adata.n_obs, _WRITE_CHUNK_CELLS))
+        write_canonical(path, chunks, adata.n_vars, adata.obs, adata.var)
+
+    def describe(self) -> str:
+        return str(Path(self.data_dir) / self.matrix_file)
 
     def missing_hint(self) -> str:
         return (
@@ -83,21 +101,38 @@ class KUL3Source(DataSource):
 
 @dataclass
 class SyntheticKUL3Source(KUL3Source):
-    """A synthetic KUL3 look-alike in the real GEO format, generated on first use."""
+    """A synthetic KUL3 look-alike in the real GEO format, generated on first use.
+
+    Its identity is its generator settings, not its files' times: regenerating the same
+    cohort reuses the caches built from it.
+    """
 
     n_cells: int = 3000
     n_genes: int = 2000
     seed: int = 0
+    donor_shift: float = 1.0
 
     def __post_init__(self) -> None:
-        self.data_dir = str(Path(self.data_dir) / f"cells{self.n_cells}-genes{self.n_genes}-seed{self.seed}")
+        name = f"cells{self.n_cells}-genes{self.n_genes}-seed{self.seed}"
+        if self.donor_shift != 1.0:
+            name += f"-shift{self.donor_shift:g}"
+        self.data_dir = str(Path(self.data_dir) / name)
         self.gene_map = str(Path(self.data_dir) / synthetic.GENE_TABLE_FILE)
 
-    def h5ad(self, cache_dir: str | Path) -> Path:
-        if not all(path.is_file() for path in self.inputs() if path is not None):
-            log.info("synthetic KUL3: writing %d cells x %d genes to %s", self.n_cells, self.n_genes, self.data_dir)
-            synthetic.write_synthetic_kul3(self.data_dir, n_cells=self.n_cells, n_genes=self.n_genes, seed=self.seed)
-        return super().h5ad(cache_dir)
+    def identity(self) -> str:
+        return repr((synthetic.GENERATOR_VERSION, self.n_cells, self.n_genes, self.seed, self.donor_shift))
+
+    def check_inputs(self) -> None:
+        done = self.inputs()[0]
+        if build_once(Path(self.data_dir), self._generate, done=lambda _: done.is_file()):
+            log.info("synthetic KUL3: wrote %d cells x %d genes to %s", self.n_cells, self.n_genes, self.data_dir)
+
+    def _generate(self, directory: Path) -> None:
+        synthetic.write_synthetic_kul3(directory, n_cells=self.n_cells, n_genes=self.n_genes, seed=self.seed,
+                                       donor_shift=self.donor_shift)
+
+    def describe(self) -> str:
+        return f"synthetic KUL3 ({self.data_dir})"
 
 
 @dataclass
@@ -107,7 +142,7 @@ class H5adSource(DataSource):
     path: str
     donor_key: str = "donor"
     label_key: str = "label"
-    cell_type_key: str = "cell_type"
+    cell_type_key: str | None = "cell_type"
     sample_key: str | None = None
     ensembl_key: str | None = "ensembl_id"
     layer: str | None = None
@@ -119,15 +154,12 @@ class H5adSource(DataSource):
         return (self.donor_key, self.label_key, self.cell_type_key, self.sample_key, self.ensembl_key, self.layer)
 
     def write_canonical(self, path: Path) -> None:
-        ingest.read_h5ad(
-            self.path,
-            donor_key=self.donor_key,
-            label_key=self.label_key,
-            cell_type_key=self.cell_type_key,
-            sample_key=self.sample_key,
-            ensembl_key=self.ensembl_key,
-            layer=self.layer,
-        ).write_h5ad(path)
+        h5ad.h5ad_to_canonical(self.path, path, donor_key=self.donor_key, label_key=self.label_key,
+                               cell_type_key=self.cell_type_key, sample_key=self.sample_key,
+                               ensembl_key=self.ensembl_key, layer=self.layer)
+
+    def describe(self) -> str:
+        return str(self.path)
 
     def missing_hint(self) -> str:
         return "set data.source.path to your .h5ad file"

@@ -2,13 +2,15 @@
 
 Layout of one store directory::
 
-    tokens.npy    flat array of every cell's token ids, one cell after another
+    tokens.bin    every cell's token ids, one cell after another (raw, dtype in meta.json)
     offsets.npy   int64, n_cells + 1: cell i is tokens[offsets[i]:offsets[i + 1]]
     cells.csv     per cell: cell_id, donor, label, cell_type, sample, length
     meta.json     the key's ingredients, vocabulary size, special token ids, dropped cells
 
-The directory name is a hash of the input file, the dictionaries and the tokenizer settings,
-so a change in any of them builds a new store and an unchanged input reuses the old one.
+The directory name is a hash of the canonical input, the dictionaries and the tokenizer
+settings, so a change in any of them builds a new store and an unchanged input reuses the old
+one. The build reads the input a chunk of cells at a time and appends each chunk's tokens, so
+its memory does not grow with the number of cells; the result does not depend on the chunk size.
 """
 
 from __future__ import annotations
@@ -17,23 +19,22 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
+from geneformer_colon.data.canonical import OBS_COLUMNS
+from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import GeneDictionaries
-from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_cells
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
+from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adCounts
+from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_chunks
+from geneformer_colon.io import build_once
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
-CELL_COLUMNS = ("donor", "label", "cell_type", "sample")
+STORE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,18 @@ class TokenStore:
     @classmethod
     def open(cls, directory: str | Path) -> TokenStore:
         directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        tokens_file = directory / "tokens.bin"
+        tokens = (np.memmap(tokens_file, dtype=meta["dtype"], mode="r") if tokens_file.stat().st_size
+                  else np.zeros(0, dtype=meta["dtype"]))
         return cls(
             directory=directory,
-            tokens=np.load(directory / "tokens.npy", mmap_mode="r"),
+            tokens=tokens,
             offsets=np.load(directory / "offsets.npy"),
             cells=pd.read_csv(directory / "cells.csv", dtype=str, keep_default_na=False).assign(
                 length=lambda frame: frame["length"].astype(np.int64)
             ),
-            meta=json.loads((directory / "meta.json").read_text()),
+            meta=meta,
         )
 
     def __len__(self) -> int:
@@ -66,84 +71,73 @@ class TokenStore:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def source(self) -> str:
+        """The user's input the store was made from (what error messages name)."""
+        return str(self.meta["source"])
+
     def cell_tokens(self, index: int) -> np.ndarray:
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]
 
 
-def store_key(input_fingerprint: str, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> str:
-    """Hash of everything a store's content depends on."""
+def store_key(canonical: Path, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> str:
+    """Hash of everything a store's content depends on (the canonical file's name is its input's identity)."""
     digest = hashlib.sha256()
-    for part in (
-        f"format={STORE_FORMAT}",
-        input_fingerprint,
-        dictionaries.fingerprint(),
-        json.dumps(asdict(settings), sort_keys=True),
-    ):
+    for part in (f"format={STORE_FORMAT}", canonical.name, dictionaries.fingerprint(),
+                 json.dumps(asdict(settings), sort_keys=True)):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def build_store(
-    adata: ad.AnnData, dictionaries: GeneDictionaries, settings: TokenizerSettings, directory: Path, source: str
-) -> None:
-    """Tokenize ``adata`` and write a store at ``directory`` (atomically)."""
-    missing = [column for column in CELL_COLUMNS if column not in adata.obs]
-    if missing:
-        raise InputError(
-            f"{source}: obs lacks {missing}; read the data through data=kul3|h5ad|synthetic, "
-            "which writes donor, label, cell_type and sample"
-        )
-    tokenized = tokenize_cells(adata, dictionaries, settings, source=source)
-    lengths = tokenized.lengths
+def build_store(canonical: Path, source: str, dictionaries: GeneDictionaries, settings: TokenizerSettings,
+                directory: Path, chunk_cells: int = CHUNK_CELLS) -> None:
+    """Tokenize the canonical AnnData at ``canonical`` into a store at ``directory``, chunk by chunk."""
+    cells = CellCounts.from_canonical(canonical, source, chunk_cells=chunk_cells)
+    lengths = []
+    n_empty = 0
+    dtype = None
+    directory.mkdir(parents=True)
+    with open(directory / "tokens.bin", "wb") as tokens_file:
+        for part in tokenize_chunks(cells, dictionaries, settings):
+            part.tokens.tofile(tokens_file)
+            lengths.append(part.lengths)
+            n_empty += part.n_empty
+            dtype = part.tokens.dtype
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     keep = lengths > 0
-    offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
-    cells = adata.obs.loc[keep, list(CELL_COLUMNS)].astype(str)
-    cells.insert(0, "cell_id", adata.obs_names[keep].astype(str))
-    cells["length"] = lengths[keep]
+    offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(lengths[keep], out=offsets[1:])
+    with H5adCounts(canonical) as file:
+        obs = file.obs
+    table = obs.loc[keep, list(OBS_COLUMNS)].astype(str)
+    table.insert(0, "cell_id", obs.index[keep].astype(str))
+    table["length"] = lengths[keep]
     meta = {
         "format": STORE_FORMAT,
         "source": source,
         "settings": asdict(settings),
         "input_size": settings.resolved_input_size,
         "vocab_size": len(dictionaries.token),
+        "dtype": np.dtype(dtype or np.uint16).name,
         "special_tokens": {name: dictionaries.token[name] for name in dictionaries.token if name.startswith("<")},
         "n_cells": int(keep.sum()),
-        "n_dropped_empty": int(tokenized.n_empty),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "n_dropped_empty": int(n_empty),
     }
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        np.save(tmp / "tokens.npy", tokenized.tokens)
-        np.save(tmp / "offsets.npy", offsets)
-        cells.to_csv(tmp / "cells.csv", index=False)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    np.save(directory / "offsets.npy", offsets)
+    table.to_csv(directory / "cells.csv", index=False)
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def open_or_build_store(
-    root: str | Path,
-    input_path: str | Path,
-    input_fingerprint: str,
-    load_adata: Callable[[], ad.AnnData],
-    dictionaries: GeneDictionaries,
-    settings: TokenizerSettings,
-) -> TokenStore:
-    """Open the store for these inputs under ``root``, building it first if it does not exist.
-
-    ``load_adata`` is only called when a build is needed, so a cached store costs no read
-    of the expression matrix.
-    """
-    directory = Path(root) / store_key(input_fingerprint, dictionaries, settings)
-    if (directory / "meta.json").is_file():
-        log.info("token store: reusing %s", directory)
-    else:
-        started = time.perf_counter()
-        build_store(load_adata(), dictionaries, settings, directory, source=str(input_path))
+def open_or_build_store(root: str | Path, canonical: Path, source: str, dictionaries: GeneDictionaries,
+                        settings: TokenizerSettings) -> TokenStore:
+    """Open the store of these inputs under ``root``, building it first (once, under a lock) if needed."""
+    directory = Path(root) / store_key(canonical, dictionaries, settings)
+    started = time.perf_counter()
+    if build_once(directory, lambda tmp: build_store(canonical, source, dictionaries, settings, tmp),
+                  done=lambda path: (path / "meta.json").is_file()):
         log.info("token store: built %s in %.1f s", directory, time.perf_counter() - started)
     store = TokenStore.open(directory)
     if store.meta["n_dropped_empty"]:
-        log.warning(
-            "%s: %d cells have no gene in the vocabulary and were dropped",
-            input_path,
-            store.meta["n_dropped_empty"],
-        )
+        log.warning("%s: %d cells have no gene in the vocabulary and were dropped", source,
+                    store.meta["n_dropped_empty"])
     return store

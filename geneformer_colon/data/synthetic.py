@@ -25,23 +25,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.data.kul3 import (
+    ANNOTATION_FILE,
+    CELL_TYPES,
+    CLASSES,
+    DONORS,
+    MATRIX_FILE,
+)
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 
-DONORS = ("KUL01", "KUL19", "KUL21", "KUL28", "KUL30", "KUL31")
-CLASSES = ("Normal", "Border", "Tumor")
-CELL_TYPES = (
-    "B cells",
-    "Epithelial cells",
-    "Mast cells",
-    "Myeloids",
-    "Stromal cells",
-    "T cells",
-)
-MATRIX_FILE = "GSE144735_processed_KUL3_CRC_10X_raw_UMI_count_matrix.txt.gz"
-ANNOTATION_FILE = "GSE144735_processed_KUL3_CRC_10X_annotation.txt.gz"
+# Bump when the generator's output changes for the same settings (it is part of cache keys).
+GENERATOR_VERSION = 2
 GENE_TABLE_FILE = "gene_ids.tsv"
-ANNOTATION_COLUMNS = ("Index", "Patient", "Class", "Sample", "Cell_type", "Cell_subtype")
 
 # The real cohort's size and depth: genes detected per cell span 200-6,000, mean ~3,700.
 _FULL_GENES = 33_694
@@ -84,7 +80,8 @@ class SyntheticKUL3(NamedTuple):
     ensembl_ids: list[str]  # "" where the symbol has no Ensembl id
 
 
-def generate_counts(n_cells: int = 3000, n_genes: int = 2000, seed: int = 0) -> SyntheticKUL3:
+def generate_counts(n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, donor_shift: float = 1.0
+                    ) -> SyntheticKUL3:
     """Draw a synthetic KUL3 cohort: CSR int32 counts (cells x genes), annotation, gene ids.
 
     Deterministic per seed. Full size (27,414 x 33,694, ~100M non-zeros) takes ~15 s on two
@@ -95,7 +92,7 @@ def generate_counts(n_cells: int = 3000, n_genes: int = 2000, seed: int = 0) -> 
     if n_genes < 100:
         raise InputError(f"--genes {n_genes}: need at least 100 genes")
     rng = np.random.default_rng(seed)
-    genes = _gene_model(rng, n_genes)
+    genes = _gene_model(rng, n_genes, donor_shift)
     donor, klass, ctype = _cell_design(rng, n_cells)
     programme = _programme_strength(rng, klass, ctype)
 
@@ -148,14 +145,14 @@ class _Genes(NamedTuple):
     ensembl_ids: list[str]
 
 
-def _gene_model(rng: np.random.Generator, n_genes: int) -> _Genes:
+def _gene_model(rng: np.random.Generator, n_genes: int, donor_shift: float) -> _Genes:
     base = rng.normal(0.0, 1.6, n_genes)
     type_effect = rng.normal(0.0, 0.25, (len(CELL_TYPES), n_genes))
     n_markers = max(5, n_genes // 25)
     for t in range(len(CELL_TYPES)):
         markers = rng.choice(n_genes, n_markers, replace=False)
         type_effect[t, markers] += rng.uniform(1.5, 3.0, n_markers)
-    donor_effect = rng.normal(0.0, 1.0, (len(DONORS), n_genes)) * _DONOR_GENE_SIGMA[:, None]
+    donor_effect = rng.normal(0.0, 1.0, (len(DONORS), n_genes)) * _DONOR_GENE_SIGMA[:, None] * donor_shift
     # The programme sits on genes expressed well enough to be seen.
     n_programme = max(10, n_genes // 30)
     expressed = np.argsort(base)[n_genes // 2 :]
@@ -328,14 +325,14 @@ _GENE_BLOCK = 256
 
 
 def write_synthetic_kul3(
-    out_dir: str | Path, n_cells: int = 3000, n_genes: int = 2000, seed: int = 0
+    out_dir: str | Path, n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, donor_shift: float = 1.0
 ) -> dict[str, Path]:
     """Write a synthetic cohort as the two GEO files plus a symbol -> Ensembl id table.
 
     Returns the paths under the keys ``matrix``, ``annotation`` and ``gene_table``.
     """
     out_dir = Path(out_dir)
-    cohort = generate_counts(n_cells, n_genes, seed)
+    cohort = generate_counts(n_cells, n_genes, seed, donor_shift)
     paths = {
         "matrix": out_dir / MATRIX_FILE,
         "annotation": out_dir / ANNOTATION_FILE,

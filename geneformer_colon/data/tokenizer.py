@@ -29,16 +29,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.data.canonical import TARGET_SUM
+from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import (
-    TARGET_SUM,
     DictSource,
     GeneDictionaries,
-    as_csr,
     check_model_version,
-    check_raw_counts,
-    obs_n_counts,
     special_token_ids,
-    var_gene_ids,
 )
 from geneformer_colon.errors import InputError
 
@@ -110,10 +107,8 @@ class _GenePlan:
     shared: np.ndarray  # per gene: it has several columns
 
 
-def _gene_plan(
-    adata: ad.AnnData, dictionaries: GeneDictionaries, settings: TokenizerSettings, source: str
-) -> _GenePlan:
-    field, raw_ids = var_gene_ids(adata)
+def _gene_plan(cells: CellCounts, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> _GenePlan:
+    field, raw_ids, source = cells.gene_field, cells.gene_ids, cells.source
     token, median, mapping = dictionaries.token, dictionaries.median, dictionaries.mapping
     ids = raw_ids.tolist() if mapping is None else [mapping.get(gene_id.upper()) for gene_id in raw_ids]
     kept = np.flatnonzero([gene_id in token and gene_id in median for gene_id in ids])
@@ -385,49 +380,53 @@ def _compact(out, offsets, lengths):  # pragma: no cover - compiled
     return position
 
 
-def tokenize_cells(
-    adata: ad.AnnData, dictionaries: GeneDictionaries, settings: TokenizerSettings, source: str = "adata"
-) -> TokenizedCells:
-    """Rank-value encode every cell of ``adata`` (obs order); ``source`` names the input in errors.
+@dataclass(frozen=True)
+class _Encoding:
+    """What every chunk of one tokenization shares: the gene plan, the frame tokens, the token dtype."""
 
-    A cell with no vocabulary gene gets no token at all (not even ``<cls>``/``<eos>``); their
-    number is ``n_empty``.
-    """
-    X = as_csr(adata.X, source)
-    check_raw_counts(X.data, source)
-    plan = _gene_plan(adata, dictionaries, settings, source)
-    n_counts = obs_n_counts(adata, X, source)
-    special = special_token_ids(dictionaries.token, settings.model_version)
-    frame = [special[name] for name in FRAME_TOKENS[settings.model_version]]
-    first, last = frame if frame else (-1, -1)
-    dtype = np.uint16 if max(plan.token.max(), first, last) < 1 << 16 else np.int32
-    # Room for each cell's tokens by its number of non-zeros; filled, then compacted.
-    row_nnz = np.diff(X.indptr)
-    room = np.where(row_nnz > 0, np.minimum(row_nnz, settings.gene_budget) + len(frame), 0)
-    offsets = np.zeros(X.shape[0] + 1, dtype=np.int64)
-    np.cumsum(room, out=offsets[1:])
-    tokens = np.empty(int(offsets[-1]), dtype=dtype)
-    lengths = np.zeros(X.shape[0], dtype=np.int64)
-    gene_tokens = plan.token.astype(dtype)
-    threads = numba.get_num_threads()
-    with ThreadPoolExecutor(threads) as pool:  # the kernel releases the GIL
+    plan: _GenePlan
+    first: int
+    last: int
+    n_frame: int
+    dtype: type
+    gene_budget: int
+
+    @classmethod
+    def of(cls, cells: CellCounts, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> _Encoding:
+        plan = _gene_plan(cells, dictionaries, settings)
+        special = special_token_ids(dictionaries.token, settings.model_version)
+        frame = [special[name] for name in FRAME_TOKENS[settings.model_version]]
+        first, last = frame if frame else (-1, -1)
+        dtype = np.uint16 if max(plan.token.max(), first, last) < 1 << 16 else np.int32
+        return cls(plan, first, last, len(frame), dtype, settings.gene_budget)
+
+    def encode(self, X: sp.csr_matrix, n_counts: np.ndarray, pool: ThreadPoolExecutor, threads: int
+               ) -> TokenizedCells:
+        """The tokens of the cells of ``X`` (room by each cell's non-zeros; filled, then compacted)."""
+        row_nnz = np.diff(X.indptr)
+        room = np.where(row_nnz > 0, np.minimum(row_nnz, self.gene_budget) + self.n_frame, 0)
+        offsets = np.zeros(X.shape[0] + 1, dtype=np.int64)
+        np.cumsum(room, out=offsets[1:])
+        tokens = np.empty(int(offsets[-1]), dtype=self.dtype)
+        lengths = np.zeros(X.shape[0], dtype=np.int64)
+        gene_tokens = self.plan.token.astype(self.dtype)
         for start, indptr, indices, data in _chunks(X):
             n_cells = indptr.size - 1
-            cells_n_counts = np.empty(0) if n_counts is None else n_counts[start : start + n_cells]
+            cells_n_counts = n_counts[start : start + n_cells]
             pieces = [
                 pool.submit(
                     _rank_cells,
                     indptr[low : high + 1],
                     indices,
                     data,
-                    plan.column_gene,
+                    self.plan.column_gene,
                     gene_tokens,
-                    plan.median,
-                    plan.shared,
+                    self.plan.median,
+                    self.plan.shared,
                     cells_n_counts[low:high],
-                    settings.gene_budget,
-                    first,
-                    last,
+                    self.gene_budget,
+                    self.first,
+                    self.last,
                     offsets[start + low : start + high],
                     tokens,
                     lengths[start + low : start + high],
@@ -436,10 +435,35 @@ def tokenize_cells(
             ]
             for piece in pieces:
                 piece.result()
-    if not np.array_equal(lengths, room):
-        tokens.resize(_compact(tokens, offsets, lengths), refcheck=False)
-        np.cumsum(lengths, out=offsets[1:])
-    return TokenizedCells(tokens, offsets, int((lengths == 0).sum()))
+        if not np.array_equal(lengths, room):
+            tokens.resize(_compact(tokens, offsets, lengths), refcheck=False)
+            np.cumsum(lengths, out=offsets[1:])
+        return TokenizedCells(tokens, offsets, int((lengths == 0).sum()))
+
+
+def tokenize_chunks(cells: CellCounts, dictionaries: GeneDictionaries, settings: TokenizerSettings
+                    ) -> Iterator[TokenizedCells]:
+    """Rank-value encode the cells chunk by chunk (cell order), one :class:`TokenizedCells` a chunk.
+
+    A cell with no vocabulary gene gets no token at all (not even ``<cls>``/``<eos>``).
+    """
+    encoding = _Encoding.of(cells, dictionaries, settings)
+    threads = numba.get_num_threads()
+    with ThreadPoolExecutor(threads) as pool:  # the kernel releases the GIL
+        for X, n_counts in cells.chunks():
+            yield encoding.encode(X, n_counts, pool, threads)
+
+
+def tokenize_cells(cells: CellCounts, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> TokenizedCells:
+    """Every cell's tokens in one :class:`TokenizedCells` (cell order); ``n_empty`` counts cells left empty."""
+    parts = list(tokenize_chunks(cells, dictionaries, settings))
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.concatenate([part.lengths for part in parts]) if parts else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate([part.tokens for part in parts]) if parts else np.zeros(0, np.uint16)
+    return TokenizedCells(tokens, offsets, sum(part.n_empty for part in parts))
 
 
 def tokenize_anndata(
@@ -456,7 +480,7 @@ def tokenize_anndata(
     ``ensembl_mapping_dict``. A cell left with no vocabulary gene gets an empty array.
     """
     dictionaries = GeneDictionaries.load(token_dictionary, gene_median_dictionary, gene_mapping)
-    cells = tokenize_cells(adata, dictionaries, TokenizerSettings(model_version, input_size))
+    cells = tokenize_cells(CellCounts.from_anndata(adata), dictionaries, TokenizerSettings(model_version, input_size))
     if cells.n_empty:
         log.warning(
             "%d of %d cells have no gene in the vocabulary: their token arrays are empty", cells.n_empty, len(cells)

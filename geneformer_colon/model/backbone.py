@@ -1,58 +1,84 @@
 """The Geneformer encoder: build or load a BERT, pool it to one vector per cell, classify it.
 
-A released Geneformer checkpoint is a ``BertForMaskedLM``; only its encoder (``bert.*``) is
-used here, the masked-language-model head is dropped and the classifier head starts fresh.
+``model.encoder`` in the config names how the BERT is made, by its ``_target_``:
+:func:`new_bert` (random weights of a given shape) or :func:`pretrained_bert` (a Geneformer
+checkpoint). Either is called with the :class:`Vocabulary` the data gives. A released Geneformer
+checkpoint is a ``BertForMaskedLM``; only its encoder (``bert.*``) is used here, the
+masked-language-model head is dropped and the classifier head starts fresh.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import AutoConfig, BertConfig, BertModel, PretrainedConfig
 
+from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.errors import InputError
 
 Pooling = Literal["cls", "mean"]
 
 
-def build_bert(
-    vocab_size: int,
-    num_hidden_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    intermediate_size: int,
-    max_position_embeddings: int,
-    pad_token_id: int = 0,
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a BERT must fit: the token dictionary's size and ``<pad>`` id, and the longest input."""
+
+    size: int
+    pad_token_id: int
+    input_size: int
+    dictionaries: GeneDictionaries | None = None
+
+
+def new_bert(
+    vocabulary: Vocabulary,
+    num_hidden_layers: int = 6,
+    hidden_size: int = 256,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 512,
     hidden_act: str = "relu",
     hidden_dropout_prob: float = 0.02,
     attention_probs_dropout_prob: float = 0.02,
     layer_norm_eps: float = 1e-12,
+    max_position_embeddings: int | None = None,
     seed: int = 0,
 ) -> BertModel:
     """A randomly initialised BERT encoder of Geneformer's shape (defaults are Geneformer V1's).
 
-    The initialisation depends on ``seed`` only: the global torch RNG is neither read nor advanced.
+    Positions: ``max_position_embeddings``, by default the vocabulary's input size. The
+    initialisation depends on ``seed`` only: the global torch RNG is neither read nor advanced.
     """
     config = BertConfig(
-        vocab_size=vocab_size,
+        vocab_size=vocabulary.size,
         num_hidden_layers=num_hidden_layers,
         hidden_size=hidden_size,
         num_attention_heads=num_attention_heads,
         intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=pad_token_id,
+        max_position_embeddings=max_position_embeddings or vocabulary.input_size,
+        pad_token_id=vocabulary.pad_token_id,
         hidden_act=hidden_act,
         hidden_dropout_prob=hidden_dropout_prob,
         attention_probs_dropout_prob=attention_probs_dropout_prob,
         layer_norm_eps=layer_norm_eps,
-        attn_implementation="sdpa",
     )
+    if hidden_size % num_attention_heads:
+        raise InputError(f"model.encoder.hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                         f"{num_attention_heads}; choose sizes that divide")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BertModel(config, add_pooling_layer=False)
+        bert = bert_from_config(config.to_dict())
+    check_vocabulary(bert.config, vocabulary, "model.encoder")
+    return bert
+
+
+def bert_from_config(config: dict[str, Any]) -> BertModel:
+    """A BERT encoder of a saved shape (``BertConfig.to_dict()``), random weights, SDPA attention."""
+    settings = {key: value for key, value in config.items() if not key.startswith("_")}
+    return BertModel(BertConfig(**settings, attn_implementation="sdpa"), add_pooling_layer=False)
 
 
 def _unloadable(source: str, error: Exception) -> InputError:
@@ -65,22 +91,25 @@ def _unloadable(source: str, error: Exception) -> InputError:
     )
 
 
-def load_pretrained_bert(
-    name_or_path: str | os.PathLike[str],
+def pretrained_bert(
+    vocabulary: Vocabulary,
+    pretrained: str | os.PathLike[str],
     subfolder: str | None = None,
     revision: str | None = None,
+    seed: int = 0,
 ) -> BertModel:
     """The encoder of a Geneformer checkpoint (hub id or local directory), in float32 with SDPA.
 
     Works for checkpoints saved as ``BertForMaskedLM``, ``BertForSequenceClassification`` or
     ``BertModel``, in safetensors or ``pytorch_model.bin``: task heads are ignored. A checkpoint
     that leaves any encoder weight uninitialised is refused rather than silently trained from
-    random weights.
+    random weights, and so is one whose vocabulary does not fit the dictionaries in use or whose
+    directory holds other dictionaries than those (``seed`` is unused: the weights are loaded).
     """
-    source = f"{name_or_path}" + (f" (subfolder {subfolder})" if subfolder else "")
+    source = f"{pretrained}" + (f" (subfolder {subfolder})" if subfolder else "")
     hub_kwargs = {"subfolder": subfolder or "", "revision": revision or "main"}
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+        config = AutoConfig.from_pretrained(pretrained, **hub_kwargs)
     except (OSError, ValueError) as error:  # ValueError: a config.json without a known model_type
         raise _unloadable(source, error) from None
     if config.model_type != "bert":
@@ -88,9 +117,11 @@ def load_pretrained_bert(
             f"{source}: model_type is {config.model_type!r}, not 'bert'; "
             "point the model at a Geneformer checkpoint (a BERT)"
         )
+    check_vocabulary(config, vocabulary, source)
+    check_own_dictionaries(Path(pretrained) / (subfolder or ""), vocabulary, source)
     try:
         model, info = BertModel.from_pretrained(
-            name_or_path,
+            pretrained,
             config=config,
             add_pooling_layer=False,
             attn_implementation="sdpa",
@@ -110,33 +141,40 @@ def load_pretrained_bert(
     return model.train()  # from_pretrained leaves it in eval mode: dropout would stay off in training
 
 
-def check_vocabulary(
-    config: PretrainedConfig,
-    vocab_size: int,
-    pad_token_id: int,
-    input_size: int,
-    source: str,
-) -> None:
+def check_own_dictionaries(directory: Path, vocabulary: Vocabulary, source: str) -> None:
+    """A checkpoint directory that carries its token dictionary (pretrain.py's, an export) must be used with it."""
+    own = directory / "token_dictionary.pkl"
+    if vocabulary.dictionaries is None or not own.is_file():
+        return
+    median = directory / "gene_median_dictionary.pkl"
+    theirs = GeneDictionaries.load(own, median) if median.is_file() else None
+    ours = vocabulary.dictionaries
+    if theirs is None or theirs.token != ours.token or theirs.median != ours.median:
+        raise InputError(
+            f"{source}: its token_dictionary.pkl and gene_median_dictionary.pkl differ from the dictionaries this run "
+            "tokenizes with; set model.tokenizer.token_dictionary and gene_median_dictionary to the files in that "
+            "directory (model=pretrained does)"
+        )
+
+
+def check_vocabulary(config: PretrainedConfig, vocabulary: Vocabulary, source: str) -> None:
     """Refuse a model whose vocabulary or positions do not fit the tokenizer's dictionaries.
 
     A model whose config has no pad id is accepted: only the attention mask excludes padding.
     """
     problems = []
-    if config.vocab_size != vocab_size:
+    if config.vocab_size != vocabulary.size:
+        problems.append(f"vocab_size {config.vocab_size} != token dictionary size {vocabulary.size}")
+    if config.pad_token_id is not None and config.pad_token_id != vocabulary.pad_token_id:
+        problems.append(f"pad_token_id {config.pad_token_id} != dictionary <pad> id {vocabulary.pad_token_id}")
+    if vocabulary.input_size > config.max_position_embeddings:
         problems.append(
-            f"vocab_size {config.vocab_size} != token dictionary size {vocab_size}"
-        )
-    if config.pad_token_id is not None and config.pad_token_id != pad_token_id:
-        problems.append(f"pad_token_id {config.pad_token_id} != dictionary <pad> id {pad_token_id}")
-    if input_size > config.max_position_embeddings:
-        problems.append(
-            f"input size {input_size} > max_position_embeddings {config.max_position_embeddings}"
-        )
+            f"input size {vocabulary.input_size} > max_position_embeddings {config.max_position_embeddings}")
     if problems:
         raise InputError(
             f"{source}: model does not match the token dictionary: {'; '.join(problems)}; use the "
             "model with its own dictionaries (model=geneformer_v1 with the *_gc30M dictionaries, "
-            "model=geneformer_v2 with the *_gc104M dictionaries)"
+            "model=geneformer_v2 with the *_gc104M dictionaries, model=pretrained with the directory's own)"
         )
 
 

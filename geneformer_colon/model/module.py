@@ -3,6 +3,10 @@
 Training step: mask gene tokens -> encode -> pool to a cell embedding -> mix up embeddings
 and soft targets -> head -> loss. Evaluation steps: no masking, no mixup; metrics and each
 cell's class probabilities are kept for the run's prediction files.
+
+The module is built from plain settings only, all saved as the checkpoint's hyper-parameters:
+``CellClassifier.load_from_checkpoint(best.ckpt)`` rebuilds it with no other argument (the
+encoder's shape from ``bert_config``, its weights from the checkpoint).
 """
 
 from __future__ import annotations
@@ -10,16 +14,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertModel
 
+from geneformer_colon.config import instantiate_trusted
 from geneformer_colon.model.augment import BatchAugment
-from geneformer_colon.model.backbone import CellEncoder, ClassifierHead
-from geneformer_colon.report.metrics import ClassificationMetrics
+from geneformer_colon.model.backbone import CellEncoder, ClassifierHead, bert_from_config
+from geneformer_colon.model.losses import FocalLoss
+from geneformer_colon.model.metrics import ClassificationMetrics
+from geneformer_colon.rundir import EVAL_SPLITS, VAL
 
-EVAL_SPLITS = ("val", "test")
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 5.0e-5, "weight_decay": 0.01}
+DEFAULT_SCHEDULER = {"_target_": "geneformer_colon.model.schedules.warmup_schedule", "name": "linear",
+                     "warmup_ratio": 0.1}
+_WHERE = "the model's settings (checkpoint hyper-parameters)"
 
 
 def _decayed(name: str) -> bool:
@@ -27,58 +39,73 @@ def _decayed(name: str) -> bool:
     return not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
 
 
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (seed, epoch, batch, rank)."""
+    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 class CellClassifier(pl.LightningModule):
     """Classifies cells; logs ``val/...`` and ``test/...`` metrics every epoch.
 
     After an evaluation epoch, ``results[split]`` holds the metrics, the confusion matrix and
-    every cell's (store position, true class, probabilities) for the run's files.
+    every cell's (store position, true class, probabilities; embedding when ``keep_embeddings``).
+
+    ``bert_config``: the encoder's ``BertConfig`` as a dict; ``bert``: the encoder itself when
+    the caller has one (pretrained weights), else one of that shape is built. ``loss``,
+    ``augment``, ``optimizer`` and ``scheduler`` are config nodes with a ``_target_`` (the
+    optimizer and scheduler are instantiated as partials in ``configure_optimizers``).
+    ``tokenizer``: the model version and input size the cells were tokenized with.
     """
 
     def __init__(
         self,
-        encoder: CellEncoder,
-        head: ClassifierHead,
-        loss: nn.Module,
-        augment: BatchAugment,
+        bert_config: dict[str, Any],
         class_names: Sequence[str],
         special_token_ids: dict[str, int],
-        lr: float,
-        weight_decay: float = 0.01,
-        betas: Sequence[float] = (0.9, 0.999),
-        warmup_ratio: float = 0.1,
+        tokenizer: dict[str, Any] | None = None,
+        pooling: str = "mean",
+        head_dropout: float = 0.1,
+        freeze_layers: int = 0,
+        loss: dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
         seed: int = 0,
+        bert: BertModel | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.head = head
-        self.loss = loss
-        self.augment = augment
+        self.save_hyperparameters(ignore=["bert"], logger=False)
         self.class_names = list(class_names)
+        self.encoder = CellEncoder(bert if bert is not None else bert_from_config(bert_config), pooling=pooling,
+                                   freeze_layers=freeze_layers)
+        self.head = ClassifierHead(self.encoder.hidden_size, len(self.class_names), dropout=head_dropout)
+        self.loss = instantiate_trusted(loss, _WHERE, class_names=self.class_names) if loss else \
+            FocalLoss(self.class_names)
+        self.augment = instantiate_trusted(augment, _WHERE) if augment else BatchAugment()
         self.mask_token_id = special_token_ids["<mask>"]
         self.protected_token_ids = sorted(
             special_token_ids[name] for name in ("<pad>", "<cls>", "<eos>") if name in special_token_ids
         )
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
-        self.warmup_ratio = warmup_ratio
         self.seed = seed
         self.metrics = nn.ModuleDict({split: ClassificationMetrics(self.class_names) for split in EVAL_SPLITS})
         self.epoch_history: list[dict[str, float]] = []
         self.results: dict[str, dict[str, Any]] = {}
+        self.keep_embeddings = False
         self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {split: [] for split in EVAL_SPLITS}
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled cell embedding the head sees."""
+        return self.encoder(input_ids, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(input_ids, attention_mask))
+        return self.head(self.embed(input_ids, attention_mask))
 
     # ---- training ----
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Reseed as each epoch's first step starts (the data loader has drawn its own seed by
-        # then): masking, mixup and dropout draw the same numbers whether the run went
-        # straight through or was resumed at this epoch.
-        if batch_idx == 0:
-            torch.manual_seed(self.seed * 100_003 + self.current_epoch)
+        # Every training step draws its masking, mixup and dropout from a stream seeded by
+        # (seed, epoch, batch, rank): a run resumed at any step draws what it would have drawn.
+        torch.manual_seed(step_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = self.augment.mask(batch["input_ids"], batch["attention_mask"], self.mask_token_id,
@@ -90,7 +117,7 @@ class CellClassifier(pl.LightningModule):
         if not torch.isfinite(loss):  # a diverged run stops here rather than training on NaN weights
             raise FloatingPointError(
                 f"train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: training "
-                "diverged; lower optimizer.lr (model.learning_rate) or set trainer.gradient_clip_val"
+                "diverged; lower optimizer.lr or set trainer.gradient_clip_val"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
@@ -98,11 +125,15 @@ class CellClassifier(pl.LightningModule):
     # ---- evaluation ----
 
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        embeddings = self.embed(batch["input_ids"], batch["attention_mask"])
+        logits = self.head(embeddings)
         loss = self.loss(logits, batch["labels"])
         probabilities = logits.float().softmax(dim=-1)
         self.metrics[split].update(probabilities, batch["labels"], loss)
-        self._outputs[split].append((batch["index"].cpu(), batch["labels"].cpu(), probabilities.cpu()))
+        kept = [batch["index"].cpu(), batch["labels"].cpu(), probabilities.cpu()]
+        if self.keep_embeddings:
+            kept.append(embeddings.float().cpu())
+        self._outputs[split].append(tuple(kept))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -118,17 +149,19 @@ class CellClassifier(pl.LightningModule):
         self.log_dict({f"{split}/{name}": value for name, value in values.items()}, sync_dist=False)
         outputs = self._outputs[split]
         self._outputs[split] = []
-        index, targets, probabilities = (torch.cat(column) for column in zip(*outputs))
+        columns = [torch.cat(column) for column in zip(*outputs)]
         if self.trainer.world_size > 1:
-            index, targets, probabilities = (self._gather_ragged(t) for t in (index, targets, probabilities))
+            columns = [self._gather_ragged(column) for column in columns]
         self.results[split] = {
             "metrics": values,
             "confusion_matrix": confusion,
-            "index": index.numpy(),
-            "targets": targets.numpy(),
-            "probabilities": probabilities.numpy(),
+            "index": columns[0].numpy(),
+            "targets": columns[1].numpy(),
+            "probabilities": columns[2].numpy(),
         }
-        if split == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+        if self.keep_embeddings:
+            self.results[split]["embeddings"] = columns[3].numpy()
+        if split == VAL and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.epoch_history.append({"epoch": self.current_epoch, **{f"val/{k}": v for k, v in values.items()}})
 
     def _gather_ragged(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -150,20 +183,14 @@ class CellClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for name, p in named if _decayed(name)], "weight_decay": self.weight_decay},
-            {"params": [p for name, p in named if not _decayed(name)], "weight_decay": 0.0},
+        groups = [  # named for LearningRateMonitor's columns (lr-AdamW/weights, ...)
+            {"params": [p for name, p in named if _decayed(name)], "name": "weights"},
+            {"params": [p for name, p in named if not _decayed(name)], "weight_decay": 0.0, "name": "biases_norms"},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        optimizer = instantiate_trusted(self.hparams.optimizer or DEFAULT_OPTIMIZER, _WHERE, _partial_=True)(groups)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * self.warmup_ratio)
-
-        def linear_warmup_then_decay(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay)
+        scheduler = instantiate_trusted(self.hparams.scheduler or DEFAULT_SCHEDULER, _WHERE, _partial_=True)(
+            optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints carry the per-epoch history, so a resumed run's metrics.json is whole ----

@@ -1,17 +1,15 @@
-"""Runs side by side: find run directories, tabulate their metrics and the config that differs, plot them.
+"""Runs side by side: their metrics and the config that differs, per-donor figures, a paired test, plots.
 
-A run directory is anything train.py or baseline.py wrote (``metrics.json``, ``config.yaml``,
-or at least Hydra's ``.hydra/config.yaml`` for a job that died early). A sweep root is any
-folder holding run directories at any depth. Nothing here needs W&B.
+Runs are read through :mod:`geneformer_colon.rundir`: a run directory, a cross-validated run
+(its figures are the means over its folds, with their standard deviation), or a sweep root
+holding runs at any depth. Nothing here needs W&B.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,138 +17,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from rich.console import Console
-from rich.table import Table
+from scipy.stats import wilcoxon
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.config import differing_keys, display, flatten
+from geneformer_colon.figures import save_figure
 from geneformer_colon.io import atomic_path
+from geneformer_colon.rundir import EVAL_SPLITS, METRICS, TEST, Run, find_runs, read_run
+from geneformer_colon.tables import markdown_table, print_table
 
 log = logging.getLogger(__name__)
 
-RUN_MARKERS = ("metrics.json", "config.yaml", ".hydra/config.yaml")
-# Config keys that say where a run is or what it is called, not how it was made.
-NOISE_KEYS = (
-    "paths.*", "hydra.*", "run_name", "resume", "overwrite",
-    "*run_dir", "*save_dir", "*cache_dir", "*data_dir", "*dirpath", "*default_root_dir",
-    "data.source.gene_map", "logger.*.name", "logger.*.group", "logger.*.id", "logger.*.version",
-)
-SPLITS = ("val", "test")
-METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
-METRIC_COLUMNS = [f"{split}_{metric}" for split in SPLITS for metric in METRICS]
+METRIC_COLUMNS = [f"{split}_{metric}" for split in EVAL_SPLITS for metric in METRICS]
+SPREAD_COLUMNS = [f"{split}_macro_f1_sd" for split in EVAL_SPLITS]
 TABLE_FILE = "comparison.md"
 EPOCH_PLOT = "val_macro_f1_per_epoch.png"
 RECALL_PLOT = "recall_per_class.png"
-
-
-@dataclass
-class Run:
-    """One run directory as read from disk; ``metrics`` is empty while there is no metrics.json."""
-
-    path: Path
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-
-    @property
-    def status(self) -> str:
-        return str(self.metrics.get("status", "no metrics.json"))
-
-    @property
-    def finished(self) -> bool:
-        return self.status == "finished" and all(split in self.metrics for split in SPLITS)
-
-    @property
-    def epochs(self) -> list[dict[str, float]]:
-        return list(self.metrics.get("epochs", []))
-
-    @property
-    def class_names(self) -> list[str]:
-        """From the per-class recalls of the final metrics, else of the epochs, else the config."""
-        source = self.metrics.get("val") or (self.epochs[-1] if self.epochs else {})
-        names = [key.rsplit("/", 1)[1] for key in source if "recall/" in key]
-        return names or list(self.config.get("data", {}).get("labels", []))
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / marker).is_file() for marker in RUN_MARKERS)
-
-
-def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Run directories among ``paths`` and under them (a run's own sub-folders, e.g. eval/, are not runs)."""
-    found: dict[Path, None] = {}
-    for given in paths:
-        path = Path(given)
-        if not path.is_dir():
-            raise InputError(f"{path}: no such directory; give run directories or sweep roots")
-        before = len(found)
-        for folder, subfolders, _ in os.walk(path):
-            folder_path = Path(folder)
-            if is_run_dir(folder_path):
-                found[folder_path.resolve()] = None
-                subfolders.clear()
-            else:
-                subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        if len(found) == before:
-            raise InputError(f"{path}: holds no run directory (none with {', '.join(RUN_MARKERS)} at any depth)")
-    return list(found)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"loss": {"focal_gamma": 1.5}}`` -> ``{"loss.focal_gamma": 1.5}``; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def is_noise(key: str) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in NOISE_KEYS)
-
-
-def display(value: Any) -> str:
-    """A config value as one short string (also what values are compared by)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(display(item) for item in value) + "]"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def read_run(path: str | os.PathLike[str]) -> Run:
-    """metrics.json and the config of a run directory (config.yaml, else Hydra's unresolved copy)."""
-    path = Path(path)
-    metrics: dict[str, Any] = {}
-    if (path / "metrics.json").is_file():
-        try:
-            metrics = json.loads((path / "metrics.json").read_text())
-        except json.JSONDecodeError:
-            metrics = {"status": "unreadable metrics.json"}
-    config: dict[str, Any] = {}
-    for name in ("config.yaml", ".hydra/config.yaml"):
-        if (path / name).is_file():
-            loaded = OmegaConf.load(path / name)
-            try:
-                config = OmegaConf.to_container(loaded, resolve=True)
-            except OmegaConfBaseException:  # e.g. a resolver only a Hydra app has
-                config = OmegaConf.to_container(loaded, resolve=False)
-            break
-    return Run(path=path, metrics=metrics, config=config)
-
-
-def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Flat config keys whose value is not the same in every config (absent counts as a value)."""
-    flats = [flatten(config) for config in configs]
-    keys = list(dict.fromkeys(key for flat in flats for key in flat))
-    return [
-        key for key in keys
-        if not is_noise(key) and len({display(flat[key]) if key in flat else None for flat in flats}) > 1
-    ]
+PAIRED_METRIC = "macro_f1"
+ALPHA = 0.05
 
 
 def common_base(runs: Sequence[Path]) -> Path:
@@ -167,84 +50,148 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
 
 
 def ranked(runs: Iterable[Run]) -> list[Run]:
-    """Best val macro F1 first; runs without final metrics last, in the order given."""
-    return sorted(runs, key=lambda run: -run.metrics["val"]["macro_f1"] if run.finished else np.inf)
+    """Best val macro F1 (a CV run: its mean) first; runs without final metrics last, in the order given."""
+    return sorted(runs, key=lambda run: -run.headline("val", "macro_f1") if run.finished else np.inf)
 
 
 def comparison_frame(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row a run, in the order given: status, best epoch, final metrics, the config that differs."""
+    """One row a run, in the order given: status, best epoch (folds for a CV run), final metrics, and
+    the config that differs."""
     keys = differing_keys([run.config for run in runs])
     rows = []
     for label, run in zip(run_labels(runs), runs):
         row: dict[str, Any] = {"run": label, "status": run.status,
-                               "best_epoch": run.metrics.get("best_epoch") if run.finished else None}
-        for split in SPLITS:
+                               "best_epoch": run.metrics.get("best_epoch") if run.finished and not run.is_cv else None,
+                               "folds": len(run.cv.get("folds", [])) if run.is_cv else None}
+        for split in EVAL_SPLITS:
             for metric in METRICS:
-                row[f"{split}_{metric}"] = run.metrics[split][metric] if run.finished else np.nan
+                row[f"{split}_{metric}"] = run.headline(split, metric) if run.finished else np.nan
+            row[f"{split}_macro_f1_sd"] = run.spread(split, "macro_f1")
         flat = flatten(run.config)
         row.update({key: display(flat[key]) if key in flat else "-" for key in keys})
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=["run", "status", "best_epoch", *METRIC_COLUMNS, *keys])
-    frame["best_epoch"] = frame["best_epoch"].astype("Int64")
-    return frame
+    frame = pd.DataFrame(rows, columns=["run", "status", "best_epoch", "folds", *METRIC_COLUMNS, *SPREAD_COLUMNS,
+                                        *keys])
+    frame = frame.astype({"best_epoch": "Int64", "folds": "Int64"})
+    return frame.drop(columns=[column for column in ("folds", *SPREAD_COLUMNS) if frame[column].isna().all()])
 
 
 def column_title(column: str) -> str:
     split, _, metric = column.partition("_")
-    if split in SPLITS and metric in METRICS:
+    if split in EVAL_SPLITS and metric in METRICS:
         return f"{split} {METRICS[metric]}"
-    return "best epoch" if column == "best_epoch" else column
+    if split in EVAL_SPLITS and metric == "macro_f1_sd":
+        return f"{split} macro F1 sd"
+    return column.replace("_", " ") if column in ("best_epoch",) else column
 
 
-def cell_text(value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+# ---- per donor, and the paired test ----
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table (no tabulate dependency); ``|`` in cells is escaped."""
-    def line(cells: Iterable[Any]) -> str:
-        return "| " + " | ".join(cell_text(cell).replace("|", "\\|") for cell in cells) + " |"
+def per_donor(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
+    """Test ``metric`` by donor: a CV run's folds, else the test split's breakdown, else its one donor."""
+    if run.is_cv:
+        return {fold["test_donor"]: fold[TEST][metric] for fold in run.cv.get("folds", [])}
+    test = run.metrics.get(TEST, {})
+    if test.get("by_donor"):
+        return {donor: values[metric] for donor, values in test["by_donor"].items() if values.get(metric) is not None}
+    donors = run.donors(TEST)
+    if run.finished and len(donors) == 1:
+        return {donors[0]: test[metric]}
+    return {}
 
-    return "\n".join([line(headers), "|" + "---|" * len(headers), *(line(row) for row in rows)]) + "\n"
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """``other`` against ``reference`` on the donors both were tested on."""
+
+    reference: str
+    other: str
+    donors: list[str]
+    reference_values: list[float]
+    other_values: list[float]
+
+    @property
+    def differences(self) -> np.ndarray:
+        return np.asarray(self.other_values) - np.asarray(self.reference_values)
+
+    def test(self) -> tuple[float | None, str]:
+        """The two-sided Wilcoxon signed-rank p-value across donors, and a plain sentence about it."""
+        n = len(self.donors)
+        nonzero = int(np.count_nonzero(self.differences))
+        smallest = 2.0 / 2**nonzero if nonzero else 1.0
+        if nonzero == 0:
+            return None, f"the two runs score the same on all {n} donors: nothing to test"
+        p = float(wilcoxon(self.differences, zero_method="wilcox", alternative="two-sided").pvalue)
+        sentence = (f"Wilcoxon signed-rank across {n} donors ({nonzero} with a difference): p = {p:.3f}; "
+                    f"mean difference {self.differences.mean():+.3f}")
+        if smallest > ALPHA:
+            sentence += (f". With {nonzero} donors no outcome can reach p < {ALPHA} (the smallest possible p is "
+                         f"{smallest:.3f}): read the per-donor differences, not the p-value")
+        return p, sentence
+
+
+def paired_comparisons(runs: Sequence[Run], labels: Sequence[str]) -> list[PairedComparison]:
+    """Each run against the best-ranked run with per-donor figures, on the donors they share (two at least)."""
+    scored = [(label, per_donor(run)) for label, run in zip(labels, runs)]
+    scored = [(label, values) for label, values in scored if len(values) >= 2]
+    if len(scored) < 2:
+        return []
+    (reference, reference_values), others = scored[0], scored[1:]
+    pairs = []
+    for label, values in others:
+        donors = [donor for donor in reference_values if donor in values]
+        if len(donors) >= 2:
+            pairs.append(PairedComparison(reference, label, donors, [reference_values[d] for d in donors],
+                                          [values[d] for d in donors]))
+    return pairs
+
+
+def paired_markdown(pair: PairedComparison) -> str:
+    rows = [[donor, a, b, b - a] for donor, a, b in zip(pair.donors, pair.reference_values, pair.other_values)]
+    rows.append(["mean", np.mean(pair.reference_values), np.mean(pair.other_values), pair.differences.mean()])
+    table = markdown_table(["test donor", pair.reference, pair.other, "difference"], rows)
+    return f"### {pair.other} vs {pair.reference}: test macro F1 by donor\n\n{table}\n{pair.test()[1]}.\n"
+
+
+# ---- output ----
 
 
 def frame_markdown(frame: pd.DataFrame) -> str:
     return markdown_table([column_title(c) for c in frame.columns], frame.itertuples(index=False))
 
 
-def print_comparison(frame: pd.DataFrame, console: Console | None = None) -> None:
-    """The comparison as a rich table; piped output is not cut to 80 columns."""
-    console = console or Console()
-    if not console.is_terminal:
-        console.width = 1000
-    table = Table(title=f"{len(frame)} runs, best val macro F1 first")
-    for column in frame.columns:
-        numeric = column in METRIC_COLUMNS
-        table.add_column(column_title(column), justify="right" if numeric else "left", no_wrap=numeric)
-    for row in frame.itertuples(index=False):
-        table.add_row(*(cell_text(value) for value in row))
-    console.print(table)
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+def print_comparison(frame: pd.DataFrame, pairs: Sequence[PairedComparison] = ()) -> None:
+    numeric = [column_title(c) for c in (*METRIC_COLUMNS, *SPREAD_COLUMNS)]
+    print_table(f"{len(frame)} runs, best val macro F1 first", [column_title(c) for c in frame.columns],
+                frame.itertuples(index=False), numeric=numeric)
+    for pair in pairs:
+        rows = [[d, a, b, b - a] for d, a, b in zip(pair.donors, pair.reference_values, pair.other_values)]
+        print_table(f"{pair.other} vs {pair.reference}: test macro F1 by donor",
+                    ["test donor", pair.reference, pair.other, "difference"], rows,
+                    numeric=[pair.reference, pair.other, "difference"])
+        print(pair.test()[1])
 
 
 def plot_epochs(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
-    """Val macro F1 per epoch, one line a run; a run without epochs (the baseline) as a dashed level."""
+    """Val macro F1 per epoch, one line a run; a run without epochs (the baseline, a CV run) as a dashed level."""
     figure = Figure(figsize=(7, 4))
     axis = figure.subplots()
+    last_epoch = 0
     for label, run in zip(labels, runs):
+        donors = ", ".join(run.donors("val"))
+        name = f"{label} (val {donors})" if donors else label
         if run.epochs:
-            axis.plot([epoch["epoch"] for epoch in run.epochs], [epoch["val/macro_f1"] for epoch in run.epochs],
-                      marker="o", label=label)
+            epochs = [epoch["epoch"] for epoch in run.epochs]
+            last_epoch = max(last_epoch, *epochs)
+            axis.plot(epochs, [epoch["val/macro_f1"] for epoch in run.epochs], marker="o", label=name)
         elif run.finished:
-            axis.axhline(run.metrics["val"]["macro_f1"], linestyle="--", color="grey", label=f"{label} (no epochs)")
+            what = "mean over folds" if run.is_cv else "no epochs"
+            axis.axhline(run.headline("val", "macro_f1"), linestyle="--", color="grey", label=f"{label} ({what})")
     axis.set_xlabel("epoch")
     axis.set_ylabel("val macro F1")
+    axis.set_xlim(-0.5, last_epoch + 0.5)
+    axis.set_ylim(0, 1)
     axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_title("validation macro F1 per epoch")
     if axis.get_legend_handles_labels()[0]:
@@ -253,17 +200,20 @@ def plot_epochs(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
 
 
 def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
-    """Per-class recall on the val and test donors, grouped bars: one group a class, one bar a run."""
+    """Per-class recall on the val and test donors, grouped bars (one group a class, one bar a run), and chance."""
     finished = [(label, run) for label, run in zip(labels, runs) if run.finished]
     classes = list(dict.fromkeys(name for _, run in finished for name in run.class_names))
-    figure = Figure(figsize=(len(SPLITS) * (1 + 1.5 * max(len(classes), 1)), 4))
-    axes = figure.subplots(1, len(SPLITS), sharey=True)
+    figure = Figure(figsize=(len(EVAL_SPLITS) * (1 + 1.5 * max(len(classes), 1)), 4))
+    axes = figure.subplots(1, len(EVAL_SPLITS), sharey=True)
     width = 0.8 / max(len(finished), 1)
-    for axis, split in zip(axes, SPLITS):
+    for axis, split in zip(axes, EVAL_SPLITS):
         for number, (label, run) in enumerate(finished):
-            recalls = [run.metrics[split].get(f"recall/{name}", np.nan) for name in classes]
+            recalls = [run.headline(split, f"recall/{name}") for name in classes]
             axis.bar(np.arange(len(classes)) + (number - (len(finished) - 1) / 2) * width, recalls, width, label=label)
-        axis.set_xticks(range(len(classes)), classes)
+        if classes:
+            axis.axhline(1 / len(classes), color="grey", linestyle="--", linewidth=1,
+                         label=f"chance (1/{len(classes)})" if split == EVAL_SPLITS[-1] else None)
+        axis.set_xticks(range(len(classes)), classes, rotation=30 if len(classes) > 4 else 0)
         axis.set_ylim(0, 1)
         axis.set_title(f"recall per class, {split}")
     axes[0].set_ylabel("recall")
@@ -272,17 +222,31 @@ def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
     save_figure(figure, path)
 
 
-def compare_runs(
-    paths: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
-) -> pd.DataFrame:
-    """Compare the runs in and under ``paths`` (best val macro F1 first); write comparison.md and
-    the two plots to ``out_dir``, by default the deepest folder holding all the runs."""
+def comparison_markdown(frame: pd.DataFrame, runs: Sequence[Run], pairs: Sequence[PairedComparison]) -> str:
+    parts = ["# Run comparison\n", frame_markdown(frame)]
+    donors = {label: per_donor(run) for label, run in zip(frame["run"], runs)}
+    names = sorted({donor for values in donors.values() for donor in values})
+    if len(names) > 1:
+        parts += ["\n## Test macro F1 by donor\n", markdown_table(
+            ["test donor", *donors], [[donor, *(values.get(donor) for values in donors.values())] for donor in names])]
+    if pairs:
+        parts += ["\n## Paired comparison across donors\n", *(paired_markdown(pair) for pair in pairs)]
+    return "\n".join(parts)
+
+
+def compare_runs(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
+                 ) -> tuple[pd.DataFrame, list[PairedComparison]]:
+    """Compare the runs in and under ``paths`` (best val macro F1 first); write comparison.md and the two
+    plots to ``out_dir``, by default the deepest folder holding all the runs."""
     runs = ranked(read_run(path) for path in find_runs(paths))
     frame = comparison_frame(runs)
+    labels = list(frame["run"])
+    pairs = paired_comparisons(runs, labels)
     out = Path(out_dir) if out_dir is not None else common_base([run.path for run in runs])
     with atomic_path(out / TABLE_FILE) as tmp:
-        tmp.write_text(f"# Run comparison\n\n{frame_markdown(frame)}")
-    plot_epochs(runs, list(frame["run"]), out / EPOCH_PLOT)
-    plot_recall(runs, list(frame["run"]), out / RECALL_PLOT)
+        tmp.write_text(comparison_markdown(frame, runs, pairs))
+    plot_epochs(runs, labels, out / EPOCH_PLOT)
+    plot_recall(runs, labels, out / RECALL_PLOT)
     log.info("comparison written to %s (%s, %s, %s)", out, TABLE_FILE, EPOCH_PLOT, RECALL_PLOT)
-    return frame
+    return frame, pairs
+

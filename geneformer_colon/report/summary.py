@@ -1,4 +1,5 @@
-"""The end of a run: success criteria and the summary table printed to the terminal."""
+"""The end of a run on the terminal: final metrics a row each (readable with many classes), success
+criteria, and each donor's figures where a split has several (cell types are in metrics.json)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,34 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.rundir import EVAL_SPLITS, METRICS
+from geneformer_colon.tables import print_table
 
-
-def check_success(criteria: Mapping[str, float], final: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
-    """Each criterion ``"<split>/<metric>": threshold`` passes when the final value reaches it."""
-    verdicts = {}
-    for key, threshold in criteria.items():
-        split, _, metric = key.partition("/")
-        if split not in final or metric not in final[split]:
-            raise InputError(f"success_criteria: {key!r} names no final metric; use e.g. val/macro_f1 or test/accuracy")
-        value = float(final[split][metric])
-        verdicts[key] = {"threshold": float(threshold), "value": value, "passed": value >= float(threshold)}
-    return verdicts
+BREAKDOWN_TITLES = {"by_donor": "donor", "by_cell_type": "cell type"}
 
 
-def print_summary(summary: Mapping[str, Any], class_names: Sequence[str], run_dir: Path) -> None:
-    console = Console()
-    table = Table(title=f"{summary['run_name']}: best epoch {summary['best_epoch']}")
-    table.add_column("split")
-    for column in ("accuracy", "macro F1", "ROC AUC", *(f"recall {name}" for name in class_names)):
-        table.add_column(column, justify="right")
-    for split in ("val", "test"):
-        metrics = summary[split]
-        values = [metrics["accuracy"], metrics["macro_f1"], metrics["macro_auroc"]]
-        values += [metrics[f"recall/{name}"] for name in class_names]
-        table.add_row(split, *(f"{value:.3f}" for value in values))
-    console.print(table)
-    for key, verdict in summary["success"].items():
+def print_summary(record: Mapping[str, Any], class_names: Sequence[str], run_dir: Path,
+                  console: Console | None = None) -> None:
+    """The best checkpoint's metrics: a row a metric, a column a split (named with its donors)."""
+    console = console or Console()
+    splits = [split for split in EVAL_SPLITS if split in record]
+    donors = record.get("donors", {})
+    headers = ["metric", *(f"{split} ({', '.join(donors.get(split, []))})" if donors.get(split) else split
+                           for split in splits)]
+    rows = [[title, *(record[split].get(metric) for split in splits)] for metric, title in METRICS.items()]
+    rows += [[f"recall {name}", *(record[split].get(f"recall/{name}") for split in splits)] for name in class_names]
+    best = record.get("best_epoch")
+    title = f"{record.get('run_name')}" + (f": best epoch {best}" if best is not None else "")
+    print_table(title, headers, rows, numeric=headers[1:], console=console)
+    for split in splits:
+        groups = record[split].get("by_donor")
+        if groups:
+            print_table(f"{split} by donor", ["donor", "cells", *METRICS.values()],
+                        [[group, values["cells"], *(values.get(metric) for metric in METRICS)]
+                         for group, values in groups.items()],
+                        numeric=["cells", *METRICS.values()], console=console)
+    for key, verdict in (record.get("success") or {}).items():
         mark = "[green]PASS[/green]" if verdict["passed"] else "[red]FAIL[/red]"
         console.print(f"{mark} {key} = {verdict['value']:.3f} (needs >= {verdict['threshold']:.2f})")
     console.print(f"run directory: {run_dir}")

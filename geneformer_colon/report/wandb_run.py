@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from geneformer_colon.config import flatten
 from geneformer_colon.io import atomic_path
-from geneformer_colon.report.compare import SPLITS, flatten
+from geneformer_colon.rundir import EVAL_SPLITS, RunLayout
 
-RUN_ID_FILE = Path("wandb") / "run_id"
 # Config groups left out of the logged config: where things are, not how the run was made.
 UNLOGGED_GROUPS = ("paths", "logger")
 
@@ -45,9 +47,35 @@ def option_tags() -> list[str]:
     return [choices[group] for group in ("data", "model") if choices.get(group)]
 
 
+def swept_keys() -> set[str]:
+    """The keys a sweep varies: ``key=a,b`` on its command line (``sys.orig_argv``, as typed) and
+    ``hydra.sweeper.params`` (a sweep preset, Optuna)."""
+    parser = OverridesParser.create()
+    typed = [argument for argument in sys.orig_argv if "=" in argument and not argument.startswith("-")]
+    keys = set()
+    for argument in typed:
+        try:
+            override = parser.parse_override(argument)
+        except HydraException:
+            continue
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    return keys | {key.lstrip("+~") for key in (HydraConfig.get().sweeper.get("params") or {})}
+
+
+def sweep_job_name(name: str) -> str:
+    """In a multirun, ``<name> #<job>: <the values it sweeps>`` so the jobs of a sweep are told apart."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return name
+    hydra_cfg = HydraConfig.get()
+    keys = swept_keys()
+    swept = [override for override in hydra_cfg.overrides.task if override.split("=", 1)[0].lstrip("+~") in keys]
+    return f"{name} #{hydra_cfg.job.num}" + (f": {' '.join(swept)}" if swept else "")
+
+
 def run_id(run_dir: Path, resume: bool) -> str:
     """The W&B run id of this run directory: the kept one on ``resume=true``, else a new one (kept)."""
-    path = run_dir / RUN_ID_FILE
+    path = RunLayout(run_dir).wandb_run_id
     if resume and path.is_file():
         return path.read_text().strip()
     new_id = uuid.uuid4().hex[:12]
@@ -59,26 +87,33 @@ def run_id(run_dir: Path, resume: bool) -> str:
 
 def wandb_logger(
     save_dir: str,
+    name: str,
     experiment_name: str,
     resume: bool = False,
     group: str | None = None,
     tags: Sequence[str] = (),
     **init_kwargs: Any,
 ) -> WandbLogger:
-    """A WandbLogger writing under ``save_dir``; ``init_kwargs`` go to ``wandb.init`` (name, mode, ...).
+    """A WandbLogger writing under ``save_dir``; ``init_kwargs`` go to ``wandb.init`` (mode, project, ...).
 
-    ``group`` defaults to the sweep's id in a multirun, else the experiment; the tags are the
-    experiment, the data and model options, then ``tags``.
+    ``name`` gets the job's number and overrides in a sweep; ``group`` defaults to the sweep's id
+    in a multirun, else the experiment; the tags are the experiment, the data and model options,
+    then ``tags``. W&B's console output is kept to errors (the run's own summary says where it is).
     """
+    import wandb
+
     all_tags = dict.fromkeys([experiment_name, *option_tags(), *tags])
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=save_dir,
+        name=sweep_job_name(name),
         id=run_id(Path(save_dir), resume),
-        resume="allow",
         group=group or sweep_id() or experiment_name,
         tags=list(all_tags),
+        settings=wandb.Settings(quiet=True, silent=True),
         **init_kwargs,
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning passes a setting W&B warns is ignored
+    return logger
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
@@ -99,9 +134,10 @@ def _is_hydra_key(name: str) -> bool:
 def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The final metrics as flat W&B summary entries: ``val/macro_f1``, ``best_epoch``, ``success``..."""
     values: dict[str, Any] = {"best_epoch": summary["best_epoch"]}
-    for split in SPLITS:
+    for split in EVAL_SPLITS:
         metrics = summary[split]
-        values.update({f"{split}/{name}": value for name, value in metrics.items() if name != "confusion_matrix"})
+        values.update({f"{split}/{name}": value for name, value in flatten(metrics).items()
+                       if not name.startswith("confusion_matrix")})
     verdicts = summary["success"]
     values.update({f"success/{key}": "PASS" if verdict["passed"] else "FAIL" for key, verdict in verdicts.items()})
     if verdicts:
@@ -112,7 +148,7 @@ def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
 def per_class_rows(summary: Mapping[str, Any], class_names: Sequence[str]) -> list[list[Any]]:
     """One row per split and class: precision, recall, F1 and the number of cells of that class."""
     rows = []
-    for split in SPLITS:
+    for split in EVAL_SPLITS:
         metrics = summary[split]
         cells = np.asarray(metrics["confusion_matrix"]).sum(axis=1)
         for index, name in enumerate(class_names):
@@ -137,7 +173,7 @@ def confusion_chart(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
 
 @rank_zero_only
 def report_run(loggers: Sequence[Logger], summary: Mapping[str, Any], class_names: Sequence[str],
-               run_dir: Path) -> None:
+               layout: RunLayout) -> None:
     """Into each W&B logger's run: confusion matrices, the per-class table, the final metrics as summary."""
     import wandb
 
@@ -148,10 +184,10 @@ def report_run(loggers: Sequence[Logger], summary: Mapping[str, Any], class_name
             "per_class": wandb.Table(columns=["split", "class", "precision", "recall", "f1", "cells"],
                                      data=per_class_rows(summary, class_names)),
         }
-        for split in SPLITS:
+        for split in EVAL_SPLITS:
             title = f"{summary['run_name']} {split}"
             media[f"confusion/{split}"] = confusion_chart(summary[split]["confusion_matrix"], class_names, title)
-            media[f"confusion_plot/{split}"] = wandb.Image(str(run_dir / "plots" / f"confusion_{split}.png"))
+            media[f"confusion_plot/{split}"] = wandb.Image(str(layout.confusion_plot(split)))
         logger.experiment.log(media)
         logger.experiment.summary.update(summary_values(summary))
 

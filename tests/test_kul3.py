@@ -1,4 +1,4 @@
-"""Ingest: GEO KUL3 text (synthetic round trip, cache, bad input) and .h5ad to canonical form."""
+"""The KUL3 GEO reader: synthetic round trip, gene maps, plain text variants, bad input."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import logging
 import pickle
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from geneformer_colon.data.ingest import read_gene_name_map, read_h5ad, read_kul3
+from geneformer_colon.data.dictionaries import read_gene_name_map
+from geneformer_colon.data.kul3 import read_kul3
 from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
 from geneformer_colon.errors import InputError
 
 N_CELLS, N_GENES, SEED = 300, 400, 3
-KEYS = dict(donor_key="patient", label_key="region", cell_type_key="celltype")  # the test h5ad's
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_round_trip_joins_the_annotation_by_index(geo, cohort, tmp_path, caplog)
     extra = annotation.iloc[:2].assign(Index=["KUL99-T_AAAA", "KUL99-T_CCCC"])
     shuffled = tmp_path / "shuffled.txt.gz"
     pd.concat([annotation, extra]).to_csv(shuffled, sep="\t", index=False)
-    with caplog.at_level(logging.WARNING, logger="geneformer_colon.data.ingest"):
+    with caplog.at_level(logging.WARNING, logger="geneformer_colon.data"):
         adata = read_kul3(geo["matrix"], shuffled, gene_map=geo["gene_table"])
 
     assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.int32
@@ -171,110 +170,3 @@ def test_bad_counts_name_the_file_and_gene_row(tmp_path, row: str, what: str) ->
     message = str(err.value)
     assert message.startswith(f"{matrix}: gene row 'G2' (line 3)")
     assert what in message
-
-
-# ---------------------------------------------------------------- h5ad
-
-
-@pytest.fixture(scope="module")
-def h5ad_file(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    rng = np.random.default_rng(0)
-    counts = rng.negative_binomial(2, 0.5, size=(12, 8)).astype(np.int64)
-    counts[0, 0] = 0
-    normalised = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
-    obs = pd.DataFrame(
-        {
-            "patient": pd.Categorical(["P1", "P2", "P3"] * 4),
-            "region": ["Tumor", "Normal"] * 6,
-            "celltype": ["Epithelial cells"] * 12,
-            "batch": [f"b{i % 2}" for i in range(12)],
-        },
-        index=[f"cell{i}" for i in range(12)],
-    )
-    var = pd.DataFrame(
-        {"gene_ids": [f"ENSG{i:011d}" for i in range(7)] + [None]},
-        index=[f"GENE{i}" for i in range(8)],
-    )
-    adata = ad.AnnData(X=normalised, obs=obs, var=var, layers={"counts": sp.csr_matrix(counts)})
-    path = tmp_path_factory.mktemp("h5ad") / "cells.h5ad"
-    adata.write_h5ad(path)
-    return path, counts
-
-
-def test_h5ad_custom_keys_layer_and_var_column(h5ad_file, caplog) -> None:
-    path, counts = h5ad_file
-    with caplog.at_level(logging.WARNING, logger="geneformer_colon.data.ingest"):
-        adata = read_h5ad(
-            path, donor_key="patient", label_key="region", cell_type_key="celltype",
-            sample_key="batch", ensembl_key="gene_ids", layer="counts",
-        )
-    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.int32
-    np.testing.assert_array_equal(adata.X.toarray(), counts)
-    assert list(adata.obs.columns) == ["donor", "label", "cell_type", "sample", "n_counts"]
-    assert list(adata.obs["donor"]) == ["P1", "P2", "P3"] * 4
-    assert list(adata.obs["label"]) == ["Tumor", "Normal"] * 6
-    assert list(adata.obs["sample"]) == [f"b{i % 2}" for i in range(12)]
-    assert all(isinstance(v, str) for v in adata.obs["donor"])
-    np.testing.assert_array_equal(adata.obs["n_counts"], counts.sum(axis=1))
-    assert list(adata.var["ensembl_id"]) == [f"ENSG{i:011d}" for i in range(7)] + [""]
-    assert list(adata.var["symbol"]) == [f"GENE{i}" for i in range(8)]
-    assert any("1 of 8 genes have no Ensembl id" in r.getMessage() for r in caplog.records)
-
-
-def test_h5ad_ids_from_var_index_and_dense_float_counts(tmp_path, h5ad_file) -> None:
-    _, counts = h5ad_file
-    adata = ad.AnnData(
-        X=counts.astype(np.float32),
-        obs=pd.DataFrame(
-            {"donor": ["D"] * 12, "label": ["Normal"] * 12, "cell_type": ["T cells"] * 12},
-            index=[f"c{i}" for i in range(12)],
-        ),
-        var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(8)]),
-    )
-    path = tmp_path / "ids.h5ad"
-    adata.write_h5ad(path)
-    canonical = read_h5ad(path, ensembl_key=None)
-    assert canonical.X.dtype == np.int32
-    np.testing.assert_array_equal(canonical.X.toarray(), counts)
-    assert list(canonical.var["ensembl_id"]) == [f"ENSG{i:011d}" for i in range(8)]
-    assert list(canonical.obs["sample"]) == ["D-Normal"] * 12
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "expected"),
-    [
-        (dict(donor_key="Patient"),
-         ["obs column 'Patient' missing", "patient, region", "data.source.donor_key"]),
-        (dict(KEYS, layer="raw"), ["layer 'raw' missing (layers: counts)", "data.source.layer"]),
-        (dict(KEYS, ensembl_key="ensembl"),
-         ["var column 'ensembl' missing (columns: gene_ids)", "data.source.ensembl_key"]),
-        (dict(KEYS, ensembl_key=None), ["X holds a fractional value", "data.source.layer"]),
-    ],
-)
-def test_h5ad_errors_name_file_and_field(h5ad_file, kwargs, expected) -> None:
-    path, _ = h5ad_file
-    with pytest.raises(InputError) as err:
-        read_h5ad(path, **kwargs)
-    message = str(err.value)
-    assert message.startswith(str(path))
-    for part in expected:
-        assert part in message
-
-
-def test_h5ad_negative_counts_in_a_layer(tmp_path) -> None:
-    layer = sp.csr_matrix(np.array([[1, 0], [0, -2]]))
-    adata = ad.AnnData(
-        X=np.zeros((2, 2)),
-        obs=pd.DataFrame(
-            {"donor": ["D", "D"], "label": ["Tumor"] * 2, "cell_type": ["B cells"] * 2},
-            index=["a", "b"],
-        ),
-        var=pd.DataFrame({"ensembl_id": ["E1", "E2"]}, index=["g1", "g2"]),
-        layers={"counts": layer},
-    )
-    path = tmp_path / "neg.h5ad"
-    adata.write_h5ad(path)
-    with pytest.raises(InputError) as err:
-        read_h5ad(path, layer="counts")
-    expected = f"{path}: layers['counts'] holds a negative value -2 (cell 'b', gene 'g2')"
-    assert str(err.value).startswith(expected)

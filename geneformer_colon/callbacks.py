@@ -1,0 +1,128 @@
+"""Lightning callbacks that keep a run directory whole: checkpoints a paused run resumes from exactly,
+a best checkpoint that moves with its directory, and every epoch's metrics on disk as they come."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from geneformer_colon.errors import Interrupted
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class LastCheckpoint(pl.Callback):
+    """``last.ckpt`` is the latest state: written at every epoch's end, and on SIGTERM or Ctrl-C.
+
+    A signal during training is not acted on at once: the step in progress (with the rest of its
+    gradient-accumulation window) finishes, the state is saved with the data loader's position in
+    the epoch, and :class:`Interrupted` is raised. ``resume=true`` then goes on from exactly there.
+    A second Ctrl-C stops at once (the last epoch's checkpoint stays).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # ---- signals ----
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: saving the run at the end of this step", signal.Signals(signum).name)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning installed its own SIGTERM handler (which would stop mid-accumulation).
+        self.received = None
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _stop_requested(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received a signal (all ranks must stop at the same step)."""
+        asked = self.received is not None
+        if trainer.world_size > 1:
+            flag = torch.tensor([self.received or 0], device=trainer.strategy.root_device)
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+            asked, self.received = bool(flag.item()), int(flag.item()) or None
+        return asked
+
+    # ---- saving ----
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        done = batch_idx + 1
+        at_boundary = done % trainer.accumulate_grad_batches == 0 or done == trainer.num_training_batches
+        if at_boundary and self._stop_requested(trainer):
+            self._save_and_stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+        if self._stop_requested(trainer):
+            raise Interrupted(self.received, self.path)
+
+    def _save_and_stop(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        raise Interrupted(self.received, self.path)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose saved state names files relative to its folder.
+
+    A run directory moved or copied elsewhere then resumes into itself: the best checkpoint it
+    compares against, replaces and finally tests is the one beside it, never the original's.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        relative: Callable[[str], str] = lambda path: os.path.relpath(path, self.dirpath) if path else path  # noqa: E731
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = relative(state[key])
+        state["best_k_models"] = {relative(path): score for path, score in state["best_k_models"].items()}
+        state["dirpath"] = "."
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath") != ".":  # a checkpoint of plain ModelCheckpoint: its paths as they are
+            super().load_state_dict(state_dict)
+            return
+        absolute: Callable[[str], str] = lambda path: os.path.join(self.dirpath, path) if path else path  # noqa: E731
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = absolute(state[key])
+        state["best_k_models"] = {absolute(path): score for path, score in state_dict["best_k_models"].items()}
+        super().load_state_dict(state)
+
+
+class RecordEpochs(pl.Callback):
+    """Hand every validation epoch's metrics to ``write`` as they come, so a crash loses no epoch."""
+
+    def __init__(self, write: Callable[[list[dict[str, float]]], None]) -> None:
+        self.write = write
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.write(list(pl_module.epoch_history))

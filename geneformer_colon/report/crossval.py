@@ -1,0 +1,126 @@
+"""A cross-validated run's summary: its folds side by side and their aggregate, read from the folds.
+
+``cv.json`` and ``cv.md`` in the parent run directory: a row a fold (test donor, validation
+donor, cells, best epoch, val and test accuracy, macro F1, ROC AUC, per-class recall) and, for
+each figure, the mean, standard deviation, min, max and a 95% confidence interval (Student's t)
+across folds; ``plots/cv_per_donor.png``: test macro F1 per donor. The summary is rebuilt from
+whatever folds have finished, so folds run by several jobs are gathered by the last to end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from geneformer_colon.figures import plot_per_donor
+from geneformer_colon.io import atomic_path, file_lock, rounded, write_json
+from geneformer_colon.rundir import DIGITS, EVAL_SPLITS, FINISHED, METRICS, TEST, TRAIN, VAL, RunLayout, read_run
+from geneformer_colon.tables import markdown_table
+
+CONFIDENCE = 0.95
+PARTIAL = "partial"
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation, min, max and the 95% t-interval of the mean (None below two values)."""
+    values = np.asarray([value for value in values if value is not None], dtype=float)
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None, "ci95": None}
+    mean = float(values.mean())
+    sd = float(values.std(ddof=1)) if n > 1 else None
+    half = float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else None
+    return {"n": n, "mean": mean, "sd": sd, "min": float(values.min()), "max": float(values.max()),
+            "ci95": [mean - half, mean + half] if half is not None else None}
+
+
+def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | None:
+    """A finished fold's figures, or None while it is not finished."""
+    run = read_run(layout.root)
+    if run.status != FINISHED:
+        return None
+    keys = [*METRICS, *(f"recall/{name}" for name in class_names)]
+    return {
+        "test_donor": ", ".join(run.donors(TEST)),
+        "val_donor": ", ".join(run.donors(VAL)),
+        "cells": run.metrics.get("cells", {}),
+        "best_epoch": run.metrics.get("best_epoch"),
+        "run_dir": layout.root.name,
+        **{split: {key: run.metrics[split].get(key) for key in keys} for split in EVAL_SPLITS},
+        "chance_macro_f1": chance_macro_f1(run.metrics[TEST]["confusion_matrix"]),
+    }
+
+
+def chance_macro_f1(confusion: Sequence[Sequence[int]]) -> float:
+    """Expected macro F1 of guessing classes uniformly at random, given the true class mix."""
+    counts = np.asarray(confusion).sum(axis=1).astype(float)
+    shares, guess = counts / max(counts.sum(), 1), 1 / len(counts)
+    return float(np.mean(np.where(shares > 0, 2 * shares * guess / np.maximum(shares + guess, 1e-12), 0)))
+
+
+def aggregate(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+    keys = [*METRICS, *(f"recall/{name}" for name in class_names)]
+    return {split: {key: spread([fold[split][key] for fold in folds]) for key in keys} for split in EVAL_SPLITS}
+
+
+def cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],
+               val_rule: str) -> dict[str, Any]:
+    """The content of cv.json from the finished folds under ``parent`` (in ``donors`` order)."""
+    rows = [row for donor in donors if (row := fold_row(parent.fold(donor), class_names)) is not None]
+    finished = {row["run_dir"] for row in rows}
+    return {
+        "run_name": run_name,
+        "kind": kind,
+        "status": FINISHED if len(finished) == len(donors) else PARTIAL,
+        "strategy": "lodo",
+        "donors": list(donors),
+        "val_rule": val_rule,
+        "class_names": list(class_names),
+        "folds": rows,
+        "missing": [donor for donor in donors if donor not in finished],
+        "aggregate": aggregate(rows, class_names),
+    }
+
+
+def cv_markdown(cv: Mapping[str, Any]) -> str:
+    classes = cv["class_names"]
+    headers = ["test donor", "val donor", "cells train/val/test", "best epoch",
+               *(f"{split} {title}" for split in EVAL_SPLITS for title in METRICS.values()),
+               *(f"test recall {name}" for name in classes)]
+    rows = [[fold["test_donor"], fold["val_donor"],
+             "/".join(str(fold["cells"].get(split, "-")) for split in (TRAIN, VAL, TEST)), fold["best_epoch"],
+             *(fold[split][metric] for split in EVAL_SPLITS for metric in METRICS),
+             *(fold[TEST][f"recall/{name}"] for name in classes)] for fold in cv["folds"]]
+    summary_rows = []
+    for split in EVAL_SPLITS:
+        for key, values in cv["aggregate"][split].items():
+            title = METRICS.get(key, key.replace("/", " "))
+            interval = "-" if values["ci95"] is None else f"{values['ci95'][0]:.3f} to {values['ci95'][1]:.3f}"
+            summary_rows.append([f"{split} {title}", values["n"], values["mean"], values["sd"], values["min"],
+                                 values["max"], interval])
+    missing = f"\nNot finished: {', '.join(cv['missing'])}.\n" if cv["missing"] else ""
+    return (f"# {cv['run_name']}: leave one donor out ({len(cv['folds'])} of {len(cv['donors'])} folds)\n\n"
+            f"Validation donor of each fold: {cv['val_rule']}.\n\n"
+            + markdown_table(headers, rows) + "\n## Across folds\n\n"
+            + markdown_table(["figure", "folds", "mean", "sd", "min", "max", "95% CI of the mean"], summary_rows)
+            + missing)
+
+
+def write_cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],
+                     val_rule: str) -> dict[str, Any]:
+    """Rebuild cv.json, cv.md and the per-donor plot from the finished folds (one writer at a time)."""
+    with file_lock(parent.root / ".cv.lock"):
+        cv = rounded(cv_summary(parent, run_name, kind, donors, class_names, val_rule), DIGITS)
+        write_json(parent.cv_json, cv)
+        with atomic_path(parent.cv_markdown) as tmp:
+            tmp.write_text(cv_markdown(cv))
+        if cv["folds"]:
+            folds = cv["folds"]
+            plot_per_donor([fold["test_donor"] for fold in folds], [fold[TEST]["macro_f1"] for fold in folds],
+                           float(np.mean([fold["chance_macro_f1"] for fold in folds])), parent.cv_plot,
+                           f"{run_name}: test macro F1 per left-out donor")
+    return cv

@@ -1,0 +1,368 @@
+"""The run directory: its layout, the schema of ``metrics.json``, writing a run and reading it back.
+
+Every other module names a run's files through :class:`RunLayout`, builds ``metrics.json``
+through :func:`run_record`, and reads runs through :func:`read_run` / :func:`find_runs`::
+
+    outputs/<run_name>/
+      config.yaml                 the resolved config
+      metrics.json                what the run did and scored (see run_record)
+      checkpoints/best.ckpt       best val macro F1; last.ckpt: the latest state (resume=true)
+      predictions/<split>.csv     cell id, donor, cell type, true, predicted, a probability a class
+      plots/confusion_<split>.png
+      csv/                        Lightning's CSV log
+      dictionaries/               the gene dictionaries the run used
+      history.md                  the run as a training-log entry
+      wandb/                      the offline W&B run and its id (wandb/run_id)
+      eval/<name>/                eval.py on other cells: metrics.json, predictions/, plots/
+      folds/<test donor>/         cv=lodo: one complete run directory a fold
+      cv.json, cv.md              cv=lodo: the folds side by side and their aggregate
+      hf/                         pretrain.py: the Hugging Face checkpoint and its dictionaries
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from geneformer_colon.errors import InputError
+from geneformer_colon.figures import plot_confusion
+from geneformer_colon.io import atomic_path, read_json, rounded, write_json
+from geneformer_colon.model.metrics import breakdowns
+
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS = (TRAIN, VAL, TEST)
+EVAL_SPLITS = (VAL, TEST)
+# The headline metrics of an evaluated split and their short titles.
+METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
+MONITOR = f"{VAL}/macro_f1"
+
+FINISHED, RUNNING, FAILED, INTERRUPTED = "finished", "running", "failed", "interrupted"
+# Decimals kept in metrics.json and cv.json.
+DIGITS = 4
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.json")
+    history = property(lambda self: self.root / "history.md")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    predictions = property(lambda self: self.root / "predictions")
+    plots = property(lambda self: self.root / "plots")
+    csv = property(lambda self: self.root / "csv")
+    dictionaries = property(lambda self: self.root / "dictionaries")
+    wandb = property(lambda self: self.root / "wandb")
+    wandb_run_id = property(lambda self: self.root / "wandb" / "run_id")
+    evaluations = property(lambda self: self.root / "eval")
+    folds = property(lambda self: self.root / "folds")
+    cv_json = property(lambda self: self.root / "cv.json")
+    cv_markdown = property(lambda self: self.root / "cv.md")
+    cv_plot = property(lambda self: self.root / "plots" / "cv_per_donor.png")
+    hf = property(lambda self: self.root / "hf")
+    embeddings = property(lambda self: self.root / "embed")
+
+    def checkpoint(self, which: str = "best") -> Path:
+        return self.checkpoints / f"{which}.ckpt"
+
+    def prediction_file(self, split: str) -> Path:
+        return self.predictions / f"{split}.csv"
+
+    def confusion_plot(self, split: str) -> Path:
+        return self.plots / f"confusion_{split}.png"
+
+    def evaluation(self, name: str) -> RunLayout:
+        return RunLayout(self.evaluations / name)
+
+    def fold(self, test_donor: str) -> RunLayout:
+        return RunLayout(self.folds / test_donor)
+
+    def written(self) -> list[Path]:
+        """What a run wrote here (Hydra's own .hydra/ and log file are not the run's)."""
+        names = (self.config, self.metrics, self.history, self.checkpoints, self.predictions, self.plots, self.csv,
+                 self.dictionaries, self.wandb, self.evaluations, self.folds, self.cv_json, self.cv_markdown,
+                 self.hf, self.embeddings)
+        return [path for path in names if path.exists()]
+
+    def holds_a_run(self) -> bool:
+        """A checkpoint, a finished record or folds: something a new run must not silently replace.
+
+        A directory left by a start that failed before training (config, dictionaries, no
+        checkpoint) holds no run: it may be cleared.
+        """
+        has_checkpoint = self.checkpoints.is_dir() and any(self.checkpoints.glob("*.ckpt"))
+        return has_checkpoint or read_json(self.metrics).get("status") == FINISHED or self.folds.is_dir() \
+            or self.hf.is_dir()
+
+
+# ---- writing ----
+
+
+def save_config(layout: RunLayout, cfg: DictConfig) -> None:
+    with atomic_path(layout.config) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def run_record(
+    run_name: str,
+    kind: str,
+    status: str,
+    donors: Mapping[str, Sequence[str]],
+    cells: Mapping[str, int] | None = None,
+    epochs: Sequence[Mapping[str, Any]] = (),
+    final: Mapping[str, Mapping[str, Any]] | None = None,
+    best_epoch: int | None = None,
+    best_checkpoint: str | None = None,
+    init_from: str | None = None,
+    success: Mapping[str, Any] | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The content of ``metrics.json``, the one schema every kind of run writes.
+
+    ``kind``: train, baseline, pretrain or eval. ``donors`` and ``cells``: the donors and the
+    number of cells of each split.
+    ``epochs``: one dict a validation epoch (``epoch`` and ``val/<metric>``). ``final``: the
+    best checkpoint's metrics per split (headline metrics, per-class ``precision/<class>``,
+    ``recall/<class>``, ``f1/<class>``, ``loss``, ``confusion_matrix``, ``cells`` and, for a split
+    of several donors or cell types, ``by_donor`` / ``by_cell_type``). ``recipe``: the
+    command-line overrides and the config groups chosen, as typed.
+    """
+    record: dict[str, Any] = {
+        "run_name": run_name,
+        "kind": kind,
+        "status": status,
+        "donors": {split: list(names) for split, names in donors.items()},
+        "cells": dict(cells or {}),
+        "epochs": [dict(epoch) for epoch in epochs],
+        "best_epoch": best_epoch,
+        "best_checkpoint": best_checkpoint,
+        "init_from": init_from,
+        **{split: dict(metrics) for split, metrics in (final or {}).items()},
+        "success": dict(success or {}),
+        "recipe": dict(recipe or {}),
+    }
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def check_success(criteria: Mapping[str, float], final: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Each criterion ``"<split>/<metric>": threshold`` passes when the final value reaches it."""
+    verdicts = {}
+    for key, threshold in criteria.items():
+        split, _, metric = key.partition("/")
+        if split not in final or metric not in final[split]:
+            raise InputError(f"success_criteria: {key!r} names no final metric; use e.g. val/macro_f1 or test/accuracy")
+        value = float(final[split][metric])
+        verdicts[key] = {"threshold": float(threshold), "value": value, "passed": value >= float(threshold)}
+    return verdicts
+
+
+def write_metrics(layout: RunLayout, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``metrics.json`` (figures to DIGITS decimals); the record as written."""
+    written = rounded(dict(record), DIGITS)
+    write_json(layout.metrics, written)
+    return written
+
+
+def mark_failed(layout: RunLayout, error: str) -> None:
+    """``metrics.json``: status failed and the error, keeping the epochs done so far; a finished
+    record is never overwritten (a job may fail because its folder already held a run)."""
+    record = read_json(layout.metrics)
+    if record.get("status") != FINISHED:
+        write_json(layout.metrics, {**record, "status": FAILED, "error": error})
+
+
+def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str = MONITOR) -> int | None:
+    """The first epoch with the highest monitored value (what ModelCheckpoint keeps)."""
+    if not epochs:
+        return None
+    return max(epochs, key=lambda epoch: (epoch[monitor], -epoch["epoch"]))["epoch"]
+
+
+def prediction_table(
+    cells: pd.DataFrame, targets: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
+) -> pd.DataFrame:
+    """One row a cell: id, donor, cell type, true and predicted class, one probability a class."""
+    table = pd.DataFrame(
+        {
+            "cell_id": cells["cell_id"].to_numpy(),
+            "donor": cells["donor"].to_numpy(),
+            "cell_type": cells["cell_type"].to_numpy(),
+            "true": np.asarray(class_names)[targets],
+            "predicted": np.asarray(class_names)[probabilities.argmax(axis=1)],
+        }
+    )
+    for column, name in enumerate(class_names):
+        table[probability_column(name)] = probabilities[:, column]
+    return table
+
+
+def probability_column(class_name: str) -> str:
+    return f"prob_{class_name}"
+
+
+def write_predictions(layout: RunLayout, split: str, table: pd.DataFrame) -> None:
+    with atomic_path(layout.prediction_file(split)) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def split_entry(table: pd.DataFrame, metrics: Mapping[str, Any], confusion: Sequence[Sequence[int]],
+                class_names: Sequence[str]) -> dict[str, Any]:
+    """A split's metrics.json entry: its metrics, cells, confusion matrix and, where the split has
+    several donors or cell types, the breakdown by each."""
+    probability_columns = [probability_column(name) for name in class_names]
+    return {**metrics, "cells": len(table), "confusion_matrix": [list(row) for row in confusion],
+            **breakdowns(table, class_names, probability_columns)}
+
+
+def write_split(layout: RunLayout, split: str, table: pd.DataFrame, confusion: Sequence[Sequence[int]],
+                class_names: Sequence[str], run_name: str) -> None:
+    """A split's prediction table and its confusion plot (titled with the run, the split and its donors)."""
+    write_predictions(layout, split, table)
+    donors = ", ".join(sorted(table["donor"].astype(str).unique()))
+    plot_confusion(confusion, class_names, layout.confusion_plot(split), f"{run_name}, {split}: {donors}")
+
+
+def read_predictions(layout: RunLayout, split: str) -> pd.DataFrame:
+    return pd.read_csv(layout.prediction_file(split), dtype={"cell_id": str, "donor": str, "cell_type": str})
+
+
+# ---- reading ----
+
+RUN_MARKERS = ("metrics.json", "config.yaml", "cv.json", ".hydra/config.yaml")
+
+
+@dataclass
+class Run:
+    """One run directory as read from disk; ``metrics`` is empty while there is no metrics.json."""
+
+    path: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    cv: dict[str, Any]
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.path)
+
+    @property
+    def is_cv(self) -> bool:
+        return bool(self.cv)
+
+    @property
+    def status(self) -> str:
+        if self.is_cv:
+            return str(self.cv.get("status", RUNNING))
+        return str(self.metrics.get("status", "no metrics.json"))
+
+    @property
+    def finished(self) -> bool:
+        if self.is_cv:
+            return bool(self.cv.get("folds"))
+        return self.status == FINISHED and all(split in self.metrics for split in EVAL_SPLITS)
+
+    @property
+    def epochs(self) -> list[dict[str, float]]:
+        return list(self.metrics.get("epochs", []))
+
+    @property
+    def name(self) -> str:
+        return str(self.metrics.get("run_name") or self.cv.get("run_name") or self.config.get("run_name")
+                   or self.path.name)
+
+    def headline(self, split: str, metric: str) -> float:
+        """A final figure: the run's own, or for a CV run the mean over its folds (NaN if absent)."""
+        if self.is_cv:
+            return float(self.cv.get("aggregate", {}).get(split, {}).get(metric, {}).get("mean", np.nan))
+        return float(self.metrics.get(split, {}).get(metric, np.nan))
+
+    def spread(self, split: str, metric: str) -> float:
+        """For a CV run, the standard deviation over its folds; NaN otherwise."""
+        return float(self.cv.get("aggregate", {}).get(split, {}).get(metric, {}).get("sd", np.nan))
+
+    @property
+    def class_names(self) -> list[str]:
+        """From the per-class recalls of the final metrics, else of the epochs, else the config."""
+        source = self.metrics.get(VAL) or (self.epochs[-1] if self.epochs else {})
+        names = [key.rsplit("/", 1)[1] for key in source if key.startswith(("recall/", "val/recall/"))]
+        return names or list(self.cv.get("class_names", [])) or list(self.config.get("data", {}).get("labels", []))
+
+    def donors(self, split: str) -> list[str]:
+        """The donors of a split: recorded by the run, else the config's (train: not recorded there)."""
+        recorded = self.metrics.get("donors", {}).get(split)
+        if recorded is not None:
+            return list(recorded)
+        return list(self.config.get("data", {}).get(f"{split}_donors") or [])
+
+    def fold_runs(self) -> list[Run]:
+        """The folds of a CV run, in test-donor order of cv.json, then any others on disk."""
+        if not self.layout.folds.is_dir():
+            return []
+        return [read_run(path) for path in sorted(self.layout.folds.iterdir()) if is_run_dir(path)]
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A YAML config as plain containers (resolved where its interpolations allow), {} if absent."""
+    if not path.is_file():
+        return {}
+    try:
+        loaded = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable config ({error}); the run directory is damaged") from None
+    try:
+        return OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException:  # e.g. a resolver only a Hydra app has
+        return OmegaConf.to_container(loaded, resolve=False)
+
+
+def read_run(path: str | os.PathLike[str]) -> Run:
+    """metrics.json, cv.json and the config of a run directory (config.yaml, else Hydra's copy)."""
+    layout = RunLayout(Path(path))
+    metrics = read_json(layout.metrics)
+    if layout.metrics.is_file() and not metrics:
+        metrics = {"status": "unreadable metrics.json"}
+    config = read_config(layout.config) or read_config(layout.root / ".hydra" / "config.yaml")
+    return Run(path=layout.root, metrics=metrics, config=config, cv=read_json(layout.cv_json))
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in RUN_MARKERS)
+
+
+def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories among ``paths`` and under them.
+
+    A run's own sub-folders (eval/, folds/) are not separate runs: a CV run is one run.
+    """
+    found: dict[Path, None] = {}
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            raise InputError(f"{path}: no such directory; give run directories or sweep roots")
+        before = len(found)
+        for folder, subfolders, _ in os.walk(path):
+            folder_path = Path(folder)
+            if is_run_dir(folder_path):
+                found[folder_path.resolve()] = None
+                subfolders.clear()
+            else:
+                subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        if len(found) == before:
+            raise InputError(f"{path}: holds no run directory (none with {', '.join(RUN_MARKERS)} at any depth)")
+    return list(found)

@@ -1,0 +1,136 @@
+"""Leave-one-donor-out cross-validation: folds, their summary, continuing, sweeps and paired comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose_train, run_script, tiny_overrides
+from scipy import stats
+
+from geneformer_colon import cli, cv
+from geneformer_colon.baseline.naive_bayes import run_baseline
+from geneformer_colon.errors import InputError
+from geneformer_colon.report.compare import compare_runs
+from geneformer_colon.training import train
+
+FOLDS = ["cv=lodo", "cv.folds=[KUL01,KUL19]", "logger=csv", "trainer.limit_train_batches=4"]
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cv_runs(tmp_path_factory, shared_dirs) -> dict:
+    """A CV run of two folds made in two goes (the second continues the first), and the CV baseline."""
+    out = tmp_path_factory.mktemp("cv")
+    common = tiny_overrides(out, shared_dirs) + ["experiment=colon6", *FOLDS]
+    first = cv.run(train, compose_train(common + ["cv.folds=[KUL01]"]))
+    kul01 = out / "colon6" / "folds" / "KUL01"
+    before = (kul01 / "metrics.json").stat().st_mtime_ns
+    objective = cv.run(train, compose_train(common + ["resume=true"]))
+    baseline = cv.run(run_baseline, compose_train(common, "baseline"))
+    return {"dir": out / "colon6", "first": first, "objective": objective, "kul01_untouched":
+            (kul01 / "metrics.json").stat().st_mtime_ns == before, "baseline_dir": out / "colon6-naive_bayes",
+            "baseline": baseline}
+
+
+def test_each_fold_is_a_complete_run_and_no_donor_is_in_two_splits(cv_runs):
+    run_dir = cv_runs["dir"]
+    assert sorted(path.name for path in (run_dir / "folds").iterdir()) == ["KUL01", "KUL19"]
+    donors = ["KUL01", "KUL19", "KUL21", "KUL28", "KUL30", "KUL31"]
+    for test_donor, val_donor in (("KUL01", "KUL19"), ("KUL19", "KUL21")):  # the next donor validates
+        fold = run_dir / "folds" / test_donor
+        for name in ("config.yaml", "metrics.json", "checkpoints/best.ckpt", "predictions/test.csv", "history.md"):
+            assert (fold / name).is_file(), (test_donor, name)
+        metrics = read(fold / "metrics.json")
+        assert metrics["donors"]["test"] == [test_donor] and metrics["donors"]["val"] == [val_donor]
+        assert sorted(metrics["donors"]["train"]) == sorted(set(donors) - {test_donor, val_donor})
+        assert metrics["run_name"] == f"colon6/{test_donor}"
+
+
+def test_cv_json_holds_the_folds_and_their_aggregate(cv_runs):
+    run_dir = cv_runs["dir"]
+    summary = read(run_dir / "cv.json")
+    assert summary["status"] == "partial" and summary["missing"] == ["KUL21", "KUL28", "KUL30", "KUL31"]
+    assert [fold["test_donor"] for fold in summary["folds"]] == ["KUL01", "KUL19"]
+    folds = [read(run_dir / "folds" / donor / "metrics.json") for donor in ("KUL01", "KUL19")]
+    for row, metrics in zip(summary["folds"], folds):
+        for split in ("val", "test"):
+            for key in ("accuracy", "macro_f1", "macro_auroc", "recall/Tumor"):
+                assert row[split][key] == metrics[split][key], (split, key)
+        assert row["best_epoch"] == metrics["best_epoch"] and row["cells"] == metrics["cells"]
+    f1 = [metrics["test"]["macro_f1"] for metrics in folds]
+    aggregate = summary["aggregate"]["test"]["macro_f1"]
+    assert aggregate["mean"] == pytest.approx(np.mean(f1), abs=1e-4)
+    assert aggregate["sd"] == pytest.approx(np.std(f1, ddof=1), abs=1e-4)
+    assert (aggregate["min"], aggregate["max"]) == (min(f1), max(f1))
+    half = stats.t.ppf(0.975, 1) * np.std(f1, ddof=1) / np.sqrt(2)
+    assert aggregate["ci95"] == pytest.approx([np.mean(f1) - half, np.mean(f1) + half], abs=1e-3)
+    markdown = (run_dir / "cv.md").read_text()
+    assert "| KUL01 | KUL19 |" in markdown and "95% CI of the mean" in markdown and "Not finished: KUL21" in markdown
+    assert (run_dir / "plots" / "cv_per_donor.png").is_file()
+
+
+def test_the_objective_is_the_mean_validation_macro_f1_and_finished_folds_are_skipped(cv_runs):
+    run_dir = cv_runs["dir"]
+    val = [read(run_dir / "folds" / donor / "metrics.json")["val"]["macro_f1"] for donor in ("KUL01", "KUL19")]
+    assert cv_runs["first"] == pytest.approx(val[0])
+    assert cv_runs["objective"] == pytest.approx(np.mean(val))
+    assert cv_runs["kul01_untouched"]
+
+
+def test_the_baseline_cross_validates_in_the_same_format_and_compare_pairs_the_donors(cv_runs, tmp_path, capsys):
+    baseline = read(cv_runs["baseline_dir"] / "cv.json")
+    assert baseline["kind"] == "baseline" and [f["test_donor"] for f in baseline["folds"]] == ["KUL01", "KUL19"]
+    assert list(baseline["aggregate"]) == list(read(cv_runs["dir"] / "cv.json")["aggregate"])
+
+    frame, (pair,) = compare_runs([cv_runs["dir"], cv_runs["baseline_dir"]], tmp_path)
+    assert list(frame["folds"]) == [2, 2] and "test_macro_f1_sd" in frame
+    assert pair.donors == ["KUL01", "KUL19"]
+    p, sentence = pair.test()
+    assert "across 2 donors" in sentence and "no outcome can reach p < 0.05" in sentence
+    cli.main(["compare", str(cv_runs["dir"]), str(cv_runs["baseline_dir"]), "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "test macro F1 by donor" in printed and "smallest possible p is 0.500" in printed
+    assert "## Paired comparison across donors" in (tmp_path / "comparison.md").read_text()
+
+
+def test_a_paired_test_with_enough_donors_gives_a_p_value():
+    from geneformer_colon.report.compare import PairedComparison
+
+    donors = [f"D{i}" for i in range(8)]
+    pair = PairedComparison("a", "b", donors, [0.5] * 8, [0.6, 0.7, 0.55, 0.62, 0.58, 0.65, 0.61, 0.59])
+    p, sentence = pair.test()
+    assert p == pytest.approx(stats.wilcoxon(pair.differences).pvalue) and p < 0.05
+    assert "no outcome" not in sentence
+
+
+def test_fold_plans_and_their_errors():
+    donors = ["KUL01", "KUL19", "KUL21"]
+    assert [(f.test_donor, f.val_donor) for f in cv.plan_folds(donors, None, None)] == [
+        ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL01")]
+    assert [(f.test_donor, f.val_donor) for f in cv.plan_folds(donors, None, "KUL19")] == [
+        ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL19")]
+    with pytest.raises(InputError, match="KUL99"):
+        cv.plan_folds(donors, ["KUL99"], None)
+    with pytest.raises(InputError, match="at least three donors"):
+        cv.plan_folds(donors[:2], None, None)
+
+
+def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script("train.py", "-m", *tiny_overrides(tmp_path / "outputs", shared_dirs), *FOLDS,
+                        "trainer.max_epochs=1", "loss.focal_gamma=0,1.5", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary["status"]) == ["finished", "finished"] and list(summary["folds"]) == [2, 2]
+    for row in summary.itertuples():
+        cv_json = read(Path(row.run_dir) / "cv.json")
+        assert row.val_macro_f1 == pytest.approx(cv_json["aggregate"]["val"]["macro_f1"]["mean"])
+        assert row.test_macro_f1_sd == pytest.approx(cv_json["aggregate"]["test"]["macro_f1"]["sd"])
+    assert "test macro F1 sd" in (sweep_dir / "summary.md").read_text()

@@ -1,0 +1,184 @@
+"""Reliability: a paused run resumes exactly, a run directory moves safely, bad values get one line,
+concurrent runs share the cache. The signals are real, sent to real `train.py` processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_train, run_script, tiny_overrides
+
+from geneformer_colon.builders import read_checkpoint
+from geneformer_colon.errors import InputError
+from geneformer_colon.training import train
+
+# Every random stream of a training step in use (masking, mixup, dropout), gradient accumulation,
+# and the class-donor sampler; three epochs.
+RECIPE = ["trainer.max_epochs=3", "callbacks.early_stopping=null", "augment.token_mask_prob=0.05",
+          "augment.mixup_prob=0.5", "data.balance_strategy=class_donor", "trainer.accumulate_grad_batches=2",
+          "logger=csv"]
+
+
+def pause_at(marker: Path, epoch: int = 1, batch: int = 4) -> list[str]:
+    return ["+callbacks.pause._target_=pause.PauseAtStep", f"+callbacks.pause.epoch={epoch}",
+            f"+callbacks.pause.batch={batch}", f"+callbacks.pause.marker={marker}"]
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def fingerprints(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def wait_for(path: Path, process, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before reaching the pause (exit {process.returncode})"
+        assert time.monotonic() < deadline, "the run never reached the pause"
+        time.sleep(0.1)
+
+
+def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_would(tmp_path, shared_dirs):
+    outputs = tmp_path / "outputs"
+    common = tiny_overrides(outputs, shared_dirs) + RECIPE
+    marker = tmp_path / "paused.marker"
+    log = open(tmp_path / "paused.log", "w")
+    paused = run_script("train.py", *common, "run_name=paused", *pause_at(marker), wait=False, stdout=log,
+                        stderr=log)
+    straight = run_script("train.py", *common, "run_name=straight", *pause_at(tmp_path / "never", epoch=99))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    wait_for(marker, paused)
+    paused.send_signal(signal.SIGTERM)
+    (tmp_path / "paused.marker.sent").touch()
+    assert paused.wait(timeout=300) == 128 + signal.SIGTERM, (tmp_path / "paused.log").read_text()[-3000:]
+    log.close()
+    assert "resume=true" in (tmp_path / "paused.log").read_text()
+
+    # last.ckpt holds the middle of the second epoch, at the end of a gradient-accumulation window
+    run_dir = outputs / "paused"
+    last = read_checkpoint(run_dir / "checkpoints/last.ckpt")
+    position = last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert last["epoch"] == 1 and position["epoch"] == 1
+    assert position["batches"] == 6 and position["batches"] < metrics(outputs / "straight")["cells"]["train"] / 32
+    assert metrics(run_dir)["status"] == "running"
+
+    # A copy of the interrupted run directory, resumed elsewhere, writes into itself only.
+    copy = tmp_path / "elsewhere" / "paused-copy"
+    shutil.copytree(run_dir, copy)
+    before = fingerprints(run_dir)
+    resumed_copy = run_script("train.py", *tiny_overrides(tmp_path / "elsewhere", shared_dirs), *RECIPE,
+                              "run_name=paused-copy", *pause_at(marker), "resume=true")
+    assert resumed_copy.returncode == 0, resumed_copy.stderr[-3000:]
+    assert fingerprints(run_dir) == before
+    resumed = run_script("train.py", *common, "run_name=paused", *pause_at(marker), "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = metrics(outputs / "straight")
+    for finished in (metrics(run_dir), metrics(copy)):
+        assert finished["status"] == "finished"
+        assert finished["epochs"] == expected["epochs"]  # every epoch's val metrics, to the last digit kept
+        assert finished["best_epoch"] == expected["best_epoch"]
+        for split in ("val", "test"):
+            assert finished[split] == expected[split], split
+    assert metrics(copy)["best_checkpoint"] == "checkpoints/best.ckpt"
+
+    # last.ckpt is the latest state, whichever epoch was best
+    assert read_checkpoint(outputs / "straight/checkpoints/last.ckpt")["epoch"] == 2
+
+
+def test_resume_refuses_a_changed_recipe_unless_allowed_and_then_records_it(tmp_path, shared_dirs):
+    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=recipe", "trainer.limit_train_batches=3"]
+    train(compose_train(common))
+    with pytest.raises(InputError) as refused:
+        train(compose_train(common + ["resume=true", "optimizer.lr=1e-3", "data.batch_size=8"]))
+    message = str(refused.value)
+    assert "optimizer.lr: 0.002 -> 0.001" in message and "data.batch_size: 32 -> 8" in message
+    assert "allow_resume_changes=true" in message and "\n" not in message
+    train(compose_train(common + ["resume=true", "optimizer.lr=1e-3", "allow_resume_changes=true"]))
+    saved = (tmp_path / "outputs/recipe/config.yaml").read_text()
+    assert "resume_changes:\n- optimizer.lr:\n  - '0.002'\n  - '0.001'" in saved
+
+
+def bad_checkpoints(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "notes.ckpt"
+    text.write_text("not a checkpoint at all")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with_code = folder / "code.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, with_code)
+    return {"text": text, "code": with_code}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, shared_dirs):
+    """Each bad value or file in its own train.py process (two at a time), all under one run_name."""
+    tmp_path = tmp_path_factory.mktemp("bad")
+    checkpoints = bad_checkpoints(tmp_path / "files")
+    cases = {
+        "optimizer.lr=0": "optimizer.lr is 0; set it to a number > 0",
+        "data.batch_size=0": "data.batch_size is 0; set it to an integer >= 1",
+        "trainer.max_epochs=0": "trainer.max_epochs is 0; set it to an integer >= 1",
+        "model.tokenizer.input_size=0": "model.tokenizer.input_size is 0",
+        "augment.mixup_prob=2": "augment.mixup_prob is 2",
+        "loss.focal_gamma=-1": "loss.focal_gamma is -1",
+        f"init_from={checkpoints['text']}": "notes.ckpt: not a PyTorch Lightning checkpoint",
+        f"init_from={checkpoints['code']}": "code.ckpt: holds objects a checkpoint written by train.py does not hold",
+    }
+    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same", "logger=csv"]
+    results = {}
+    pending = list(cases)
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        logs = {case: open(tmp_path / f"{len(results) + i}.log", "w+") for i, case in enumerate(batch)}
+        processes = {case: run_script("train.py", *common, case, wait=False, stdout=logs[case], stderr=logs[case])
+                     for case in batch}
+        for case, process in processes.items():
+            process.wait(timeout=300)
+            logs[case].seek(0)
+            results[case] = (process.returncode, logs[case].read(), cases[case])
+            logs[case].close()
+    return tmp_path, common, results
+
+
+def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(bad_runs):
+    tmp_path, common, results = bad_runs
+    for case, (code, output, expected) in results.items():
+        assert code == 2, (case, output[-2000:])
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and expected in errors[0], (case, output[-2000:])
+        assert "Traceback" not in output and "Error in call to target" not in output, case
+        assert "weights_only=False" not in output and "this must never run" not in output, case
+    # the same run_name works once the value is fixed: a failed start blocks nothing
+    train(compose_train(common + ["trainer.fast_dev_run=true"]))
+    assert metrics(tmp_path / "outputs/same")["status"] == "finished"
+
+
+def test_two_runs_started_together_on_new_data_build_the_cache_once(tmp_path):
+    shared = {"data": tmp_path / "data", "cache": tmp_path / "cache"}
+    common = tiny_overrides(tmp_path / "outputs", shared) + ["data.source.seed=11", "debug=fdr"]
+    logs = [open(tmp_path / f"{i}.log", "w") for i in range(2)]
+    runs = [run_script("train.py", *common, f"run_name=together{i}", wait=False, stdout=logs[i], stderr=logs[i])
+            for i in range(2)]
+    for number, process in enumerate(runs):
+        assert process.wait(timeout=300) == 0, (tmp_path / f"{number}.log").read_text()[-3000:]
+    for name in ("ingest", "tokens", "dictionaries"):
+        built = [path for path in (tmp_path / "cache" / name).iterdir() if not path.name.startswith(".")]
+        assert len(built) == 1, (name, built)
+    assert not list((tmp_path / "cache").rglob("*.tmp-*"))
+    assert pickle.loads((tmp_path / "outputs/together0/dictionaries/token_dictionary.pkl").read_bytes()) == \
+        pickle.loads((tmp_path / "outputs/together1/dictionaries/token_dictionary.pkl").read_bytes())
