@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from geneformer_colon.console import report_input_errors
+
+if TYPE_CHECKING:
+    from geneformer_colon.predict import GeneIds
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -31,6 +35,51 @@ def _history(args: argparse.Namespace) -> None:
     print(entry)
     if args.append:
         print(f"appended to {append_history(entry, args.append)}")
+
+
+def _genes(args: argparse.Namespace) -> GeneIds:
+    from geneformer_colon.predict import GeneIds
+
+    return GeneIds(ensembl_key=args.ensembl_key, gene_names=args.gene_names, symbol_key=args.symbol_key)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from geneformer_colon.predict import metrics_dir, predict_h5ad
+    from geneformer_colon.trained import TrainedClassifier
+
+    added = predict_h5ad(TrainedClassifier.load(args.model), args.input, args.out, prefix=args.prefix, layer=args.layer,
+                         genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
+                         cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
+                         device=args.device)
+    counts = added[f"{args.prefix}_label"].value_counts()
+    print(f"{args.out}: {len(added)} cells; predicted " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    if args.label_key:
+        print(f"metrics: {metrics_dir(args.out).root}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from geneformer_colon.embed import embed
+
+    scores = embed(args.model, args.input, args.out, colours=args.color.split(","), genes=_genes(args),
+                   layer=args.layer, batch_size=args.batch_size, device=args.device)
+    print(f"{scores['cells']} cells; silhouette " + ", ".join(
+        f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from geneformer_colon.export import export_run
+
+    print(export_run(args.run_dir, args.out_dir))
+
+
+def _gene_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layer", help="counts from layers[LAYER] (default: X)")
+    parser.add_argument("--ensembl-key", help="the var column of Ensembl ids (default: the var index)")
+    parser.add_argument("--gene-names", help="map gene symbols to Ensembl ids with this gene_name_id_dict .pkl or "
+                                             "symbol/id .tsv")
+    parser.add_argument("--symbol-key", help="with --gene-names: the var column of symbols (default: the var index)")
+    parser.add_argument("--batch-size", type=int, default=64, help="cells a forward pass (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("run_dir")
     history.add_argument("--append", metavar="FILE", help="also append the entry to FILE (e.g. TRAINING_HISTORY.md)")
     history.set_defaults(run=_history)
+
+    predict = commands.add_parser("predict", help="classify the cells of any h5ad of raw counts into a copy of it")
+    predict.add_argument("model", help="a run directory (its best checkpoint) or an export (geneformer-colon export)")
+    predict.add_argument("input", help="an .h5ad of raw counts (never written to)")
+    predict.add_argument("--out", required=True, help="the .h5ad to write: the input with predictions and embeddings")
+    predict.add_argument("--prefix", default="gfc", help="names of the new obs/obsm/uns entries (default gfc)")
+    predict.add_argument("--label-key", help="obs column of true classes: also write metrics next to --out")
+    predict.add_argument("--donor-key", help="with --label-key: obs column of donors (metrics by donor)")
+    predict.add_argument("--cell-type-key", help="with --label-key: obs column of cell types (metrics by cell type)")
+    predict.add_argument("--chunk-cells", type=int, default=10_000, help="cells read at a time (default 10000)")
+    _gene_options(predict)
+    predict.set_defaults(run=_predict)
+
+    embed = commands.add_parser("embed", help="UMAPs and silhouette scores of cell embeddings (the donor shift)")
+    embed.add_argument("model", help="a run directory or an export")
+    embed.add_argument("input", nargs="?", help="an .h5ad of raw counts (default: the run's val and test cells)")
+    embed.add_argument("--color", default="donor,label,predicted,cell_type",
+                       help="obs columns to colour by, comma-separated (default donor,label,predicted,cell_type)")
+    embed.add_argument("--out", help="folder for the PNGs, silhouette.json and embedding.h5ad")
+    _gene_options(embed)
+    embed.set_defaults(run=_embed)
+
+    export = commands.add_parser("export", help="a run's classifier as a Hugging Face directory with its dictionaries")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.set_defaults(run=_export)
     return parser
 
 

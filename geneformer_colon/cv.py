@@ -25,6 +25,7 @@ from geneformer_colon.builders import plain
 from geneformer_colon.config import check_values
 from geneformer_colon.errors import InputError
 from geneformer_colon.report.crossval import write_cv_summary
+from geneformer_colon.report.history import write_history
 from geneformer_colon.rundir import FINISHED, VAL, RunLayout, read_run, save_config
 from geneformer_colon.sweep import in_multirun
 
@@ -118,6 +119,7 @@ def run_folds(task: Task, cfg: DictConfig) -> float:
             record = task(fold_config(cfg, parent, fold))
         scores.append(record[VAL]["macro_f1"])
         write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule)
+    write_history(read_run(parent.root))
     return float(np.mean(scores))
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from geneformer_colon.builders import build_datamodule, classifier_from_checkpoint, plain, resolve_precision
-from geneformer_colon.config import compose_run_config
+from geneformer_colon.config import check_targets, compose_run_config
 from geneformer_colon.errors import InputError
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
@@ -50,18 +50,18 @@ def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
     return arguments
 
 
-def evaluation_config(layout: RunLayout, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
-    """The run's saved config under the overrides, tokenizing with the run's own dictionaries.
-
-    Validation donors are dropped unless given, so any donor may be a test donor.
-    """
+def run_config(layout: RunLayout, overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
+    """The run's saved config (its targets checked), under ``overrides`` in Hydra's grammar when there are any
+    (group options come from ``conf_dir``), tokenizing with the run's own dictionaries."""
     if not layout.config.is_file():
-        hint = " (a cross-validated run: evaluate one of its folds/<donor>)" if layout.folds.is_dir() else ""
-        raise InputError(f"{layout.root}: no config.yaml{hint}; run_dir must be a directory written by train.py")
+        raise InputError(f"{layout.root}: no config.yaml; run_dir must be a directory written by train.py")
     if layout.folds.is_dir():
-        raise InputError(f"{layout.root}: a cross-validated run; evaluate one of its folds, "
-                         f"run_dir={layout.folds}/<test donor>")
-    cfg = compose_run_config(layout.config, ["data.val_donors=[]", *overrides], conf_dir)
+        raise InputError(f"{layout.root}: a cross-validated run; use one of its folds, run_dir={layout.folds}/<donor>")
+    if overrides:
+        cfg = compose_run_config(layout.config, overrides, conf_dir)
+    else:
+        cfg = OmegaConf.load(layout.config)
+        check_targets(cfg, str(layout.config))
     dictionaries = layout.dictionaries
     with open_dict(cfg):
         cfg.model.tokenizer.token_dictionary = str(dictionaries / "token_dictionary.pkl")
@@ -90,7 +90,7 @@ def run_evaluation(run_dir: str | Path, overrides: Sequence[str], conf_dir: Path
                    allow_training_donors: bool = False) -> dict[str, Any]:
     """Test the run's best checkpoint; write metrics, predictions and plots to run_dir/eval/<name>/."""
     layout = RunLayout(Path(run_dir))
-    cfg = evaluation_config(layout, overrides, conf_dir)
+    cfg = run_config(layout, ["data.val_donors=[]", *overrides], conf_dir)  # any donor may be a test donor
     check_unseen(layout, cfg, allow_training_donors)
     name = name or "test-" + "-".join(cfg.data.test_donors)
     out = layout.evaluation(name)

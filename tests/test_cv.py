@@ -74,6 +74,8 @@ def test_cv_json_holds_the_folds_and_their_aggregate(cv_runs):
     markdown = (run_dir / "cv.md").read_text()
     assert "| KUL01 | KUL19 |" in markdown and "95% CI of the mean" in markdown and "Not finished: KUL21" in markdown
     assert (run_dir / "plots" / "cv_per_donor.png").is_file()
+    history = (run_dir / "history.md").read_text()
+    assert "**Leave one donor out:**" in history and "| KUL01 | KUL19 |" in history and "cv.strategy | lodo" in history
 
 
 def test_the_objective_is_the_mean_validation_macro_f1_and_finished_folds_are_skipped(cv_runs):

@@ -9,13 +9,19 @@ from conftest import REPO_ROOT
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
+from geneformer_colon.predict import GeneIds, predict_h5ad
 from geneformer_colon.report.compare import TABLE_FILE
+from geneformer_colon.trained import TrainedClassifier
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "geneformer-colon-tests"
 
 
-def test_notebook_executes_on_two_runs(trained_runs, tmp_path, monkeypatch):
+def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, shared_dirs, tmp_path, monkeypatch):
+    canonical = next((shared_dirs["cache"] / "ingest").glob("*.h5ad"))
+    predicted = tmp_path / "predicted.h5ad"
+    predict_h5ad(TrainedClassifier.load(trained_runs[0]), canonical, predicted, genes=GeneIds("ensembl_id"))
+    monkeypatch.setenv("GENEFORMER_COLON_PREDICTED", str(predicted))
     # a kernelspec running this very interpreter (ipykernel writes sys.executable), found via JUPYTER_PATH
     install(kernel_name=KERNEL, prefix=str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
@@ -34,5 +40,6 @@ def test_notebook_executes_on_two_runs(trained_runs, tmp_path, monkeypatch):
         assert run_dir.name in text  # in the comparison table and the confusion-matrix headings
     assert "loss.focal_gamma" in text and "val/macro_f1" in text
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) == 2 + 2 * len(trained_runs)  # epochs, recall, val and test confusion per run
+    assert len(images) == 3 + 2 * len(trained_runs)  # epochs, recall, val and test confusion per run, the UMAP
+    assert "gfc_label" in text
     assert (tmp_path / "comparison" / TABLE_FILE).is_file()

@@ -64,7 +64,7 @@ class H5adCounts:
                 names = names_text(layers.keys())
                 self.close()
                 raise InputError(f"{self.path}: layer '{layer}' missing (layers: {names}); set {layer_setting} "
-                                 "to the layer of raw counts, or null to use X")
+                                 "to the layer of raw counts")
             element = layers[layer]
         self.matrix = self._rows_reader(element)
         check_cells(self.obs.index, self.path)

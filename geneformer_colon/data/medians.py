@@ -41,9 +41,9 @@ Only integers are counted and compared, so the invariant holds exactly, and the 
 picked are float64 values computed as the definition computes them, combined as ``np.median``
 combines them: the result is bit-identical to ``np.median`` of each gene's values in memory.
 A refinement shrinks an interval's width in keys at least 256-fold (a width of at most 256
-becomes 1) or makes it split, so a gene is done after at most 7 selection passes from a histogram bin (2^48 keys), 9 from an edge bin: at most 8 passes in all
-(10 with values outside [2^-14, 2^14)), usually 2, 3 when some median bins together hold more
-values than the budget.
+becomes 1) or makes it split, so a gene is done after at most 7 selection passes from a
+histogram bin (2^48 keys), 9 from an edge bin: at most 8 passes in all (10 with values outside
+[2^-14, 2^14)), usually 2, 3 when some median bins together hold more values than the budget.
 
 Memory, besides the chunk that the caller's iterator holds: the pass-1 histogram, 450 x
 ``n_genes`` int32 (61 MB for 33,694 genes, freed after pass 1); ten int64/int8 arrays of

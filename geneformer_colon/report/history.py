@@ -14,6 +14,7 @@ from pathlib import Path
 from geneformer_colon.config import display, flatten
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
+from geneformer_colon.report.crossval import cv_markdown
 from geneformer_colon.report.summary import BREAKDOWN_TITLES
 from geneformer_colon.rundir import EVAL_SPLITS, METRICS, Run, is_run_dir, read_run
 from geneformer_colon.tables import markdown_table
@@ -116,7 +117,9 @@ def history_entry(run: Run, when: datetime.datetime | None = None) -> str:
         "**Validation per epoch:**\n",
         epoch_table(run, classes),
     ]
-    if run.finished:
+    if run.is_cv:
+        parts = parts[:-2] + ["**Leave one donor out:**\n", cv_markdown(run.cv).split("\n", 2)[2]]
+    elif run.finished:
         parts += ["**Final metrics** (best checkpoint):\n", final_table(run, classes), *breakdown_tables(run),
                   "**Success criteria:**\n", success_lines(run)]
     else:

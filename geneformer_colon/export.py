@@ -1,0 +1,78 @@
+"""A run's classifier as a Hugging Face directory: ``geneformer-colon export RUN_DIR OUT_DIR``.
+
+OUT_DIR holds:
+
+- ``config.json`` + ``model.safetensors``: the encoder, a ``BertModel`` (``save_pretrained``), loadable
+  with transformers alone (``BertModel.from_pretrained(OUT_DIR)``), with ``id2label``/``label2id``;
+- ``cell_classifier.safetensors``: the classifier head (a linear layer on the pooled embedding);
+- ``cell_classifier.json``: the pooling, the classes, the tokenizer settings and where it came from;
+- ``token_dictionary.pkl``, ``gene_median_dictionary.pkl`` (and ``ensembl_mapping_dict.pkl``): the
+  gene dictionaries the run tokenized with;
+- ``README.md``: a model card (data, donors, recipe, the run's metrics).
+
+``geneformer-colon predict OUT_DIR ...`` gives the same probabilities as from the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from transformers.utils import logging as transformers_logging
+
+from geneformer_colon.io import atomic_path
+from geneformer_colon.report.history import recipe_rows
+from geneformer_colon.rundir import EVAL_SPLITS, METRICS, read_run
+from geneformer_colon.tables import markdown_table
+from geneformer_colon.trained import EXPORT_HEAD, EXPORT_SETTINGS, TrainedClassifier
+
+
+def model_card(model: TrainedClassifier, run_dir: Path) -> str:
+    """The README.md of an export: what the model is, what it was trained on, its recipe, how it scored."""
+    run = read_run(run_dir)
+    scores = [[f"{split} ({', '.join(run.donors(split))})", *(run.metrics.get(split, {}).get(m) for m in METRICS)]
+              for split in EVAL_SPLITS]
+    return "\n".join([
+        "---\nlibrary_name: transformers\ntags: [geneformer, single-cell, cell-classification]\n---\n",
+        f"# {run.name}: a Geneformer cell classifier ({', '.join(model.class_names)})\n",
+        "Fine-tuned with geneformer-colon. The encoder is a BERT (`BertModel.from_pretrained` of this folder); "
+        f"cells are pooled by `{model.module.encoder.pooling}` pooling and classified by the linear head in "
+        f"`{EXPORT_HEAD}`. Cells are tokenized with Geneformer's rank-value encoding "
+        f"({model.settings.model_version}, input size {model.settings.resolved_input_size}) using the gene "
+        "dictionaries of this folder.\n",
+        "Apply it to an h5ad of raw counts:\n",
+        "    geneformer-colon predict <this folder> cells.h5ad --out cells_predicted.h5ad\n",
+        f"- **Training donors:** {', '.join(run.donors('train')) or '-'}",
+        f"- **Best epoch:** {run.metrics.get('best_epoch')} of {len(run.epochs)}",
+        f"- **Checkpoint:** `{model.origin['checkpoint']}`\n",
+        "## Recipe\n", markdown_table(["setting", "value"], recipe_rows(run)),
+        "## Metrics of the run (best checkpoint)\n", markdown_table(["split", *METRICS.values()], scores),
+    ])
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model = TrainedClassifier.from_run(run_dir)
+    bert = model.module.encoder.bert
+    bert.config.id2label = dict(enumerate(model.class_names))
+    bert.config.label2id = {name: index for index, name in enumerate(model.class_names)}
+    described: dict[str, Any] = {
+        "format": 1,
+        "classes": model.class_names,
+        "pooling": model.module.encoder.pooling,
+        "tokenizer": {"model_version": model.settings.model_version,
+                      "input_size": model.settings.resolved_input_size},
+        "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"]},
+    }
+    transformers_logging.disable_progress_bar()
+    with atomic_path(out_dir) as tmp:
+        bert.save_pretrained(tmp)
+        save_file({name: tensor.contiguous() for name, tensor in model.module.head.state_dict().items()},
+                  tmp / EXPORT_HEAD)
+        (tmp / EXPORT_SETTINGS).write_text(json.dumps(described, indent=2) + "\n")
+        model.dictionaries.save(tmp)
+        (tmp / "README.md").write_text(model_card(model, run_dir))
+    return out_dir

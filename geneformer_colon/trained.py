@@ -1,0 +1,126 @@
+"""A trained classifier outside training: loaded from a run directory or an export, applied to tokens.
+
+A run directory gives its best checkpoint (the model rebuilt from the checkpoint's own settings)
+and its ``dictionaries/``; an export (``geneformer-colon export``) gives a Hugging Face BERT, the
+classifier head and its dictionaries. Either way the cells are tokenized as the run tokenized its
+own, and :meth:`TrainedClassifier.apply` returns each cell's class probabilities and the pooled
+embedding the head sees.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from geneformer_colon.builders import classifier_from_checkpoint
+from geneformer_colon.data.datamodule import pad_batch
+from geneformer_colon.data.dictionaries import GeneDictionaries, special_token_ids
+from geneformer_colon.data.samplers import EvalBatchSampler
+from geneformer_colon.data.tokenizer import TokenizedCells, TokenizerSettings
+from geneformer_colon.errors import InputError
+from geneformer_colon.model.backbone import Vocabulary, pretrained_bert
+from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.rundir import RunLayout, read_run
+
+EXPORT_SETTINGS = "cell_classifier.json"
+EXPORT_HEAD = "cell_classifier.safetensors"
+
+
+def load_dictionaries(directory: Path) -> GeneDictionaries:
+    mapping = directory / "ensembl_mapping_dict.pkl"
+    return GeneDictionaries.load(directory / "token_dictionary.pkl", directory / "gene_median_dictionary.pkl",
+                                 mapping if mapping.is_file() else None)
+
+
+def is_export(path: Path) -> bool:
+    return (path / EXPORT_SETTINGS).is_file()
+
+
+@dataclass
+class TrainedClassifier:
+    """The model, the dictionaries and tokenizer settings it was trained with, and where it came from."""
+
+    module: CellClassifier
+    dictionaries: GeneDictionaries
+    settings: TokenizerSettings
+    origin: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.module.class_names)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.module.encoder.hidden_size
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainedClassifier:
+        """A run directory or an export directory."""
+        path = Path(path)
+        if not path.is_dir():
+            raise InputError(f"{path}: no such directory; give a run directory (outputs/<run_name>) or a directory "
+                             "written by geneformer-colon export")
+        return cls.from_export(path) if is_export(path) else cls.from_run(path)
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> TrainedClassifier:
+        layout = RunLayout(run_dir)
+        if layout.folds.is_dir():
+            raise InputError(f"{run_dir}: a cross-validated run; use one of its folds, {layout.folds}/<test donor>")
+        module, checkpoint = classifier_from_checkpoint(run_dir)
+        settings = TokenizerSettings(**module.hparams.tokenizer)
+        run = read_run(run_dir)
+        origin = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "run_name": run.name,
+                  "trained_on": run.donors("train")}
+        return cls(module, load_dictionaries(layout.dictionaries), settings, origin)
+
+    @classmethod
+    def from_export(cls, directory: Path) -> TrainedClassifier:
+        try:
+            described = json.loads((directory / EXPORT_SETTINGS).read_text())
+            head = load_file(directory / EXPORT_HEAD)
+        except (OSError, ValueError) as error:
+            raise InputError(f"{directory}: an incomplete export ({error}); export the run again") from None
+        dictionaries = load_dictionaries(directory)
+        settings = TokenizerSettings(**described["tokenizer"])
+        specials = special_token_ids(dictionaries.token, settings.model_version)
+        vocabulary = Vocabulary(len(dictionaries.token), specials["<pad>"], settings.resolved_input_size, dictionaries)
+        bert = pretrained_bert(vocabulary, directory).eval()
+        module = CellClassifier(bert_config=bert.config.to_dict(), class_names=described["classes"],
+                                special_token_ids=specials, tokenizer=described["tokenizer"],
+                                pooling=described["pooling"], bert=bert)
+        missing, unexpected = module.head.load_state_dict(head, strict=False)
+        if missing or unexpected:
+            raise InputError(f"{directory / EXPORT_HEAD}: not this classifier's head (missing {missing}, unexpected "
+                             f"{unexpected}); export the run again")
+        origin = {"export": str(directory), **described.get("run", {})}
+        return cls(module.eval(), dictionaries, settings, origin)
+
+    @torch.inference_mode()
+    def apply(self, cells: TokenizedCells, batch_size: int = 64, max_tokens: int | None = None,
+              device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (cells x classes) and embeddings (cells x hidden) of tokenized cells, in their
+        order; NaN rows for cells without a token (no gene of the vocabulary)."""
+        module = self.module.to(device).eval()
+        n = len(cells)
+        probabilities = np.full((n, len(self.class_names)), np.nan, dtype=np.float64)
+        embeddings = np.full((n, self.hidden_size), np.nan, dtype=np.float32)
+        lengths = cells.lengths
+        present = np.flatnonzero(lengths > 0)
+        pad_id = special_token_ids(self.dictionaries.token, self.settings.model_version)["<pad>"]
+        tokens = cells.tokens
+        for batch in EvalBatchSampler(lengths[present], batch_size, max_tokens=max_tokens):
+            rows = present[batch]
+            items = [{"tokens": tokens[cells.offsets[row]:cells.offsets[row + 1]], "label": 0, "index": int(row)}
+                     for row in rows]
+            padded = pad_batch(items, pad_id)
+            embedded = module.embed(padded["input_ids"].to(device), padded["attention_mask"].to(device))
+            probabilities[rows] = module.head(embedded).float().softmax(-1).cpu().numpy()
+            embeddings[rows] = embedded.float().cpu().numpy()
+        return probabilities, embeddings
