@@ -11,10 +11,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import BertForMaskedLM
 
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import Vocabulary
+from geneformer_colon.model.masked_genes import MaskedGeneModel, masked_lm
 from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.rundir import RunLayout
 
@@ -56,6 +58,32 @@ def build_module(cfg: DictConfig, datamodule: CellDataModule) -> CellClassifier:
         scheduler=plain(cfg.scheduler),
         seed=cfg.seed,
         bert=bert,
+    )
+
+
+def build_masked_gene_model(cfg: DictConfig, datamodule: CellDataModule) -> MaskedGeneModel:
+    """A BertForMaskedLM around the encoder ``model.encoder`` names; continuing a checkpoint that has a
+    masked-language-model head (a released Geneformer) continues that head too."""
+    vocabulary = vocabulary_of(datamodule)
+    bert = instantiate(cfg.model.encoder, _partial_=True)(vocabulary=vocabulary, seed=cfg.seed)
+    model = masked_lm(bert)
+    encoder = plain(cfg.model.encoder)
+    if encoder.get("pretrained"):
+        released = BertForMaskedLM.from_pretrained(encoder["pretrained"], subfolder=encoder.get("subfolder") or "",
+                                                   revision=encoder.get("revision") or "main")
+        model.cls.load_state_dict(released.cls.state_dict())
+    genes = [token for name, token in datamodule.dictionaries.token.items() if not name.startswith("<")]
+    return MaskedGeneModel(
+        bert_config=bert.config.to_dict(),
+        special_token_ids=datamodule.special_token_ids,
+        gene_token_ids=genes,
+        masking=plain(cfg.pretrain.masking),
+        tokenizer={"model_version": datamodule.settings.model_version,
+                   "input_size": datamodule.settings.resolved_input_size},
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        seed=cfg.seed,
+        model=model,
     )
 
 

@@ -98,8 +98,8 @@ def check_folds_free(parent: RunLayout, folds: Sequence[Fold], resume: bool, ove
         )
 
 
-def run_folds(task: Task, cfg: DictConfig) -> float:
-    """Every fold of ``cv=lodo`` one after the other; the summary rewritten after each; the mean val macro F1."""
+def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
+    """Every fold of ``cv=lodo`` one after the other; the summary rewritten after each; the mean val ``metric``."""
     check_values(cfg)
     parent = RunLayout(cfg.paths.run_dir)
     donors = list(cfg.cv.donors or available_donors(cfg))
@@ -117,16 +117,18 @@ def run_folds(task: Task, cfg: DictConfig) -> float:
         else:
             log.info("fold %s: validation donor %s", fold.test_donor, fold.val_donor)
             record = task(fold_config(cfg, parent, fold))
-        scores.append(record[VAL]["macro_f1"])
+        scores.append(record[VAL][metric])
         write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule)
     write_history(read_run(parent.root))
     return float(np.mean(scores))
 
 
-def run(task: Task, cfg: DictConfig) -> float:
-    """``task`` on the config's split (``cv=none``) or on every fold (``cv=lodo``); the sweeper's objective."""
-    if cfg.cv.strategy == "none":
-        return task(cfg)[VAL]["macro_f1"]
-    if cfg.cv.strategy != "lodo":
-        raise InputError(f"cv.strategy is {cfg.cv.strategy!r}; use cv=none or cv=lodo")
-    return run_folds(task, cfg)
+def run(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
+    """``task`` on the config's split (``cv=none``, or a config without cv) or on every fold (``cv=lodo``);
+    the sweeper's objective: the validation ``metric`` (over folds: its mean)."""
+    strategy = cfg.get("cv", {}).get("strategy", "none")
+    if strategy == "none":
+        return task(cfg)[VAL][metric]
+    if strategy != "lodo":
+        raise InputError(f"cv.strategy is {strategy!r}; use cv=none or cv=lodo")
+    return run_folds(task, cfg, metric)

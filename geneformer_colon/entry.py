@@ -13,12 +13,12 @@ from geneformer_colon import cv
 from geneformer_colon.sweep import in_multirun, run_sweep_job
 
 
-def run_job(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float:
+def run_job(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, metric: str = "macro_f1") -> float:
     """Run ``task`` (over the folds of ``cv`` when set) in Hydra's output directory; return the
-    sweeper's objective. In a sweep a failing job is recorded, not fatal."""
+    sweeper's objective, the validation ``metric``. In a sweep a failing job is recorded, not fatal."""
     with open_dict(cfg):
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
-    job = functools.partial(cv.run, task)
+    job = functools.partial(cv.run, task, metric=metric)
     if in_multirun():
         return run_sweep_job(job, cfg)
     return job(cfg)

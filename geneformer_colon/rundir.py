@@ -188,11 +188,12 @@ def mark_failed(layout: RunLayout, error: str) -> None:
         write_json(layout.metrics, {**record, "status": FAILED, "error": error})
 
 
-def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str = MONITOR) -> int | None:
-    """The first epoch with the highest monitored value (what ModelCheckpoint keeps)."""
+def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str = MONITOR, mode: str = "max") -> int | None:
+    """The first epoch with the best monitored value, highest or lowest by ``mode`` (what ModelCheckpoint keeps)."""
     if not epochs:
         return None
-    return max(epochs, key=lambda epoch: (epoch[monitor], -epoch["epoch"]))["epoch"]
+    sign = 1 if mode == "max" else -1
+    return max(epochs, key=lambda epoch: (sign * epoch[monitor], -epoch["epoch"]))["epoch"]
 
 
 def prediction_table(
@@ -301,7 +302,7 @@ class Run:
         """From the per-class recalls of the final metrics, else of the epochs, else the config."""
         source = self.metrics.get(VAL) or (self.epochs[-1] if self.epochs else {})
         names = [key.rsplit("/", 1)[1] for key in source if key.startswith(("recall/", "val/recall/"))]
-        return names or list(self.cv.get("class_names", [])) or list(self.config.get("data", {}).get("labels", []))
+        return names or list(self.cv.get("class_names", [])) or list(self.config.get("data", {}).get("labels") or [])
 
     def donors(self, split: str) -> list[str]:
         """The donors of a split: recorded by the run, else the config's (train: not recorded there)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,26 +118,40 @@ def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellD
     return final
 
 
-@finishing_wandb_run()
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, test the best checkpoint, write every file of the run; return its metrics.json record.
+@dataclass
+class FittedRun:
+    """What fitting left: the run's files' layout, the trainer and module (its last state), the data,
+    every epoch's validation metrics, the best checkpoint, and how to build its metrics.json record."""
 
-    Everything that can be checked is checked (values, data, model, a resume's checkpoint and
-    recipe) before anything is written to the run directory.
-    """
+    layout: RunLayout
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    datamodule: CellDataModule
+    epochs: list[dict[str, Any]]
+    best_path: str
+    record: Callable[..., dict[str, Any]]
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        return os.path.relpath(self.best_path, self.layout.root) if self.best_path else None
+
+
+def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellDataModule, bool], pl.LightningModule]
+            ) -> FittedRun:
+    """What every training run does: check everything that can be checked (values, data, model, a resume's
+    checkpoint and recipe) before writing anything, prepare the run directory, and fit with the run's
+    checkpoints and records. ``make_module(cfg, datamodule, fresh)``: ``fresh`` unless resuming."""
     layout = RunLayout(cfg.paths.run_dir)
     check_values(cfg)
     resume_from, changes = resume_point(layout, cfg) if cfg.resume else (None, {})
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
-    if cfg.init_from and resume_from is None:
-        log.info("starting from the weights of %s", start_from(module, cfg.init_from, cfg.model.reinit_head))
-    donors = {split: datamodule.split_donors(split) for split in SPLITS}
-    cells = {split: len(datamodule.splits[split]) for split in SPLITS}
+    module = make_module(cfg, datamodule, resume_from is None)
+    donors = {split: datamodule.split_donors(split) for split in SPLITS if len(datamodule.splits[split])}
+    cells = {split: len(datamodule.splits[split]) for split in donors}
 
     def record(status: str, epochs: list[dict[str, Any]], **final: Any) -> dict[str, Any]:
-        return run_record(cfg.run_name, "train", status, donors, cells, epochs, init_from=cfg.init_from,
+        return run_record(cfg.run_name, kind, status, donors, cells, epochs, init_from=cfg.get("init_from"),
                           recipe=recipe(), **final)
 
     if rank_zero_only.rank == 0:  # DDP: the first process writes the run directory
@@ -149,17 +165,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:  # flat keys (loss.focal_gamma, ...) that W&B's run table filters by
         logger.log_hyperparams(flat_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    epochs = list(module.epoch_history)  # evaluating the best checkpoint below reloads its shorter history
     best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
-    best_path = best.best_model_path if best is not None else ""
+    # the epochs now: evaluating the best checkpoint later reloads its shorter history
+    return FittedRun(layout, trainer, module, datamodule, list(module.epoch_history),
+                     best.best_model_path if best is not None else "", record)
 
-    final = evaluate_best(trainer, module, datamodule, best_path, layout, cfg.run_name)
-    summary = record(FINISHED, epochs, final=final, best_epoch=best_epoch(epochs),
-                     best_checkpoint=os.path.relpath(best_path, layout.root) if best_path else None,
-                     success=check_success(cfg.success_criteria, final))
-    if trainer.is_global_zero:
-        summary = write_metrics(layout, summary)
-        report_run(trainer.loggers, summary, module.class_names, layout)
-        write_history(Run(layout.root, summary, OmegaConf.to_container(cfg, resolve=True), {}))
-        print_summary(summary, module.class_names, layout.root)
+
+def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> CellClassifier:
+    module = build_module(cfg, datamodule)
+    if cfg.init_from and fresh:
+        log.info("starting from the weights of %s", start_from(module, cfg.init_from, cfg.model.reinit_head))
+    return module
+
+
+@finishing_wandb_run()
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train, test the best checkpoint, write every file of the run; return its metrics.json record."""
+    run = fit_run(cfg, "train", classifier_for)
+    final = evaluate_best(run.trainer, run.module, run.datamodule, run.best_path, run.layout, cfg.run_name)
+    summary = run.record(FINISHED, run.epochs, final=final, best_epoch=best_epoch(run.epochs),
+                         best_checkpoint=run.best_checkpoint, success=check_success(cfg.success_criteria, final))
+    if run.trainer.is_global_zero:
+        summary = write_metrics(run.layout, summary)
+        report_run(run.trainer.loggers, summary, run.module.class_names, run.layout)
+        write_history(Run(run.layout.root, summary, OmegaConf.to_container(cfg, resolve=True), {}))
+        print_summary(summary, run.module.class_names, run.layout.root)
     return summary

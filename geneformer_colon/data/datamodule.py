@@ -101,7 +101,8 @@ class ResumableDataLoader(DataLoader):
 class CellDataModule(pl.LightningDataModule):
     """Donor-split cells of one data source, tokenized for Geneformer.
 
-    Train is every donor not in ``val_donors`` or ``test_donors``. ``labels`` names the
+    Train is every donor not in ``val_donors`` or ``test_donors`` (or only ``train_donors`` of them,
+    when given). ``labels`` names the
     classes and their order (cells of other labels are left out); ``None`` uses no label at all
     (pretraining). ``cell_types`` optionally keeps only some cell types. When ``tokenizer`` names
     no token dictionary, a vocabulary and gene medians are derived from the training cells and
@@ -116,6 +117,7 @@ class CellDataModule(pl.LightningDataModule):
         labels: Sequence[str] | None = ("Normal", "Border", "Tumor"),
         val_donors: Sequence[str] = ("KUL19",),
         test_donors: Sequence[str] = ("KUL01",),
+        train_donors: Sequence[str] | None = None,
         cell_types: Sequence[str] | None = None,
         balance_strategy: str = "none",
         batch_size: int = 16,
@@ -136,6 +138,7 @@ class CellDataModule(pl.LightningDataModule):
         self.class_names = list(labels or [])
         self.val_donors = list(val_donors or [])
         self.test_donors = list(test_donors or [])
+        self.train_donors = list(train_donors) if train_donors else None
         self.cell_types = list(cell_types) if cell_types else None
         self.balance_strategy = balance_strategy
         self.batch_size = batch_size
@@ -177,7 +180,8 @@ class CellDataModule(pl.LightningDataModule):
                 self.tokenizer.get("gene_mapping"),
             )
         key = text_fingerprint(canonical.name, self.settings.model_version, sorted(self.val_donors),
-                               sorted(self.test_donors), sorted(self.cell_types) if self.cell_types else None,
+                               sorted(self.test_donors), sorted(self.train_donors or []),
+                               sorted(self.cell_types) if self.cell_types else None,
                                sorted(self.class_names) if self.uses_labels else None)
         directory = self.cache_dir / "dictionaries" / key
         build_once(directory, lambda tmp: self._derive_dictionaries(canonical).save(tmp),
@@ -188,7 +192,7 @@ class CellDataModule(pl.LightningDataModule):
         with H5adCounts(canonical) as file:
             obs = file.obs.assign(position=np.arange(file.shape[0]))
         cells = self._filter_frame(obs)
-        train = cells["position"].to_numpy()[~cells["donor"].isin(self.val_donors + self.test_donors).to_numpy()]
+        train = cells["position"].to_numpy()[self.split_of(cells) == TRAIN]
         log.info("deriving a vocabulary and gene medians from %d training cells", len(train))
         counts = CellCounts.from_canonical(canonical, self.source.describe(), rows=np.sort(train))
         return derive_dictionaries(counts, model_version=self.settings.model_version)
@@ -204,13 +208,16 @@ class CellDataModule(pl.LightningDataModule):
         """Check the donors, cell types and labels asked for; keep cells of those types and labels."""
         source = self.source.describe()
         donors = sorted(cells["donor"].astype(str).unique())
-        for key, asked in (("data.val_donors", self.val_donors), ("data.test_donors", self.test_donors)):
+        for key, asked in (("data.val_donors", self.val_donors), ("data.test_donors", self.test_donors),
+                           ("data.train_donors", self.train_donors or [])):
             unknown = sorted(set(asked) - set(donors))
             if unknown:
                 raise InputError(f"{source}: {key} names unknown donor(s) {unknown}; donors present: {donors}")
-        shared = sorted(set(self.val_donors) & set(self.test_donors))
+        shared = sorted(set(self.val_donors) & set(self.test_donors)
+                        | (set(self.train_donors or []) & set(self.val_donors + self.test_donors)))
         if shared:
-            raise InputError(f"data.val_donors and data.test_donors share {shared}; a donor belongs to one split")
+            raise InputError(f"data.train_donors, val_donors and test_donors share {shared}; a donor belongs to "
+                             "one split")
         if self.cell_types:
             present = sorted(cells["cell_type"].astype(str).unique())
             unknown = sorted(set(self.cell_types) - set(present))
@@ -237,6 +244,13 @@ class CellDataModule(pl.LightningDataModule):
             obs = file.obs
         return sorted(self._filter_frame(obs)["donor"].astype(str).unique())
 
+    def split_of(self, cells: pd.DataFrame) -> np.ndarray:
+        """Each cell's split by its donor ("" for a donor in none: not in train_donors when they are given)."""
+        donors = cells["donor"]
+        training = donors.isin(self.train_donors).to_numpy() if self.train_donors else True
+        return np.where(donors.isin(self.val_donors), VAL,
+                        np.where(donors.isin(self.test_donors), TEST, np.where(training, TRAIN, "")))
+
     def setup(self, stage: str | None = None) -> None:
         """Split by donor. Every class must have cells in each split the stage uses
         (fit: train and val; validate: val; test: test; None: all three)."""
@@ -248,11 +262,7 @@ class CellDataModule(pl.LightningDataModule):
                 label_ids = cells["label"].map({name: i for i, name in enumerate(self.class_names)}).to_numpy()
             else:
                 label_ids = np.full(len(cells), -1)
-            donor_split = np.where(
-                cells["donor"].isin(self.val_donors),
-                VAL,
-                np.where(cells["donor"].isin(self.test_donors), TEST, TRAIN),
-            )
+            donor_split = self.split_of(cells)
             for split in SPLITS:
                 in_split = donor_split == split
                 self.splits[split] = TokenDataset(self.store, cells.index.to_numpy()[in_split], label_ids[in_split])
@@ -261,6 +271,8 @@ class CellDataModule(pl.LightningDataModule):
             self._check_split(split)
 
     def _check_split(self, split: str) -> None:
+        if (split == VAL and not self.val_donors) or (split == TEST and not self.test_donors):
+            return  # no donor asked for that split (pretraining has no test split, eval no validation split)
         if len(self.splits[split]) == 0:
             raise InputError(
                 f"{self.store.source}: the {split} split has no cell (data.val_donors={self.val_donors}, "

@@ -39,6 +39,22 @@ def _decayed(name: str) -> bool:
     return not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
 
 
+def optimization(module: pl.LightningModule, optimizer: dict[str, Any] | None, scheduler: dict[str, Any] | None
+                 ) -> dict[str, Any]:
+    """``configure_optimizers``' answer: the optimizer config node called with the trainable parameters (no
+    weight decay on biases and norms), the scheduler node with the run's total number of optimizer steps."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    groups = [  # named for LearningRateMonitor's columns (lr-AdamW/weights, ...)
+        {"params": [p for name, p in named if _decayed(name)], "name": "weights"},
+        {"params": [p for name, p in named if not _decayed(name)], "weight_decay": 0.0, "name": "biases_norms"},
+    ]
+    made = instantiate_trusted(optimizer or DEFAULT_OPTIMIZER, _WHERE, _partial_=True)(groups)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    schedule = instantiate_trusted(scheduler or DEFAULT_SCHEDULER, _WHERE, _partial_=True)(
+        made, num_training_steps=total)
+    return {"optimizer": made, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 def step_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (seed, epoch, batch, rank)."""
     return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -182,16 +198,7 @@ class CellClassifier(pl.LightningModule):
     # ---- optimisation ----
 
     def configure_optimizers(self) -> dict[str, Any]:
-        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        groups = [  # named for LearningRateMonitor's columns (lr-AdamW/weights, ...)
-            {"params": [p for name, p in named if _decayed(name)], "name": "weights"},
-            {"params": [p for name, p in named if not _decayed(name)], "weight_decay": 0.0, "name": "biases_norms"},
-        ]
-        optimizer = instantiate_trusted(self.hparams.optimizer or DEFAULT_OPTIMIZER, _WHERE, _partial_=True)(groups)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = instantiate_trusted(self.hparams.scheduler or DEFAULT_SCHEDULER, _WHERE, _partial_=True)(
-            optimizer, num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # ---- checkpoints carry the per-epoch history, so a resumed run's metrics.json is whole ----
 

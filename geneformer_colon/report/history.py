@@ -16,7 +16,7 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.report.crossval import cv_markdown
 from geneformer_colon.report.summary import BREAKDOWN_TITLES
-from geneformer_colon.rundir import EVAL_SPLITS, METRICS, Run, is_run_dir, read_run
+from geneformer_colon.rundir import EVAL_SPLITS, FINISHED, METRICS, Run, is_run_dir, read_run
 from geneformer_colon.tables import markdown_table
 
 # The settings the team's log records for every run, in its column order.
@@ -29,7 +29,7 @@ RECIPE_KEYS = (
     "augment.token_mask_prob", "augment.mixup_prob", "augment.mixup_alpha",
     "optimizer._target_", "optimizer.lr", "optimizer.weight_decay", "scheduler.name", "scheduler.warmup_ratio",
     "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.precision",
-    "callbacks.early_stopping.patience", "cv.strategy", "seed",
+    "callbacks.early_stopping.patience", "cv.strategy", "pretrain.masking.*", "seed",
 )
 
 
@@ -52,32 +52,43 @@ def started_from(run: Run) -> str:
     return f"pretrained Geneformer `{pretrained}`" if pretrained else "random init (`model.encoder`)"
 
 
+def figures(run: Run, classes: Sequence[str]) -> list[tuple[str, str]]:
+    """(title, metric) of what a run scores: a classifier's headline metrics and recall per class, else
+    whatever its validation epochs hold (a pretraining run: masked-gene loss and accuracy)."""
+    if run.metrics.get("kind") != "pretrain":
+        return [*((title, key) for key, title in METRICS.items()), *((f"recall {name}", f"recall/{name}")
+                                                                    for name in classes)]
+    names = [key.split("/", 1)[1] for key in (run.epochs[0] if run.epochs else {}) if key.startswith("val/")]
+    return [(name.replace("_", " "), name) for name in names]
+
+
 def epoch_table(run: Run, classes: Sequence[str]) -> str:
     if not run.epochs:
         return "_No epochs recorded._\n"
-    headers = ["epoch", *METRICS.values(), *(f"recall {name}" for name in classes)]
+    columns = figures(run, classes)
     rows = []
     for epoch in run.epochs:
         mark = " (best)" if epoch["epoch"] == run.metrics.get("best_epoch") else ""
-        rows.append([f"{epoch['epoch']}{mark}", *(epoch.get(f"val/{key}") for key in METRICS),
-                     *(epoch.get(f"val/recall/{name}") for name in classes)])
-    return markdown_table(headers, rows)
+        rows.append([f"{epoch['epoch']}{mark}", *(epoch.get(f"val/{key}") for _, key in columns)])
+    return markdown_table(["epoch", *(title for title, _ in columns)], rows)
 
 
 def final_table(run: Run, classes: Sequence[str]) -> str:
-    """A row a metric, a column a split (named with its donors)."""
-    headers = ["metric", *(f"{split} ({', '.join(run.donors(split))})" for split in EVAL_SPLITS)]
-    keys = [*METRICS, "loss", *(f"{kind}/{name}" for kind in ("precision", "recall") for name in classes)]
-    titles = [*METRICS.values(), "loss", *(key.replace("/", " ") for key in keys[len(METRICS) + 1:])]
-    return markdown_table(headers, [[title, *(run.metrics[split].get(key) for split in EVAL_SPLITS)]
-                                    for title, key in zip(titles, keys)])
+    """A row a metric, a column a split that was scored (named with its donors)."""
+    splits = [split for split in EVAL_SPLITS if split in run.metrics]
+    headers = ["metric", *(f"{split} ({', '.join(run.donors(split))})" for split in splits)]
+    rows = figures(run, classes)
+    if run.metrics.get("kind") != "pretrain":
+        rows = [*rows[: len(METRICS)], ("loss", "loss"), *((f"precision {name}", f"precision/{name}")
+                                                           for name in classes), *rows[len(METRICS):]]
+    return markdown_table(headers, [[title, *(run.metrics[split].get(key) for split in splits)] for title, key in rows])
 
 
 def breakdown_tables(run: Run) -> list[str]:
     parts = []
     for split in EVAL_SPLITS:
         for key, name in BREAKDOWN_TITLES.items():
-            groups = run.metrics[split].get(key)
+            groups = run.metrics.get(split, {}).get(key)
             if groups:
                 parts += [f"**{split} by {name}:**\n", markdown_table(
                     [name, "cells", *METRICS.values()],
@@ -119,7 +130,7 @@ def history_entry(run: Run, when: datetime.datetime | None = None) -> str:
     ]
     if run.is_cv:
         parts = parts[:-2] + ["**Leave one donor out:**\n", cv_markdown(run.cv).split("\n", 2)[2]]
-    elif run.finished:
+    elif run.status == FINISHED:
         parts += ["**Final metrics** (best checkpoint):\n", final_table(run, classes), *breakdown_tables(run),
                   "**Success criteria:**\n", success_lines(run)]
     else:
