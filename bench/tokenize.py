@@ -1,14 +1,19 @@
-"""Benchmark: ingest and tokenize a full-size KUL3 look-alike (27,414 cells x 33,694 genes).
+"""Benchmark: ingest, gene medians and tokenizing, at KUL3 size and at atlas size, time and peak memory.
 
-    python bench/tokenize.py [--cells 27414] [--genes 33694] [--dir data/bench]
+    python bench/tokenize.py                                # a full-size KUL3 look-alike, from GEO text
+    python bench/tokenize.py --cells 1000000 --genes 10000  # an atlas-size h5ad, read in chunks
 
-Writes the synthetic GEO files once (reused on later runs), then times, each stage in a fresh
-process so that its peak memory is its own:
+KUL3 size (27,414 cells x 33,694 genes, ~3,700 genes a cell): the synthetic GEO files are written
+once, then each stage runs in a fresh process, so that its peak memory is its own:
 
-1. ingest: the GEO text to the canonical ``.h5ad`` (a one-off per dataset, cached);
-2. derive: a vocabulary and gene medians from the cells (only when training from scratch);
-3. tokenize V1 / V2: read the ``.h5ad``, rank-value encode every cell, write the token store:
-   what every new set of dictionaries or tokenizer settings costs.
+1. ingest: the GEO text to the canonical ``.h5ad`` (once per dataset, cached);
+2. derive: a vocabulary and gene medians from the cells (training from scratch only);
+3. tokenize V1 / V2: rank-value encode every cell into a token store.
+
+Atlas size (``--cells`` above 100,000): an ``.h5ad`` of synthetic counts is written in chunks (a
+block of generated cells repeated, each copy with its own cell ids), then: (1) ingest as
+``data=h5ad`` does, (2) derive, (3) tokenize V1. Every stage reads the matrix a chunk of cells at
+a time, so its memory stays bounded whatever the number of cells.
 
 Peak memory is the process's peak resident size above what it held after its imports, set
 against the size of the CSR matrix (data + indices + indptr).
@@ -28,8 +33,11 @@ import resource  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+ATLAS_CELLS = 100_000
+BLOCK_CELLS = 50_000  # generated once, repeated to make an atlas
 
 
 def _rss_bytes() -> int:
@@ -56,51 +64,78 @@ def _run(stage: Callable[[], str]) -> tuple[float, int, str]:
     return outcome
 
 
-def _ingest(geo_dir: Path, h5ad: Path) -> Callable[[], str]:
+def _ingest_geo(geo_dir: Path, canonical: Path) -> Callable[[], str]:
     def stage() -> str:
-        from geneformer_colon.data import ingest, synthetic
+        from geneformer_colon.data.sources import KUL3Source
+        from geneformer_colon.data.synthetic import GENE_TABLE_FILE
 
-        adata = ingest.read_kul3(geo_dir / synthetic.MATRIX_FILE, geo_dir / synthetic.ANNOTATION_FILE,
-                                 gene_map=geo_dir / synthetic.GENE_TABLE_FILE)
-        adata.write_h5ad(h5ad)
-        X = adata.X
-        return f"{adata.n_obs} cells x {adata.n_vars} genes, {X.nnz / adata.n_obs:.0f} genes a cell"
+        KUL3Source(data_dir=str(geo_dir), gene_map=str(geo_dir / GENE_TABLE_FILE)).write_canonical(canonical)
+        return "GEO text -> canonical"
 
     return stage
 
 
-def _derive(h5ad: Path, out: Path) -> Callable[[], str]:
+def _ingest_h5ad(path: Path, canonical: Path) -> Callable[[], str]:
     def stage() -> str:
-        import anndata as ad
+        from geneformer_colon.data.h5ad import h5ad_to_canonical
 
+        h5ad_to_canonical(path, canonical)
+        return "h5ad -> canonical, in chunks"
+
+    return stage
+
+
+def _derive(canonical: Path, out: Path) -> Callable[[], str]:
+    def stage() -> str:
+        from geneformer_colon.data.counts import CellCounts
         from geneformer_colon.data.dictionaries import derive_dictionaries
 
-        dictionaries = derive_dictionaries(ad.read_h5ad(h5ad), model_version="V2")
+        dictionaries = derive_dictionaries(CellCounts.from_canonical(canonical, str(canonical)), model_version="V2")
         dictionaries.save(out)
         return f"vocabulary {len(dictionaries.token)} tokens"
 
     return stage
 
 
-def _tokenize(h5ad: Path, dictionaries: Path, version: str, store_root: Path) -> Callable[[], str]:
+def _tokenize(canonical: Path, dictionaries: Path, version: str, store: Path) -> Callable[[], str]:
     def stage() -> str:
-        import anndata as ad
-
         from geneformer_colon.data.dictionaries import GeneDictionaries
-        from geneformer_colon.data.store import open_or_build_store
+        from geneformer_colon.data.store import TokenStore, build_store
         from geneformer_colon.data.tokenizer import TokenizerSettings
-        from geneformer_colon.io import file_fingerprint
 
         loaded = GeneDictionaries.load(dictionaries / "token_dictionary.pkl",
                                        dictionaries / "gene_median_dictionary.pkl")
         if version == "V1":  # V1 has no <cls>/<eos>: drop them from the derived V2 vocabulary
             token = {gene: i for i, gene in enumerate(g for g in loaded.token if g not in ("<cls>", "<eos>"))}
             loaded = GeneDictionaries(token=token, median=loaded.median)
-        store = open_or_build_store(store_root, h5ad, file_fingerprint(h5ad), lambda: ad.read_h5ad(h5ad), loaded,
-                                    TokenizerSettings(model_version=version))
-        return f"{len(store)} cells, {store.tokens.size / len(store):.0f} tokens a cell"
+        build_store(canonical, str(canonical), loaded, TokenizerSettings(model_version=version), store)
+        opened = TokenStore.open(store)
+        return f"{len(opened)} cells, {opened.tokens.size / len(opened):.0f} tokens a cell"
 
     return stage
+
+
+def write_atlas(path: Path, n_cells: int, n_genes: int) -> None:
+    """An h5ad of ``n_cells`` synthetic cells written in chunks: one generated block, repeated with new ids."""
+    import numpy as np
+    import pandas as pd
+
+    from geneformer_colon.data.canonical import canonical_obs, canonical_var, write_canonical
+    from geneformer_colon.data.synthetic import generate_counts
+
+    block = generate_counts(min(BLOCK_CELLS, n_cells), n_genes, seed=0)
+    annotation = block.annotation
+
+    def chunks() -> Iterator:
+        for start in range(0, n_cells, len(annotation)):
+            yield block.counts[: min(len(annotation), n_cells - start)]
+
+    copies = -(-n_cells // len(annotation))
+    columns = {"Patient": "donor", "Class": "label", "Cell_type": "cell_type", "Sample": "sample"}
+    index = pd.Index([f"{cell}-{copy}" for copy in range(copies) for cell in annotation["Index"]][:n_cells])
+    values = {name: np.tile(annotation[column].to_numpy(), copies)[:n_cells] for column, name in columns.items()}
+    var = canonical_var(block.symbols, block.ensembl_ids, block.symbols)
+    write_canonical(path, chunks(), n_genes, lambda n_counts: canonical_obs(values, index, n_counts), var)
 
 
 def main() -> None:
@@ -109,44 +144,52 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=33_694)
     parser.add_argument("--dir", type=Path, default=Path("data/bench"))
     args = parser.parse_args()
-
-    from geneformer_colon.data.synthetic import write_synthetic_kul3
-
-    geo_dir = args.dir / f"cells{args.cells}-genes{args.genes}"
-    if not (geo_dir / "gene_ids.tsv").is_file():
+    atlas = args.cells > ATLAS_CELLS
+    name = f"atlas{args.cells}-genes{args.genes}.h5ad" if atlas else f"cells{args.cells}-genes{args.genes}"
+    source = args.dir / name
+    if not source.exists():
         started = time.perf_counter()
-        write_synthetic_kul3(geo_dir, n_cells=args.cells, n_genes=args.genes, seed=0)
-        print(f"synthetic GEO files written in {time.perf_counter() - started:.1f} s: {geo_dir}")
-    # Warm the compiled kernels' cache so no stage pays for compilation.
-    _run(_tokenize_warmup)
+        if atlas:
+            write_atlas(source, args.cells, args.genes)
+        else:
+            from geneformer_colon.data.synthetic import write_synthetic_kul3
+
+            write_synthetic_kul3(source, n_cells=args.cells, n_genes=args.genes, seed=0)
+        print(f"synthetic input written in {time.perf_counter() - started:.1f} s: {source}")
+    _run(_warm_up)  # compile the kernels (cached) so no stage pays for it
 
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
-    h5ad = work / "kul3.h5ad"
+    canonical = work / "canonical.h5ad"
     try:
-        rows = [("ingest GEO text -> .h5ad", *_run(_ingest(geo_dir, h5ad)))]
-        import anndata as ad
+        ingest = _ingest_h5ad(source, canonical) if atlas else _ingest_geo(source, canonical)
+        rows = [("ingest -> canonical .h5ad", *_run(ingest))]
+        import h5py
 
-        X = ad.read_h5ad(h5ad).X
-        csr_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
-        del X
-        rows.append(("derive vocabulary + medians", *_run(_derive(h5ad, work / "dictionaries"))))
-        for version in ("V1", "V2"):
-            rows.append((f"tokenize {version}: read .h5ad + encode + write store",
-                         *_run(_tokenize(h5ad, work / "dictionaries", version, work / f"store-{version}"))))
+        with h5py.File(canonical) as handle:
+            csr_bytes = sum(handle["X"][name].size * handle["X"][name].dtype.itemsize
+                            for name in ("data", "indices", "indptr"))
+            nnz = handle["X"]["data"].size
+        rows.append(("derive vocabulary + exact gene medians", *_run(_derive(canonical, work / "dictionaries"))))
+        for version in ("V1",) if atlas else ("V1", "V2"):
+            rows.append((f"tokenize {version}: read + encode + write store",
+                         *_run(_tokenize(canonical, work / "dictionaries", version, work / f"store-{version}"))))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nCSR matrix: {csr_bytes / 1e9:.2f} GB")
-    print(f"{'stage':<52} {'time':>8} {'peak extra':>11} {'x CSR':>6}  detail")
+    print(f"\n{args.cells} cells x {args.genes} genes, {nnz / args.cells:.0f} genes a cell; "
+          f"CSR matrix: {csr_bytes / 1e9:.2f} GB")
+    print(f"{'stage':<46} {'time':>8} {'per 1k cells':>12} {'peak extra':>11} {'x CSR':>6}  detail")
     for name, seconds, peak, detail in rows:
-        print(f"{name:<52} {seconds:>7.2f}s {peak / 1e9:>9.2f}GB {peak / csr_bytes:>6.2f}  {detail}")
+        print(f"{name:<46} {seconds:>7.1f}s {1000 * seconds / args.cells:>11.3f}s {peak / 1e9:>9.2f}GB "
+              f"{peak / csr_bytes:>6.2f}  {detail}")
 
 
-def _tokenize_warmup() -> str:
+def _warm_up() -> str:
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
 
+    from geneformer_colon.data.counts import CellCounts
     from geneformer_colon.data.dictionaries import derive_dictionaries
     from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_cells
 
@@ -155,7 +198,8 @@ def _tokenize_warmup() -> str:
     adata = ad.AnnData(counts)
     adata.var_names = [f"ENSG{i:011d}" for i in range(30)]
     for version in ("V1", "V2"):
-        tokenize_cells(adata, derive_dictionaries(adata, version), TokenizerSettings(model_version=version))
+        cells = CellCounts.from_anndata(adata)
+        tokenize_cells(cells, derive_dictionaries(cells, version), TokenizerSettings(model_version=version))
     return ""
 
 
