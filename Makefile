@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow bench clean
+.PHONY: install train test test-slow bench bench-speed pretrain-demo clean
 
 install: $(STAMP)
 
@@ -28,6 +28,19 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/tokenize.py --cells 1000000 --genes 10000
+
+bench-speed: $(STAMP)
+	$(BIN)/python bench/train_speed.py
+
+# Pretrain a tiny model on the embedded data, then fine-tune colon6 from it and from random
+# weights with the same seed, and compare the two.
+pretrain-demo: $(STAMP)
+	$(BIN)/python pretrain.py overwrite=true
+	$(BIN)/python train.py experiment=colon6 model=pretrained model.encoder.pretrained=outputs/pretrain/hf \
+		run_name=colon6-pretrained overwrite=true
+	$(BIN)/python train.py experiment=colon6 run_name=colon6-random overwrite=true
+	$(BIN)/python -m geneformer_colon compare outputs/colon6-pretrained outputs/colon6-random
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

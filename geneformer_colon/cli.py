@@ -66,6 +66,15 @@ def _embed(args: argparse.Namespace) -> None:
         f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
 
 
+def _cv(args: argparse.Namespace) -> None:
+    from geneformer_colon.report.crossval import gather
+
+    summary = gather(args.run_dir)
+    test = summary["aggregate"]["test"]["macro_f1"]
+    print(f"{len(summary['folds'])} of {len(summary['donors'])} folds; test macro F1 mean {test['mean']:.3f} "
+          f"(sd {test['sd'] if test['sd'] is not None else float('nan'):.3f}); {args.run_dir}/cv.md")
+
+
 def _export(args: argparse.Namespace) -> None:
     from geneformer_colon.export import export_run
 
@@ -129,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", help="folder for the PNGs, silhouette.json and embedding.h5ad")
     _gene_options(embed)
     embed.set_defaults(run=_embed)
+
+    cross = commands.add_parser("cv", help="rewrite a cv=lodo run's cv.json, cv.md and plot from its folds")
+    cross.add_argument("run_dir")
+    cross.set_defaults(run=_cv)
 
     export = commands.add_parser("export", help="a run's classifier as a Hugging Face directory with its dictionaries")
     export.add_argument("run_dir")

@@ -78,6 +78,13 @@ def test_cv_json_holds_the_folds_and_their_aggregate(cv_runs):
     assert "**Leave one donor out:**" in history and "| KUL01 | KUL19 |" in history and "cv.strategy | lodo" in history
 
 
+def test_the_summary_is_gathered_again_from_the_folds(cv_runs, capsys):
+    before = read(cv_runs["dir"] / "cv.json")
+    cli.main(["cv", str(cv_runs["dir"])])
+    assert "2 of 6 folds" in capsys.readouterr().out
+    assert read(cv_runs["dir"] / "cv.json") == before
+
+
 def test_the_objective_is_the_mean_validation_macro_f1_and_finished_folds_are_skipped(cv_runs):
     run_dir = cv_runs["dir"]
     val = [read(run_dir / "folds" / donor / "metrics.json")["val"]["macro_f1"] for donor in ("KUL01", "KUL19")]

@@ -16,7 +16,7 @@ import torch
 from conftest import compose_train, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
-from geneformer_colon.errors import InputError
+from geneformer_colon.errors import InputError, input_error_in
 from geneformer_colon.training import train
 
 # Every random stream of a training step in use (masking, mixup, dropout), gradient accumulation,
@@ -48,6 +48,7 @@ def wait_for(path: Path, process, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_would(tmp_path, shared_dirs):
     outputs = tmp_path / "outputs"
     common = tiny_overrides(outputs, shared_dirs) + RECIPE
@@ -124,45 +125,45 @@ def bad_checkpoints(folder: Path) -> dict[str, Path]:
     return {"text": text, "code": with_code}
 
 
-@pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory, shared_dirs):
-    """Each bad value or file in its own train.py process (two at a time), all under one run_name."""
-    tmp_path = tmp_path_factory.mktemp("bad")
+# Each path to a one-line error: a value checked up front, an error raised inside an object Hydra
+# builds (which Hydra wraps), and the two ways a checkpoint file is refused.
+IN_A_PROCESS = {
+    "optimizer.lr=0": "optimizer.lr is 0; set it to a number > 0",
+    "augment.mixup_prob=2": "augment.mixup_prob is 2",
+    "init_from={text}": "notes.ckpt: not a PyTorch Lightning checkpoint",
+    "init_from={code}": "code.ckpt: holds objects a checkpoint written by train.py does not hold",
+}
+IN_THIS_PROCESS = {
+    "data.batch_size=0": "data.batch_size is 0; set it to an integer >= 1",
+    "trainer.max_epochs=0": "trainer.max_epochs is 0; set it to an integer >= 1",
+    "model.tokenizer.input_size=0": "model.tokenizer.input_size is 0",
+    "loss.focal_gamma=-1": "loss.focal_gamma is -1",
+    "data.max_tokens=100": "data.max_tokens is 100, less than one cell",
+}
+
+
+def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(tmp_path, shared_dirs):
     checkpoints = bad_checkpoints(tmp_path / "files")
-    cases = {
-        "optimizer.lr=0": "optimizer.lr is 0; set it to a number > 0",
-        "data.batch_size=0": "data.batch_size is 0; set it to an integer >= 1",
-        "trainer.max_epochs=0": "trainer.max_epochs is 0; set it to an integer >= 1",
-        "model.tokenizer.input_size=0": "model.tokenizer.input_size is 0",
-        "augment.mixup_prob=2": "augment.mixup_prob is 2",
-        "loss.focal_gamma=-1": "loss.focal_gamma is -1",
-        f"init_from={checkpoints['text']}": "notes.ckpt: not a PyTorch Lightning checkpoint",
-        f"init_from={checkpoints['code']}": "code.ckpt: holds objects a checkpoint written by train.py does not hold",
-    }
     common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same", "logger=csv"]
-    results = {}
-    pending = list(cases)
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        logs = {case: open(tmp_path / f"{len(results) + i}.log", "w+") for i, case in enumerate(batch)}
-        processes = {case: run_script("train.py", *common, case, wait=False, stdout=logs[case], stderr=logs[case])
-                     for case in batch}
-        for case, process in processes.items():
-            process.wait(timeout=300)
-            logs[case].seek(0)
-            results[case] = (process.returncode, logs[case].read(), cases[case])
-            logs[case].close()
-    return tmp_path, common, results
-
-
-def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(bad_runs):
-    tmp_path, common, results = bad_runs
-    for case, (code, output, expected) in results.items():
-        assert code == 2, (case, output[-2000:])
+    cases = [case.format(**checkpoints) for case in IN_A_PROCESS]
+    logs = {case: open(tmp_path / f"{number}.log", "w+") for number, case in enumerate(cases)}
+    for pair in (cases[:2], cases[2:]):  # two processes at a time
+        running = {case: run_script("train.py", *common, case, wait=False, stdout=logs[case], stderr=logs[case])
+                   for case in pair}
+        for case, process in running.items():
+            assert process.wait(timeout=300) == 2, (case, logs[case].name)
+    for case, expected in zip(cases, IN_A_PROCESS.values()):
+        logs[case].seek(0)
+        output = logs[case].read()
         errors = [line for line in output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and expected in errors[0], (case, output[-2000:])
         assert "Traceback" not in output and "Error in call to target" not in output, case
         assert "weights_only=False" not in output and "this must never run" not in output, case
+    for case, expected in IN_THIS_PROCESS.items():
+        with pytest.raises(Exception) as raised:
+            train(compose_train(common + [case]))
+        error = input_error_in(raised.value)
+        assert error is not None and expected in str(error) and "\n" not in str(error), (case, raised.value)
     # the same run_name works once the value is fixed: a failed start blocks nothing
     train(compose_train(common + ["trainer.fast_dev_run=true"]))
     assert metrics(tmp_path / "outputs/same")["status"] == "finished"

@@ -68,8 +68,8 @@ def test_embedded_default_writes_the_whole_run_directory(tmp_path, shared_dirs):
     overrides = tiny_overrides(tmp_path / "outputs", shared_dirs)
     overrides = [o for o in overrides if not o.startswith(("trainer.max_epochs", "callbacks.progress_bar"))]
     result = subprocess.run(
-        [sys.executable, "train.py", "experiment=colon6", *overrides, "trainer.max_epochs=6",
-         "data.source.n_cells=1200", "optimizer.lr=3e-3"],
+        [sys.executable, "train.py", "experiment=colon6", *overrides, "trainer.max_epochs=5",
+         "data.source.n_cells=900", "optimizer.lr=3e-3"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

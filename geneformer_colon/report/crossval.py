@@ -10,15 +10,29 @@ whatever folds have finished, so folds run by several jobs are gathered by the l
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from geneformer_colon.errors import InputError
 from geneformer_colon.figures import plot_per_donor
-from geneformer_colon.io import atomic_path, file_lock, rounded, write_json
-from geneformer_colon.rundir import DIGITS, EVAL_SPLITS, FINISHED, METRICS, TEST, TRAIN, VAL, RunLayout, read_run
+from geneformer_colon.io import atomic_path, file_lock, read_json, rounded, write_json
+from geneformer_colon.rundir import (
+    DIGITS,
+    EVAL_SPLITS,
+    FINISHED,
+    METRICS,
+    TEST,
+    TRAIN,
+    VAL,
+    RunLayout,
+    read_config,
+    read_run,
+)
 from geneformer_colon.tables import markdown_table
 
 CONFIDENCE = 0.95
@@ -124,3 +138,18 @@ def write_cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequen
                            float(np.mean([fold["chance_macro_f1"] for fold in folds])), parent.cv_plot,
                            f"{run_name}: test macro F1 per left-out donor")
     return cv
+
+
+def gather(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Rewrite a CV run's summary from the folds now under it (folds run elsewhere and copied in, say)."""
+    parent = RunLayout(Path(run_dir))
+    if not parent.folds.is_dir():
+        raise InputError(f"{parent.root}: no folds/ here; give the directory of a cv=lodo run")
+    config = read_config(parent.config)
+    earlier = read_json(parent.cv_json)
+    folds = sorted(path.name for path in parent.folds.iterdir() if path.is_dir())
+    donors = earlier.get("donors") or config.get("cv", {}).get("donors") or folds
+    kind = earlier.get("kind") or ("baseline" if "baseline" in config else "train")
+    rule = earlier.get("val_rule") or "as in each fold's metrics.json"
+    return write_cv_summary(parent, config.get("run_name", parent.root.name), kind, donors,
+                            config.get("data", {}).get("labels") or [], rule)
