@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=None, help="token budget (default: 12 x the input size)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="token budget (default: 6 x the input size)")
     parser.add_argument("--small", action="store_true", help="a few hundred small cells: seconds, for CI")
     parser.add_argument("--dir", type=Path, default=Path("data/bench"))
     args = parser.parse_args()

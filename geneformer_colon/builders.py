@@ -11,12 +11,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import BertForMaskedLM
 
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import Vocabulary
-from geneformer_colon.model.masked_genes import MaskedGeneModel, masked_lm
+from geneformer_colon.model.masked_genes import MaskedGeneModel
 from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.rundir import RunLayout
 
@@ -36,7 +35,7 @@ def build_datamodule(cfg: DictConfig, stage: str | None = None) -> CellDataModul
 
 def vocabulary_of(datamodule: CellDataModule) -> Vocabulary:
     return Vocabulary(len(datamodule.dictionaries.token), datamodule.special_token_ids["<pad>"],
-                      datamodule.store.meta["input_size"], datamodule.dictionaries)
+                      datamodule.store.meta["input_size"], datamodule.dictionaries, datamodule.settings.model_version)
 
 
 def build_module(cfg: DictConfig, datamodule: CellDataModule) -> CellClassifier:
@@ -62,19 +61,13 @@ def build_module(cfg: DictConfig, datamodule: CellDataModule) -> CellClassifier:
 
 
 def build_masked_gene_model(cfg: DictConfig, datamodule: CellDataModule) -> MaskedGeneModel:
-    """A BertForMaskedLM around the encoder ``model.encoder`` names; continuing a checkpoint that has a
-    masked-language-model head (a released Geneformer) continues that head too."""
-    vocabulary = vocabulary_of(datamodule)
-    bert = instantiate(cfg.model.encoder, _partial_=True)(vocabulary=vocabulary, seed=cfg.seed)
-    model = masked_lm(bert)
-    encoder = plain(cfg.model.encoder)
-    if encoder.get("pretrained"):
-        released = BertForMaskedLM.from_pretrained(encoder["pretrained"], subfolder=encoder.get("subfolder") or "",
-                                                   revision=encoder.get("revision") or "main")
-        model.cls.load_state_dict(released.cls.state_dict())
+    """The BertForMaskedLM ``model.encoder`` makes (a checkpoint with a masked-gene head, as a released
+    Geneformer, continues with that head)."""
+    model = instantiate(cfg.model.encoder, _partial_=True)(vocabulary=vocabulary_of(datamodule), seed=cfg.seed,
+                                                            masked_lm=True)
     genes = [token for name, token in datamodule.dictionaries.token.items() if not name.startswith("<")]
     return MaskedGeneModel(
-        bert_config=bert.config.to_dict(),
+        bert_config=model.config.to_dict(),
         special_token_ids=datamodule.special_token_ids,
         gene_token_ids=genes,
         masking=plain(cfg.pretrain.masking),
@@ -150,7 +143,11 @@ def classifier_from_checkpoint(path: str | Path, which: str = "best") -> tuple[C
     if not isinstance(settings, dict) or "bert_config" not in settings:
         raise InputError(f"{checkpoint_path}: holds no model settings (hyper_parameters); use a checkpoint "
                          "written by train.py of this version")
-    module = CellClassifier(**settings)
+    try:
+        module = CellClassifier(**settings)
+    except TypeError as error:
+        raise InputError(f"{checkpoint_path}: its model settings do not fit this version ({error}); use a checkpoint "
+                         "written by train.py of this version") from None
     missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise InputError(f"{checkpoint_path}: its weights do not fit its settings (missing {missing[:3]}, "

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 
 from geneformer_colon.errors import Interrupted
 
@@ -22,18 +22,24 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(Checkpoint):
     """``last.ckpt`` is the latest state: written at every epoch's end, and on SIGTERM or Ctrl-C.
+
+    A ``Checkpoint`` callback, so Lightning runs it after the other callbacks at an epoch's end:
+    the best checkpoint and early stopping have taken the epoch into account when it saves.
 
     A signal during training is not acted on at once: the step in progress (with the rest of its
     gradient-accumulation window) finishes, the state is saved with the data loader's position in
-    the epoch, and :class:`Interrupted` is raised. ``resume=true`` then goes on from exactly there.
-    A second Ctrl-C stops at once (the last epoch's checkpoint stays).
+    the epoch, and :class:`Interrupted` is raised; in an epoch's last window, the epoch (its
+    validation included) finishes first. ``resume=true`` then goes on from exactly there. A
+    second Ctrl-C stops at once (the last epoch's checkpoint stays). Whether training was to stop
+    (early stopping) is saved too, so a run resumed after its last epoch does not train another.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.received: int | None = None
+        self.should_stop = False
         self._previous: dict[int, Any] = {}
 
     # ---- signals ----
@@ -47,8 +53,15 @@ class LastCheckpoint(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning installed its own SIGTERM handler (which would stop mid-accumulation).
         self.received = None
+        trainer.should_stop = trainer.should_stop or self.should_stop
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"should_stop": self.should_stop}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.should_stop = bool(state_dict.get("should_stop", False))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -75,18 +88,16 @@ class LastCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         done = batch_idx + 1
-        at_boundary = done % trainer.accumulate_grad_batches == 0 or done == trainer.num_training_batches
-        if at_boundary and self._stop_requested(trainer):
-            self._save_and_stop(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
-        if self._stop_requested(trainer):
+        window_closed = done % trainer.accumulate_grad_batches == 0
+        if window_closed and done < trainer.num_training_batches and self._stop_requested(trainer):
+            trainer.save_checkpoint(self.path)
             raise Interrupted(self.received, self.path)
 
-    def _save_and_stop(self, trainer: pl.Trainer) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.should_stop = trainer.should_stop
         trainer.save_checkpoint(self.path)
-        raise Interrupted(self.received, self.path)
+        if self._stop_requested(trainer) and not trainer.should_stop:  # else training ends here anyway
+            raise Interrupted(self.received, self.path)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -94,10 +94,42 @@ def check_targets(node: Any, where: str) -> None:
             )
 
 
+def strings_in(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(key path, value) of every string in plain containers."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from strings_in(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, (list, tuple)):
+        for number, value in enumerate(node):
+            yield from strings_in(value, f"{path}[{number}]")
+    elif isinstance(node, str):
+        yield path or "<root>", node
+
+
+def trusted_content(node: Any, where: str) -> Any:
+    """A config from a file a user handed in (a run's config.yaml, a checkpoint's settings), made safe to
+    instantiate: as plain containers, its interpolations resolved (a resolver such as ``oc.create`` makes
+    new nodes, targets included), nothing left that another resolution would turn into something else,
+    and every ``_target_`` one this package ships."""
+    if node is None:
+        return None
+    try:
+        created = node if isinstance(node, (DictConfig, ListConfig)) else OmegaConf.create(node)
+        content = OmegaConf.to_container(created, resolve=True)
+    except (OmegaConfBaseException, ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{where}: not a readable config ({reason}); use a run directory train.py wrote") from None
+    for path, value in strings_in(content):
+        if "${" in value:
+            raise InputError(f"{where}: {path} is {value!r}, an interpolation left after resolving; was the file "
+                             "edited? Use a run directory written by train.py")
+    check_targets(content, where)
+    return content
+
+
 def instantiate_trusted(node: Any, where: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` after :func:`check_targets`."""
-    check_targets(node, where)
-    return instantiate(node, **kwargs)
+    """``hydra.utils.instantiate`` of :func:`trusted_content`."""
+    return instantiate(trusted_content(node, where), **kwargs)
 
 
 # ---- flat keys ----
@@ -144,12 +176,14 @@ def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
             if not is_location_key(key) and len({display(flat[key]) if key in flat else None for flat in flats}) > 1]
 
 
-def recipe_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """Flat keys whose value differs between two configs (where a run is does not count): key -> (before, after)."""
+def recipe_changes(before: Mapping[str, Any], after: Mapping[str, Any], ignore: Sequence[str] = ()
+                   ) -> dict[str, tuple[str, str]]:
+    """Flat keys whose value differs between two configs (where a run is does not count, nor ``ignore``):
+    key -> (before, after)."""
     old, new = flatten(before), flatten(after)
     changes = {}
     for key in dict.fromkeys([*old, *new]):
-        if is_location_key(key):
+        if is_location_key(key) or key in ignore:
             continue
         was, now = (display(old[key]) if key in old else "absent"), (display(new[key]) if key in new else "absent")
         if was != now:
@@ -195,6 +229,9 @@ def check_values(cfg: DictConfig) -> None:
     for key, valid, expected in _VALUE_CHECKS:
         if key in flat and not valid(flat[key]):
             raise InputError(f"{key} is {flat[key]!r}; set it to {expected}")
+    if flat.get("data.max_tokens") is not None and flat.get("trainer.max_epochs") == -1:
+        raise InputError("data.max_tokens needs trainer.max_epochs >= 1: every epoch's batches are planned before "
+                         "training, so that the learning-rate schedule knows the number of steps")
     max_tokens, input_size = flat.get("data.max_tokens"), flat.get("model.tokenizer.input_size")
     if max_tokens is not None and input_size is not None and max_tokens < input_size:
         raise InputError(f"data.max_tokens is {max_tokens}, less than one cell of model.tokenizer.input_size "
@@ -210,7 +247,7 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
     Dotted overrides (``data.test_donors=[KUL21]``, ``+key=...``, ``~key``) apply to the saved
     values; a config group override (``data=h5ad``) replaces that group's node with the option
     from ``conf_dir``, composed against the saved config (its interpolations see the run's paths
-    and seed). The saved file's targets are checked (:func:`check_targets`).
+    and seed). The result is :func:`trusted_content` of the composition.
     """
     try:
         content = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
@@ -218,7 +255,6 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
         raise InputError(f"{saved}: not a readable config ({error}); the run directory is damaged") from None
     if not isinstance(content, dict):
         raise InputError(f"{saved}: not a config mapping; the run directory is damaged")
-    check_targets(content, str(saved))
     groups = {path.name for path in conf_dir.iterdir() if path.is_dir()}
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -246,4 +282,4 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
                 GlobalHydra.instance().initialize(outer)
     with open_dict(cfg):
         cfg.pop("hydra", None)
-    return cfg
+    return OmegaConf.create(trusted_content(cfg, str(saved)))

@@ -28,6 +28,7 @@ from geneformer_colon.report.crossval import write_cv_summary
 from geneformer_colon.report.history import write_history
 from geneformer_colon.rundir import FINISHED, VAL, RunLayout, read_run, save_config
 from geneformer_colon.sweep import in_multirun
+from geneformer_colon.training import allowed_changes, prepare_run_dir, record_changes
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,19 @@ def fold_config(cfg: DictConfig, parent: RunLayout, fold: Fold) -> DictConfig:
     return fold_cfg
 
 
-def check_folds_free(parent: RunLayout, folds: Sequence[Fold], resume: bool, overwrite: bool) -> None:
-    """Before any fold runs: a fold that already holds a run is only taken up with resume=true or overwrite=true."""
+def check_parent(parent: RunLayout, cfg: DictConfig, folds: Sequence[Fold]) -> None:
+    """Before any fold runs: the parent is no single run's directory; the folds already there were made
+    with this recipe (the jobs of one CV run differ in ``cv.folds`` only); a fold that already holds a
+    run is only taken up with resume=true or overwrite=true."""
+    if not parent.folds.is_dir() and parent.holds_a_run():
+        if not cfg.overwrite:
+            raise InputError(f"{parent.root}: holds a run that is not cross-validated; pick another run_name=... "
+                             "for the CV run, or replace it with overwrite=true")
+        prepare_run_dir(parent, overwrite=True)
+    if parent.folds.is_dir() and parent.config.is_file() and not cfg.overwrite:
+        record_changes(cfg, parent, allowed_changes(parent, cfg, ignore=("cv.folds",)))
     taken = [fold.test_donor for fold in folds if parent.fold(fold.test_donor).holds_a_run()]
-    if taken and not (resume or overwrite):
+    if taken and not (cfg.resume or cfg.overwrite):
         raise InputError(
             f"{parent.root}: folds {taken} already hold runs; continue with resume=true (finished folds are "
             "skipped), replace them with overwrite=true, pick other cv.folds, or another run_name=..."
@@ -104,7 +114,7 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     parent = RunLayout(cfg.paths.run_dir)
     donors = list(cfg.cv.donors or available_donors(cfg))
     folds = plan_folds(donors, cfg.cv.folds, cfg.cv.val_donor)
-    check_folds_free(parent, folds, cfg.resume, cfg.overwrite)
+    check_parent(parent, cfg, folds)
     save_config(parent, cfg)
     rule = val_rule(cfg.cv.val_donor)
     kind = "baseline" if "baseline" in cfg else "train"

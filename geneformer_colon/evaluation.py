@@ -10,8 +10,13 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from geneformer_colon.builders import build_datamodule, classifier_from_checkpoint, plain, resolve_precision
-from geneformer_colon.config import check_targets, compose_run_config
+from geneformer_colon.builders import (
+    build_datamodule,
+    classifier_from_checkpoint,
+    plain,
+    resolve_precision,
+)
+from geneformer_colon.config import compose_run_config, trusted_content
 from geneformer_colon.errors import InputError
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
@@ -60,8 +65,7 @@ def run_config(layout: RunLayout, overrides: Sequence[str] = (), conf_dir: Path 
     if overrides:
         cfg = compose_run_config(layout.config, overrides, conf_dir)
     else:
-        cfg = OmegaConf.load(layout.config)
-        check_targets(cfg, str(layout.config))
+        cfg = OmegaConf.create(trusted_content(OmegaConf.load(layout.config), str(layout.config)))
     dictionaries = layout.dictionaries
     with open_dict(cfg):
         cfg.model.tokenizer.token_dictionary = str(dictionaries / "token_dictionary.pkl")

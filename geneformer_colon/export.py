@@ -5,9 +5,9 @@ OUT_DIR holds:
 - ``config.json`` + ``model.safetensors``: the encoder, a ``BertModel`` (``save_pretrained``), loadable
   with transformers alone (``BertModel.from_pretrained(OUT_DIR)``), with ``id2label``/``label2id``;
 - ``cell_classifier.safetensors``: the classifier head (a linear layer on the pooled embedding);
-- ``cell_classifier.json``: the pooling, the classes, the tokenizer settings and where it came from;
+- ``cell_classifier.json``: the pooling, the classes and where it came from;
 - ``token_dictionary.pkl``, ``gene_median_dictionary.pkl`` (and ``ensembl_mapping_dict.pkl``): the
-  gene dictionaries the run tokenized with;
+  gene dictionaries the run tokenized with, and ``tokenizer_settings.json`` (model version, input size);
 - ``README.md``: a model card (data, donors, recipe, the run's metrics).
 
 ``geneformer-colon predict OUT_DIR ...`` gives the same probabilities as from the run directory.
@@ -22,11 +22,18 @@ from typing import Any
 from safetensors.torch import save_file
 from transformers.utils import logging as transformers_logging
 
+from geneformer_colon.data.tokenizer import save_settings
+from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.report.history import recipe_rows
 from geneformer_colon.rundir import EVAL_SPLITS, METRICS, read_run
 from geneformer_colon.tables import markdown_table
-from geneformer_colon.trained import EXPORT_HEAD, EXPORT_SETTINGS, TrainedClassifier
+from geneformer_colon.trained import (
+    EXPORT_HEAD,
+    EXPORT_SETTINGS,
+    TrainedClassifier,
+    is_export,
+)
 
 
 def model_card(model: TrainedClassifier, run_dir: Path) -> str:
@@ -52,9 +59,19 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
     ])
 
 
+def check_out_dir(run_dir: Path, out_dir: Path) -> None:
+    """An export replaces an earlier export, never a folder of anything else (nor the run it comes from)."""
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out == run or out in run.parents or run in out.parents:
+        raise InputError(f"{out_dir}: the export would overlap the run directory {run_dir}; export elsewhere")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not is_export(out_dir):
+        raise InputError(f"{out_dir}: exists and holds other files than an export; give a new or empty folder")
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_out_dir(run_dir, out_dir)
     model = TrainedClassifier.from_run(run_dir)
     bert = model.module.encoder.bert
     bert.config.id2label = dict(enumerate(model.class_names))
@@ -63,8 +80,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "format": 1,
         "classes": model.class_names,
         "pooling": model.module.encoder.pooling,
-        "tokenizer": {"model_version": model.settings.model_version,
-                      "input_size": model.settings.resolved_input_size},
         "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"]},
     }
     transformers_logging.disable_progress_bar()
@@ -74,5 +89,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
                   tmp / EXPORT_HEAD)
         (tmp / EXPORT_SETTINGS).write_text(json.dumps(described, indent=2) + "\n")
         model.dictionaries.save(tmp)
+        save_settings(tmp, model.settings, model.dictionaries)
         (tmp / "README.md").write_text(model_card(model, run_dir))
     return out_dir

@@ -2,8 +2,9 @@
 
 The run directory is a training run's (refusal, ``resume=true``, checkpoints, CSV and W&B logs,
 metrics.json with every epoch's held-out masked-gene loss and accuracy) plus ``hf/``: the best
-epoch's ``BertForMaskedLM`` (``save_pretrained``, safetensors) and the gene dictionaries it was
-trained with, in the file names Geneformer uses. ``model=pretrained model.encoder.pretrained=<run>/hf``
+epoch's ``BertForMaskedLM`` (``save_pretrained``, safetensors), the gene dictionaries it was
+trained with in the file names Geneformer uses, and ``tokenizer_settings.json`` (model version,
+input size, whether ids were mapped). ``model=pretrained model.encoder.pretrained=<run>/hf``
 fine-tunes from it.
 """
 
@@ -13,17 +14,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from geneformer_colon.builders import build_masked_gene_model, read_checkpoint
 from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.data.tokenizer import save_settings
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.masked_genes import MaskedGeneModel
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.wandb_run import finishing_wandb_run
-from geneformer_colon.rundir import FINISHED, VAL, Run, RunLayout, best_epoch, write_metrics
+from geneformer_colon.rundir import (
+    FINISHED,
+    VAL,
+    Run,
+    RunLayout,
+    best_epoch,
+    write_metrics,
+)
 from geneformer_colon.tables import print_table
 from geneformer_colon.training import fit_run
 
@@ -42,6 +50,7 @@ def save_hf(module: MaskedGeneModel, datamodule: CellDataModule, layout: RunLayo
     with atomic_path(layout.hf) as tmp:
         module.model.save_pretrained(tmp)
         datamodule.dictionaries.save(tmp)
+        save_settings(tmp, datamodule.settings, datamodule.dictionaries)
     return layout.hf
 
 
@@ -64,7 +73,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     summary = run.record(FINISHED, run.epochs, final=final, best_epoch=best_epoch(run.epochs, MONITOR, "min"),
                          best_checkpoint=run.best_checkpoint)
     if run.trainer.is_global_zero:
-        save_hf(run.module.cpu() if not torch.cuda.is_available() else run.module, run.datamodule, run.layout)
+        save_hf(run.module, run.datamodule, run.layout)
         summary = write_metrics(run.layout, summary)
         write_history(Run(run.layout.root, summary, OmegaConf.to_container(cfg, resolve=True), {}))
         print_pretraining(summary, run.layout)

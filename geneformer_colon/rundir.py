@@ -311,12 +311,6 @@ class Run:
             return list(recorded)
         return list(self.config.get("data", {}).get(f"{split}_donors") or [])
 
-    def fold_runs(self) -> list[Run]:
-        """The folds of a CV run, in test-donor order of cv.json, then any others on disk."""
-        if not self.layout.folds.is_dir():
-            return []
-        return [read_run(path) for path in sorted(self.layout.folds.iterdir()) if is_run_dir(path)]
-
 
 def read_config(path: Path) -> dict[str, Any]:
     """A YAML config as plain containers (resolved where its interpolations allow), {} if absent."""

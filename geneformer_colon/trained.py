@@ -22,7 +22,11 @@ from geneformer_colon.builders import classifier_from_checkpoint
 from geneformer_colon.data.datamodule import pad_batch
 from geneformer_colon.data.dictionaries import GeneDictionaries, special_token_ids
 from geneformer_colon.data.samplers import EvalBatchSampler
-from geneformer_colon.data.tokenizer import TokenizedCells, TokenizerSettings
+from geneformer_colon.data.tokenizer import (
+    TokenizedCells,
+    TokenizerSettings,
+    load_settings,
+)
 from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import Vocabulary, pretrained_bert
 from geneformer_colon.model.module import CellClassifier
@@ -84,21 +88,26 @@ class TrainedClassifier:
     def from_export(cls, directory: Path) -> TrainedClassifier:
         try:
             described = json.loads((directory / EXPORT_SETTINGS).read_text())
+            tokenizer = {key: load_settings(directory)[key] for key in ("model_version", "input_size")}
+            classes, pooling = list(described["classes"]), str(described["pooling"])
             head = load_file(directory / EXPORT_HEAD)
-        except (OSError, ValueError) as error:
-            raise InputError(f"{directory}: an incomplete export ({error}); export the run again") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{directory}: an incomplete export ({type(error).__name__}: {error}); export the run "
+                             "again") from None
         dictionaries = load_dictionaries(directory)
-        settings = TokenizerSettings(**described["tokenizer"])
+        settings = TokenizerSettings(**tokenizer)
         specials = special_token_ids(dictionaries.token, settings.model_version)
-        vocabulary = Vocabulary(len(dictionaries.token), specials["<pad>"], settings.resolved_input_size, dictionaries)
+        vocabulary = Vocabulary(len(dictionaries.token), specials["<pad>"], settings.resolved_input_size, dictionaries,
+                                settings.model_version)
         bert = pretrained_bert(vocabulary, directory).eval()
-        module = CellClassifier(bert_config=bert.config.to_dict(), class_names=described["classes"],
-                                special_token_ids=specials, tokenizer=described["tokenizer"],
-                                pooling=described["pooling"], bert=bert)
-        missing, unexpected = module.head.load_state_dict(head, strict=False)
-        if missing or unexpected:
-            raise InputError(f"{directory / EXPORT_HEAD}: not this classifier's head (missing {missing}, unexpected "
-                             f"{unexpected}); export the run again")
+        module = CellClassifier(bert_config=bert.config.to_dict(), class_names=classes, special_token_ids=specials,
+                                tokenizer=tokenizer, pooling=pooling, bert=bert)
+        try:
+            module.head.load_state_dict(head)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise InputError(f"{directory / EXPORT_HEAD}: not this classifier's head ({reason}); export the run "
+                             "again") from None
         origin = {"export": str(directory), **described.get("run", {})}
         return cls(module.eval(), dictionaries, settings, origin)
 

@@ -30,7 +30,11 @@ from geneformer_colon.io import remove
 from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
-from geneformer_colon.report.wandb_run import finishing_wandb_run, flat_config, report_run
+from geneformer_colon.report.wandb_run import (
+    finishing_wandb_run,
+    flat_config,
+    report_run,
+)
 from geneformer_colon.rundir import (
     EVAL_SPLITS,
     FINISHED,
@@ -78,6 +82,19 @@ def prepare_run_dir(layout: RunLayout, overwrite: bool) -> None:
         remove(path)
 
 
+def allowed_changes(layout: RunLayout, cfg: DictConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[str, str]]:
+    """How ``cfg``'s recipe differs from the one the run directory's config.yaml records; refused unless
+    ``allow_resume_changes=true``."""
+    changes = recipe_changes(read_config(layout.config), plain(cfg), ignore)
+    if changes and not cfg.allow_resume_changes:
+        listed = "; ".join(f"{key}: {was} -> {now}" for key, (was, now) in changes.items())
+        raise InputError(
+            f"{layout.config}: another recipe than the run's ({listed}); go on with the run's own settings, or "
+            "add allow_resume_changes=true to go on with the new ones (config.yaml then records both)"
+        )
+    return changes
+
+
 def resume_point(layout: RunLayout, cfg: DictConfig) -> tuple[Path, dict[str, tuple[str, str]]]:
     """The checkpoint ``resume=true`` goes on from, and the recipe changes it was allowed to make."""
     last = layout.checkpoint("last")
@@ -85,15 +102,7 @@ def resume_point(layout: RunLayout, cfg: DictConfig) -> tuple[Path, dict[str, tu
         raise InputError(f"{layout.root}: resume=true but there is no checkpoints/last.ckpt to continue from; "
                          "start it without resume=true")
     read_checkpoint(last)
-    changes = recipe_changes(read_config(layout.config), plain(cfg))
-    if changes and not cfg.allow_resume_changes:
-        listed = "; ".join(f"{key}: {was} -> {now}" for key, was, now in
-                           ((key, *values) for key, values in changes.items()))
-        raise InputError(
-            f"{layout.config}: resume=true with another recipe than the run's ({listed}); resume with the run's own "
-            "settings, or add allow_resume_changes=true to go on with the new ones (config.yaml then records both)"
-        )
-    return last, changes
+    return last, allowed_changes(layout, cfg)
 
 
 def record_changes(cfg: DictConfig, layout: RunLayout, changes: dict[str, tuple[str, str]]) -> None:

@@ -88,3 +88,38 @@ def test_a_crafted_config_is_refused_and_nothing_is_written(run_dir, tmp_path):
     assert "data.source._target_ is 'shutil.copyfile'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "written").exists() and not (run_dir / "eval").exists()
+
+    # the same target hidden in an interpolation that makes a node when resolved
+    config["data"]["source"] = "${oc.create:{_target_: shutil.copyfile, src: %s, dst: %s}}" % (
+        run_dir / "config.yaml", tmp_path / "written")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    for overrides in (["data.test_donors=[KUL21]", "allow_training_donors=true"], []):
+        with pytest.raises(InputError, match=r"data.source._target_ is 'shutil.copyfile'"):
+            if overrides:
+                run_evaluation(run_dir, overrides[:1], CONF, allow_training_donors=True)
+            else:
+                from geneformer_colon.evaluation import run_config
+                from geneformer_colon.rundir import RunLayout
+
+                run_config(RunLayout(run_dir))
+    assert not (tmp_path / "written").exists()
+
+
+def test_a_checkpoint_whose_settings_name_a_foreign_target_is_not_loaded(run_dir, tmp_path):
+    import torch
+
+    from geneformer_colon.builders import classifier_from_checkpoint
+    from geneformer_colon.model.module import CellClassifier
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    for loss in ({"_target_": "shutil.copyfile", "src": str(run_dir / "config.yaml"), "dst": str(tmp_path / "w")},
+                 {"_target_": "geneformer_colon.model.losses.FocalLoss",
+                  "focal_gamma": "${oc.create:{_target_: shutil.copyfile, src: %s, dst: %s}}" % (
+                      run_dir / "config.yaml", tmp_path / "w")}):
+        checkpoint["hyper_parameters"]["loss"] = loss
+        torch.save(checkpoint, tmp_path / "crafted.ckpt")
+        with pytest.raises(InputError, match="shutil.copyfile"):
+            classifier_from_checkpoint(tmp_path / "crafted.ckpt")
+        with pytest.raises(InputError, match="shutil.copyfile"):
+            CellClassifier.load_from_checkpoint(tmp_path / "crafted.ckpt")
+    assert not (tmp_path / "w").exists()

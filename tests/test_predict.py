@@ -18,6 +18,7 @@ from conftest import run_script
 from transformers import BertModel
 
 from geneformer_colon import cli
+from geneformer_colon.errors import InputError
 from geneformer_colon.export import export_run
 from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.predict import GeneIds, predict_h5ad
@@ -107,6 +108,13 @@ def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs
                  "token_dictionary.pkl", "gene_median_dictionary.pkl", "README.md"):
         assert (export / name).is_file(), name
     assert "## Metrics of the run" in (export / "README.md").read_text()
+    assert export_run(run_dir, export) == export  # an earlier export may be replaced, nothing else
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    for elsewhere in (tmp_path / "notes", run_dir, run_dir / "hf"):
+        with pytest.raises(InputError):
+            export_run(run_dir, elsewhere)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep" and (run_dir / "metrics.json").is_file()
 
     # the encoder, with transformers alone, gives the run's hidden states
     module = CellClassifier.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt").eval()

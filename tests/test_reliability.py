@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import signal
@@ -12,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import compose_train, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
-from geneformer_colon.errors import InputError, input_error_in
+from geneformer_colon.errors import InputError, Interrupted, input_error_in
 from geneformer_colon.training import train
 
 # Every random stream of a training step in use (masking, mixup, dropout), gradient accumulation,
@@ -98,6 +100,47 @@ def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_wou
     assert read_checkpoint(outputs / "straight/checkpoints/last.ckpt")["epoch"] == 2
 
 
+class SignalAt(pl.Callback):
+    """Ctrl-C (a real SIGINT to this process) at one training batch, once."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch, self.sent = epoch, batch, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch) and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("where", ["last_batch", "early_stop"])
+def test_a_pause_at_an_epochs_end_loses_no_validation_and_adds_no_epoch(tmp_path, shared_dirs, monkeypatch, where):
+    """Ctrl-C in an epoch's last accumulation window: the epoch is validated before the run stops. Ctrl-C in
+    the epoch where early stopping ends training: the run finishes, and a resume trains no other epoch."""
+    import geneformer_colon.training as training
+
+    last = 10  # 324 training cells in batches of 32: batches 0-10
+    stop = ["callbacks.early_stopping.patience=0", "+callbacks.early_stopping.min_delta=1"] \
+        if where == "early_stop" else ["callbacks.early_stopping=null"]
+    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["trainer.max_epochs=3", "logger=csv",
+                                                                 "trainer.accumulate_grad_batches=2", *stop]
+    straight = train(compose_train(common + ["run_name=straight"]))
+    real = training.build_trainer
+    signal_at = SignalAt(1 if where == "early_stop" else 0, last)  # in the epoch's last accumulation window
+    monkeypatch.setattr(training, "build_trainer", lambda cfg, callbacks: real(cfg, callbacks + [signal_at]))
+    if where == "last_batch":
+        with pytest.raises(Interrupted):
+            train(compose_train(common + ["run_name=paused"]))
+        monkeypatch.setattr(training, "build_trainer", real)
+        resumed = train(compose_train(common + ["run_name=paused", "resume=true"]))
+    else:  # early stopping ends training in epoch 1 (patience 0): the pause has nothing left to stop
+        resumed = train(compose_train(common + ["run_name=paused"]))
+        monkeypatch.setattr(training, "build_trainer", real)
+        assert resumed["status"] == "finished"
+        resumed = train(compose_train(common + ["run_name=paused", "resume=true"]))
+    assert [epoch["epoch"] for epoch in resumed["epochs"]] == [epoch["epoch"] for epoch in straight["epochs"]]
+    assert resumed["epochs"] == straight["epochs"] and resumed["test"] == straight["test"]
+
+
 def test_resume_refuses_a_changed_recipe_unless_allowed_and_then_records_it(tmp_path, shared_dirs):
     common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=recipe", "trainer.limit_train_batches=3"]
     train(compose_train(common))
@@ -109,6 +152,16 @@ def test_resume_refuses_a_changed_recipe_unless_allowed_and_then_records_it(tmp_
     train(compose_train(common + ["resume=true", "optimizer.lr=1e-3", "allow_resume_changes=true"]))
     saved = (tmp_path / "outputs/recipe/config.yaml").read_text()
     assert "resume_changes:\n- optimizer.lr:\n  - '0.002'\n  - '0.001'" in saved
+
+    # a cross-validated run: a new recipe is refused for its folds too, and a plain run is no CV run's home
+    cv = common + ["cv=lodo", "cv.folds=[KUL01]", "run_name=cv", "trainer.limit_train_batches=2"]
+    from geneformer_colon import cv as cross_validation
+
+    cross_validation.run(train, compose_train(cv))
+    with pytest.raises(InputError, match=r"optimizer.lr: 0.002 -> 0.001"):
+        cross_validation.run(train, compose_train(cv + ["resume=true", "cv.folds=[KUL19]", "optimizer.lr=1e-3"]))
+    with pytest.raises(InputError, match="not cross-validated"):
+        cross_validation.run(train, compose_train(common + ["cv=lodo", "cv.folds=[KUL01]"]))
 
 
 def bad_checkpoints(folder: Path) -> dict[str, Path]:

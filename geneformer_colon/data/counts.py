@@ -14,7 +14,13 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from geneformer_colon.data.canonical import N_COUNTS, as_csr, check_raw_counts, obs_n_counts, var_gene_ids
+from geneformer_colon.data.canonical import (
+    N_COUNTS,
+    as_csr,
+    check_raw_counts,
+    obs_n_counts,
+    var_gene_ids,
+)
 from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adCounts
 
 Chunk = tuple[sp.csr_matrix, np.ndarray]  # counts of consecutive cells (CSR), their n_counts (float64)

@@ -27,8 +27,6 @@ from geneformer_colon.rundir import SPLITS, TEST, TRAIN, VAL
 log = logging.getLogger(__name__)
 
 STAGE_SPLITS = {"fit": (TRAIN, VAL), "validate": (VAL,), "test": (TEST,), "predict": (TEST,)}
-# Epochs a token-budget plan covers when the trainer sets no end (max_epochs -1).
-_OPEN_ENDED_EPOCHS = 1000
 
 
 class TokenDataset(Dataset):
@@ -149,6 +147,7 @@ class CellDataModule(pl.LightningDataModule):
         self.seed = seed
         self.cache_dir = Path(cache_dir)
         self.train_loader: ResumableDataLoader | None = None
+        self._sampler: TrainBatchSampler | None = None
         self.resume_position: dict[str, int] | None = None
         self.canonical: Path | None = None
         self.store: TokenStore | None = None
@@ -337,10 +336,11 @@ class CellDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         trainer = getattr(self, "trainer", None)
-        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs is not None else 1
-        epochs = max_epochs if max_epochs > 0 else _OPEN_ENDED_EPOCHS
-        self.train_loader = self._loader(self.splits[TRAIN], self.train_sampler(rank, world, epochs),
-                                         ResumableDataLoader)
+        epochs = max(trainer.max_epochs or 1, 1) if trainer is not None else 1
+        if self._sampler is None or (self._sampler.rank, self._sampler.world_size, self._sampler.epochs) != (
+                rank, world, epochs):  # planning a token budget's epochs once per fit, not per request
+            self._sampler = self.train_sampler(rank, world, epochs)
+        self.train_loader = self._loader(self.splits[TRAIN], self._sampler, ResumableDataLoader)
         if self.resume_position is not None:
             self.train_loader.load_state_dict(self.resume_position)
             self.resume_position = None
@@ -360,6 +360,9 @@ class CellDataModule(pl.LightningDataModule):
     def eval_dataloader(self, split: str) -> DataLoader:
         rank, world = self._rank_and_world()
         lengths = self.split_cells(split)["length"].to_numpy()
+        if len(lengths) < world:
+            raise InputError(f"{self.store.source}: the {split} split has {len(lengths)} cells, fewer than the "
+                             f"{world} processes that evaluate it; use fewer devices or more {split} donors")
         sampler = EvalBatchSampler(lengths, self.eval_batch_size, rank, world, max_tokens=self.max_tokens)
         return self._loader(self.splits[split], sampler)
 

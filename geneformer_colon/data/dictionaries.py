@@ -127,7 +127,6 @@ def read_gene_name_map(path: str | os.PathLike[str]) -> dict[str, str]:
     return mapping
 
 
-
 # ---- model versions ----
 
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
@@ -249,6 +248,7 @@ def derive_dictionaries(cells: CellCounts, model_version: str = "V1") -> GeneDic
     collapse = None
     if genes.size < ids.size:  # columns without an id, or sharing one: sum the counts per gene
         collapse = sp.csr_matrix((np.ones(named.size, dtype=np.int64), (named, codes)), shape=(ids.size, genes.size))
+
     def by_gene() -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
         for counts, n_counts in cells.chunks():
             yield (sp.csr_matrix(counts @ collapse) if collapse is not None else counts), n_counts

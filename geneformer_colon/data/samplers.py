@@ -67,8 +67,8 @@ class TrainBatchSampler(Sampler[list[int]]):
     order is shuffled: batches pad little while the epoch's draws keep their balance.
 
     With a token budget the number of batches would vary with each epoch's draws; every epoch's
-    plan is made as long as the longest of the first ``epochs`` epochs (on any rank) by halving
-    its largest batches, so the number of steps, the learning-rate schedule and gradient
+    plan is made as long as the longest of the ``epochs`` epochs of training (on any rank) by
+    halving its largest batches, so the number of steps, the learning-rate schedule and gradient
     accumulation are known before training.
 
     Under DDP each rank takes a disjoint share of the cells (a seeded permutation, every
@@ -101,6 +101,7 @@ class TrainBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.mega_batch_factor = mega_batch_factor
         self.max_tokens = max_tokens
+        self.epochs = epochs
         self.epoch = 0
         self.share_size = len(self.labels) // world_size
         self.skip = 0

@@ -18,10 +18,13 @@ compile time on first use.)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numba
@@ -74,6 +77,21 @@ class TokenizerSettings:
     def gene_budget(self) -> int:
         """Genes per cell at most."""
         return self.resolved_input_size - len(FRAME_TOKENS[self.model_version])
+
+
+SETTINGS_FILE = "tokenizer_settings.json"
+
+
+def save_settings(directory: Path, settings: TokenizerSettings, dictionaries: GeneDictionaries) -> None:
+    """How cells were tokenized, beside a checkpoint's dictionaries (pretrain.py's hf/, an export)."""
+    described = {**asdict(settings), "input_size": settings.resolved_input_size,
+                 "gene_mapping": dictionaries.mapping is not None}
+    (directory / SETTINGS_FILE).write_text(json.dumps(described, indent=2) + "\n")
+
+
+def load_settings(directory: Path) -> dict[str, Any] | None:
+    path = directory / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, BertConfig, BertModel, PretrainedConfig
+from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertModel, PretrainedConfig
 
 from geneformer_colon.data.dictionaries import GeneDictionaries
+from geneformer_colon.data.tokenizer import load_settings
 from geneformer_colon.errors import InputError
 
 Pooling = Literal["cls", "mean"]
@@ -26,12 +27,14 @@ Pooling = Literal["cls", "mean"]
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What a BERT must fit: the token dictionary's size and ``<pad>`` id, and the longest input."""
+    """What a BERT must fit: the token dictionary's size and ``<pad>`` id, the longest input, and (to
+    check a checkpoint that carries its own) the dictionaries and model version cells are tokenized with."""
 
     size: int
     pad_token_id: int
     input_size: int
     dictionaries: GeneDictionaries | None = None
+    model_version: str = "V1"
 
 
 def new_bert(
@@ -46,11 +49,13 @@ def new_bert(
     layer_norm_eps: float = 1e-12,
     max_position_embeddings: int | None = None,
     seed: int = 0,
-) -> BertModel:
+    masked_lm: bool = False,
+) -> BertModel | BertForMaskedLM:
     """A randomly initialised BERT encoder of Geneformer's shape (defaults are Geneformer V1's).
 
     Positions: ``max_position_embeddings``, by default the vocabulary's input size. The
     initialisation depends on ``seed`` only: the global torch RNG is neither read nor advanced.
+    ``masked_lm``: the encoder inside a ``BertForMaskedLM`` (for pretraining).
     """
     config = BertConfig(
         vocab_size=vocabulary.size,
@@ -71,8 +76,17 @@ def new_bert(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         bert = bert_from_config(config.to_dict())
+        model = with_masked_lm_head(bert) if masked_lm else bert
     check_vocabulary(bert.config, vocabulary, "model.encoder")
-    return bert
+    return model
+
+
+def with_masked_lm_head(bert: BertModel) -> BertForMaskedLM:
+    """A BertForMaskedLM around ``bert`` (its prediction head fresh, the decoder tied to the embeddings)."""
+    model = BertForMaskedLM(bert.config)
+    model.bert = bert
+    model.tie_weights()
+    return model
 
 
 def bert_from_config(config: dict[str, Any]) -> BertModel:
@@ -97,7 +111,8 @@ def pretrained_bert(
     subfolder: str | None = None,
     revision: str | None = None,
     seed: int = 0,
-) -> BertModel:
+    masked_lm: bool = False,
+) -> BertModel | BertForMaskedLM:
     """The encoder of a Geneformer checkpoint (hub id or local directory), in float32 with SDPA.
 
     Works for checkpoints saved as ``BertForMaskedLM``, ``BertForSequenceClassification`` or
@@ -105,6 +120,8 @@ def pretrained_bert(
     that leaves any encoder weight uninitialised is refused rather than silently trained from
     random weights, and so is one whose vocabulary does not fit the dictionaries in use or whose
     directory holds other dictionaries than those (``seed`` is unused: the weights are loaded).
+    ``masked_lm``: the checkpoint as a ``BertForMaskedLM``, its masked-gene head too when it has one
+    (a released Geneformer: continued pretraining goes on with its head).
     """
     source = f"{pretrained}" + (f" (subfolder {subfolder})" if subfolder else "")
     hub_kwargs = {"subfolder": subfolder or "", "revision": revision or "main"}
@@ -119,20 +136,22 @@ def pretrained_bert(
         )
     check_vocabulary(config, vocabulary, source)
     check_own_dictionaries(Path(pretrained) / (subfolder or ""), vocabulary, source)
+    model_class, extra = (BertForMaskedLM, {}) if masked_lm else (BertModel, {"add_pooling_layer": False})
     try:
-        model, info = BertModel.from_pretrained(
+        model, info = model_class.from_pretrained(
             pretrained,
             config=config,
-            add_pooling_layer=False,
             attn_implementation="sdpa",
             dtype=torch.float32,
             output_loading_info=True,
+            **extra,
             **hub_kwargs,
         )
     except OSError as error:
         raise _unloadable(source, error) from None
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
+    encoder_missing = [key for key in info["missing_keys"] if not key.startswith("cls.")]  # a head may start fresh
+    if encoder_missing:
+        missing = sorted(encoder_missing)
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise InputError(
             f"{source}: {len(missing)} encoder weights missing from the checkpoint ({shown}); "
@@ -142,7 +161,8 @@ def pretrained_bert(
 
 
 def check_own_dictionaries(directory: Path, vocabulary: Vocabulary, source: str) -> None:
-    """A checkpoint directory that carries its token dictionary (pretrain.py's, an export) must be used with it."""
+    """A checkpoint directory that carries its dictionaries and tokenizer settings (pretrain.py's hf/, an
+    export) must be used with them: the same token and median dictionaries, model version and id mapping."""
     own = directory / "token_dictionary.pkl"
     if vocabulary.dictionaries is None or not own.is_file():
         return
@@ -155,6 +175,17 @@ def check_own_dictionaries(directory: Path, vocabulary: Vocabulary, source: str)
             "tokenizes with; set model.tokenizer.token_dictionary and gene_median_dictionary to the files in that "
             "directory (model=pretrained does)"
         )
+    recorded = load_settings(directory)
+    if recorded is None:
+        return
+    mapped = ours.mapping is not None
+    if recorded["model_version"] != vocabulary.model_version or recorded["gene_mapping"] != mapped:
+        mapping = directory / "ensembl_mapping_dict.pkl" if recorded["gene_mapping"] else "null"
+        theirs_mapped = "with" if recorded["gene_mapping"] else "without"
+        raise InputError(
+            f"{source}: trained on {recorded['model_version']} tokens {theirs_mapped} an id mapping, but this run "
+            f"tokenizes {vocabulary.model_version} {'with' if mapped else 'without'} one; set "
+            f"model.tokenizer.model_version={recorded['model_version']} model.tokenizer.gene_mapping={mapping}")
 
 
 def check_vocabulary(config: PretrainedConfig, vocabulary: Vocabulary, source: str) -> None:

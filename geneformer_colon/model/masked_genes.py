@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import BertForMaskedLM, BertModel
 
 from geneformer_colon.errors import InputError
-from geneformer_colon.model.backbone import bert_from_config
-from geneformer_colon.model.module import optimization, step_seed
+from geneformer_colon.model.backbone import bert_from_config, with_masked_lm_head
+from geneformer_colon.model.module import SeededModule, step_seed
 from geneformer_colon.rundir import VAL
 
 IGNORED = -100  # the label of a position the loss leaves out
@@ -65,15 +64,7 @@ def mask_genes(input_ids: torch.Tensor, attention_mask: torch.Tensor, protected_
     return torch.where(replace, random_genes, masked), labels
 
 
-def masked_lm(bert: BertModel) -> BertForMaskedLM:
-    """A BertForMaskedLM around ``bert`` (its prediction head fresh, the decoder tied to the embeddings)."""
-    model = BertForMaskedLM(bert.config)
-    model.bert = bert
-    model.tie_weights()
-    return model
-
-
-class MaskedGeneModel(pl.LightningModule):
+class MaskedGeneModel(SeededModule):
     """Pretrains a BERT on masked genes; logs ``val/masked_loss`` and ``val/masked_accuracy`` every epoch.
 
     Built from plain settings (saved as hyper-parameters): ``bert_config`` (the encoder's shape),
@@ -88,7 +79,7 @@ class MaskedGeneModel(pl.LightningModule):
                  model: BertForMaskedLM | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"], logger=False)
-        self.model = model if model is not None else masked_lm(bert_from_config(bert_config))
+        self.model = model if model is not None else with_masked_lm_head(bert_from_config(bert_config))
         self.rates = MaskingRates(**(masking or {}))
         self.mask_token_id = special_token_ids["<mask>"]
         self.protected_token_ids = sorted(
@@ -107,10 +98,6 @@ class MaskedGeneModel(pl.LightningModule):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return mask_genes(batch["input_ids"], batch["attention_mask"], self.protected_token_ids, self.mask_token_id,
                           self.gene_token_ids, self.rates, generator)
-
-    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # As the classifier: a step's random draws are a pure function of (seed, epoch, batch, rank).
-        torch.manual_seed(step_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids, labels = self._masked(batch)
@@ -143,12 +130,3 @@ class MaskedGeneModel(pl.LightningModule):
         self.results = {VAL: values}
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.epoch_history.append({"epoch": self.current_epoch, **{f"{VAL}/{k}": v for k, v in values.items()}})
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["epoch_history"] = self.epoch_history
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.epoch_history = list(checkpoint.get("epoch_history", []))

@@ -23,7 +23,11 @@ from transformers import BertModel
 
 from geneformer_colon.config import instantiate_trusted
 from geneformer_colon.model.augment import BatchAugment
-from geneformer_colon.model.backbone import CellEncoder, ClassifierHead, bert_from_config
+from geneformer_colon.model.backbone import (
+    CellEncoder,
+    ClassifierHead,
+    bert_from_config,
+)
 from geneformer_colon.model.losses import FocalLoss
 from geneformer_colon.model.metrics import ClassificationMetrics
 from geneformer_colon.rundir import EVAL_SPLITS, VAL
@@ -60,7 +64,30 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-class CellClassifier(pl.LightningModule):
+class SeededModule(pl.LightningModule):
+    """What the project's trained models share: every training step's random draws seeded by (seed, epoch,
+    batch, rank), so a run resumed at any step draws what it would have drawn; the optimizer and scheduler
+    made from their config nodes (the hyper-parameters ``optimizer`` and ``scheduler``); and each
+    validation epoch's metrics (``epoch_history``) carried in checkpoints, so a resumed run's record is whole.
+    """
+
+    seed: int
+    epoch_history: list[dict[str, float]]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["epoch_history"] = self.epoch_history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.epoch_history = list(checkpoint.get("epoch_history", []))
+
+
+class CellClassifier(SeededModule):
     """Classifies cells; logs ``val/...`` and ``test/...`` metrics every epoch.
 
     After an evaluation epoch, ``results[split]`` holds the metrics, the confusion matrix and
@@ -117,11 +144,6 @@ class CellClassifier(pl.LightningModule):
         return self.head(self.embed(input_ids, attention_mask))
 
     # ---- training ----
-
-    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Every training step draws its masking, mixup and dropout from a stream seeded by
-        # (seed, epoch, batch, rank): a run resumed at any step draws what it would have drawn.
-        torch.manual_seed(step_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = self.augment.mask(batch["input_ids"], batch["attention_mask"], self.mask_token_id,
@@ -194,16 +216,3 @@ class CellClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
-
-    # ---- optimisation ----
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)
-
-    # ---- checkpoints carry the per-epoch history, so a resumed run's metrics.json is whole ----
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["epoch_history"] = self.epoch_history
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.epoch_history = list(checkpoint.get("epoch_history", []))

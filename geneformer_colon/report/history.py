@@ -14,9 +14,16 @@ from pathlib import Path
 from geneformer_colon.config import display, flatten
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
+from geneformer_colon.model.metrics import GROUPINGS
 from geneformer_colon.report.crossval import cv_markdown
-from geneformer_colon.report.summary import BREAKDOWN_TITLES
-from geneformer_colon.rundir import EVAL_SPLITS, FINISHED, METRICS, Run, is_run_dir, read_run
+from geneformer_colon.rundir import (
+    EVAL_SPLITS,
+    FINISHED,
+    METRICS,
+    Run,
+    is_run_dir,
+    read_run,
+)
 from geneformer_colon.tables import markdown_table
 
 # The settings the team's log records for every run, in its column order.
@@ -87,7 +94,8 @@ def final_table(run: Run, classes: Sequence[str]) -> str:
 def breakdown_tables(run: Run) -> list[str]:
     parts = []
     for split in EVAL_SPLITS:
-        for key, name in BREAKDOWN_TITLES.items():
+        for column, key in GROUPINGS.items():
+            name = column.replace("_", " ")
             groups = run.metrics.get(split, {}).get(key)
             if groups:
                 parts += [f"**{split} by {name}:**\n", markdown_table(

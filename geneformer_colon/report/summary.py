@@ -12,8 +12,6 @@ from rich.console import Console
 from geneformer_colon.rundir import EVAL_SPLITS, METRICS
 from geneformer_colon.tables import print_table
 
-BREAKDOWN_TITLES = {"by_donor": "donor", "by_cell_type": "cell type"}
-
 
 def print_summary(record: Mapping[str, Any], class_names: Sequence[str], run_dir: Path,
                   console: Console | None = None) -> None:
