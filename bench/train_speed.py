@@ -1,6 +1,7 @@
 """Benchmark: cells per second of one training epoch, this project's loop against a plain Hugging Face Trainer.
 
-    python bench/train_speed.py [--cells 2000] [--genes 33694] [--input-size 2048] [--small]
+    python bench/train_speed.py [--cells 2000] [--genes 33694] [--input-size 2048] [--layers 2] [--hidden 64]
+                                [--heads 2] [--ffn 128] [--small]
 
 The cells are a synthetic cohort tokenized by the project (with the full gene count, a cell has a
 few hundred to several thousand genes, as in 10x data; truncated at the input size). Both loops
@@ -12,7 +13,8 @@ on the same tokens, in this process, with the same number of threads:
 - this project: ``CellClassifier`` in Lightning, batches of 12 grouped by length, with the samplers
   ``none``, ``class`` and ``class_donor``, and with a token budget (``data.max_tokens``).
 
-Prints cells/s of each and its ratio to the Trainer's. ``--small`` is a setting for CI (seconds).
+Prints cells/s of each and its ratio to the Trainer's (on a GPU, the peak memory too). ``--small`` is a
+setting for CI (seconds).
 Validation is off in both: only the training epoch is timed (from its first batch to its end).
 """
 
@@ -140,6 +142,19 @@ def project_loop(cfg) -> float:
     return len(datamodule.splits["train"]) / clock.seconds
 
 
+def measured(loop, *arguments) -> tuple[float, float | None]:
+    """The loop's cells/s, and on a GPU its peak memory in GiB."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    speed = loop(*arguments)
+    return speed, torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def row(name: str, speed: float, ratio: float, peak: float | None) -> str:
+    return f"{name:<46} {speed:>8.1f} {ratio:>10.2f}" + (f" {peak:>9.2f}" if peak is not None else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2000)
@@ -147,6 +162,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--ffn", type=int, default=None, help="intermediate size (default: 2 x hidden)")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget (default: 6 x the input size)")
     parser.add_argument("--small", action="store_true", help="a few hundred small cells: seconds, for CI")
     parser.add_argument("--dir", type=Path, default=Path("data/bench"))
@@ -160,7 +177,8 @@ def main() -> None:
     common = [f"paths.output_dir={work}", f"paths.data_dir={args.dir}", f"paths.cache_dir={args.dir / 'cache'}",
               f"data.source.n_cells={args.cells}", f"data.source.n_genes={args.genes}", "data.test_donors=[]",
               f"model.tokenizer.input_size={args.input_size}", f"model.encoder.num_hidden_layers={args.layers}",
-              f"model.encoder.hidden_size={args.hidden}", f"model.encoder.intermediate_size={2 * args.hidden}",
+              f"model.encoder.hidden_size={args.hidden}", f"model.encoder.num_attention_heads={args.heads}",
+              f"model.encoder.intermediate_size={args.ffn or 2 * args.hidden}",
               f"data.batch_size={BATCH}", "data.mega_batch_factor=50"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         configs = {name: compose("train", overrides=common + extra) for name, extra in (
@@ -172,14 +190,14 @@ def main() -> None:
     datamodule = build_datamodule(configs["none"])
     lengths = datamodule.split_cells("train")["length"]
     print(f"{len(lengths)} training cells, {lengths.min()}-{lengths.max()} tokens a cell (mean {lengths.mean():.0f}); "
-          f"model {args.layers} layers x {args.hidden}; {torch.get_num_threads()} threads; "
+          f"model {args.layers} layers x {args.hidden} ({args.heads} heads); {torch.get_num_threads()} threads; "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
-    reference = trainer_recipe(datamodule, configs["none"], work)
-    print(f"{'loop':<46} {'cells/s':>8} {'x Trainer':>10}")
-    print(f"{'HF Trainer, random order, padded to longest':<46} {reference:>8.1f} {1.0:>10.2f}")
+    reference, peak = measured(trainer_recipe, datamodule, configs["none"], work)
+    print(f"{'loop':<46} {'cells/s':>8} {'x Trainer':>10}" + (f" {'peak GiB':>9}" if peak is not None else ""))
+    print(row("HF Trainer, random order, padded to longest", reference, 1.0, peak))
     for name, cfg in configs.items():
-        speed = project_loop(cfg)
-        print(f"{'this project, ' + name:<46} {speed:>8.1f} {speed / reference:>10.2f}")
+        speed, peak = measured(project_loop, cfg)
+        print(row(f"this project, {name}", speed, speed / reference, peak))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -14,12 +15,21 @@ from geneformer_colon.console import report_input_errors
 if TYPE_CHECKING:
     from geneformer_colon.predict import GeneIds
 
+SYNTHETIC_H5AD = "cells.h5ad"
+
 
 def _synth(args: argparse.Namespace) -> None:
     from geneformer_colon.data.synthetic import write_synthetic_kul3
 
     paths = write_synthetic_kul3(args.out_dir, n_cells=args.cells, n_genes=args.genes, seed=args.seed,
                                  donor_shift=args.donor_shift)
+    if args.h5ad:
+        from geneformer_colon.data.sources import KUL3Source
+        from geneformer_colon.io import atomic_path
+
+        paths["h5ad"] = Path(args.out_dir) / SYNTHETIC_H5AD
+        with atomic_path(paths["h5ad"]) as tmp:
+            KUL3Source(args.out_dir, gene_map=str(paths["gene_table"])).write_canonical(tmp)
     for path in paths.values():
         print(path)
 
@@ -27,7 +37,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from geneformer_colon.report.compare import compare_runs, print_comparison
 
-    print_comparison(*compare_runs(args.paths, args.out))
+    print_comparison(compare_runs(args.paths, args.out))
 
 
 def _history(args: argparse.Namespace) -> None:
@@ -106,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--donor-shift", type=float, default=1.0,
                        help="0: no donor-specific shift; 1: the default story (KUL19 hardest); more: harsher")
+    synth.add_argument("--h5ad", action="store_true",
+                       help=f"also write the cells as {SYNTHETIC_H5AD} (raw counts, Ensembl ids, obs donor/label/"
+                            "cell_type), an input for predict, embed and data=h5ad")
     synth.set_defaults(run=_synth)
 
     compare = commands.add_parser(

@@ -110,7 +110,7 @@ def test_filters_apply_and_the_model_is_naive_bayes_on_normalised_counts(tmp_pat
 
 
 def test_compare_and_history_read_it_like_any_run(baseline_run, trained_runs, tmp_path):
-    frame, _ = compare_runs([trained_runs[0], baseline_run], tmp_path)
+    frame = compare_runs([trained_runs[0], baseline_run], tmp_path).frame
     assert list(frame["status"]) == ["finished", "finished"]
     row = frame[frame["run"].str.endswith("/colon6-naive_bayes")].iloc[0]
     assert row["val_macro_f1"] == pytest.approx(metrics_of(baseline_run)["val"]["macro_f1"])

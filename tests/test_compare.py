@@ -19,6 +19,7 @@ from geneformer_colon.report.compare import (
     RECALL_PLOT,
     TABLE_FILE,
     compare_runs,
+    per_cell_type,
 )
 
 
@@ -34,7 +35,8 @@ def assert_png(path: Path) -> None:
 
 def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_path):
     out = tmp_path / "comparison"
-    frame, pairs = compare_runs(trained_runs, out)
+    comparison = compare_runs(trained_runs, out)
+    frame, pairs = comparison.frame, comparison.pairs
     assert pairs == []  # one test donor each: nothing to pair
     assert sorted(frame["run"]) == sorted(JOBS)
     assert frame["val_macro_f1"].is_monotonic_decreasing
@@ -53,7 +55,7 @@ def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_pa
     assert by_run.loc["0_loss.focal_gamma=0", "loss.focal_gamma"] == "0"
     assert by_run.loc["1_augment.mixup_prob=0.3,loss.focal_gamma=1.5", "augment.mixup_prob"] == "0.3"
 
-    markdown = (out / TABLE_FILE).read_text().splitlines()
+    markdown = (out / TABLE_FILE).read_text().split("\n\n## ")[0].splitlines()  # the runs' table
     table = [line for line in markdown if line.startswith("|")]
     assert len(table) == 2 + len(JOBS)
     assert "val macro F1" in table[0] and "loss.focal_gamma" in table[0]
@@ -61,6 +63,14 @@ def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_pa
     assert f"{frame['val_macro_f1'][0]:.3f}" in table[2]
     assert_png(out / EPOCH_PLOT)
     assert_png(out / RECALL_PLOT)
+
+    # the test donor's cell types, each run's figure from its own metrics.json
+    text = (out / TABLE_FILE).read_text()
+    assert "## Test macro F1 by cell type" in text
+    for run, run_dir in zip(comparison.runs, (trained_runs[list(JOBS).index(label)] for label in frame["run"])):
+        by_cell_type = metrics_of(run_dir)["test"]["by_cell_type"]
+        assert len(by_cell_type) > 1
+        assert per_cell_type(run) == {name: values["macro_f1"] for name, values in by_cell_type.items()}
 
 
 def rewrite_metrics(run_dir: Path, **changes) -> None:
@@ -83,7 +93,7 @@ def test_sweep_root_lists_runs_at_any_depth_and_unfinished_ones_by_status(traine
     (first / "eval" / "test-KUL21").mkdir(parents=True)  # what eval.py writes: not another run
     shutil.copy(first / "metrics.json", first / "eval" / "test-KUL21" / "metrics.json")
 
-    frame, _ = compare_runs([root])
+    frame = compare_runs([root]).frame
     assert frame["run"][0] == "2_best"
     assert sorted(frame["run"][1:3]) == sorted(JOBS)
     assert list(frame["run"][3:]) == ["3_loss.focal_gamma=9", "4_augment.mixup_prob=0.9"]

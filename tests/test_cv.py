@@ -98,7 +98,8 @@ def test_the_baseline_cross_validates_in_the_same_format_and_compare_pairs_the_d
     assert baseline["kind"] == "baseline" and [f["test_donor"] for f in baseline["folds"]] == ["KUL01", "KUL19"]
     assert list(baseline["aggregate"]) == list(read(cv_runs["dir"] / "cv.json")["aggregate"])
 
-    frame, (pair,) = compare_runs([cv_runs["dir"], cv_runs["baseline_dir"]], tmp_path)
+    comparison = compare_runs([cv_runs["dir"], cv_runs["baseline_dir"]], tmp_path)
+    frame, (pair,) = comparison.frame, comparison.pairs
     assert list(frame["folds"]) == [2, 2] and "test_macro_f1_sd" in frame
     assert pair.donors == ["KUL01", "KUL19"]
     p, sentence = pair.test()

@@ -101,6 +101,20 @@ def test_labelled_cells_get_metrics_by_donor_and_cell_type(trained_runs, tmp_pat
     assert (table["predicted"].to_numpy() == ad.read_h5ad(out).obs["gfc_label"].to_numpy()).all()
 
 
+def test_the_cohort_written_as_h5ad_is_scored_by_the_readmes_command(trained_runs, tmp_path, capsys):
+    """`synth --h5ad` writes the cohort the runs trained on; predict scores each of its donors."""
+    cli.main(["synth", str(tmp_path / "demo"), "--cells", "480", "--genes", "300", "--h5ad"])
+    cells = ad.read_h5ad(tmp_path / "demo" / "cells.h5ad")
+    trained_on = canonical_cells(trained_runs[0])
+    assert list(cells.obs_names) == list(trained_on.obs_names) and (cells.X != trained_on.X).nnz == 0
+    out = tmp_path / "demo" / "predicted.h5ad"
+    cli.main(["predict", str(trained_runs[0]), str(tmp_path / "demo" / "cells.h5ad"), "--ensembl-key", "ensembl_id",
+              "--label-key", "label", "--donor-key", "donor", "--cell-type-key", "cell_type", "--out", str(out)])
+    metrics = json.loads((tmp_path / "demo" / "predicted_metrics" / "metrics.json").read_text())
+    assert set(metrics["test"]["by_donor"]) == set(cells.obs["donor"]) and len(metrics["test"]["by_donor"]) == 6
+    assert ad.read_h5ad(out).obs["gfc_label"].isin(CLASSES).all()
+
+
 def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs, new_cells, tmp_path):
     run_dir = trained_runs[0]
     export = export_run(run_dir, tmp_path / "export")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,28 @@ def per_donor(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
     return {}
 
 
+def per_cell_type(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
+    """Test ``metric`` by cell type (where the test split holds several): a CV run's mean over its folds."""
+    if run.is_cv:
+        scores: dict[str, list[float]] = defaultdict(list)
+        for fold in run.cv.get("folds", []):
+            for cell_type, value in fold.get(f"test_{metric}_by_cell_type", {}).items():
+                scores[cell_type].append(value)
+        return {cell_type: float(np.mean(values)) for cell_type, values in scores.items()}
+    groups = run.metrics.get(TEST, {}).get("by_cell_type") or {}
+    return {cell_type: values[metric] for cell_type, values in groups.items() if values.get(metric) is not None}
+
+
+BREAKDOWNS = {"donor": per_donor, "cell type": per_cell_type}
+
+
+def breakdown_rows(runs: Sequence[Run], per_group: Callable[[Run], dict[str, float]]) -> list[list[Any]]:
+    """A row a group (donor or cell type) any run was scored on, a column a run; empty below two groups."""
+    values = [per_group(run) for run in runs]
+    groups = sorted({group for scores in values for group in scores})
+    return [[group, *(scores.get(group) for scores in values)] for group in groups] if len(groups) > 1 else []
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """``other`` against ``reference`` on the donors both were tested on."""
@@ -161,11 +184,26 @@ def frame_markdown(frame: pd.DataFrame) -> str:
     return markdown_table([column_title(c) for c in frame.columns], frame.itertuples(index=False))
 
 
-def print_comparison(frame: pd.DataFrame, pairs: Sequence[PairedComparison] = ()) -> None:
+@dataclass(frozen=True)
+class Comparison:
+    """The runs, best val macro F1 first; their table (one row a run); each run paired with the best."""
+
+    runs: list[Run]
+    frame: pd.DataFrame
+    pairs: list[PairedComparison]
+
+
+def print_comparison(comparison: Comparison) -> None:
+    frame = comparison.frame
     numeric = [column_title(c) for c in (*METRIC_COLUMNS, *SPREAD_COLUMNS)]
     print_table(f"{len(frame)} runs, best val macro F1 first", [column_title(c) for c in frame.columns],
                 frame.itertuples(index=False), numeric=numeric)
-    for pair in pairs:
+    labels = list(frame["run"])
+    for name, per_group in BREAKDOWNS.items():
+        rows = breakdown_rows(comparison.runs, per_group)
+        if rows:
+            print_table(f"test macro F1 by {name}", [name, *labels], rows, numeric=labels)
+    for pair in comparison.pairs:
         rows = [[d, a, b, b - a] for d, a, b in zip(pair.donors, pair.reference_values, pair.other_values)]
         print_table(f"{pair.other} vs {pair.reference}: test macro F1 by donor",
                     ["test donor", pair.reference, pair.other, "difference"], rows,
@@ -224,18 +262,17 @@ def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
 
 def comparison_markdown(frame: pd.DataFrame, runs: Sequence[Run], pairs: Sequence[PairedComparison]) -> str:
     parts = ["# Run comparison\n", frame_markdown(frame)]
-    donors = {label: per_donor(run) for label, run in zip(frame["run"], runs)}
-    names = sorted({donor for values in donors.values() for donor in values})
-    if len(names) > 1:
-        parts += ["\n## Test macro F1 by donor\n", markdown_table(
-            ["test donor", *donors], [[donor, *(values.get(donor) for values in donors.values())] for donor in names])]
+    for name, per_group in BREAKDOWNS.items():
+        rows = breakdown_rows(runs, per_group)
+        if rows:
+            parts += [f"\n## Test macro F1 by {name}\n", markdown_table([name, *frame["run"]], rows)]
     if pairs:
         parts += ["\n## Paired comparison across donors\n", *(paired_markdown(pair) for pair in pairs)]
     return "\n".join(parts)
 
 
 def compare_runs(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
-                 ) -> tuple[pd.DataFrame, list[PairedComparison]]:
+                 ) -> Comparison:
     """Compare the runs in and under ``paths`` (best val macro F1 first); write comparison.md and the two
     plots to ``out_dir``, by default the deepest folder holding all the runs."""
     runs = ranked(read_run(path) for path in find_runs(paths))
@@ -248,5 +285,5 @@ def compare_runs(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Path
     plot_epochs(runs, labels, out / EPOCH_PLOT)
     plot_recall(runs, labels, out / RECALL_PLOT)
     log.info("comparison written to %s (%s, %s, %s)", out, TABLE_FILE, EPOCH_PLOT, RECALL_PLOT)
-    return frame, pairs
+    return Comparison(runs, frame, pairs)
 

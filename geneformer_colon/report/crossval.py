@@ -66,6 +66,8 @@ def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | 
         "run_dir": layout.root.name,
         **{split: {key: run.metrics[split].get(key) for key in keys} for split in EVAL_SPLITS},
         "chance_macro_f1": chance_macro_f1(run.metrics[TEST]["confusion_matrix"]),
+        "test_macro_f1_by_cell_type": {cell_type: values["macro_f1"] for cell_type, values
+                                       in run.metrics[TEST].get("by_cell_type", {}).items()},
     }
 
 
