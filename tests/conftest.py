@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread a process: the tests' models are tiny, and two threads on two cores shared with wandb-core
+# and the tests' own subprocesses spend most of their time waiting for each other (a run is 10x slower).
+# Numba too: its parallel synthetic generator would set OpenMP, and so torch, back to a thread a core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENEFORMER_DICTS = REPO_ROOT.parent / "shared" / "geneformer"
