@@ -101,13 +101,14 @@ def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_wou
 
 
 class SignalAt(pl.Callback):
-    """Ctrl-C (a real SIGINT to this process) at one training batch, once."""
+    """Ctrl-C (a real SIGINT to this process) at one training batch, once; batch -1: the epoch's last."""
 
     def __init__(self, epoch: int, batch: int) -> None:
         self.epoch, self.batch, self.sent = epoch, batch, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch) and not self.sent:
+        at = self.batch % trainer.num_training_batches
+        if (trainer.current_epoch, batch_idx) == (self.epoch, at) and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -118,14 +119,13 @@ def test_a_pause_at_an_epochs_end_loses_no_validation_and_adds_no_epoch(tmp_path
     the epoch where early stopping ends training: the run finishes, and a resume trains no other epoch."""
     import geneformer_colon.training as training
 
-    last = 10  # 324 training cells in batches of 32: batches 0-10
     stop = ["callbacks.early_stopping.patience=0", "+callbacks.early_stopping.min_delta=1"] \
         if where == "early_stop" else ["callbacks.early_stopping=null"]
     common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["trainer.max_epochs=3", "logger=csv",
                                                                  "trainer.accumulate_grad_batches=2", *stop]
     straight = train(compose_train(common + ["run_name=straight"]))
     real = training.build_trainer
-    signal_at = SignalAt(1 if where == "early_stop" else 0, last)  # in the epoch's last accumulation window
+    signal_at = SignalAt(1 if where == "early_stop" else 0, -1)  # in the epoch's last accumulation window
     monkeypatch.setattr(training, "build_trainer", lambda cfg, callbacks: real(cfg, callbacks + [signal_at]))
     if where == "last_batch":
         with pytest.raises(Interrupted):

@@ -11,7 +11,7 @@ import pytest
 
 from geneformer_colon.data import kul3
 from geneformer_colon.data.sources import H5adSource, KUL3Source, SyntheticKUL3Source
-from geneformer_colon.data.synthetic import GENE_TABLE_FILE
+from geneformer_colon.data.synthetic import GENE_TABLE_FILE, GENERATOR_VERSION
 from geneformer_colon.errors import InputError
 
 
@@ -37,7 +37,7 @@ def test_geo_files_cache_reused_then_rebuilt_when_an_input_changes(synthetic, tm
     assert geo.canonical(cache) == first and parses == [] and first.stat().st_mtime_ns == built_ns
 
     # a gene table with one gene fewer (new bytes, new mtime): a new canonical file
-    table = tmp_path / "geo" / "cells120-genes150-seed3" / GENE_TABLE_FILE
+    table = tmp_path / "geo" / f"v{GENERATOR_VERSION}-cells120-genes150-seed3" / GENE_TABLE_FILE
     lines = table.read_text().splitlines(keepends=True)
     table.write_text("".join(lines[:1] + lines[2:]))
     rebuilt = geo.canonical(cache)

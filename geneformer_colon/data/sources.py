@@ -113,7 +113,8 @@ class SyntheticKUL3Source(KUL3Source):
     donor_shift: float = 1.0
 
     def __post_init__(self) -> None:
-        name = f"cells{self.n_cells}-genes{self.n_genes}-seed{self.seed}"
+        # The generator's version names the folder: an upgrade writes a new cohort beside the old.
+        name = f"v{synthetic.GENERATOR_VERSION}-cells{self.n_cells}-genes{self.n_genes}-seed{self.seed}"
         if self.donor_shift != 1.0:
             name += f"-shift{self.donor_shift:g}"
         self.data_dir = str(Path(self.data_dir) / name)

@@ -2,10 +2,37 @@
 
 The embedded default of the project trains on this instead of the real cohort: six donors with
 the real names, three regions (Normal / Border / Tumor) in unequal numbers, six cell types whose
-mix depends on the region, donor batch effects with KUL19 shifted hardest, and a tumour
-programme (a gene set up-regulated) that is strongest in Tumor epithelial cells, weaker in the
-other Tumor cells and partial in Border cells. A classifier can beat chance on held-out donors,
-but the class signal is a few percent of the genes under negative-binomial noise.
+mix depends on the region, and donors that a model generalises to unequally, as in the team's
+log: trained on four donors, it classifies KUL01 well and KUL19 near chance.
+
+Class signal. Each region has a programme, a gene set (1/30 of the genes each, among the better
+expressed half) up-regulated by a log fold change of 1.6-2.6 times a per-cell strength: a
+homeostatic mucosa programme in Normal cells, an invasive-front (wound-response) programme in
+Border cells, which also carry a little of the other two, and a tumour programme, strongest in
+the malignant epithelium and weaker in the tumour's microenvironment. Most cells of a sample
+(80-85%) and every cell type carry it, so it changes which genes rank high in a cell, which is
+what a rank-value model reads.
+
+Donor effects (``_DONOR_SHIFT``, at ``donor_shift=1``):
+
+- Every donor: a technical batch effect (a log-normal multiplier per gene, sigma 0.10-0.50),
+  sequencing depth (genes detected per cell), an extra batch shift on the programme genes,
+  field cancerisation (a share of the Normal and Border cells lying in patches that carry the
+  cohort's tumour programme and lose 90% of their own region's programme), and a tumour of its
+  own (a share of the tumour programme's genes swapped for genes of the donor's own).
+- KUL01 is the cohort's centre: the smallest batch effect, full depth, no field effect, the
+  cohort's tumour programme. A model trained on other donors classifies it well. KUL21, KUL28,
+  KUL30 and KUL31 sit between, mildly shifted on every axis.
+- KUL19 is shifted on every axis at once. A different tumour (90% of its tumour genes are its
+  own, say a hypermutated CMS1-like tumour among CMS2-like ones): its Tumor cells lack the genes
+  a model learned on the others. A field effect: 70% of its Normal and Border cells look like
+  tumour. A batch effect that hits the class-informative genes (sigma 1.4 on the programme
+  genes, 0.5 on all, say another dissociation protocol and ambient RNA): each class's markers
+  move up or down in all its cells. And 30% lower depth: fewer of those genes are seen at all.
+
+``donor_shift`` scales all of it: batch sigmas, field and private shares (at most 1) linearly,
+depth as ``depth ** donor_shift``. At 0 the donors are exchangeable (only their class mix and
+the sampling differ); above 1 the donors are harsher still.
 
 Counts are drawn cell by cell without ever holding a dense cells x genes matrix: a numba kernel
 draws each entry by inverse CDF from a counter-based hash of (seed, cell, gene), so the result is
@@ -36,7 +63,7 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 
 # Bump when the generator's output changes for the same settings (it is part of cache keys).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 GENE_TABLE_FILE = "gene_ids.tsv"
 
 # The real cohort's size and depth: genes detected per cell span 200-6,000, mean ~3,700.
@@ -66,9 +93,34 @@ _SUBTYPES = {
 }
 _TUMOUR_SUBTYPES = ("CMS1", "CMS2", "CMS3", "CMS4")  # epithelial cells carrying the programme
 
-# Donor batch effects: per-gene log-normal sigma and sequencing depth; KUL19 shifted hardest.
-_DONOR_GENE_SIGMA = np.array([0.45 if d == "KUL19" else 0.15 for d in DONORS])
-_DONOR_DEPTH = np.array([0.75 if d == "KUL19" else 1.0 for d in DONORS])
+# Region programmes, in CLASSES order, then the field effect (the cohort's tumour programme).
+_NORMAL, _BORDER, _TUMOUR, _FIELD = range(4)
+_N_PROGRAMMES = 4
+_PROGRAMME_LFC = (1.6, 2.6)  # a programme gene's log fold change at strength 1
+_FIELD_LOSS = 0.9  # share of its own region's programme a field-cancerised cell loses
+
+
+class _DonorShift(NamedTuple):
+    """How a donor departs from the cohort (see the module docstring).
+
+    Floats in ``_DONOR_SHIFT`` (at ``donor_shift=1``); arrays over DONORS once scaled.
+    """
+
+    batch_sigma: float  # sigma of per-gene log-normal batch multipliers, on every gene
+    depth: float  # multiplier of the genes detected per cell
+    field: float  # share of the Normal and Border cells in field-cancerised patches
+    private: float  # share of the tumour programme's genes swapped for the donor's own
+    marker_batch: float  # sigma of extra log-normal batch multipliers on the programme genes
+
+
+_DONOR_SHIFT = {
+    "KUL01": _DonorShift(0.10, 1.05, 0.00, 0.00, 0.00),
+    "KUL19": _DonorShift(0.50, 0.70, 0.70, 0.90, 1.40),
+    "KUL21": _DonorShift(0.15, 1.00, 0.08, 0.10, 0.25),
+    "KUL28": _DonorShift(0.20, 0.95, 0.15, 0.25, 0.40),
+    "KUL30": _DonorShift(0.15, 1.05, 0.03, 0.05, 0.15),
+    "KUL31": _DonorShift(0.20, 1.00, 0.12, 0.35, 0.35),
+}
 
 
 class SyntheticKUL3(NamedTuple):
@@ -80,25 +132,34 @@ class SyntheticKUL3(NamedTuple):
     ensembl_ids: list[str]  # "" where the symbol has no Ensembl id
 
 
-def generate_counts(n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, donor_shift: float = 1.0
-                    ) -> SyntheticKUL3:
+def generate_counts(
+    n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, *, donor_shift: float = 1.0
+) -> SyntheticKUL3:
     """Draw a synthetic KUL3 cohort: CSR int32 counts (cells x genes), annotation, gene ids.
 
-    Deterministic per seed. Full size (27,414 x 33,694, ~100M non-zeros) takes ~15 s on two
-    cores and ~1 GB.
+    ``donor_shift`` scales every donor-specific effect (0: none, the donors differ only by
+    chance; 1: the default story; larger: harsher; see the module docstring). Deterministic per
+    seed; the random draws do not depend on ``donor_shift``. Full size (27,414 x 33,694, ~100M
+    non-zeros) takes ~15 s on two cores and ~1 GB.
     """
     if n_cells < len(DONORS) * len(CLASSES):
         raise InputError(f"--cells {n_cells}: need at least 18 cells (six donors x three classes)")
     if n_genes < 100:
         raise InputError(f"--genes {n_genes}: need at least 100 genes")
+    if not (donor_shift >= 0.0 and math.isfinite(donor_shift)):
+        raise InputError(f"donor_shift {donor_shift}: need a finite number >= 0")
+    shift = _scaled_shifts(donor_shift)
     rng = np.random.default_rng(seed)
-    genes = _gene_model(rng, n_genes, donor_shift)
+    genes = _gene_model(rng, n_genes)
     donor, klass, ctype = _cell_design(rng, n_cells)
-    programme = _programme_strength(rng, klass, ctype)
+    strength, malignant = _region_strength(rng, donor, klass, ctype, shift)
+    donor_effect = genes.batch_noise * shift.batch_sigma[:, None]
+    donor_effect[:, genes.markers] += genes.marker_noise * shift.marker_batch[:, None]
+    programme_genes, programme_lfc = _donor_programmes(genes, shift.private)
 
     # Per (donor, cell type) expression profile, each row summing to one.
     log_profile = (
-        genes.base[None, None, :] + genes.donor_effect[:, None, :] + genes.type_effect[None, :, :]
+        genes.base[None, None, :] + donor_effect[:, None, :] + genes.type_effect[None, :, :]
     ).reshape(len(DONORS) * len(CELL_TYPES), n_genes)
     profile = np.exp(log_profile - log_profile.max(axis=1, keepdims=True))
     profile /= profile.sum(axis=1, keepdims=True)
@@ -106,12 +167,16 @@ def generate_counts(n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, don
 
     # Depth: a target number of detected genes per cell, shifted per donor, met by library size.
     lo, hi = _detected_range(n_genes)
-    depth = (_DONOR_DEPTH * np.exp(rng.normal(0.0, 0.08, len(DONORS))))[donor]
+    jitter = np.exp(rng.normal(0.0, 0.08, len(DONORS)) * donor_shift)
+    depth = (shift.depth * jitter)[donor]
     target = np.clip(lo + (hi - lo) * rng.beta(3.6, 1.7, n_cells) * depth, lo, hi)
     library = _library_for_detected(profile, genes.inv_dispersion, group, target)
 
     key = np.uint64(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
-    args = (key, library, group, programme, profile, genes.programme_lfc, genes.inv_dispersion)
+    args = (
+        key, library, group, donor, strength, profile, programme_genes, programme_lfc,
+        genes.inv_dispersion,
+    )
     indptr = np.zeros(n_cells + 1, np.int64)
     _nb_counts(*args, indptr, np.zeros(0, np.int32), np.zeros(0, np.int32), True)
     np.cumsum(indptr, out=indptr)
@@ -120,51 +185,97 @@ def generate_counts(n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, don
     _nb_counts(*args, indptr, indices, data, False)
     counts = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
 
-    annotation = _annotation(rng, donor, klass, ctype, programme)
+    annotation = _annotation(rng, donor, klass, ctype, malignant)
     symbols = [f"SYNG{i + 1:05d}" for i in range(n_genes)]
     return SyntheticKUL3(counts, annotation, symbols, genes.ensembl_ids)
+
+
+def _scaled_shifts(donor_shift: float) -> _DonorShift:
+    """The donor table scaled by ``donor_shift``: one array over DONORS per field."""
+    sigma, depth, field, private, marker = np.array([_DONOR_SHIFT[d] for d in DONORS]).T
+    return _DonorShift(
+        sigma * donor_shift,
+        depth**donor_shift,
+        np.minimum(field * donor_shift, 1.0),
+        np.minimum(private * donor_shift, 1.0),
+        marker * donor_shift,
+    )
 
 
 def _detected_range(n_genes: int) -> tuple[float, float]:
     """Target range of genes detected per cell: the real 200-6,000 scaled to ``n_genes``.
 
-    The ceiling is aimed 8% low: sampling noise and the tumour programme add detected genes.
+    The ceiling is aimed 13% low: sampling noise and the region programmes add detected genes.
     """
     scale = n_genes / _FULL_GENES
     lo_full, hi_full = _FULL_DETECTED
     lo = max(lo_full * scale, min(_MIN_DETECTED, 0.075 * n_genes))
-    return lo, max(0.92 * hi_full * scale, 1.5 * lo)
+    return lo, max(0.87 * hi_full * scale, 1.5 * lo)
 
 
 class _Genes(NamedTuple):
     base: np.ndarray  # log abundance (G,)
     type_effect: np.ndarray  # (types, G) log fold changes: markers and small noise
-    donor_effect: np.ndarray  # (donors, G) log-normal batch multipliers
-    programme_lfc: np.ndarray  # (G,) tumour-programme log fold change, 0 outside the set
+    batch_noise: np.ndarray  # (donors, G) unit normals, scaled per donor into batch effects
+    markers: np.ndarray  # the region-programme genes (all classes' shared sets)
+    marker_noise: np.ndarray  # (donors, markers) unit normals: batch shifts on those genes
+    shared: np.ndarray  # (classes, n) each region programme's genes, in random order
+    private: np.ndarray  # (donors, n) each donor's own tumour-programme genes, in random order
+    lfc: np.ndarray  # (G,) a gene's log fold change when its programme is on
     inv_dispersion: np.ndarray  # (G,) negative-binomial size r
     ensembl_ids: list[str]
 
 
-def _gene_model(rng: np.random.Generator, n_genes: int, donor_shift: float) -> _Genes:
+def _gene_model(rng: np.random.Generator, n_genes: int) -> _Genes:
     base = rng.normal(0.0, 1.6, n_genes)
     type_effect = rng.normal(0.0, 0.25, (len(CELL_TYPES), n_genes))
     n_markers = max(5, n_genes // 25)
     for t in range(len(CELL_TYPES)):
         markers = rng.choice(n_genes, n_markers, replace=False)
         type_effect[t, markers] += rng.uniform(1.5, 3.0, n_markers)
-    donor_effect = rng.normal(0.0, 1.0, (len(DONORS), n_genes)) * _DONOR_GENE_SIGMA[:, None] * donor_shift
-    # The programme sits on genes expressed well enough to be seen.
+    batch_noise = rng.normal(0.0, 1.0, (len(DONORS), n_genes))
+    # Programmes sit on genes expressed well enough to be seen; private ones outside the shared.
     n_programme = max(10, n_genes // 30)
-    expressed = np.argsort(base)[n_genes // 2 :]
-    programme = rng.choice(expressed, n_programme, replace=False)
-    programme_lfc = np.zeros(n_genes)
-    programme_lfc[programme] = rng.uniform(1.2, 2.2, n_programme)
+    expressed = rng.permutation(np.argsort(base)[n_genes // 2 :])
+    shared = expressed[: len(CLASSES) * n_programme].reshape(len(CLASSES), n_programme)
+    others = expressed[len(CLASSES) * n_programme :]
+    private = np.stack([rng.choice(others, n_programme, replace=False) for _ in DONORS])
+    lfc = rng.uniform(*_PROGRAMME_LFC, n_genes)
+    region_genes = np.sort(shared.ravel())
+    marker_noise = rng.normal(0.0, 1.0, (len(DONORS), region_genes.size))
     inv_dispersion = np.exp(rng.normal(math.log(2.0), 0.5, n_genes))
     numbers = rng.choice(10**10, n_genes, replace=False)
     ensembl_ids = [f"ENSG9{n:010d}" for n in numbers]
     for g in rng.choice(n_genes, max(1, round(0.01 * n_genes)), replace=False):
         ensembl_ids[g] = ""
-    return _Genes(base, type_effect, donor_effect, programme_lfc, inv_dispersion, ensembl_ids)
+    return _Genes(
+        base, type_effect, batch_noise, region_genes, marker_noise, shared, private, lfc,
+        inv_dispersion, ensembl_ids,
+    )
+
+
+def _donor_programmes(genes: _Genes, private: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The programme genes (sorted) and each donor's log fold changes on them per programme.
+
+    Returns ``(gene_index (P,), lfc (donors, programmes, P))``; the programmes are the three
+    regions' (in CLASSES order) and the field effect. Donor d's tumour programme swaps the
+    first ``private[d]`` share of the shared tumour genes for as many of its own genes; the
+    field effect is the cohort's (shared) tumour programme in every donor.
+    """
+    n_programme = genes.shared.shape[1]
+    swapped = np.rint(private * n_programme).astype(np.intp)
+    own = [genes.private[d, : swapped[d]] for d in range(len(DONORS))]
+    index = np.unique(np.concatenate([genes.shared.ravel(), *own]))
+    lfc = np.zeros((len(DONORS), _N_PROGRAMMES, index.size))
+    for d in range(len(DONORS)):
+        for k in range(len(CLASSES)):
+            on = genes.shared[k]
+            if k == _TUMOUR:
+                on = np.concatenate([on[swapped[d] :], own[d]])
+            lfc[d, k, np.searchsorted(index, on)] = genes.lfc[on]
+        on = genes.shared[_TUMOUR]
+        lfc[d, _FIELD, np.searchsorted(index, on)] = genes.lfc[on]
+    return index, lfc
 
 
 def _cell_design(rng: np.random.Generator, n_cells: int) -> tuple[np.ndarray, ...]:
@@ -184,19 +295,44 @@ def _cell_design(rng: np.random.Generator, n_cells: int) -> tuple[np.ndarray, ..
     return donor, klass, ctype
 
 
-def _programme_strength(
-    rng: np.random.Generator, klass: np.ndarray, ctype: np.ndarray
-) -> np.ndarray:
-    """Per-cell tumour-programme strength (multiplies the genes' log fold change)."""
+def _region_strength(
+    rng: np.random.Generator, donor: np.ndarray, klass: np.ndarray, ctype: np.ndarray,
+    shift: _DonorShift,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell strength of each programme (cells x programmes) and which cells are malignant.
+
+    A strength multiplies its programme genes' log fold changes. Most cells of a region carry
+    its programme, strongest in the epithelium; Border cells also carry a little of the
+    Normal and Tumor programmes. A ``field`` share of a donor's Normal and Border cells lies in
+    field-cancerised patches: the cohort's tumour programme on, most of their own lost.
+    """
     n = klass.size
     epithelial = ctype == _EPITHELIAL
-    tumour, border = klass == CLASSES.index("Tumor"), klass == CLASSES.index("Border")
-    carries = rng.random(n)  # not every epithelial cell of a tumour sample is malignant
-    strength = np.where(tumour & epithelial & (carries < 0.85), rng.uniform(0.5, 1.1, n), 0.0)
-    strength = np.where(tumour & ~epithelial, rng.uniform(0.1, 0.5, n), strength)
-    strength = np.where(border & epithelial & (carries < 0.5), rng.uniform(0.2, 0.6, n), strength)
-    strength = np.where(border & ~epithelial, rng.uniform(0.0, 0.15, n), strength)
-    return strength
+    normal, border, tumour = (klass == k for k in range(len(CLASSES)))
+    u = rng.random((9, n))
+
+    def between(lo: float, hi: float, i: int) -> np.ndarray:
+        return lo + (hi - lo) * u[i]
+
+    carries = u[0]  # not every cell of a sample carries its region's programme
+    normal_strength = np.where(epithelial, between(0.6, 1.1, 1), between(0.4, 0.9, 1))
+    strength = np.zeros((n, _N_PROGRAMMES))
+    strength[:, _NORMAL] = np.where(carries < 0.8, normal_strength, between(0.0, 0.2, 2)) * normal
+    strength[:, _NORMAL] += between(0.1, 0.4, 2) * border
+    border_strength = np.where(carries < 0.85, between(0.5, 1.0, 3), between(0.0, 0.2, 3))
+    strength[:, _BORDER] = border_strength * border + between(0.0, 0.3, 4) * tumour
+    tumour_strength = np.select(  # not every epithelial cell of a tumour sample is malignant
+        [~epithelial, carries < 0.85], [between(0.3, 0.8, 5), between(0.6, 1.2, 5)],
+        between(0.0, 0.3, 5),
+    )
+    t_border = np.where(epithelial & (carries < 0.5), between(0.2, 0.6, 6), between(0.0, 0.15, 6))
+    strength[:, _TUMOUR] = tumour_strength * tumour + t_border * border
+    malignant = epithelial & (strength[:, _TUMOUR] > 0.3)
+    # Field effect: patches of the donor's Normal and Border mucosa carry the tumour programme.
+    patch = ~tumour & (u[7] < shift.field[donor])
+    strength[:, _FIELD] = np.where(epithelial, between(0.6, 1.2, 8), between(0.3, 0.8, 8)) * patch
+    strength[patch, :_TUMOUR] *= 1.0 - _FIELD_LOSS
+    return strength, malignant
 
 
 def _library_for_detected(
@@ -219,7 +355,7 @@ def _library_for_detected(
 
 def _annotation(
     rng: np.random.Generator, donor: np.ndarray, klass: np.ndarray, ctype: np.ndarray,
-    programme: np.ndarray,
+    malignant: np.ndarray,
 ) -> pd.DataFrame:
     n = donor.size
     donors = np.asarray(DONORS, dtype=object)[donor]
@@ -235,7 +371,7 @@ def _annotation(
     for t, name in enumerate(CELL_TYPES):
         cells = ctype == t
         if name == "Epithelial cells":
-            tumour_like = cells & (programme > 0.3)
+            tumour_like = cells & malignant
             subtype[tumour_like] = _pick(_TUMOUR_SUBTYPES, pick[tumour_like])
             cells &= ~tumour_like
         subtype[cells] = _pick(_SUBTYPES[name], pick[cells])
@@ -290,25 +426,37 @@ def _nb_inverse_cdf(u: float, mu: float, r: float) -> int:
 
 @numba.njit(parallel=True, cache=True)
 def _nb_counts(
-    key, library, group, programme, profile, programme_lfc, inv_dispersion,
-    indptr, indices, data, count_only,
+    key, library, group, donor, strength, profile, programme_genes, programme_lfc,
+    inv_dispersion, indptr, indices, data, count_only,
 ):  # pragma: no cover - compiled
     """Draw every cell's counts; called twice, with the same draws.
 
     With ``count_only`` store cell c's number of non-zeros in ``indptr[c + 1]``; else fill
     ``indices``/``data`` from ``indptr``. Cell c's mean for gene g is its library size times
-    its (donor, cell type) profile, times exp(programme strength x the gene's fold change).
+    its (donor, cell type) profile, times, for a programme gene (``programme_genes``, sorted),
+    exp(sum over programmes k of strength[c, k] x programme_lfc[donor, k, gene]).
     """
     n_cells = library.size
     n_genes = profile.shape[1]
+    n_programme = programme_genes.size
+    n_programmes = strength.shape[1]
     for c in numba.prange(n_cells):
+        log_fold = np.zeros(n_programme)
+        lfc = programme_lfc[donor[c]]
+        for k in range(n_programmes):
+            if strength[c, k] != 0.0:
+                for p in range(n_programme):
+                    log_fold[p] += strength[c, k] * lfc[k, p]
         row = profile[group[c]]
         pos = 0 if count_only else indptr[c]
         nnz = 0
+        p = 0
         for g in range(n_genes):
             mu = library[c] * row[g]
-            if programme_lfc[g] != 0.0 and programme[c] != 0.0:
-                mu *= math.exp(programme[c] * programme_lfc[g])
+            if p < n_programme and programme_genes[p] == g:
+                if log_fold[p] != 0.0:
+                    mu *= math.exp(log_fold[p])
+                p += 1
             k = _nb_inverse_cdf(_uniform(key, c * n_genes + g), mu, inv_dispersion[g])
             if k > 0:
                 if not count_only:
@@ -325,14 +473,16 @@ _GENE_BLOCK = 256
 
 
 def write_synthetic_kul3(
-    out_dir: str | Path, n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, donor_shift: float = 1.0
+    out_dir: str | Path, n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, *,
+    donor_shift: float = 1.0,
 ) -> dict[str, Path]:
     """Write a synthetic cohort as the two GEO files plus a symbol -> Ensembl id table.
 
-    Returns the paths under the keys ``matrix``, ``annotation`` and ``gene_table``.
+    ``donor_shift`` is :func:`generate_counts`'s. Returns the paths under the keys ``matrix``,
+    ``annotation`` and ``gene_table``.
     """
     out_dir = Path(out_dir)
-    cohort = generate_counts(n_cells, n_genes, seed, donor_shift)
+    cohort = generate_counts(n_cells, n_genes, seed, donor_shift=donor_shift)
     paths = {
         "matrix": out_dir / MATRIX_FILE,
         "annotation": out_dir / ANNOTATION_FILE,
