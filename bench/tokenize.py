@@ -145,15 +145,17 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("data/bench"))
     args = parser.parse_args()
     atlas = args.cells > ATLAS_CELLS
+    from geneformer_colon.data.synthetic import GENERATOR_VERSION, write_synthetic_kul3
+
+    # reused while the generator is the same: its version names the input
     name = f"atlas{args.cells}-genes{args.genes}.h5ad" if atlas else f"cells{args.cells}-genes{args.genes}"
+    name = f"v{GENERATOR_VERSION}-{name}"
     source = args.dir / name
     if not source.exists():
         started = time.perf_counter()
         if atlas:
             write_atlas(source, args.cells, args.genes)
         else:
-            from geneformer_colon.data.synthetic import write_synthetic_kul3
-
             write_synthetic_kul3(source, n_cells=args.cells, n_genes=args.genes, seed=0)
         print(f"synthetic input written in {time.perf_counter() - started:.1f} s: {source}")
     _run(_warm_up)  # compile the kernels (cached) so no stage pays for it

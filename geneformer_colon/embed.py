@@ -130,5 +130,5 @@ def embed(model_path: str | Path, input_path: str | Path | None = None, out_dir:
     write_json(out / "silhouette.json", scores)
     with atomic_path(out / "embedding.h5ad") as tmp:
         adata.write_h5ad(tmp)
-    log.info("embedding of %d cells: silhouette %s; written to %s", adata.n_obs, scores["silhouette"], out)
+    log.info("UMAPs, silhouette.json and embedding.h5ad written to %s", out)
     return scores

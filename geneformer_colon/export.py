@@ -3,7 +3,8 @@
 OUT_DIR holds:
 
 - ``config.json`` + ``model.safetensors``: the encoder, a ``BertModel`` (``save_pretrained``), loadable
-  with transformers alone (``BertModel.from_pretrained(OUT_DIR)``), with ``id2label``/``label2id``;
+  with transformers alone (``BertModel.from_pretrained(OUT_DIR, add_pooling_layer=False)``: the
+  classifier pools the cells itself, so there is no pooler), with ``id2label``/``label2id``;
 - ``cell_classifier.safetensors``: the classifier head (a linear layer on the pooled embedding);
 - ``cell_classifier.json``: the pooling, the classes and where it came from;
 - ``token_dictionary.pkl``, ``gene_median_dictionary.pkl`` (and ``ensembl_mapping_dict.pkl``): the
@@ -44,7 +45,8 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
     return "\n".join([
         "---\nlibrary_name: transformers\ntags: [geneformer, single-cell, cell-classification]\n---\n",
         f"# {run.name}: a Geneformer cell classifier ({', '.join(model.class_names)})\n",
-        "Fine-tuned with geneformer-colon. The encoder is a BERT (`BertModel.from_pretrained` of this folder); "
+        "Fine-tuned with geneformer-colon. The encoder is a BERT without a pooler "
+        "(`BertModel.from_pretrained(<this folder>, add_pooling_layer=False)`); "
         f"cells are pooled by `{model.module.encoder.pooling}` pooling and classified by the linear head in "
         f"`{EXPORT_HEAD}`. Cells are tokenized with Geneformer's rank-value encoding "
         f"({model.settings.model_version}, input size {model.settings.resolved_input_size}) using the gene "

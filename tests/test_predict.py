@@ -132,7 +132,9 @@ def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs
 
     # the encoder, with transformers alone, gives the run's hidden states
     module = CellClassifier.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt").eval()
-    bert = BertModel.from_pretrained(export).eval()
+    bert, loading = BertModel.from_pretrained(export, add_pooling_layer=False, output_loading_info=True)
+    assert not any(loading.values()), loading  # every weight there, none missing or unexpected
+    bert.eval()
     assert bert.config.id2label == {0: "Normal", 1: "Border", 2: "Tumor"}
     ids = torch.randint(4, module.encoder.bert.config.vocab_size, (3, 20))
     mask = torch.ones_like(ids)
