@@ -79,13 +79,16 @@ def test_two_epochs_lower_the_held_out_loss_and_leave_a_hugging_face_checkpoint(
     assert model.config.vocab_size == len(dictionaries.token)
 
 
-def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained, shared_dirs):
+def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained, shared_dirs, capsys, caplog):
     tmp_path, _ = pretrained
     hf = tmp_path / "outputs" / "pretrain" / "hf"
     overrides = [o for o in tiny_overrides(tmp_path / "outputs", shared_dirs) if not o.startswith("model.encoder.")]
     cfg = compose_train(overrides + ["experiment=colon6", "model=pretrained", f"model.encoder.pretrained={hf}",
                                      "model.tokenizer.input_size=128", "run_name=from_pretrained", "logger=csv"])
     encoder = build_module(cfg, build_datamodule(cfg)).encoder.bert.state_dict()
+    # the masked-gene head the encoder leaves out is no news: no load report, no progress bar
+    assert not [record for record in caplog.records if "LOAD REPORT" in record.getMessage()]
+    assert "Loading weights" not in capsys.readouterr().err
     for name, tensor in BertForMaskedLM.from_pretrained(hf).bert.state_dict().items():
         torch.testing.assert_close(encoder[name], tensor, msg=name)
     assert train(cfg)["status"] == "finished"

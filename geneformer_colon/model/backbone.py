@@ -9,7 +9,10 @@ masked-language-model head is dropped and the classifier head starts fresh.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertModel, PretrainedConfig
+from transformers.utils import logging as transformers_logging
 
 from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.data.tokenizer import load_settings
@@ -138,15 +142,16 @@ def pretrained_bert(
     check_own_dictionaries(Path(pretrained) / (subfolder or ""), vocabulary, source)
     model_class, extra = (BertForMaskedLM, {}) if masked_lm else (BertModel, {"add_pooling_layer": False})
     try:
-        model, info = model_class.from_pretrained(
-            pretrained,
-            config=config,
-            attn_implementation="sdpa",
-            dtype=torch.float32,
-            output_loading_info=True,
-            **extra,
-            **hub_kwargs,
-        )
+        with _quiet_loading():
+            model, info = model_class.from_pretrained(
+                pretrained,
+                config=config,
+                attn_implementation="sdpa",
+                dtype=torch.float32,
+                output_loading_info=True,
+                **extra,
+                **hub_kwargs,
+            )
     except OSError as error:
         raise _unloadable(source, error) from None
     encoder_missing = [key for key in info["missing_keys"] if not key.startswith("cls.")]  # a head may start fresh
@@ -158,6 +163,22 @@ def pretrained_bert(
             "point the model at a Geneformer BERT checkpoint"
         )
     return model.train()  # from_pretrained leaves it in eval mode: dropout would stay off in training
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """``from_pretrained`` without its progress bar and load report: a released Geneformer is a masked LM, so
+    loading its encoder always "reports" the unused ``cls.*`` head; the caller checks the loading info itself."""
+    report = transformers_logging.get_logger("transformers.modeling_utils")
+    level, bar = report.level, transformers_logging.is_progress_bar_enabled()
+    report.setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        report.setLevel(level)
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 def check_own_dictionaries(directory: Path, vocabulary: Vocabulary, source: str) -> None:
