@@ -26,6 +26,7 @@ import sys
 sys.path = [entry for entry in sys.path if entry not in ("", __file__.rsplit("/", 1)[0])]
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -187,17 +188,21 @@ def main() -> None:
             ("class_donor", ["data.balance_strategy=class_donor"]),
             (f"class_donor, max_tokens={budget}", ["data.balance_strategy=class_donor", f"data.max_tokens={budget}"]),
         )}
-    datamodule = build_datamodule(configs["none"])
-    lengths = datamodule.split_cells("train")["length"]
-    print(f"{len(lengths)} training cells, {lengths.min()}-{lengths.max()} tokens a cell (mean {lengths.mean():.0f}); "
-          f"model {args.layers} layers x {args.hidden} ({args.heads} heads); {torch.get_num_threads()} threads; "
-          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
-    reference, peak = measured(trainer_recipe, datamodule, configs["none"], work)
-    print(f"{'loop':<46} {'cells/s':>8} {'x Trainer':>10}" + (f" {'peak GiB':>9}" if peak is not None else ""))
-    print(row("HF Trainer, random order, padded to longest", reference, 1.0, peak))
-    for name, cfg in configs.items():
-        speed, peak = measured(project_loop, cfg)
-        print(row(f"this project, {name}", speed, speed / reference, peak))
+    try:
+        datamodule = build_datamodule(configs["none"])
+        lengths = datamodule.split_cells("train")["length"]
+        print(f"{len(lengths)} training cells, {lengths.min()}-{lengths.max()} tokens a cell "
+              f"(mean {lengths.mean():.0f}); "
+              f"model {args.layers} layers x {args.hidden} ({args.heads} heads); {torch.get_num_threads()} threads; "
+              f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+        reference, peak = measured(trainer_recipe, datamodule, configs["none"], work)
+        print(f"{'loop':<46} {'cells/s':>8} {'x Trainer':>10}" + (f" {'peak GiB':>9}" if peak is not None else ""))
+        print(row("HF Trainer, random order, padded to longest", reference, 1.0, peak))
+        for name, cfg in configs.items():
+            speed, peak = measured(project_loop, cfg)
+            print(row(f"this project, {name}", speed, speed / reference, peak))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
