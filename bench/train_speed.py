@@ -156,6 +156,24 @@ def row(name: str, speed: float, ratio: float, peak: float | None) -> str:
     return f"{name:<46} {speed:>8.1f} {ratio:>10.2f}" + (f" {peak:>9.2f}" if peak is not None else "")
 
 
+def loop_configs(args: argparse.Namespace, work: Path) -> dict:
+    """The project's training config for each sampler (and the token budget), on the benchmark's cells."""
+    budget = args.max_tokens or BATCH * args.input_size // 2
+    common = [f"paths.output_dir={work}", f"paths.data_dir={args.dir}", f"paths.cache_dir={args.dir / 'cache'}",
+              f"data.source.n_cells={args.cells}", f"data.source.n_genes={args.genes}", "data.test_donors=[]",
+              f"model.tokenizer.input_size={args.input_size}", f"model.encoder.num_hidden_layers={args.layers}",
+              f"model.encoder.hidden_size={args.hidden}", f"model.encoder.num_attention_heads={args.heads}",
+              f"model.encoder.intermediate_size={args.ffn or 2 * args.hidden}",
+              f"data.batch_size={BATCH}", "data.mega_batch_factor=50"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return {name: compose("train", overrides=common + extra) for name, extra in (
+            ("none", ["data.balance_strategy=none"]),
+            ("class", ["data.balance_strategy=class"]),
+            ("class_donor", ["data.balance_strategy=class_donor"]),
+            (f"class_donor, max_tokens={budget}", ["data.balance_strategy=class_donor", f"data.max_tokens={budget}"]),
+        )}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2000)
@@ -174,21 +192,8 @@ def main() -> None:
     quiet_libraries()
     args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="speed-", dir=args.dir))
-    budget = args.max_tokens or BATCH * args.input_size // 2
-    common = [f"paths.output_dir={work}", f"paths.data_dir={args.dir}", f"paths.cache_dir={args.dir / 'cache'}",
-              f"data.source.n_cells={args.cells}", f"data.source.n_genes={args.genes}", "data.test_donors=[]",
-              f"model.tokenizer.input_size={args.input_size}", f"model.encoder.num_hidden_layers={args.layers}",
-              f"model.encoder.hidden_size={args.hidden}", f"model.encoder.num_attention_heads={args.heads}",
-              f"model.encoder.intermediate_size={args.ffn or 2 * args.hidden}",
-              f"data.batch_size={BATCH}", "data.mega_batch_factor=50"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        configs = {name: compose("train", overrides=common + extra) for name, extra in (
-            ("none", ["data.balance_strategy=none"]),
-            ("class", ["data.balance_strategy=class"]),
-            ("class_donor", ["data.balance_strategy=class_donor"]),
-            (f"class_donor, max_tokens={budget}", ["data.balance_strategy=class_donor", f"data.max_tokens={budget}"]),
-        )}
     try:
+        configs = loop_configs(args, work)
         datamodule = build_datamodule(configs["none"])
         lengths = datamodule.split_cells("train")["length"]
         print(f"{len(lengths)} training cells, {lengths.min()}-{lengths.max()} tokens a cell "

@@ -121,6 +121,17 @@ def test_a_paired_test_with_enough_donors_gives_a_p_value():
     assert "no outcome" not in sentence
 
 
+def test_the_interval_of_the_mean_is_students_and_stays_within_the_figures_range():
+    from geneformer_colon.report.crossval import spread
+
+    values = [0.62, 0.70, 0.75, 0.81]
+    half = stats.t.ppf(0.975, 3) * np.std(values, ddof=1) / 2
+    assert spread(values)["ci95"] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+    assert spread([0.95, 0.99, 0.90])["ci95"][1] == 1.0 and spread([0.02, 0.10, 0.01])["ci95"][0] == 0.0
+    assert spread([2.0, 4.0], bounds=(-np.inf, np.inf))["ci95"][0] < 0  # a figure of another range
+    assert spread([0.5])["ci95"] is None and spread([])["n"] == 0
+
+
 def test_fold_plans_and_their_errors():
     donors = ["KUL01", "KUL19", "KUL21"]
     assert [(f.test_donor, f.val_donor) for f in cv.plan_folds(donors, None, None)] == [

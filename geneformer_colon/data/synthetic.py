@@ -26,9 +26,10 @@ Donor effects (``_DONOR_SHIFT``, at ``donor_shift=1``):
 - KUL19 is shifted on every axis at once. A different tumour (90% of its tumour genes are its
   own, say a hypermutated CMS1-like tumour among CMS2-like ones): its Tumor cells lack the genes
   a model learned on the others. A field effect: 70% of its Normal and Border cells look like
-  tumour. A batch effect that hits the class-informative genes (sigma 1.4 on the programme
-  genes, 0.5 on all, say another dissociation protocol and ambient RNA): each class's markers
-  move up or down in all its cells. And 30% lower depth: fewer of those genes are seen at all.
+  tumour. A batch effect that hits the class-informative genes (sigma 1.4 on the regions'
+  shared programme genes, 0.5 on all, say another dissociation protocol and ambient RNA): each
+  class's markers move up or down in all its cells. And 30% lower depth: fewer of those genes
+  are seen at all.
 
 ``donor_shift`` scales all of it: batch sigmas, field and private shares (at most 1) linearly,
 depth as ``depth ** donor_shift``. At 0 the donors are exchangeable (only their class mix and
@@ -154,7 +155,7 @@ def generate_counts(
     donor, klass, ctype = _cell_design(rng, n_cells)
     strength, malignant = _region_strength(rng, donor, klass, ctype, shift)
     donor_effect = genes.batch_noise * shift.batch_sigma[:, None]
-    donor_effect[:, genes.markers] += genes.marker_noise * shift.marker_batch[:, None]
+    donor_effect[:, genes.region_genes] += genes.region_noise * shift.marker_batch[:, None]
     programme_genes, programme_lfc = _donor_programmes(genes, shift.private)
 
     # Per (donor, cell type) expression profile, each row summing to one.
@@ -217,8 +218,8 @@ class _Genes(NamedTuple):
     base: np.ndarray  # log abundance (G,)
     type_effect: np.ndarray  # (types, G) log fold changes: markers and small noise
     batch_noise: np.ndarray  # (donors, G) unit normals, scaled per donor into batch effects
-    markers: np.ndarray  # the region-programme genes (all classes' shared sets)
-    marker_noise: np.ndarray  # (donors, markers) unit normals: batch shifts on those genes
+    region_genes: np.ndarray  # the region-programme genes (all classes' shared sets)
+    region_noise: np.ndarray  # (donors, region genes) unit normals: batch shifts on those genes
     shared: np.ndarray  # (classes, n) each region programme's genes, in random order
     private: np.ndarray  # (donors, n) each donor's own tumour-programme genes, in random order
     lfc: np.ndarray  # (G,) a gene's log fold change when its programme is on
@@ -242,14 +243,14 @@ def _gene_model(rng: np.random.Generator, n_genes: int) -> _Genes:
     private = np.stack([rng.choice(others, n_programme, replace=False) for _ in DONORS])
     lfc = rng.uniform(*_PROGRAMME_LFC, n_genes)
     region_genes = np.sort(shared.ravel())
-    marker_noise = rng.normal(0.0, 1.0, (len(DONORS), region_genes.size))
+    region_noise = rng.normal(0.0, 1.0, (len(DONORS), region_genes.size))
     inv_dispersion = np.exp(rng.normal(math.log(2.0), 0.5, n_genes))
     numbers = rng.choice(10**10, n_genes, replace=False)
     ensembl_ids = [f"ENSG9{n:010d}" for n in numbers]
     for g in rng.choice(n_genes, max(1, round(0.01 * n_genes)), replace=False):
         ensembl_ids[g] = ""
     return _Genes(
-        base, type_effect, batch_noise, region_genes, marker_noise, shared, private, lfc,
+        base, type_effect, batch_noise, region_genes, region_noise, shared, private, lfc,
         inv_dispersion, ensembl_ids,
     )
 

@@ -26,6 +26,8 @@ from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.data.tokenizer import load_settings
 from geneformer_colon.errors import InputError
 
+log = logging.getLogger(__name__)
+
 Pooling = Literal["cls", "mean"]
 
 
@@ -142,7 +144,7 @@ def pretrained_bert(
     check_own_dictionaries(Path(pretrained) / (subfolder or ""), vocabulary, source)
     model_class, extra = (BertForMaskedLM, {}) if masked_lm else (BertModel, {"add_pooling_layer": False})
     try:
-        with _quiet_loading():
+        with _quiet_loading(hide_progress=Path(pretrained).is_dir()):
             model, info = model_class.from_pretrained(
                 pretrained,
                 config=config,
@@ -162,17 +164,21 @@ def pretrained_bert(
             f"{source}: {len(missing)} encoder weights missing from the checkpoint ({shown}); "
             "point the model at a Geneformer BERT checkpoint"
         )
+    if masked_lm and info["missing_keys"]:
+        log.warning("%s: no masked-gene head in the checkpoint; the head starts from random weights", source)
     return model.train()  # from_pretrained leaves it in eval mode: dropout would stay off in training
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """``from_pretrained`` without its progress bar and load report: a released Geneformer is a masked LM, so
-    loading its encoder always "reports" the unused ``cls.*`` head; the caller checks the loading info itself."""
+def _quiet_loading(hide_progress: bool) -> Iterator[None]:
+    """``from_pretrained`` without its load report (a released Geneformer is a masked LM, so loading its
+    encoder always "reports" the unused ``cls.*`` head; the caller checks the loading info itself) and, with
+    ``hide_progress`` (a local directory: nothing to download), without its progress bar."""
     report = transformers_logging.get_logger("transformers.modeling_utils")
     level, bar = report.level, transformers_logging.is_progress_bar_enabled()
     report.setLevel(logging.ERROR)
-    transformers_logging.disable_progress_bar()
+    if hide_progress:
+        transformers_logging.disable_progress_bar()
     try:
         yield
     finally:

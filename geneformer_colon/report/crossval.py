@@ -39,10 +39,11 @@ CONFIDENCE = 0.95
 PARTIAL = "partial"
 
 
-def spread(values: Sequence[float]) -> dict[str, Any]:
+def spread(values: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
     """Mean, sample standard deviation, min, max and the 95% t-interval of the mean (None below two values).
 
-    Every figure aggregated here is a proportion, so the interval is clipped to [0, 1].
+    The interval is clipped to ``bounds``, the range of the figure (every figure aggregated here is a
+    proportion: accuracy, F1, ROC AUC, recall).
     """
     values = np.asarray([value for value in values if value is not None], dtype=float)
     n = len(values)
@@ -52,7 +53,7 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     sd = float(values.std(ddof=1)) if n > 1 else None
     half = float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else None
     return {"n": n, "mean": mean, "sd": sd, "min": float(values.min()), "max": float(values.max()),
-            "ci95": [max(mean - half, 0.0), min(mean + half, 1.0)] if half is not None else None}
+            "ci95": [max(mean - half, bounds[0]), min(mean + half, bounds[1])] if half is not None else None}
 
 
 def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | None:
