@@ -103,8 +103,7 @@ def _tokenize(canonical: Path, dictionaries: Path, version: str, store: Path) ->
         from geneformer_colon.data.store import TokenStore, build_store
         from geneformer_colon.data.tokenizer import TokenizerSettings
 
-        loaded = GeneDictionaries.load(dictionaries / "token_dictionary.pkl",
-                                       dictionaries / "gene_median_dictionary.pkl")
+        loaded = GeneDictionaries.load_directory(dictionaries)
         if version == "V1":  # V1 has no <cls>/<eos>: drop them from the derived V2 vocabulary
             token = {gene: i for i, gene in enumerate(g for g in loaded.token if g not in ("<cls>", "<eos>"))}
             loaded = GeneDictionaries(token=token, median=loaded.median)

@@ -17,6 +17,7 @@ from geneformer_colon.builders import (
     resolve_precision,
 )
 from geneformer_colon.config import compose_run_config, trusted_content
+from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, TOKEN_FILE
 from geneformer_colon.errors import InputError
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
@@ -68,9 +69,9 @@ def run_config(layout: RunLayout, overrides: Sequence[str] = (), conf_dir: Path 
         cfg = OmegaConf.create(trusted_content(OmegaConf.load(layout.config), str(layout.config)))
     dictionaries = layout.dictionaries
     with open_dict(cfg):
-        cfg.model.tokenizer.token_dictionary = str(dictionaries / "token_dictionary.pkl")
-        cfg.model.tokenizer.gene_median_dictionary = str(dictionaries / "gene_median_dictionary.pkl")
-        mapping = dictionaries / "ensembl_mapping_dict.pkl"
+        cfg.model.tokenizer.token_dictionary = str(dictionaries / TOKEN_FILE)
+        cfg.model.tokenizer.gene_median_dictionary = str(dictionaries / MEDIAN_FILE)
+        mapping = dictionaries / MAPPING_FILE
         cfg.model.tokenizer.gene_mapping = str(mapping) if mapping.is_file() else None
     return cfg
 

@@ -36,12 +36,6 @@ EXPORT_SETTINGS = "cell_classifier.json"
 EXPORT_HEAD = "cell_classifier.safetensors"
 
 
-def load_dictionaries(directory: Path) -> GeneDictionaries:
-    mapping = directory / "ensembl_mapping_dict.pkl"
-    return GeneDictionaries.load(directory / "token_dictionary.pkl", directory / "gene_median_dictionary.pkl",
-                                 mapping if mapping.is_file() else None)
-
-
 def is_export(path: Path) -> bool:
     return (path / EXPORT_SETTINGS).is_file()
 
@@ -82,7 +76,7 @@ class TrainedClassifier:
         run = read_run(run_dir)
         origin = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "run_name": run.name,
                   "trained_on": run.donors("train")}
-        return cls(module, load_dictionaries(layout.dictionaries), settings, origin)
+        return cls(module, GeneDictionaries.load_directory(layout.dictionaries), settings, origin)
 
     @classmethod
     def from_export(cls, directory: Path) -> TrainedClassifier:
@@ -94,7 +88,7 @@ class TrainedClassifier:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise InputError(f"{directory}: an incomplete export ({type(error).__name__}: {error}); export the run "
                              "again") from None
-        dictionaries = load_dictionaries(directory)
+        dictionaries = GeneDictionaries.load_directory(directory)
         settings = TokenizerSettings(**tokenizer)
         specials = special_token_ids(dictionaries.token, settings.model_version)
         vocabulary = Vocabulary(len(dictionaries.token), specials["<pad>"], settings.resolved_input_size, dictionaries,

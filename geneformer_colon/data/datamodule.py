@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geneformer_colon.data.counts import CellCounts
-from geneformer_colon.data.dictionaries import GeneDictionaries, derive_dictionaries
+from geneformer_colon.data.dictionaries import TOKEN_FILE, GeneDictionaries, derive_dictionaries
 from geneformer_colon.data.h5ad import H5adCounts
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
 from geneformer_colon.data.sources import DataSource
@@ -184,8 +184,8 @@ class CellDataModule(pl.LightningDataModule):
                                sorted(self.class_names) if self.uses_labels else None)
         directory = self.cache_dir / "dictionaries" / key
         build_once(directory, lambda tmp: self._derive_dictionaries(canonical).save(tmp),
-                   done=lambda path: (path / "token_dictionary.pkl").is_file())
-        return GeneDictionaries.load(directory / "token_dictionary.pkl", directory / "gene_median_dictionary.pkl")
+                   done=lambda path: (path / TOKEN_FILE).is_file())
+        return GeneDictionaries.load_directory(directory)
 
     def _derive_dictionaries(self, canonical: Path) -> GeneDictionaries:
         with H5adCounts(canonical) as file:

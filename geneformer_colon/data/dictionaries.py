@@ -191,6 +191,12 @@ def _is_median(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value) and value > 0
 
 
+# A folder of dictionaries, named as Geneformer names them.
+TOKEN_FILE = "token_dictionary.pkl"
+MEDIAN_FILE = "gene_median_dictionary.pkl"
+MAPPING_FILE = "ensembl_mapping_dict.pkl"
+
+
 @dataclass(frozen=True)
 class GeneDictionaries:
     """Token ids, gene medians and (optionally) the id-collapsing map of one model version."""
@@ -212,12 +218,19 @@ class GeneDictionaries:
             else _checked(mapping, "gene mapping dictionary", lambda value: isinstance(value, str), str, "a gene id"),
         )
 
+    @classmethod
+    def load_directory(cls, directory: str | os.PathLike[str]) -> GeneDictionaries:
+        """What :meth:`save` wrote to ``directory`` (the mapping where there is one)."""
+        directory = Path(directory)
+        mapping = directory / MAPPING_FILE
+        return cls.load(directory / TOKEN_FILE, directory / MEDIAN_FILE, mapping if mapping.is_file() else None)
+
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the dictionaries as plain pickles, named as Geneformer names them."""
         directory = Path(directory)
-        files = {"token_dictionary.pkl": self.token, "gene_median_dictionary.pkl": self.median}
+        files = {TOKEN_FILE: self.token, MEDIAN_FILE: self.median}
         if self.mapping is not None:
-            files["ensembl_mapping_dict.pkl"] = self.mapping
+            files[MAPPING_FILE] = self.mapping
         for name, content in files.items():
             with atomic_path(directory / name) as tmp:
                 tmp.write_bytes(pickle.dumps(dict(content), protocol=pickle.HIGHEST_PROTOCOL))

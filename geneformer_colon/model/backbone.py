@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertModel, PretrainedConfig
 from transformers.utils import logging as transformers_logging
 
-from geneformer_colon.data.dictionaries import GeneDictionaries
+from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, TOKEN_FILE, GeneDictionaries
 from geneformer_colon.data.tokenizer import load_settings
 from geneformer_colon.errors import InputError
 
@@ -190,10 +190,10 @@ def _quiet_loading(hide_progress: bool) -> Iterator[None]:
 def check_own_dictionaries(directory: Path, vocabulary: Vocabulary, source: str) -> None:
     """A checkpoint directory that carries its dictionaries and tokenizer settings (pretrain.py's hf/, an
     export) must be used with them: the same token and median dictionaries, model version and id mapping."""
-    own = directory / "token_dictionary.pkl"
+    own = directory / TOKEN_FILE
     if vocabulary.dictionaries is None or not own.is_file():
         return
-    median = directory / "gene_median_dictionary.pkl"
+    median = directory / MEDIAN_FILE
     theirs = GeneDictionaries.load(own, median) if median.is_file() else None
     ours = vocabulary.dictionaries
     if theirs is None or theirs.token != ours.token or theirs.median != ours.median:
@@ -207,7 +207,7 @@ def check_own_dictionaries(directory: Path, vocabulary: Vocabulary, source: str)
         return
     mapped = ours.mapping is not None
     if recorded["model_version"] != vocabulary.model_version or recorded["gene_mapping"] != mapped:
-        mapping = directory / "ensembl_mapping_dict.pkl" if recorded["gene_mapping"] else "null"
+        mapping = directory / MAPPING_FILE if recorded["gene_mapping"] else "null"
         theirs_mapped = "with" if recorded["gene_mapping"] else "without"
         raise InputError(
             f"{source}: trained on {recorded['model_version']} tokens {theirs_mapped} an id mapping, but this run "
