@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from geneformer_colon.console import report_input_errors
-from geneformer_colon.evaluation import parse_arguments, run_evaluation
+from geneformer_colon.retest import parse_arguments, run_evaluation
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from geneformer_colon.console import report_input_errors
 from geneformer_colon.entry import run_job
-from geneformer_colon.pretraining import pretrain
+from geneformer_colon.masked_gene_run import pretrain
 
 
 @hydra.main(config_path="conf", config_name="pretrain", version_base="1.3")

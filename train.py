@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from geneformer_colon.console import report_input_errors
 from geneformer_colon.entry import run_job
-from geneformer_colon.training import train
+from geneformer_colon.fine_tune import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -59,7 +59,7 @@ def _genes(args: argparse.Namespace) -> GeneIds:
 
 def _predict(args: argparse.Namespace) -> None:
     from geneformer_colon.predict import metrics_dir, predict_h5ad
-    from geneformer_colon.trained import TrainedClassifier
+    from geneformer_colon.saved_classifier import TrainedClassifier
 
     added = predict_h5ad(TrainedClassifier.load(args.model), args.input, args.out, prefix=args.prefix, layer=args.layer,
                          genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
@@ -81,7 +81,7 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _cv(args: argparse.Namespace) -> None:
-    from geneformer_colon.report.crossval import gather
+    from geneformer_colon.report.cv_summary import gather
 
     summary = gather(args.run_dir)
     test = summary["aggregate"]["test"]["macro_f1"]

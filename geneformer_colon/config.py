@@ -283,3 +283,8 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return OmegaConf.create(trusted_content(cfg, str(saved)))
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (what checkpoints store), resolved."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

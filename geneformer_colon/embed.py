@@ -28,15 +28,15 @@ import scanpy as sc  # noqa: E402
 from sklearn.metrics import silhouette_score  # noqa: E402
 
 from geneformer_colon.builders import build_datamodule  # noqa: E402
-from geneformer_colon.data.h5ad import H5adCounts  # noqa: E402
-from geneformer_colon.data.tokenizer import TokenizedCells  # noqa: E402
+from geneformer_colon.data.h5ad import H5adReader  # noqa: E402
 from geneformer_colon.errors import InputError  # noqa: E402
-from geneformer_colon.evaluation import run_config  # noqa: E402
 from geneformer_colon.figures import save_figure  # noqa: E402
 from geneformer_colon.io import atomic_path, write_json  # noqa: E402
+from geneformer_colon.names import EVAL_SPLITS
 from geneformer_colon.predict import PREFIX, GeneIds, predicted_chunks  # noqa: E402
-from geneformer_colon.rundir import EVAL_SPLITS, RunLayout  # noqa: E402
-from geneformer_colon.trained import TrainedClassifier  # noqa: E402
+from geneformer_colon.retest import run_config  # noqa: E402
+from geneformer_colon.rundir import RunLayout  # noqa: E402
+from geneformer_colon.saved_classifier import TrainedClassifier  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,8 @@ def run_cells(model: TrainedClassifier, run_dir: Path, batch_size: int, device: 
     frames, embeddings = [], []
     for split in EVAL_SPLITS:
         cells = datamodule.split_cells(split)
-        lengths = cells["length"].to_numpy()
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        tokens = np.concatenate([datamodule.store.cell_tokens(i) for i in datamodule.splits[split].positions])
-        probabilities, embedded = model.apply(TokenizedCells(tokens, offsets, 0), batch_size, device=device)
+        probabilities, embedded = model.apply(datamodule.store, datamodule.splits[split].positions, batch_size,
+                                              device=device)
         frames.append(cells.set_index("cell_id")[["donor", "label", "cell_type"]].assign(
             split=split, predicted=np.asarray(model.class_names)[probabilities.argmax(1)]))
         embeddings.append(embedded)
@@ -65,7 +63,7 @@ def run_cells(model: TrainedClassifier, run_dir: Path, batch_size: int, device: 
 def file_cells(model: TrainedClassifier, path: Path, genes: GeneIds, layer: str | None, batch_size: int, device: str
                ) -> tuple[pd.DataFrame, np.ndarray]:
     """Every cell of an h5ad: its obs (with the predicted class) and embeddings (cells without a gene dropped)."""
-    with H5adCounts(path, layer, layer_setting="--layer") as source:
+    with H5adReader(path, layer, layer_setting="--layer") as source:
         obs = source.obs.copy()
         embeddings = np.zeros((source.shape[0], model.hidden_size), dtype=np.float32)
         predicted = np.full(source.shape[0], "", dtype=object)

@@ -26,15 +26,16 @@ from transformers.utils import logging as transformers_logging
 from geneformer_colon.data.tokenizer import save_settings
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
+from geneformer_colon.names import EVAL_SPLITS, METRICS
 from geneformer_colon.report.history import recipe_rows
-from geneformer_colon.rundir import EVAL_SPLITS, METRICS, read_run
-from geneformer_colon.tables import markdown_table
-from geneformer_colon.trained import (
+from geneformer_colon.rundir import read_run
+from geneformer_colon.saved_classifier import (
     EXPORT_HEAD,
     EXPORT_SETTINGS,
     TrainedClassifier,
     is_export,
 )
+from geneformer_colon.tables import markdown_table
 
 
 def model_card(model: TrainedClassifier, run_dir: Path) -> str:

@@ -37,22 +37,14 @@ from rich.progress import Progress
 from geneformer_colon.data.canonical import check_gene_ids, obs_n_counts, obs_strings
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import read_gene_name_map
-from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adCounts, ensembl_ids_of
+from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader, ensembl_ids_of
 from geneformer_colon.data.tokenizer import tokenize_chunks
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.metrics import ClassificationMetrics
-from geneformer_colon.rundir import (
-    FINISHED,
-    TEST,
-    RunLayout,
-    prediction_table,
-    run_record,
-    split_entry,
-    write_metrics,
-    write_split,
-)
-from geneformer_colon.trained import TrainedClassifier
+from geneformer_colon.names import FINISHED, TEST
+from geneformer_colon.rundir import RunLayout, prediction_table, run_record, split_entry, write_metrics, write_split
+from geneformer_colon.saved_classifier import TrainedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +93,7 @@ def vocabulary_order(gene_ids: np.ndarray, model: TrainedClassifier, path: Path,
     return np.argsort(token_ids, kind="stable")
 
 
-def file_counts(source: H5adCounts, gene_ids: np.ndarray, field: str, order: np.ndarray, chunk_cells: int
+def file_counts(source: H5adReader, gene_ids: np.ndarray, field: str, order: np.ndarray, chunk_cells: int
                 ) -> CellCounts:
     """The input's counts as checked chunks, columns in ``order``; obs['n_counts'] when the file has it, else
     row sums (over all genes, whatever the vocabulary)."""
@@ -117,7 +109,7 @@ def file_counts(source: H5adCounts, gene_ids: np.ndarray, field: str, order: np.
     return CellCounts(chunks, gene_ids[order], field, source.shape[0], str(source.path))
 
 
-def predicted_chunks(model: TrainedClassifier, source: H5adCounts, genes: GeneIds, chunk_cells: int = CHUNK_CELLS,
+def predicted_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneIds, chunk_cells: int = CHUNK_CELLS,
                      batch_size: int = 64, device: str = "cpu") -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """The cells of an open h5ad, chunk by chunk: (their rows, class probabilities, embeddings)."""
     gene_ids, field = genes.of(source.var, source.path)
@@ -126,7 +118,7 @@ def predicted_chunks(model: TrainedClassifier, source: H5adCounts, genes: GeneId
     start = 0
     for tokens in tokenize_chunks(file_counts(source, gene_ids, field, order, chunk_cells), model.dictionaries,
                                   model.settings):
-        probabilities, embeddings = model.apply(tokens, batch_size, device=device)
+        probabilities, embeddings = model.apply(tokens, batch_size=batch_size, device=device)
         yield slice(start, start + len(tokens)), probabilities, embeddings
         start += len(tokens)
 
@@ -160,7 +152,7 @@ def predict_h5ad(
     if out_path.resolve() == input_path.resolve():
         raise InputError(f"{out_path}: the output would overwrite the input; give another --out")
     classes = model.class_names
-    with H5adCounts(input_path, layer, layer_setting="--layer") as source:
+    with H5adReader(input_path, layer, layer_setting="--layer") as source:
         truth = labelled_cells(source.obs, classes, label_key, donor_key, cell_type_key, input_path) \
             if label_key is not None else None
         chunks = predicted_chunks(model, source, genes, chunk_cells, batch_size, device)

@@ -21,7 +21,10 @@ through :func:`run_record`, and reads runs through :func:`read_run` / :func:`fin
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,22 +32,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.utilities import rank_zero_only
 
+from geneformer_colon.config import plain, recipe_changes
 from geneformer_colon.errors import InputError
 from geneformer_colon.figures import plot_confusion
-from geneformer_colon.io import atomic_path, read_json, rounded, write_json
+from geneformer_colon.io import atomic_path, read_json, remove, rounded, write_json
 from geneformer_colon.model.metrics import breakdowns
+from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, MONITOR, RUNNING, VAL
 
-TRAIN, VAL, TEST = "train", "val", "test"
-SPLITS = (TRAIN, VAL, TEST)
-EVAL_SPLITS = (VAL, TEST)
-# The headline metrics of an evaluated split and their short titles.
-METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
-MONITOR = f"{VAL}/macro_f1"
+log = logging.getLogger(__name__)
 
-FINISHED, RUNNING, FAILED, INTERRUPTED = "finished", "running", "failed", "interrupted"
 # Decimals kept in metrics.json and cv.json.
 DIGITS = 4
 
@@ -242,6 +244,98 @@ def write_split(layout: RunLayout, split: str, table: pd.DataFrame, confusion: S
 
 def read_predictions(layout: RunLayout, split: str) -> pd.DataFrame:
     return pd.read_csv(layout.prediction_file(split), dtype={"cell_id": str, "donor": str, "cell_type": str})
+
+
+# ---- starting, resuming ----
+
+
+def recipe() -> dict[str, Any]:
+    """The command line as typed (overrides and config groups chosen), when running as a Hydra app."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    return {"overrides": list(hydra_cfg.overrides.task), "choices": {
+        group: choice for group, choice in hydra_cfg.runtime.choices.items()
+        if not group.startswith("hydra") and choice is not None}}
+
+
+def prepare_run_dir(layout: RunLayout, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory; clear what a start that failed before training left."""
+    if rank_zero_only.rank != 0:  # a DDP rank: its rank 0 has checked (and maybe cleared) the directory
+        return
+    written = layout.written()
+    if written and layout.holds_a_run() and not overwrite:
+        raise InputError(
+            f"{layout.root}: already holds a run ({', '.join(path.name for path in written)}); continue it with "
+            "resume=true, replace it with overwrite=true, or pick another run_name=..."
+        )
+    if written and not layout.holds_a_run():
+        log.info("%s: clearing what a start that failed before training left", layout.root)
+    for path in written:
+        remove(path)
+
+
+def allowed_changes(layout: RunLayout, cfg: DictConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[str, str]]:
+    """How ``cfg``'s recipe differs from the one the run directory's config.yaml records; refused unless
+    ``allow_resume_changes=true``."""
+    changes = recipe_changes(read_config(layout.config), plain(cfg), ignore)
+    if changes and not cfg.allow_resume_changes:
+        listed = "; ".join(f"{key}: {was} -> {now}" for key, (was, now) in changes.items())
+        raise InputError(
+            f"{layout.config}: another recipe than the run's ({listed}); go on with the run's own settings, or "
+            "add allow_resume_changes=true to go on with the new ones (config.yaml then records both)"
+        )
+    return changes
+
+
+def resume_point(layout: RunLayout, cfg: DictConfig) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """The checkpoint ``resume=true`` goes on from, and the recipe changes it was allowed to make."""
+    last = layout.checkpoint("last")
+    if not last.is_file():
+        raise InputError(f"{layout.root}: resume=true but there is no checkpoints/last.ckpt to continue from; "
+                         "start it without resume=true")
+    read_checkpoint(last)
+    return last, allowed_changes(layout, cfg)
+
+
+def record_changes(cfg: DictConfig, layout: RunLayout, changes: dict[str, tuple[str, str]]) -> None:
+    """On a resume allowed to change the recipe: config.yaml keeps each resume's changes (before, after)."""
+    earlier = read_config(layout.config).get("resume_changes") or []
+    with open_dict(cfg):
+        cfg.resume_changes = [*earlier, {key: list(values) for key, values in changes.items()}] if changes else earlier
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A ``.ckpt`` file, or a run directory's ``checkpoints/<which>.ckpt``."""
+    path = Path(path)
+    checkpoint = RunLayout(path).checkpoint(which) if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise InputError(f"{checkpoint}: no checkpoint there; give a run directory holding "
+                         f"checkpoints/{which}.ckpt or a .ckpt file")
+    return checkpoint
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file loaded safely (tensors and plain data only), or one clear error.
+
+    A file holding code or arbitrary objects is refused, never loaded with ``weights_only=False``.
+    """
+    if not zipfile.is_zipfile(path):  # what torch.save and Lightning write
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (not a PyTorch zip archive); use "
+                         "checkpoints/best.ckpt or last.ckpt of a run directory")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: holds objects a checkpoint written by train.py does not hold (code, classes); "
+                         "it is not loaded: use a checkpoint from a run directory") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint ({reason[:200]}); use checkpoints/best.ckpt "
+                         "or last.ckpt of a run directory") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (no state_dict); use checkpoints/best.ckpt "
+                         "or last.ckpt of a run directory")
+    return checkpoint
 
 
 # ---- reading ----

@@ -28,16 +28,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
-from geneformer_colon.rundir import (
-    EVAL_SPLITS,
-    FAILED,
-    FINISHED,
-    METRICS,
-    RUNNING,
-    RunLayout,
-    mark_failed,
-    read_run,
-)
+from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, METRICS, RUNNING
+from geneformer_colon.rundir import RunLayout, mark_failed, read_run
 from geneformer_colon.tables import markdown_table
 
 log = logging.getLogger(__name__)

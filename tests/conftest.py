@@ -88,7 +88,7 @@ SWEEP = Path("multirun") / "2026-11-24" / "10-00-00"
 def trained_runs_fixture(tmp_path_factory, shared_dirs) -> list[Path]:
     """Two finished 2-epoch tiny runs in a sweep-like folder <base>/multirun/<date>/<time>/<job>/."""
     sweep = tmp_path_factory.getbasetemp() / "trained_runs" / SWEEP
-    from geneformer_colon.training import train
+    from geneformer_colon.fine_tune import train
 
     runs = [sweep / job for job in JOBS]
     for run_dir, overrides in zip(runs, JOBS.values()):

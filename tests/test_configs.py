@@ -13,8 +13,8 @@ from conftest import REPO_ROOT, compose_train
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
-from geneformer_colon.builders import build_trainer, plain
-from geneformer_colon.config import check_targets, targets_in
+from geneformer_colon.builders import build_trainer
+from geneformer_colon.config import check_targets, plain, targets_in
 from geneformer_colon.model.backbone import Vocabulary
 
 CONF = REPO_ROOT / "conf"

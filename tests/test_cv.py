@@ -11,11 +11,11 @@ import pytest
 from conftest import compose_train, run_script, tiny_overrides
 from scipy import stats
 
-from geneformer_colon import cli, cv
+from geneformer_colon import cli, donor_cv
 from geneformer_colon.baseline.naive_bayes import run_baseline
 from geneformer_colon.errors import InputError
+from geneformer_colon.fine_tune import train
 from geneformer_colon.report.compare import compare_runs
-from geneformer_colon.training import train
 
 FOLDS = ["cv=lodo", "cv.folds=[KUL01,KUL19]", "logger=csv", "trainer.limit_train_batches=4"]
 
@@ -29,11 +29,11 @@ def cv_runs(tmp_path_factory, shared_dirs) -> dict:
     """A CV run of two folds made in two goes (the second continues the first), and the CV baseline."""
     out = tmp_path_factory.mktemp("cv")
     common = tiny_overrides(out, shared_dirs) + ["experiment=colon6", *FOLDS]
-    first = cv.run(train, compose_train(common + ["cv.folds=[KUL01]"]))
+    first = donor_cv.run(train, compose_train(common + ["cv.folds=[KUL01]"]))
     kul01 = out / "colon6" / "folds" / "KUL01"
     before = (kul01 / "metrics.json").stat().st_mtime_ns
-    objective = cv.run(train, compose_train(common + ["resume=true"]))
-    baseline = cv.run(run_baseline, compose_train(common, "baseline"))
+    objective = donor_cv.run(train, compose_train(common + ["resume=true"]))
+    baseline = donor_cv.run(run_baseline, compose_train(common, "baseline"))
     return {"dir": out / "colon6", "first": first, "objective": objective, "kul01_untouched":
             (kul01 / "metrics.json").stat().st_mtime_ns == before, "baseline_dir": out / "colon6-naive_bayes",
             "baseline": baseline}
@@ -122,7 +122,7 @@ def test_a_paired_test_with_enough_donors_gives_a_p_value():
 
 
 def test_the_interval_of_the_mean_is_students_and_stays_within_the_figures_range():
-    from geneformer_colon.report.crossval import spread
+    from geneformer_colon.report.cv_summary import spread
 
     values = [0.62, 0.70, 0.75, 0.81]
     half = stats.t.ppf(0.975, 3) * np.std(values, ddof=1) / 2
@@ -134,14 +134,14 @@ def test_the_interval_of_the_mean_is_students_and_stays_within_the_figures_range
 
 def test_fold_plans_and_their_errors():
     donors = ["KUL01", "KUL19", "KUL21"]
-    assert [(f.test_donor, f.val_donor) for f in cv.plan_folds(donors, None, None)] == [
+    assert [(f.test_donor, f.val_donor) for f in donor_cv.plan_folds(donors, None, None)] == [
         ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL01")]
-    assert [(f.test_donor, f.val_donor) for f in cv.plan_folds(donors, None, "KUL19")] == [
+    assert [(f.test_donor, f.val_donor) for f in donor_cv.plan_folds(donors, None, "KUL19")] == [
         ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL19")]
     with pytest.raises(InputError, match="KUL99"):
-        cv.plan_folds(donors, ["KUL99"], None)
+        donor_cv.plan_folds(donors, ["KUL99"], None)
     with pytest.raises(InputError, match="at least three donors"):
-        cv.plan_folds(donors[:2], None, None)
+        donor_cv.plan_folds(donors[:2], None, None)
 
 
 def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):

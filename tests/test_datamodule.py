@@ -9,7 +9,7 @@ import pytest
 from conftest import compose_train, tiny_overrides
 from hydra.utils import instantiate
 
-from geneformer_colon.builders import plain
+from geneformer_colon.config import plain
 from geneformer_colon.errors import InputError
 
 

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, run_script
 from sklearn.metrics import accuracy_score, f1_score
 
 from geneformer_colon.errors import InputError
-from geneformer_colon.evaluation import run_evaluation
+from geneformer_colon.retest import run_evaluation
 
 CLASSES = ["Normal", "Border", "Tumor"]
 CONF = REPO_ROOT / "conf"
@@ -98,7 +98,7 @@ def test_a_crafted_config_is_refused_and_nothing_is_written(run_dir, tmp_path):
             if overrides:
                 run_evaluation(run_dir, overrides[:1], CONF, allow_training_donors=True)
             else:
-                from geneformer_colon.evaluation import run_config
+                from geneformer_colon.retest import run_config
                 from geneformer_colon.rundir import RunLayout
 
                 run_config(RunLayout(run_dir))

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from geneformer_colon.predict import GeneIds, predict_h5ad
 from geneformer_colon.report.compare import TABLE_FILE
-from geneformer_colon.trained import TrainedClassifier
+from geneformer_colon.saved_classifier import TrainedClassifier
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "geneformer-colon-tests"

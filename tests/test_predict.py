@@ -22,7 +22,7 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.export import export_run
 from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.predict import GeneIds, predict_h5ad
-from geneformer_colon.trained import TrainedClassifier
+from geneformer_colon.saved_classifier import TrainedClassifier
 
 CLASSES = ["Normal", "Border", "Tumor"]
 PROBABILITIES = [f"gfc_prob_{name}" for name in CLASSES]

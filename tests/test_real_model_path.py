@@ -19,7 +19,7 @@ from geneformer_colon.data.synthetic import (
     write_geo_matrix,
     write_synthetic_kul3,
 )
-from geneformer_colon.training import train
+from geneformer_colon.fine_tune import train
 
 
 @pytest.fixture

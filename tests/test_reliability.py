@@ -19,7 +19,7 @@ from conftest import compose_train, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
 from geneformer_colon.errors import InputError, Interrupted, input_error_in
-from geneformer_colon.training import train
+from geneformer_colon.fine_tune import train
 
 # Every random stream of a training step in use (masking, mixup, dropout), gradient accumulation,
 # and the class-donor sampler; three epochs.
@@ -117,24 +117,24 @@ class SignalAt(pl.Callback):
 def test_a_pause_at_an_epochs_end_loses_no_validation_and_adds_no_epoch(tmp_path, shared_dirs, monkeypatch, where):
     """Ctrl-C in an epoch's last accumulation window: the epoch is validated before the run stops. Ctrl-C in
     the epoch where early stopping ends training: the run finishes, and a resume trains no other epoch."""
-    import geneformer_colon.training as training
+    import geneformer_colon.fine_tune as fine_tune
 
     stop = ["callbacks.early_stopping.patience=0", "+callbacks.early_stopping.min_delta=1"] \
         if where == "early_stop" else ["callbacks.early_stopping=null"]
     common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["trainer.max_epochs=3", "logger=csv",
                                                                  "trainer.accumulate_grad_batches=2", *stop]
     straight = train(compose_train(common + ["run_name=straight"]))
-    real = training.build_trainer
+    real = fine_tune.build_trainer
     signal_at = SignalAt(1 if where == "early_stop" else 0, -1)  # in the epoch's last accumulation window
-    monkeypatch.setattr(training, "build_trainer", lambda cfg, callbacks: real(cfg, callbacks + [signal_at]))
+    monkeypatch.setattr(fine_tune, "build_trainer", lambda cfg, callbacks: real(cfg, callbacks + [signal_at]))
     if where == "last_batch":
         with pytest.raises(Interrupted):
             train(compose_train(common + ["run_name=paused"]))
-        monkeypatch.setattr(training, "build_trainer", real)
+        monkeypatch.setattr(fine_tune, "build_trainer", real)
         resumed = train(compose_train(common + ["run_name=paused", "resume=true"]))
     else:  # early stopping ends training in epoch 1 (patience 0): the pause has nothing left to stop
         resumed = train(compose_train(common + ["run_name=paused"]))
-        monkeypatch.setattr(training, "build_trainer", real)
+        monkeypatch.setattr(fine_tune, "build_trainer", real)
         assert resumed["status"] == "finished"
         resumed = train(compose_train(common + ["run_name=paused", "resume=true"]))
     assert [epoch["epoch"] for epoch in resumed["epochs"]] == [epoch["epoch"] for epoch in straight["epochs"]]
@@ -155,7 +155,7 @@ def test_resume_refuses_a_changed_recipe_unless_allowed_and_then_records_it(tmp_
 
     # a cross-validated run: a new recipe is refused for its folds too, and a plain run is no CV run's home
     cv = common + ["cv=lodo", "cv.folds=[KUL01]", "run_name=cv", "trainer.limit_train_batches=2"]
-    from geneformer_colon import cv as cross_validation
+    from geneformer_colon import donor_cv as cross_validation
 
     cross_validation.run(train, compose_train(cv))
     with pytest.raises(InputError, match=r"optimizer.lr: 0.002 -> 0.001"):

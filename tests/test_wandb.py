@@ -17,7 +17,7 @@ import wandb
 from conftest import REPO_ROOT, compose_train, tiny_overrides
 from wandb.proto import wandb_internal_pb2
 
-from geneformer_colon.training import train as run_training
+from geneformer_colon.fine_tune import train as run_training
 
 BLOCK_SIZE = 32768  # a .wandb file is a LevelDB-style log: 7-byte file header, then 32 KiB blocks
 RECORD_HEADER = struct.Struct("<IHB")  # crc32c, length, chunk type (1 full, 2 first, 3 middle, 4 last)
@@ -178,10 +178,10 @@ class Crash(pl.Callback):
 
 
 def test_a_failing_run_finishes_its_wandb_run_with_an_error_code(tmp_path, shared_dirs, monkeypatch):
-    from geneformer_colon import training
+    from geneformer_colon import fine_tune
 
-    real_build_trainer = training.build_trainer
-    monkeypatch.setattr(training, "build_trainer",
+    real_build_trainer = fine_tune.build_trainer
+    monkeypatch.setattr(fine_tune, "build_trainer",
                         lambda cfg, callbacks: real_build_trainer(cfg, callbacks + [Crash()]))
     with pytest.raises(RuntimeError, match="boom"):
         train(tmp_path, shared_dirs, "run_name=crash")

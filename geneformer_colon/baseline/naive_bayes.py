@@ -25,23 +25,22 @@ from geneformer_colon.builders import build_datamodule
 from geneformer_colon.config import check_values
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.model.metrics import ClassificationMetrics
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, SPLITS
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
-    EVAL_SPLITS,
-    FINISHED,
-    SPLITS,
     Run,
     RunLayout,
     check_success,
     prediction_table,
+    prepare_run_dir,
+    recipe,
     run_record,
     save_config,
     split_entry,
     write_metrics,
     write_split,
 )
-from geneformer_colon.training import prepare_run_dir, recipe
 
 log = logging.getLogger(__name__)
 

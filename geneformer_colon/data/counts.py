@@ -21,7 +21,7 @@ from geneformer_colon.data.canonical import (
     obs_n_counts,
     var_gene_ids,
 )
-from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adCounts
+from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader
 
 Chunk = tuple[sp.csr_matrix, np.ndarray]  # counts of consecutive cells (CSR), their n_counts (float64)
 
@@ -77,14 +77,14 @@ class CellCounts:
                        chunk_cells: int = CHUNK_CELLS) -> CellCounts:
         """A canonical h5ad on disk (already checked when it was written), optionally only the cells at
         the sorted positions ``rows``; ``source`` is the user's input it was made from."""
-        with H5adCounts(path) as file:
+        with H5adReader(path) as file:
             n_cells = file.shape[0]
             n_counts = file.obs[N_COUNTS].to_numpy(dtype=np.float64)
             field, gene_ids = var_gene_ids(file.var)
         selected = np.arange(n_cells) if rows is None else np.asarray(rows, dtype=np.int64)
 
         def chunks() -> Iterator[Chunk]:
-            with H5adCounts(path) as file:
+            with H5adReader(path) as file:
                 for low in range(0, n_cells, chunk_cells):
                     high = min(low + chunk_cells, n_cells)
                     wanted = selected[np.searchsorted(selected, low) : np.searchsorted(selected, high)]

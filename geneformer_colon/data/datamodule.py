@@ -15,14 +15,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import TOKEN_FILE, GeneDictionaries, derive_dictionaries
-from geneformer_colon.data.h5ad import H5adCounts
+from geneformer_colon.data.h5ad import H5adReader
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
 from geneformer_colon.data.sources import DataSource
 from geneformer_colon.data.store import TokenStore, open_or_build_store
+from geneformer_colon.data.token_rows import pad_tokens
 from geneformer_colon.data.tokenizer import TokenizerSettings
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path, build_once, text_fingerprint
-from geneformer_colon.rundir import SPLITS, TEST, TRAIN, VAL
+from geneformer_colon.names import SPLITS, TEST, TRAIN, VAL
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,8 @@ class TokenDataset(Dataset):
 
 
 def pad_batch(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a batch to its own longest cell; attention_mask marks the real tokens."""
-    longest = max(len(item["tokens"]) for item in items)
-    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for row, item in enumerate(items):
-        length = len(item["tokens"])
-        input_ids[row, :length] = torch.from_numpy(np.asarray(item["tokens"], dtype=np.int64))
-        attention_mask[row, :length] = 1
+    """Pad a batch to its own longest cell (:func:`pad_tokens`), with each cell's class and store position."""
+    input_ids, attention_mask = pad_tokens([item["tokens"] for item in items], pad_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -188,7 +183,7 @@ class CellDataModule(pl.LightningDataModule):
         return GeneDictionaries.load_directory(directory)
 
     def _derive_dictionaries(self, canonical: Path) -> GeneDictionaries:
-        with H5adCounts(canonical) as file:
+        with H5adReader(canonical) as file:
             obs = file.obs.assign(position=np.arange(file.shape[0]))
         cells = self._filter_frame(obs)
         train = cells["position"].to_numpy()[self.split_of(cells) == TRAIN]
@@ -239,7 +234,7 @@ class CellDataModule(pl.LightningDataModule):
 
     def available_donors(self) -> list[str]:
         """The donors with cells of the kept labels and cell types (reads only the canonical file's obs)."""
-        with H5adCounts(self.source.canonical(self.cache_dir)) as file:
+        with H5adReader(self.source.canonical(self.cache_dir)) as file:
             obs = file.obs
         return sorted(self._filter_frame(obs)["donor"].astype(str).unique())
 

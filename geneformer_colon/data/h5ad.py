@@ -1,6 +1,6 @@
 """Any ``.h5ad`` of raw counts, read from disk in row chunks, into the canonical AnnData.
 
-The counts (``X`` or a layer) are never loaded whole: :class:`H5adCounts` reads row ranges
+The counts (``X`` or a layer) are never loaded whole: :class:`H5adReader` reads row ranges
 (a CSR matrix or a dense array on disk; a CSC matrix has to be read whole to give rows), so
 memory is bounded by a chunk plus the per-cell and per-gene metadata.
 """
@@ -35,7 +35,7 @@ from geneformer_colon.errors import InputError
 CHUNK_CELLS = 10_000
 
 
-class H5adCounts:
+class H5adReader:
     """An h5ad file opened read-only: its obs, var and counts in row chunks.
 
     ``layer``: counts from ``layers[layer]`` instead of ``X``. Use as a context manager.
@@ -96,7 +96,7 @@ class H5adCounts:
     def close(self) -> None:
         self.handle.close()
 
-    def __enter__(self) -> H5adCounts:
+    def __enter__(self) -> H5adReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -133,7 +133,7 @@ def h5ad_to_canonical(
     dtype). Without ``sample_key`` the sample is ``{donor}-{label}`` (KUL3's one sample per donor
     and region); without ``cell_type_key`` every cell's type is "unknown".
     """
-    with H5adCounts(path, layer) as source:
+    with H5adReader(path, layer) as source:
         keys = {"donor": (donor_key, "data.source.donor_key", "the donor column"),
                 "label": (label_key, "data.source.label_key", "the Normal/Border/Tumor label column")}
         if cell_type_key is not None:

@@ -28,7 +28,8 @@ import pandas as pd
 from geneformer_colon.data.canonical import OBS_COLUMNS
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import GeneDictionaries
-from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adCounts
+from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader
+from geneformer_colon.data.token_rows import TokenRows
 from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_chunks
 from geneformer_colon.io import build_once
 
@@ -38,7 +39,7 @@ STORE_FORMAT = 2
 
 
 @dataclass(frozen=True)
-class TokenStore:
+class TokenStore(TokenRows):
     """A built store, opened read-only; ``tokens`` is a memory map, not an in-RAM copy."""
 
     directory: Path
@@ -64,20 +65,10 @@ class TokenStore:
             meta=meta,
         )
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
     @property
     def source(self) -> str:
         """The user's input the store was made from (what error messages name)."""
         return str(self.meta["source"])
-
-    def cell_tokens(self, index: int) -> np.ndarray:
-        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
 
 
 def store_key(canonical: Path, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> str:
@@ -107,7 +98,7 @@ def build_store(canonical: Path, source: str, dictionaries: GeneDictionaries, se
     keep = lengths > 0
     offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     np.cumsum(lengths[keep], out=offsets[1:])
-    with H5adCounts(canonical) as file:
+    with H5adReader(canonical) as file:
         obs = file.obs
     table = obs.loc[keep, list(OBS_COLUMNS)].astype(str)
     table.insert(0, "cell_id", obs.index[keep].astype(str))

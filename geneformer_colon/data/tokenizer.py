@@ -40,6 +40,7 @@ from geneformer_colon.data.dictionaries import (
     check_model_version,
     special_token_ids,
 )
+from geneformer_colon.data.token_rows import TokenRows
 from geneformer_colon.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -95,19 +96,12 @@ def load_settings(directory: Path) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class TokenizedCells:
-    """Every cell's tokens, one cell after another: cell i is ``tokens[offsets[i]:offsets[i + 1]]``."""
+class TokenizedCells(TokenRows):
+    """Every cell's tokens, one cell after another; ``n_empty``: cells dropped for want of a gene."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     n_empty: int
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
     def to_list(self) -> list[np.ndarray]:
         """One int64 array per cell (views of one array)."""

@@ -12,6 +12,7 @@ encoder's shape from ``bert_config``, its weights from the checkpoint).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from geneformer_colon.model.backbone import (
 )
 from geneformer_colon.model.losses import FocalLoss
 from geneformer_colon.model.metrics import ClassificationMetrics
-from geneformer_colon.rundir import EVAL_SPLITS, VAL
+from geneformer_colon.names import EVAL_SPLITS, VAL
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 5.0e-5, "weight_decay": 0.01}
 DEFAULT_SCHEDULER = {"_target_": "geneformer_colon.model.schedules.warmup_schedule", "name": "linear",
@@ -62,6 +63,18 @@ def optimization(module: pl.LightningModule, optimizer: dict[str, Any] | None, s
 def step_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (seed, epoch, batch, rank)."""
     return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class CellOutputs:
+    """What the classifier makes of a batch of cells: the head's logits and the pooled embeddings it saw."""
+
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.float().softmax(dim=-1)
 
 
 class SeededModule(pl.LightningModule):
@@ -136,12 +149,14 @@ class CellClassifier(SeededModule):
         self.keep_embeddings = False
         self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {split: [] for split in EVAL_SPLITS}
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The pooled cell embedding the head sees."""
-        return self.encoder(input_ids, attention_mask)
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> CellOutputs:
+        """The one inference call (evaluation, predict, embed, export's check, perturbation): the pooled cell
+        embeddings and the head's logits, from padded token ids and their attention mask."""
+        embeddings = self.encoder(input_ids, attention_mask)
+        return CellOutputs(self.head(embeddings), embeddings)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask))
+        return self.infer(input_ids, attention_mask).logits
 
     # ---- training ----
 
@@ -163,14 +178,13 @@ class CellClassifier(SeededModule):
     # ---- evaluation ----
 
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
-        embeddings = self.embed(batch["input_ids"], batch["attention_mask"])
-        logits = self.head(embeddings)
-        loss = self.loss(logits, batch["labels"])
-        probabilities = logits.float().softmax(dim=-1)
+        outputs = self.infer(batch["input_ids"], batch["attention_mask"])
+        loss = self.loss(outputs.logits, batch["labels"])
+        probabilities = outputs.probabilities
         self.metrics[split].update(probabilities, batch["labels"], loss)
         kept = [batch["index"].cpu(), batch["labels"].cpu(), probabilities.cpu()]
         if self.keep_embeddings:
-            kept.append(embeddings.float().cpu())
+            kept.append(outputs.embeddings.float().cpu())
         self._outputs[split].append(tuple(kept))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -23,7 +23,8 @@ from scipy.stats import wilcoxon
 from geneformer_colon.config import differing_keys, display, flatten
 from geneformer_colon.figures import save_figure
 from geneformer_colon.io import atomic_path
-from geneformer_colon.rundir import EVAL_SPLITS, METRICS, TEST, Run, find_runs, read_run
+from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST
+from geneformer_colon.rundir import Run, find_runs, read_run
 from geneformer_colon.tables import markdown_table, print_table
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,9 @@ from geneformer_colon.config import display, flatten
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.metrics import GROUPINGS
-from geneformer_colon.report.crossval import cv_markdown
-from geneformer_colon.rundir import (
-    EVAL_SPLITS,
-    FINISHED,
-    METRICS,
-    Run,
-    is_run_dir,
-    read_run,
-)
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, METRICS
+from geneformer_colon.report.cv_summary import cv_markdown
+from geneformer_colon.rundir import Run, is_run_dir, read_run
 from geneformer_colon.tables import markdown_table
 
 # The settings the team's log records for every run, in its column order.

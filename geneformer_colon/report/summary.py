@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from geneformer_colon.rundir import EVAL_SPLITS, METRICS
+from geneformer_colon.names import EVAL_SPLITS, METRICS
 from geneformer_colon.tables import print_table
 
 

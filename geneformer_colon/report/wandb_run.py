@@ -26,7 +26,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.config import flatten
 from geneformer_colon.io import atomic_path
-from geneformer_colon.rundir import EVAL_SPLITS, RunLayout
+from geneformer_colon.names import EVAL_SPLITS
+from geneformer_colon.rundir import RunLayout
 
 # Config groups left out of the logged config: where things are, not how the run was made.
 UNLOGGED_GROUPS = ("paths", "logger")

@@ -20,20 +20,14 @@ from transformers.utils import logging as transformers_logging
 from geneformer_colon.builders import build_masked_gene_model, read_checkpoint
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.data.tokenizer import save_settings
+from geneformer_colon.fine_tune import fit_run
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.masked_genes import MaskedGeneModel
+from geneformer_colon.names import FINISHED, VAL
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.wandb_run import finishing_wandb_run
-from geneformer_colon.rundir import (
-    FINISHED,
-    VAL,
-    Run,
-    RunLayout,
-    best_epoch,
-    write_metrics,
-)
+from geneformer_colon.rundir import Run, RunLayout, best_epoch, write_metrics
 from geneformer_colon.tables import print_table
-from geneformer_colon.training import fit_run
 
 log = logging.getLogger(__name__)
 

@@ -6,28 +6,23 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.builders import (
     build_datamodule,
     build_module,
     build_trainer,
-    plain,
-    read_checkpoint,
     start_from,
 )
 from geneformer_colon.callbacks import BestCheckpoint, LastCheckpoint, RecordEpochs
-from geneformer_colon.config import check_values, recipe_changes
+from geneformer_colon.config import check_values
 from geneformer_colon.data.datamodule import CellDataModule
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import remove
 from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, RUNNING, SPLITS
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.report.wandb_run import (
@@ -36,16 +31,15 @@ from geneformer_colon.report.wandb_run import (
     report_run,
 )
 from geneformer_colon.rundir import (
-    EVAL_SPLITS,
-    FINISHED,
-    RUNNING,
-    SPLITS,
     Run,
     RunLayout,
     best_epoch,
     check_success,
     prediction_table,
-    read_config,
+    prepare_run_dir,
+    recipe,
+    record_changes,
+    resume_point,
     run_record,
     save_config,
     split_entry,
@@ -54,62 +48,6 @@ from geneformer_colon.rundir import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def recipe() -> dict[str, Any]:
-    """The command line as typed (overrides and config groups chosen), when running as a Hydra app."""
-    if not HydraConfig.initialized():
-        return {}
-    hydra_cfg = HydraConfig.get()
-    return {"overrides": list(hydra_cfg.overrides.task), "choices": {
-        group: choice for group, choice in hydra_cfg.runtime.choices.items()
-        if not group.startswith("hydra") and choice is not None}}
-
-
-def prepare_run_dir(layout: RunLayout, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; clear what a start that failed before training left."""
-    if rank_zero_only.rank != 0:  # a DDP rank: its rank 0 has checked (and maybe cleared) the directory
-        return
-    written = layout.written()
-    if written and layout.holds_a_run() and not overwrite:
-        raise InputError(
-            f"{layout.root}: already holds a run ({', '.join(path.name for path in written)}); continue it with "
-            "resume=true, replace it with overwrite=true, or pick another run_name=..."
-        )
-    if written and not layout.holds_a_run():
-        log.info("%s: clearing what a start that failed before training left", layout.root)
-    for path in written:
-        remove(path)
-
-
-def allowed_changes(layout: RunLayout, cfg: DictConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[str, str]]:
-    """How ``cfg``'s recipe differs from the one the run directory's config.yaml records; refused unless
-    ``allow_resume_changes=true``."""
-    changes = recipe_changes(read_config(layout.config), plain(cfg), ignore)
-    if changes and not cfg.allow_resume_changes:
-        listed = "; ".join(f"{key}: {was} -> {now}" for key, (was, now) in changes.items())
-        raise InputError(
-            f"{layout.config}: another recipe than the run's ({listed}); go on with the run's own settings, or "
-            "add allow_resume_changes=true to go on with the new ones (config.yaml then records both)"
-        )
-    return changes
-
-
-def resume_point(layout: RunLayout, cfg: DictConfig) -> tuple[Path, dict[str, tuple[str, str]]]:
-    """The checkpoint ``resume=true`` goes on from, and the recipe changes it was allowed to make."""
-    last = layout.checkpoint("last")
-    if not last.is_file():
-        raise InputError(f"{layout.root}: resume=true but there is no checkpoints/last.ckpt to continue from; "
-                         "start it without resume=true")
-    read_checkpoint(last)
-    return last, allowed_changes(layout, cfg)
-
-
-def record_changes(cfg: DictConfig, layout: RunLayout, changes: dict[str, tuple[str, str]]) -> None:
-    """On a resume allowed to change the recipe: config.yaml keeps each resume's changes (before, after)."""
-    earlier = read_config(layout.config).get("resume_changes") or []
-    with open_dict(cfg):
-        cfg.resume_changes = [*earlier, {key: list(values) for key, values in changes.items()}] if changes else earlier
 
 
 def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellDataModule, best_path: str | None,

@@ -13,16 +13,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from geneformer_colon.builders import (
     build_datamodule,
     classifier_from_checkpoint,
-    plain,
     resolve_precision,
 )
-from geneformer_colon.config import compose_run_config, trusted_content
+from geneformer_colon.config import compose_run_config, plain, trusted_content
 from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, TOKEN_FILE
 from geneformer_colon.errors import InputError
+from geneformer_colon.names import FINISHED, TEST
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
-    FINISHED,
-    TEST,
     RunLayout,
     prediction_table,
     read_config,

@@ -21,18 +21,8 @@ from scipy import stats
 from geneformer_colon.errors import InputError
 from geneformer_colon.figures import plot_per_donor
 from geneformer_colon.io import atomic_path, file_lock, read_json, rounded, write_json
-from geneformer_colon.rundir import (
-    DIGITS,
-    EVAL_SPLITS,
-    FINISHED,
-    METRICS,
-    TEST,
-    TRAIN,
-    VAL,
-    RunLayout,
-    read_config,
-    read_run,
-)
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, METRICS, TEST, TRAIN, VAL
+from geneformer_colon.rundir import DIGITS, RunLayout, read_config, read_run
 from geneformer_colon.tables import markdown_table
 
 CONFIDENCE = 0.95

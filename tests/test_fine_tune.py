@@ -15,8 +15,8 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_scor
 
 from geneformer_colon.builders import build_datamodule, build_module, load_weights, start_from
 from geneformer_colon.errors import InputError
+from geneformer_colon.fine_tune import train
 from geneformer_colon.model.module import CellClassifier
-from geneformer_colon.training import train
 
 CLASSES = ["Normal", "Border", "Tumor"]
 

@@ -1,7 +1,7 @@
 """Cross-validation over donors: ``cv=lodo`` runs a job once per left-out test donor.
 
 Each fold is a complete run directory, ``<run dir>/folds/<test donor>/``; the parent holds the
-config and the summary across folds (``report.crossval``). The validation donor of a fold is
+config and the summary across folds (``report.cv_summary``). The validation donor of a fold is
 ``cv.val_donor`` when set (except in its own test fold), else the donor after the test donor in
 ``cv.donors`` (cyclic); the training donors are all the others. ``cv.folds`` runs only some
 test donors, so folds can be spread over several jobs and gathered: each job rewrites the
@@ -21,14 +21,13 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from geneformer_colon.builders import plain
-from geneformer_colon.config import check_values
+from geneformer_colon.config import check_values, plain
 from geneformer_colon.errors import InputError
-from geneformer_colon.report.crossval import write_cv_summary
+from geneformer_colon.names import FINISHED, VAL
+from geneformer_colon.report.cv_summary import write_cv_summary
 from geneformer_colon.report.history import write_history
-from geneformer_colon.rundir import FINISHED, VAL, RunLayout, read_run, save_config
+from geneformer_colon.rundir import RunLayout, allowed_changes, prepare_run_dir, read_run, record_changes, save_config
 from geneformer_colon.sweep import in_multirun
-from geneformer_colon.training import allowed_changes, prepare_run_dir, record_changes
 
 log = logging.getLogger(__name__)
 

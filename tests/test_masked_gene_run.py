@@ -16,9 +16,9 @@ from transformers import BertForMaskedLM
 from geneformer_colon.builders import build_datamodule, build_module
 from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.errors import InputError, Interrupted
+from geneformer_colon.fine_tune import train
+from geneformer_colon.masked_gene_run import pretrain
 from geneformer_colon.model.masked_genes import IGNORED, MaskingRates, mask_genes
-from geneformer_colon.pretraining import pretrain
-from geneformer_colon.training import train
 
 
 def test_masking_statistics_follow_geneformer():
@@ -112,14 +112,14 @@ class SignalAtStep(pl.Callback):
 
 
 def test_an_interrupted_pretraining_resumes(tmp_path, shared_dirs, monkeypatch):
-    import geneformer_colon.training as training
+    import geneformer_colon.fine_tune as fine_tune
 
     overrides = pretrain_overrides(tmp_path, shared_dirs, "run_name=paused")
-    real = training.build_trainer
-    monkeypatch.setattr(training, "build_trainer", lambda cfg, callbacks: real(cfg, callbacks + [SignalAtStep()]))
+    real = fine_tune.build_trainer
+    monkeypatch.setattr(fine_tune, "build_trainer", lambda cfg, callbacks: real(cfg, callbacks + [SignalAtStep()]))
     with pytest.raises(Interrupted):
         pretrain(compose_pretrain(overrides))
-    monkeypatch.setattr(training, "build_trainer", real)
+    monkeypatch.setattr(fine_tune, "build_trainer", real)
     run_dir = tmp_path / "outputs" / "paused"
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"
     assert not (run_dir / "hf").exists()

@@ -19,14 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from geneformer_colon.builders import classifier_from_checkpoint
-from geneformer_colon.data.datamodule import pad_batch
 from geneformer_colon.data.dictionaries import GeneDictionaries, special_token_ids
 from geneformer_colon.data.samplers import EvalBatchSampler
-from geneformer_colon.data.tokenizer import (
-    TokenizedCells,
-    TokenizerSettings,
-    load_settings,
-)
+from geneformer_colon.data.token_rows import TokenRows
+from geneformer_colon.data.tokenizer import TokenizerSettings, load_settings
 from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import Vocabulary, pretrained_bert
 from geneformer_colon.model.module import CellClassifier
@@ -106,24 +102,26 @@ class TrainedClassifier:
         return cls(module.eval(), dictionaries, settings, origin)
 
     @torch.inference_mode()
-    def apply(self, cells: TokenizedCells, batch_size: int = 64, max_tokens: int | None = None,
-              device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (cells x classes) and embeddings (cells x hidden) of tokenized cells, in their
-        order; NaN rows for cells without a token (no gene of the vocabulary)."""
+    def apply(self, cells: TokenRows, rows: np.ndarray | None = None, batch_size: int = 64,
+              max_tokens: int | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (cells x classes) and embeddings (cells x hidden) of the cells at ``rows`` of
+        ``cells`` (default: all), in that order; NaN rows for cells without a token (no gene of the
+        vocabulary). Batches group cells of similar length; bf16 autocast on a GPU that has it."""
         module = self.module.to(device).eval()
-        n = len(cells)
-        probabilities = np.full((n, len(self.class_names)), np.nan, dtype=np.float64)
-        embeddings = np.full((n, self.hidden_size), np.nan, dtype=np.float32)
-        lengths = cells.lengths
+        rows = np.arange(len(cells)) if rows is None else np.asarray(rows, dtype=np.int64)
+        probabilities = np.full((len(rows), len(self.class_names)), np.nan, dtype=np.float64)
+        embeddings = np.full((len(rows), self.hidden_size), np.nan, dtype=np.float32)
+        lengths = cells.lengths[rows]
         present = np.flatnonzero(lengths > 0)
         pad_id = special_token_ids(self.dictionaries.token, self.settings.model_version)["<pad>"]
-        tokens = cells.tokens
+        device_type = torch.device(device).type
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16,
+                                  enabled=device_type == "cuda" and torch.cuda.is_bf16_supported())
         for batch in EvalBatchSampler(lengths[present], batch_size, max_tokens=max_tokens):
-            rows = present[batch]
-            items = [{"tokens": tokens[cells.offsets[row]:cells.offsets[row + 1]], "label": 0, "index": int(row)}
-                     for row in rows]
-            padded = pad_batch(items, pad_id)
-            embedded = module.embed(padded["input_ids"].to(device), padded["attention_mask"].to(device))
-            probabilities[rows] = module.head(embedded).float().softmax(-1).cpu().numpy()
-            embeddings[rows] = embedded.float().cpu().numpy()
+            chosen = present[batch]
+            input_ids, attention_mask = cells.padded(rows[chosen], pad_id)
+            with autocast:
+                outputs = module.infer(input_ids.to(device), attention_mask.to(device))
+            probabilities[chosen] = outputs.probabilities.cpu().numpy()
+            embeddings[chosen] = outputs.embeddings.float().cpu().numpy()
         return probabilities, embeddings

@@ -1,0 +1,43 @@
+"""Cells as rows of token ids: one flat array and its offsets, the layout the tokenizer returns and the
+token store keeps (cell i is ``tokens[offsets[i]:offsets[i + 1]]``), and a batch of cells padded to its
+longest, the one form a model takes them in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def pad_tokens(cells: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` (cells x the longest cell, ``pad_id`` after each cell's end) and ``attention_mask``
+    (1 on the real tokens)."""
+    longest = max(len(cell) for cell in cells)
+    input_ids = torch.full((len(cells), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(cells), longest), dtype=torch.long)
+    for row, cell in enumerate(cells):
+        input_ids[row, : len(cell)] = torch.from_numpy(np.asarray(cell, dtype=np.int64))
+        attention_mask[row, : len(cell)] = 1
+    return input_ids, attention_mask
+
+
+class TokenRows:
+    """What a holder of ``tokens`` and ``offsets`` answers: a cell's tokens, lengths, a padded batch."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def cell_tokens(self, index: int) -> np.ndarray:
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    def padded(self, rows: Sequence[int] | np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cells at ``rows`` as one batch: see :func:`pad_tokens`."""
+        return pad_tokens([self.cell_tokens(int(row)) for row in rows], pad_id)
