@@ -35,17 +35,15 @@ from geneformer_colon.rundir import (
     RunLayout,
     best_epoch,
     check_success,
-    prediction_table,
     prepare_run_dir,
     recipe,
     record_changes,
     resume_point,
     run_record,
     save_config,
-    split_entry,
     write_metrics,
-    write_split,
 )
+from geneformer_colon.scoring import score_split
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +55,10 @@ def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellD
     for split, evaluate in zip(EVAL_SPLITS, (trainer.validate, trainer.test)):
         evaluate(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True, verbose=False)
         result = module.results[split]
-        table = prediction_table(datamodule.store.cells.iloc[result["index"]], result["targets"],
-                                 result["probabilities"], module.class_names)
-        final[split] = split_entry(table, result["metrics"], result["confusion_matrix"], module.class_names)
-        if trainer.is_global_zero:  # under DDP every rank holds the gathered results: one writes them
-            write_split(layout, split, table, result["confusion_matrix"], module.class_names, run_name)
+        # under DDP every rank holds the gathered results: one writes them
+        final[split] = score_split(layout, split, datamodule.store.cells.iloc[result["index"]], result["targets"],
+                                   result["probabilities"], module.class_names, run_name,
+                                   (result["metrics"], result["confusion_matrix"]), write=trainer.is_global_zero)
     return final
 
 

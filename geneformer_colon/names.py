@@ -1,10 +1,30 @@
-"""The names every layer shares: splits, headline metrics and run statuses (a leaf: it imports nothing)."""
+"""The names every layer shares: splits, headline metrics, run statuses and how metric keys are spelled
+(a leaf: it imports nothing). A metric key is built here, never spelled again by a reader."""
 
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)
 EVAL_SPLITS = (VAL, TEST)
 # The headline metrics of an evaluated split and their short titles.
 METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
-MONITOR = f"{VAL}/macro_f1"
+# A prediction-table column a split is broken down by -> its metrics.json key.
+GROUPINGS = {"donor": "by_donor", "cell_type": "by_cell_type"}
 
 FINISHED, RUNNING, FAILED, INTERRUPTED = "finished", "running", "failed", "interrupted"
+
+
+def logged(split: str, metric: str) -> str:
+    """What Lightning logs and metrics.json's epochs hold: ``val/macro_f1``."""
+    return f"{split}/{metric}"
+
+
+def per_class(metric: str, class_name: str) -> str:
+    """A per-class figure of a split's metrics: ``recall/Tumor``."""
+    return f"{metric}/{class_name}"
+
+
+def column(split: str, metric: str, *qualifiers: str) -> str:
+    """A flat key of a table or a CV fold: ``test_macro_f1``, ``test_macro_f1_sd``, ``test_macro_f1_by_cell_type``."""
+    return "_".join((split, metric, *qualifiers))
+
+
+MONITOR = logged(VAL, "macro_f1")

@@ -30,7 +30,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 from anndata.io import read_elem, write_elem
 from rich.progress import Progress
 
@@ -41,10 +40,10 @@ from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader, ensembl_ids_of
 from geneformer_colon.data.tokenizer import tokenize_chunks
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
-from geneformer_colon.model.metrics import ClassificationMetrics
 from geneformer_colon.names import FINISHED, TEST
-from geneformer_colon.rundir import RunLayout, prediction_table, run_record, split_entry, write_metrics, write_split
+from geneformer_colon.rundir import RunLayout, run_record, write_metrics
 from geneformer_colon.saved_classifier import TrainedClassifier
+from geneformer_colon.scoring import score_split
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +217,10 @@ def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities
                            model: TrainedClassifier, input_path: Path) -> dict[str, Any]:
     """The whole file's metrics, each donor's and cell type's, as a run directory has them (cells with a prediction)."""
     scored = ~np.isnan(probabilities[:, 0])
-    targets = truth["target"].to_numpy()[scored]
-    metrics = ClassificationMetrics(classes)
-    metrics.update(torch.from_numpy(probabilities[scored]), torch.from_numpy(targets), torch.tensor(0.0))
-    table = prediction_table(truth[scored], targets, probabilities[scored], classes)
-    confusion = metrics.confusion_matrix()
-    values = {key: value for key, value in metrics.compute().items() if key != "loss"}
+    cells = truth[scored]
     title = f"{model.origin.get('run_name', 'model')} on {input_path.name}"
-    write_split(layout, TEST, table, confusion, classes, title)
-    record = run_record(f"predict {input_path.name}", "predict", FINISHED, {TEST: sorted(set(table["donor"]))},
-                        {TEST: int(scored.sum())}, final={TEST: split_entry(table, values, confusion, classes)},
+    entry = score_split(layout, TEST, cells, cells["target"].to_numpy(), probabilities[scored], classes, title)
+    record = run_record(f"predict {input_path.name}", "predict", FINISHED, {TEST: sorted(set(cells["donor"]))},
+                        {TEST: int(scored.sum())}, final={TEST: entry},
                         recipe={"input": str(input_path), **{k: str(v) for k, v in model.origin.items()}})
     return write_metrics(layout, record)

@@ -22,15 +22,13 @@ from geneformer_colon.names import FINISHED, TEST
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
     RunLayout,
-    prediction_table,
     read_config,
     read_run,
     run_record,
     save_config,
-    split_entry,
     write_metrics,
-    write_split,
 )
+from geneformer_colon.scoring import score_split
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +105,9 @@ def run_evaluation(run_dir: str | Path, overrides: Sequence[str], conf_dir: Path
                          enable_model_summary=False, enable_progress_bar=False, default_root_dir=out.root)
     trainer.test(module, datamodule=datamodule, verbose=False)
     result = module.results[TEST]
-    table = prediction_table(datamodule.store.cells.iloc[result["index"]], result["targets"], result["probabilities"],
-                             module.class_names)
-    test = split_entry(table, result["metrics"], result["confusion_matrix"], module.class_names)
-    write_split(out, TEST, table, result["confusion_matrix"], module.class_names, f"{cfg.run_name} on {name}")
+    test = score_split(out, TEST, datamodule.store.cells.iloc[result["index"]], result["targets"],
+                       result["probabilities"], module.class_names, f"{cfg.run_name} on {name}",
+                       (result["metrics"], result["confusion_matrix"]))
     record = run_record(f"{cfg.run_name} on {name}", "eval", FINISHED, {TEST: datamodule.split_donors(TEST)},
                         {TEST: len(datamodule.splits[TEST])}, final={TEST: test},
                         recipe={"run_dir": str(layout.root), "checkpoint": str(checkpoint),

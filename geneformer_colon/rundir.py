@@ -40,10 +40,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.config import plain, recipe_changes
 from geneformer_colon.errors import InputError
-from geneformer_colon.figures import plot_confusion
 from geneformer_colon.io import atomic_path, read_json, remove, rounded, write_json
-from geneformer_colon.model.metrics import breakdowns
-from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, MONITOR, RUNNING, VAL
+from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, MONITOR, RUNNING, VAL, logged, per_class
 
 log = logging.getLogger(__name__)
 
@@ -198,52 +196,9 @@ def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str = MONITOR, mode
     return max(epochs, key=lambda epoch: (sign * epoch[monitor], -epoch["epoch"]))["epoch"]
 
 
-def prediction_table(
-    cells: pd.DataFrame, targets: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
-) -> pd.DataFrame:
-    """One row a cell: id, donor, cell type, true and predicted class, one probability a class."""
-    table = pd.DataFrame(
-        {
-            "cell_id": cells["cell_id"].to_numpy(),
-            "donor": cells["donor"].to_numpy(),
-            "cell_type": cells["cell_type"].to_numpy(),
-            "true": np.asarray(class_names)[targets],
-            "predicted": np.asarray(class_names)[probabilities.argmax(axis=1)],
-        }
-    )
-    for column, name in enumerate(class_names):
-        table[probability_column(name)] = probabilities[:, column]
-    return table
-
-
-def probability_column(class_name: str) -> str:
-    return f"prob_{class_name}"
-
-
 def write_predictions(layout: RunLayout, split: str, table: pd.DataFrame) -> None:
     with atomic_path(layout.prediction_file(split)) as tmp:
         table.to_csv(tmp, index=False)
-
-
-def split_entry(table: pd.DataFrame, metrics: Mapping[str, Any], confusion: Sequence[Sequence[int]],
-                class_names: Sequence[str]) -> dict[str, Any]:
-    """A split's metrics.json entry: its metrics, cells, confusion matrix and, where the split has
-    several donors or cell types, the breakdown by each."""
-    probability_columns = [probability_column(name) for name in class_names]
-    return {**metrics, "cells": len(table), "confusion_matrix": [list(row) for row in confusion],
-            **breakdowns(table, class_names, probability_columns)}
-
-
-def write_split(layout: RunLayout, split: str, table: pd.DataFrame, confusion: Sequence[Sequence[int]],
-                class_names: Sequence[str], run_name: str) -> None:
-    """A split's prediction table and its confusion plot (titled with the run, the split and its donors)."""
-    write_predictions(layout, split, table)
-    donors = ", ".join(sorted(table["donor"].astype(str).unique()))
-    plot_confusion(confusion, class_names, layout.confusion_plot(split), f"{run_name}, {split}: {donors}")
-
-
-def read_predictions(layout: RunLayout, split: str) -> pd.DataFrame:
-    return pd.read_csv(layout.prediction_file(split), dtype={"cell_id": str, "donor": str, "cell_type": str})
 
 
 # ---- starting, resuming ----
@@ -395,7 +350,8 @@ class Run:
     def class_names(self) -> list[str]:
         """From the per-class recalls of the final metrics, else of the epochs, else the config."""
         source = self.metrics.get(VAL) or (self.epochs[-1] if self.epochs else {})
-        names = [key.rsplit("/", 1)[1] for key in source if key.startswith(("recall/", "val/recall/"))]
+        recall = per_class("recall", "")
+        names = [key.rsplit("/", 1)[1] for key in source if key.startswith((recall, logged(VAL, recall)))]
         return names or list(self.cv.get("class_names", [])) or list(self.config.get("data", {}).get("labels") or [])
 
     def donors(self, split: str) -> list[str]:

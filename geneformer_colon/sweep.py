@@ -28,16 +28,15 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
-from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, METRICS, RUNNING
+from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column
+from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, run_row, runs_frame
 from geneformer_colon.rundir import RunLayout, mark_failed, read_run
 from geneformer_colon.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
 RECORDS = ".jobs"
-COLUMNS = ["job", "overrides", "status", "best_epoch", "folds",
-           *(f"{split}_{metric}" for split in EVAL_SPLITS for metric in METRICS),
-           *(f"{split}_macro_f1_sd" for split in EVAL_SPLITS), "run_dir", "error"]
+COLUMNS = ["job", "overrides", *RUN_COLUMNS, "run_dir", "error"]
 # What a failed job returns: a maximising optimiser ranks it last. (NaN would end an Optuna
 # sweep: hydra-optuna-sweeper 1.3 fails to record a NaN trial and raises.)
 FAILED_JOB_VALUE = float("-inf")
@@ -153,15 +152,9 @@ def summary_table(sweep_dir: Path) -> pd.DataFrame:
     rows = []
     for record, overrides in zip(records, varying_overrides([r["overrides"] for r in records])):
         run = read_run(record["run_dir"]) if record["status"] == FINISHED else None
-        row = {"job": record["job"], "overrides": " ".join(overrides), "status": record["status"],
-               "best_epoch": run.metrics.get("best_epoch") if run and not run.is_cv else None,
-               "folds": len(run.cv.get("folds", [])) if run and run.is_cv else None,
-               "run_dir": record["run_dir"], "error": record["error"]}
-        for split in EVAL_SPLITS:
-            row.update({f"{split}_{name}": run.headline(split, name) if run else None for name in METRICS})
-            row[f"{split}_macro_f1_sd"] = run.spread(split, "macro_f1") if run else None
-        rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"job": "Int64", "best_epoch": "Int64", "folds": "Int64"})
+        rows.append({"job": record["job"], "overrides": " ".join(overrides), **run_row(run, record["status"]),
+                     "run_dir": record["run_dir"], "error": record["error"]})
+    return runs_frame(rows, COLUMNS, drop_empty=False).astype({"job": "Int64"})
 
 
 def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
@@ -169,16 +162,14 @@ def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
     counts = table["status"].value_counts()
     lines = [f"# Sweep {sweep_dir}", "",
              f"{len(table)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (FINISHED, FAILED, RUNNING))]
-    scored = table.dropna(subset=["val_macro_f1"])
+    ranking = column(VAL, "macro_f1")
+    scored = table.dropna(subset=[ranking])
     if len(scored):
-        best = scored.loc[scored["val_macro_f1"].idxmax()]
-        lines.append(f"best val macro F1: job {best['job']} ({best['val_macro_f1']:.3f}) {best['overrides']}")
-    shown = table.drop(columns=[c for c in ("folds", "val_macro_f1_sd", "test_macro_f1_sd") if table[c].isna().all()])
-    titles = {"best_epoch": "best epoch", "run_dir": "run dir", "val_macro_f1_sd": "val macro F1 sd",
-              "test_macro_f1_sd": "test macro F1 sd",
-              **{f"{split}_{name}": f"{split} {title}" for split in EVAL_SPLITS for name, title in METRICS.items()}}
+        best = scored.loc[scored[ranking].idxmax()]
+        lines.append(f"best {column_title(ranking)}: job {best['job']} ({best[ranking]:.3f}) {best['overrides']}")
+    shown = runs_frame(table.to_dict("records"), table.columns)
     rows = shown.assign(run_dir=[Path(path).name for path in shown["run_dir"]]).itertuples(index=False)
-    return "\n".join(lines) + "\n\n" + markdown_table([titles.get(c, c) for c in shown.columns], rows)
+    return "\n".join(lines) + "\n\n" + markdown_table([column_title(c) for c in shown.columns], rows)
 
 
 def write_summary(sweep_dir: Path) -> pd.DataFrame:

@@ -5,7 +5,8 @@ its class checks), so the baseline and the network are scored on exactly the sam
 features are each cell's counts over all genes of the canonical AnnData, scaled to
 ``target_sum`` counts (``count / n_counts * target_sum``, ``n_counts`` being the cell's total
 over all genes) and, with ``log1p``, log-transformed. Metrics come from the same
-:class:`ClassificationMetrics` as training; ``loss`` is the mean negative log-likelihood of the
+:class:`ClassificationMetrics` as training (through
+:func:`geneformer_colon.scoring.score_split`); ``loss`` is the mean negative log-likelihood of the
 true class.
 """
 
@@ -17,14 +18,12 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
-import torch
 from omegaconf import DictConfig, OmegaConf
 from sklearn.naive_bayes import MultinomialNB
 
 from geneformer_colon.builders import build_datamodule
 from geneformer_colon.config import check_values
 from geneformer_colon.data.datamodule import CellDataModule
-from geneformer_colon.model.metrics import ClassificationMetrics
 from geneformer_colon.names import EVAL_SPLITS, FINISHED, SPLITS
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
@@ -32,15 +31,13 @@ from geneformer_colon.rundir import (
     Run,
     RunLayout,
     check_success,
-    prediction_table,
     prepare_run_dir,
     recipe,
     run_record,
     save_config,
-    split_entry,
     write_metrics,
-    write_split,
 )
+from geneformer_colon.scoring import score_split
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +59,10 @@ def split_features(datamodule: CellDataModule, adata: ad.AnnData, settings: Dict
     }
 
 
-def score_split(
-    model: MultinomialNB, features: sp.csr_matrix, targets: np.ndarray, class_names: list[str]
-) -> tuple[np.ndarray, dict[str, float], list[list[int]]]:
-    """Class probabilities, the training metrics (same keys, same code) and the confusion matrix of a split."""
+def predicted(model: MultinomialNB, features: sp.csr_matrix, targets: np.ndarray) -> tuple[np.ndarray, float]:
+    """A split's class probabilities and the mean negative log-likelihood of its true classes."""
     log_probabilities = model.predict_log_proba(features)
-    probabilities = np.exp(log_probabilities)
-    loss = -log_probabilities[np.arange(len(targets)), targets].mean()
-    metrics = ClassificationMetrics(class_names)
-    metrics.update(torch.from_numpy(probabilities), torch.from_numpy(targets), torch.tensor(loss))
-    return probabilities, metrics.compute(), metrics.confusion_matrix()
+    return np.exp(log_probabilities), float(-log_probabilities[np.arange(len(targets)), targets].mean())
 
 
 def run_baseline(cfg: DictConfig) -> dict[str, Any]:
@@ -91,10 +82,9 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
 
     final: dict[str, Any] = {}
     for split in EVAL_SPLITS:
-        probabilities, metrics, confusion = score_split(model, features[split], targets[split], class_names)
-        table = prediction_table(datamodule.split_cells(split), targets[split], probabilities, class_names)
-        final[split] = split_entry(table, metrics, confusion, class_names)
-        write_split(layout, split, table, confusion, class_names, cfg.run_name)
+        probabilities, loss = predicted(model, features[split], targets[split])
+        final[split] = score_split(layout, split, datamodule.split_cells(split), targets[split], probabilities,
+                                   class_names, cfg.run_name, loss=loss)
     record = run_record(cfg.run_name, "baseline", FINISHED, {split: datamodule.split_donors(split) for split in SPLITS},
                         {split: len(datamodule.splits[split]) for split in SPLITS}, final=final,
                         success=check_success(cfg.success_criteria, final), recipe=recipe())

@@ -1,15 +1,13 @@
-"""Classification metrics: of a split while training (torchmetrics, synced across DDP ranks), and of
-each donor or cell type of a split afterwards (scikit-learn, on the split's prediction table)."""
+"""Classification metrics of a split (torchmetrics, synced across DDP ranks): while training, and of any
+class probabilities in hand (the baseline, predict). Each donor's and cell type's figures are
+:mod:`geneformer_colon.scoring`'s."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import (
@@ -21,8 +19,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-# prediction-table column -> the metrics.json key of the breakdown by it
-GROUPINGS = {"donor": "by_donor", "cell_type": "by_cell_type"}
+from geneformer_colon.names import per_class
 
 
 class ClassificationMetrics(nn.Module):
@@ -60,7 +57,7 @@ class ClassificationMetrics(nn.Module):
         }
         for name, metric in (("precision", self.precision), ("recall", self.recall), ("f1", self.f1)):
             for class_name, value in zip(self.class_names, metric.compute().tolist()):
-                values[f"{name}/{class_name}"] = value
+                values[per_class(name, class_name)] = value
         return values
 
     def confusion_matrix(self) -> list[list[int]]:
@@ -72,41 +69,13 @@ class ClassificationMetrics(nn.Module):
             metric.reset()
 
 
-def group_metrics(table: pd.DataFrame, class_names: Sequence[str], probability_columns: Sequence[str]
-                  ) -> dict[str, Any]:
-    """Cells, accuracy, macro F1, per-class recall and (when every class is present) ROC AUC of the
-    rows of a prediction table (columns ``true``, ``predicted`` and one probability a class).
-
-    Macro F1 averages over the classes that occur among the rows' true or predicted labels
-    (scikit-learn's default, and torchmetrics' for a class with no true and no predicted cell);
-    a class with no true cell has no recall (None).
-    """
-    index = {name: i for i, name in enumerate(class_names)}
-    truth = table["true"].map(index).to_numpy()
-    predicted = table["predicted"].map(index).to_numpy()
-    recalls = recall_score(truth, predicted, labels=range(len(class_names)), average=None, zero_division=np.nan)
-    values: dict[str, Any] = {
-        "cells": len(table),
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, average="macro")),
-        "macro_auroc": None,
-    }
-    if len(np.unique(truth)) == len(class_names):
-        values["macro_auroc"] = float(roc_auc_score(truth, table[list(probability_columns)].to_numpy(),
-                                                    multi_class="ovr", average="macro", labels=range(len(class_names))))
-    for name, recall in zip(class_names, recalls):
-        values[f"recall/{name}"] = None if np.isnan(recall) else float(recall)
-    return values
-
-
-def breakdowns(table: pd.DataFrame, class_names: Sequence[str], probability_columns: Sequence[str]
-               ) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{"by_donor": {donor: metrics}, "by_cell_type": {...}}`` for the groupings with more than one
-    group among the rows (none for a split of one donor and one cell type)."""
-    result = {}
-    for column, key in GROUPINGS.items():
-        groups = sorted(table[column].astype(str).unique())
-        if len(groups) > 1:
-            result[key] = {group: group_metrics(table[table[column].astype(str) == group], class_names,
-                                                probability_columns) for group in groups}
-    return result
+def classification_metrics(probabilities: np.ndarray, targets: np.ndarray, class_names: Sequence[str],
+                           loss: float | None = None) -> tuple[dict[str, float], list[list[int]]]:
+    """The training metrics (same keys, same code) and confusion matrix of class probabilities in hand;
+    ``loss`` left out when not given."""
+    metrics = ClassificationMetrics(class_names)
+    metrics.update(torch.from_numpy(probabilities), torch.from_numpy(targets), torch.tensor(loss or 0.0))
+    values = metrics.compute()
+    if loss is None:
+        del values["loss"]
+    return values, metrics.confusion_matrix()

@@ -31,7 +31,7 @@ from geneformer_colon.model.backbone import (
 )
 from geneformer_colon.model.losses import FocalLoss
 from geneformer_colon.model.metrics import ClassificationMetrics
-from geneformer_colon.names import EVAL_SPLITS, VAL
+from geneformer_colon.names import EVAL_SPLITS, VAL, logged
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 5.0e-5, "weight_decay": 0.01}
 DEFAULT_SCHEDULER = {"_target_": "geneformer_colon.model.schedules.warmup_schedule", "name": "linear",
@@ -198,7 +198,7 @@ class CellClassifier(SeededModule):
         values = metrics.compute()
         confusion = metrics.confusion_matrix()
         metrics.reset()
-        self.log_dict({f"{split}/{name}": value for name, value in values.items()}, sync_dist=False)
+        self.log_dict({logged(split, name): value for name, value in values.items()}, sync_dist=False)
         outputs = self._outputs[split]
         self._outputs[split] = []
         columns = [torch.cat(column) for column in zip(*outputs)]
@@ -214,7 +214,7 @@ class CellClassifier(SeededModule):
         if self.keep_embeddings:
             self.results[split]["embeddings"] = columns[3].numpy()
         if split == VAL and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.epoch_history.append({"epoch": self.current_epoch, **{f"val/{k}": v for k, v in values.items()}})
+            self.epoch_history.append({"epoch": self.current_epoch, **{logged(VAL, k): v for k, v in values.items()}})
 
     def _gather_ragged(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's rows, concatenated: ranks may hold different numbers of rows (all_gather needs

@@ -21,7 +21,7 @@ from scipy import stats
 from geneformer_colon.errors import InputError
 from geneformer_colon.figures import plot_per_donor
 from geneformer_colon.io import atomic_path, file_lock, read_json, rounded, write_json
-from geneformer_colon.names import EVAL_SPLITS, FINISHED, METRICS, TEST, TRAIN, VAL
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, TEST, TRAIN, VAL, column, per_class
 from geneformer_colon.rundir import DIGITS, RunLayout, read_config, read_run
 from geneformer_colon.tables import markdown_table
 
@@ -51,7 +51,7 @@ def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | 
     run = read_run(layout.root)
     if run.status != FINISHED:
         return None
-    keys = [*METRICS, *(f"recall/{name}" for name in class_names)]
+    keys = fold_figures(class_names)
     return {
         "test_donor": ", ".join(run.donors(TEST)),
         "val_donor": ", ".join(run.donors(VAL)),
@@ -60,8 +60,9 @@ def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | 
         "run_dir": layout.root.name,
         **{split: {key: run.metrics[split].get(key) for key in keys} for split in EVAL_SPLITS},
         "chance_macro_f1": chance_macro_f1(run.metrics[TEST]["confusion_matrix"]),
-        "test_macro_f1_by_cell_type": {cell_type: values["macro_f1"] for cell_type, values
-                                       in run.metrics[TEST].get("by_cell_type", {}).items()},
+        column(TEST, "macro_f1", GROUPINGS["cell_type"]): {
+            cell_type: values["macro_f1"]
+            for cell_type, values in run.metrics[TEST].get(GROUPINGS["cell_type"], {}).items()},
     }
 
 
@@ -72,8 +73,13 @@ def chance_macro_f1(confusion: Sequence[Sequence[int]]) -> float:
     return float(np.mean(np.where(shares > 0, 2 * shares * guess / np.maximum(shares + guess, 1e-12), 0)))
 
 
+def fold_figures(class_names: Sequence[str]) -> list[str]:
+    """What cv.json keeps of each fold's splits: the headline metrics and each class's recall."""
+    return [*METRICS, *(per_class("recall", name) for name in class_names)]
+
+
 def aggregate(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
-    keys = [*METRICS, *(f"recall/{name}" for name in class_names)]
+    keys = fold_figures(class_names)
     return {split: {key: spread([fold[split][key] for fold in folds]) for key in keys} for split in EVAL_SPLITS}
 
 
@@ -104,7 +110,7 @@ def cv_markdown(cv: Mapping[str, Any]) -> str:
     rows = [[fold["test_donor"], fold["val_donor"],
              "/".join(str(fold["cells"].get(split, "-")) for split in (TRAIN, VAL, TEST)), fold["best_epoch"],
              *(fold[split][metric] for split in EVAL_SPLITS for metric in METRICS),
-             *(fold[TEST][f"recall/{name}"] for name in classes)] for fold in cv["folds"]]
+             *(fold[TEST][per_class("recall", name)] for name in classes)] for fold in cv["folds"]]
     summary_rows = []
     for split in EVAL_SPLITS:
         for key, values in cv["aggregate"][split].items():

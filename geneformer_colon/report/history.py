@@ -14,9 +14,9 @@ from pathlib import Path
 from geneformer_colon.config import display, flatten
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
-from geneformer_colon.model.metrics import GROUPINGS
-from geneformer_colon.names import EVAL_SPLITS, FINISHED, METRICS
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, VAL, logged, per_class
 from geneformer_colon.report.cv_summary import cv_markdown
+from geneformer_colon.report.run_tables import group_rows
 from geneformer_colon.rundir import Run, is_run_dir, read_run
 from geneformer_colon.tables import markdown_table
 
@@ -57,9 +57,9 @@ def figures(run: Run, classes: Sequence[str]) -> list[tuple[str, str]]:
     """(title, metric) of what a run scores: a classifier's headline metrics and recall per class, else
     whatever its validation epochs hold (a pretraining run: masked-gene loss and accuracy)."""
     if run.metrics.get("kind") != "pretrain":
-        return [*((title, key) for key, title in METRICS.items()), *((f"recall {name}", f"recall/{name}")
+        return [*((title, key) for key, title in METRICS.items()), *((f"recall {name}", per_class("recall", name))
                                                                     for name in classes)]
-    names = [key.split("/", 1)[1] for key in (run.epochs[0] if run.epochs else {}) if key.startswith("val/")]
+    names = [key.split("/", 1)[1] for key in (run.epochs[0] if run.epochs else {}) if key.startswith(logged(VAL, ""))]
     return [(name.replace("_", " "), name) for name in names]
 
 
@@ -70,7 +70,7 @@ def epoch_table(run: Run, classes: Sequence[str]) -> str:
     rows = []
     for epoch in run.epochs:
         mark = " (best)" if epoch["epoch"] == run.metrics.get("best_epoch") else ""
-        rows.append([f"{epoch['epoch']}{mark}", *(epoch.get(f"val/{key}") for _, key in columns)])
+        rows.append([f"{epoch['epoch']}{mark}", *(epoch.get(logged(VAL, key)) for _, key in columns)])
     return markdown_table(["epoch", *(title for title, _ in columns)], rows)
 
 
@@ -80,7 +80,7 @@ def final_table(run: Run, classes: Sequence[str]) -> str:
     headers = ["metric", *(f"{split} ({', '.join(run.donors(split))})" for split in splits)]
     rows = figures(run, classes)
     if run.metrics.get("kind") != "pretrain":
-        rows = [*rows[: len(METRICS)], ("loss", "loss"), *((f"precision {name}", f"precision/{name}")
+        rows = [*rows[: len(METRICS)], ("loss", "loss"), *((f"precision {name}", per_class("precision", name))
                                                            for name in classes), *rows[len(METRICS):]]
     return markdown_table(headers, [[title, *(run.metrics[split].get(key) for split in splits)] for title, key in rows])
 
@@ -92,10 +92,8 @@ def breakdown_tables(run: Run) -> list[str]:
             name = column.replace("_", " ")
             groups = run.metrics.get(split, {}).get(key)
             if groups:
-                parts += [f"**{split} by {name}:**\n", markdown_table(
-                    [name, "cells", *METRICS.values()],
-                    [[group, values["cells"], *(values.get(metric) for metric in METRICS)]
-                     for group, values in groups.items()])]
+                headers, rows = group_rows(groups)
+                parts += [f"**{split} by {name}:**\n", markdown_table([name, *headers], rows)]
     return parts
 
 

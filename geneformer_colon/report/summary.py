@@ -9,7 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
-from geneformer_colon.names import EVAL_SPLITS, METRICS
+from geneformer_colon.names import EVAL_SPLITS, GROUPINGS, METRICS, per_class
+from geneformer_colon.report.run_tables import group_rows
 from geneformer_colon.tables import print_table
 
 
@@ -22,17 +23,16 @@ def print_summary(record: Mapping[str, Any], class_names: Sequence[str], run_dir
     headers = ["metric", *(f"{split} ({', '.join(donors.get(split, []))})" if donors.get(split) else split
                            for split in splits)]
     rows = [[title, *(record[split].get(metric) for split in splits)] for metric, title in METRICS.items()]
-    rows += [[f"recall {name}", *(record[split].get(f"recall/{name}") for split in splits)] for name in class_names]
+    rows += [[f"recall {name}", *(record[split].get(per_class("recall", name)) for split in splits)]
+             for name in class_names]
     best = record.get("best_epoch")
     title = f"{record.get('run_name')}" + (f": best epoch {best}" if best is not None else "")
     print_table(title, headers, rows, numeric=headers[1:], console=console)
     for split in splits:
-        groups = record[split].get("by_donor")
+        groups = record[split].get(GROUPINGS["donor"])
         if groups:
-            print_table(f"{split} by donor", ["donor", "cells", *METRICS.values()],
-                        [[group, values["cells"], *(values.get(metric) for metric in METRICS)]
-                         for group, values in groups.items()],
-                        numeric=["cells", *METRICS.values()], console=console)
+            headers, rows = group_rows(groups)
+            print_table(f"{split} by donor", ["donor", *headers], rows, numeric=headers, console=console)
     for key, verdict in (record.get("success") or {}).items():
         mark = "[green]PASS[/green]" if verdict["passed"] else "[red]FAIL[/red]"
         console.print(f"{mark} {key} = {verdict['value']:.3f} (needs >= {verdict['threshold']:.2f})")

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.config import flatten
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS
+from geneformer_colon.names import EVAL_SPLITS, logged, per_class
 from geneformer_colon.rundir import RunLayout
 
 # Config groups left out of the logged config: where things are, not how the run was made.
@@ -137,7 +137,7 @@ def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {"best_epoch": summary["best_epoch"]}
     for split in EVAL_SPLITS:
         metrics = summary[split]
-        values.update({f"{split}/{name}": value for name, value in flatten(metrics).items()
+        values.update({logged(split, name): value for name, value in flatten(metrics).items()
                        if not name.startswith("confusion_matrix")})
     verdicts = summary["success"]
     values.update({f"success/{key}": "PASS" if verdict["passed"] else "FAIL" for key, verdict in verdicts.items()})
@@ -153,7 +153,7 @@ def per_class_rows(summary: Mapping[str, Any], class_names: Sequence[str]) -> li
         metrics = summary[split]
         cells = np.asarray(metrics["confusion_matrix"]).sum(axis=1)
         for index, name in enumerate(class_names):
-            rows.append([split, name, metrics[f"precision/{name}"], metrics[f"recall/{name}"],
+            rows.append([split, name, metrics[per_class("precision", name)], metrics[per_class("recall", name)],
                          metrics[f"f1/{name}"], int(cells[index])])
     return rows
 
