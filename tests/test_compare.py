@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,17 +11,21 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import JOBS, SWEEP
+from rich.console import Console
 
 from geneformer_colon import cli
 from geneformer_colon.config import differing_keys
 from geneformer_colon.report.compare import (
+    DONOR_PLOT,
     EPOCH_PLOT,
-    METRIC_COLUMNS,
     RECALL_PLOT,
     TABLE_FILE,
+    WIDTH,
     compare_runs,
     per_cell_type,
+    print_comparison,
 )
+from geneformer_colon.report.run_tables import METRIC_COLUMNS
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -55,11 +60,11 @@ def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_pa
     assert by_run.loc["0_loss.focal_gamma=0", "loss.focal_gamma"] == "0"
     assert by_run.loc["1_augment.mixup_prob=0.3,loss.focal_gamma=1.5", "augment.mixup_prob"] == "0.3"
 
-    markdown = (out / TABLE_FILE).read_text().split("\n\n## ")[0].splitlines()  # the runs' table
-    table = [line for line in markdown if line.startswith("|")]
+    sections = (out / TABLE_FILE).read_text().split("\n## ")
+    table = [line for line in sections[1].splitlines() if line.startswith("|")]  # the runs' table
     assert len(table) == 2 + len(JOBS)
-    assert "val macro F1" in table[0] and "loss.focal_gamma" in table[0]
-    assert table[2].startswith(f"| {frame['run'][0]} | finished |")
+    assert "val macro F1" in table[0] and "loss.focal_gamma" in "".join(sections[1:3])  # or its continuation
+    assert table[2].startswith(f"| #1 | {frame['run'][0]} | finished |")
     assert f"{frame['val_macro_f1'][0]:.3f}" in table[2]
     assert_png(out / EPOCH_PLOT)
     assert_png(out / RECALL_PLOT)
@@ -100,9 +105,10 @@ def test_sweep_root_lists_runs_at_any_depth_and_unfinished_ones_by_status(traine
     assert list(frame["status"]) == ["finished"] * 3 + ["failed", "no metrics.json"]
     assert frame["val_macro_f1"][0] == pytest.approx(0.99)
     assert frame[["val_macro_f1", "test_macro_f1"]][3:].isna().all().all()
-    assert (sweep / TABLE_FILE).is_file()  # by default next to the runs
-    assert "| 4_augment.mixup_prob=0.9 | no metrics.json |" in (sweep / TABLE_FILE).read_text()
-    assert_png(sweep / EPOCH_PLOT)
+    out = sweep / "comparison_multirun"  # by default next to the runs, named after what is compared
+    assert (out / TABLE_FILE).is_file()
+    assert "| 4_augment.mixup_prob=0.9 | no metrics.json |" in (out / TABLE_FILE).read_text()
+    assert_png(out / EPOCH_PLOT)
 
 
 def test_cli_prints_the_table(trained_runs, tmp_path, capsys):
@@ -112,6 +118,39 @@ def test_cli_prints_the_table(trained_runs, tmp_path, capsys):
         assert job in printed
     assert "val macro F1" in printed and "loss.focal_gamma" in printed
     assert (tmp_path / TABLE_FILE).is_file()
+
+
+def test_comparing_other_runs_under_the_same_parent_keeps_the_earlier_comparison(trained_runs, tmp_path):
+    parent = tmp_path / "outputs"
+    first, second = (shutil.copytree(run, parent / name) for run, name in zip(trained_runs, ("colon6", "colon7")))
+    third = shutil.copytree(trained_runs[0], parent / "colon8")
+    outs = [compare_runs(pair).out for pair in ([first, second], [first, third], [first, second])]
+    assert outs == [parent / "comparison_colon6_vs_colon7", parent / "comparison_colon6_vs_colon8",
+                    parent / "comparison_colon6_vs_colon7-2"]
+    texts = [(out / TABLE_FILE).read_text() for out in outs]
+    assert "colon7" in texts[0] and "colon8" not in texts[0] and "colon8" in texts[1]
+    assert texts[2] == texts[0]
+
+
+def test_tables_fit_100_columns_with_the_run_labels_intact(trained_runs, tmp_path):
+    long_job = "3_" + ",".join(f"model.encoder.setting_{i}=0.{i:0>10}" for i in range(4)) + ",loss.focal_gamma=0"
+    runs = [shutil.copytree(run, tmp_path / "sweep" / name) for run, name in zip(trained_runs, (
+        long_job, long_job.replace("3_", "4_").replace("focal_gamma=0", "focal_gamma=1.5")))]
+    comparison = compare_runs(runs, tmp_path / "out")
+    labels = list(comparison.frame["run"])
+    assert labels == ["3_loss.focal_gamma=0", "4_loss.focal_gamma=1.5"] or \
+        labels == ["4_loss.focal_gamma=1.5", "3_loss.focal_gamma=0"]  # the overrides all jobs share left out
+    printed = io.StringIO()
+    print_comparison(comparison, Console(file=printed, width=WIDTH, force_terminal=True, color_system=None))
+    lines = printed.getvalue().splitlines()
+    assert max(map(len, lines)) <= WIDTH
+    for label in labels:
+        assert any(f" {label} " in line for line in lines), label
+    for table in comparison.tables:
+        assert table.width() <= WIDTH, table.title
+    markdown = (tmp_path / "out" / TABLE_FILE).read_text()
+    assert max(len(line) for line in markdown.splitlines() if line.startswith("|")) <= WIDTH
+    assert all(f"| {label} |" in markdown for label in labels)
 
 
 def test_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):

@@ -15,7 +15,7 @@ from geneformer_colon import cli, donor_cv
 from geneformer_colon.baseline.naive_bayes import run_baseline
 from geneformer_colon.errors import InputError
 from geneformer_colon.fine_tune import train
-from geneformer_colon.report.compare import compare_runs
+from geneformer_colon.report.compare import DONOR_PLOT, EPOCH_PLOT, compare_runs
 
 FOLDS = ["cv=lodo", "cv.folds=[KUL01,KUL19]", "logger=csv", "trainer.limit_train_batches=4"]
 
@@ -109,6 +109,8 @@ def test_the_baseline_cross_validates_in_the_same_format_and_compare_pairs_the_d
     printed = capsys.readouterr().out
     assert "test macro F1 by donor" in printed and "smallest possible p is 0.500" in printed
     assert "## Paired comparison across donors" in (tmp_path / "comparison.md").read_text()
+    # two CV runs: no epoch curves (their folds have them), a line a donor between the runs
+    assert (tmp_path / DONOR_PLOT).is_file() and not (tmp_path / EPOCH_PLOT).exists()
 
 
 def test_a_paired_test_with_enough_donors_gives_a_p_value():

@@ -2,40 +2,58 @@
 
 Runs are read through :mod:`geneformer_colon.rundir`: a run directory, a cross-validated run
 (its figures are the means over its folds, with their standard deviation), or a sweep root
-holding runs at any depth. Nothing here needs W&B.
+holding runs at any depth. Nothing here needs W&B. Each table is built once (:class:`TextTable`)
+and written to comparison.md and printed alike, narrow enough for 100 columns: a run is labelled
+by its path below the folder holding all the runs, less the overrides every sweep job shares.
+Each comparison goes to a folder of its own (``--out``, or a new folder named after what it compares).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from rich.console import Console
 from scipy.stats import wilcoxon
 
 from geneformer_colon.config import differing_keys, display, flatten
 from geneformer_colon.figures import save_figure
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST
+from geneformer_colon.names import EVAL_SPLITS, GROUPINGS, TEST, VAL, column, logged, per_class
+from geneformer_colon.report.run_tables import (
+    METRIC_COLUMNS,
+    RUN_COLUMNS,
+    SPREAD_COLUMNS,
+    column_title,
+    run_row,
+    runs_frame,
+)
 from geneformer_colon.rundir import Run, find_runs, read_run
-from geneformer_colon.tables import markdown_table, print_table
+from geneformer_colon.tables import TextTable
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = [f"{split}_{metric}" for split in EVAL_SPLITS for metric in METRICS]
-SPREAD_COLUMNS = [f"{split}_macro_f1_sd" for split in EVAL_SPLITS]
 TABLE_FILE = "comparison.md"
 EPOCH_PLOT = "val_macro_f1_per_epoch.png"
 RECALL_PLOT = "recall_per_class.png"
+DONOR_PLOT = "test_macro_f1_per_donor.png"
 PAIRED_METRIC = "macro_f1"
 ALPHA = 0.05
+WIDTH = 100  # the columns a table is made to fit
+OUT_PREFIX = "comparison_"
+MAX_OUT_NAME = 100
+# A sweep job's folder: its number, then its overrides separated by commas outside brackets.
+JOB_FOLDER = re.compile(r"^(\d+)_(.+)$")
+OVERRIDE_SEPARATOR = re.compile(r",(?![^\[]*\])")
 
 
 def common_base(runs: Sequence[Path]) -> Path:
@@ -47,44 +65,34 @@ def common_base(runs: Sequence[Path]) -> Path:
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Each run's path below the folder holding them all; sweep jobs' folders less the overrides all share."""
     base = common_base([run.path for run in runs])
-    return [run.path.relative_to(base).as_posix() if run.path.is_relative_to(base) else str(run.path) for run in runs]
+    paths = [run.path.relative_to(base).as_posix() if run.path.is_relative_to(base) else str(run.path)
+             for run in runs]
+    jobs = [JOB_FOLDER.match(path.rsplit("/", 1)[-1]) for path in paths]
+    if len(runs) < 2 or not all(jobs):
+        return paths
+    overrides = [OVERRIDE_SEPARATOR.split(job.group(2)) for job in jobs]
+    shared = set(overrides[0]).intersection(*overrides[1:])
+    return [path[: len(path) - len(job.group(0))] + "_".join([job.group(1), ",".join(
+        part for part in parts if part not in shared)]).rstrip("_")
+            for path, job, parts in zip(paths, jobs, overrides)]
 
 
 def ranked(runs: Iterable[Run]) -> list[Run]:
     """Best val macro F1 (a CV run: its mean) first; runs without final metrics last, in the order given."""
-    return sorted(runs, key=lambda run: -run.headline("val", "macro_f1") if run.finished else np.inf)
+    return sorted(runs, key=lambda run: -run.headline(VAL, PAIRED_METRIC) if run.finished else np.inf)
 
 
-def comparison_frame(runs: Sequence[Run]) -> pd.DataFrame:
+def comparison_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
     """One row a run, in the order given: status, best epoch (folds for a CV run), final metrics, and
     the config that differs."""
     keys = differing_keys([run.config for run in runs])
     rows = []
-    for label, run in zip(run_labels(runs), runs):
-        row: dict[str, Any] = {"run": label, "status": run.status,
-                               "best_epoch": run.metrics.get("best_epoch") if run.finished and not run.is_cv else None,
-                               "folds": len(run.cv.get("folds", [])) if run.is_cv else None}
-        for split in EVAL_SPLITS:
-            for metric in METRICS:
-                row[f"{split}_{metric}"] = run.headline(split, metric) if run.finished else np.nan
-            row[f"{split}_macro_f1_sd"] = run.spread(split, "macro_f1")
+    for label, run in zip(labels, runs):
         flat = flatten(run.config)
-        row.update({key: display(flat[key]) if key in flat else "-" for key in keys})
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=["run", "status", "best_epoch", "folds", *METRIC_COLUMNS, *SPREAD_COLUMNS,
-                                        *keys])
-    frame = frame.astype({"best_epoch": "Int64", "folds": "Int64"})
-    return frame.drop(columns=[column for column in ("folds", *SPREAD_COLUMNS) if frame[column].isna().all()])
-
-
-def column_title(column: str) -> str:
-    split, _, metric = column.partition("_")
-    if split in EVAL_SPLITS and metric in METRICS:
-        return f"{split} {METRICS[metric]}"
-    if split in EVAL_SPLITS and metric == "macro_f1_sd":
-        return f"{split} macro F1 sd"
-    return column.replace("_", " ") if column in ("best_epoch",) else column
+        rows.append({"run": label, **run_row(run), **{key: display(flat[key]) if key in flat else "-" for key in keys}})
+    return runs_frame(rows, ["run", *RUN_COLUMNS, *keys])
 
 
 # ---- per donor, and the paired test ----
@@ -95,8 +103,9 @@ def per_donor(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
     if run.is_cv:
         return {fold["test_donor"]: fold[TEST][metric] for fold in run.cv.get("folds", [])}
     test = run.metrics.get(TEST, {})
-    if test.get("by_donor"):
-        return {donor: values[metric] for donor, values in test["by_donor"].items() if values.get(metric) is not None}
+    if test.get(GROUPINGS["donor"]):
+        return {donor: values[metric] for donor, values in test[GROUPINGS["donor"]].items()
+                if values.get(metric) is not None}
     donors = run.donors(TEST)
     if run.finished and len(donors) == 1:
         return {donors[0]: test[metric]}
@@ -108,21 +117,32 @@ def per_cell_type(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
     if run.is_cv:
         scores: dict[str, list[float]] = defaultdict(list)
         for fold in run.cv.get("folds", []):
-            for cell_type, value in fold.get(f"test_{metric}_by_cell_type", {}).items():
+            for cell_type, value in fold.get(column(TEST, metric, GROUPINGS["cell_type"]), {}).items():
                 scores[cell_type].append(value)
         return {cell_type: float(np.mean(values)) for cell_type, values in scores.items()}
-    groups = run.metrics.get(TEST, {}).get("by_cell_type") or {}
+    groups = run.metrics.get(TEST, {}).get(GROUPINGS["cell_type"]) or {}
     return {cell_type: values[metric] for cell_type, values in groups.items() if values.get(metric) is not None}
 
 
 BREAKDOWNS = {"donor": per_donor, "cell type": per_cell_type}
 
 
-def breakdown_rows(runs: Sequence[Run], per_group: Callable[[Run], dict[str, float]]) -> list[list[Any]]:
-    """A row a group (donor or cell type) any run was scored on, a column a run; empty below two groups."""
+def breakdown_table(runs: Sequence[Run], name: str, per_group: Callable[[Run], dict[str, float]]
+                    ) -> TextTable | None:
+    """Test macro F1 a group (donor or cell type) any run was scored on: a row a group, a column a run (by its
+    number in the runs' table); None below two groups."""
     values = [per_group(run) for run in runs]
     groups = sorted({group for scores in values for group in scores})
-    return [[group, *(scores.get(group) for scores in values)] for group in groups] if len(groups) > 1 else []
+    if len(groups) < 2:
+        return None
+    numbers = [run_number(index) for index in range(len(runs))]
+    return TextTable(f"Test macro F1 by {name}", [name, *numbers],
+                     [[group, *(scores.get(group) for scores in values)] for group in groups], numbers)
+
+
+def run_number(index: int) -> str:
+    """How the tables after the runs' table name a run: its row number there."""
+    return f"#{index + 1}"
 
 
 @dataclass(frozen=True)
@@ -171,74 +191,113 @@ def paired_comparisons(runs: Sequence[Run], labels: Sequence[str]) -> list[Paire
     return pairs
 
 
-def paired_markdown(pair: PairedComparison) -> str:
+def paired_table(pair: PairedComparison) -> TextTable:
+    """A row a donor: the two runs' test macro F1 (columns A and B, named in the title) and B - A."""
     rows = [[donor, a, b, b - a] for donor, a, b in zip(pair.donors, pair.reference_values, pair.other_values)]
     rows.append(["mean", np.mean(pair.reference_values), np.mean(pair.other_values), pair.differences.mean()])
-    table = markdown_table(["test donor", pair.reference, pair.other, "difference"], rows)
-    return f"### {pair.other} vs {pair.reference}: test macro F1 by donor\n\n{table}\n{pair.test()[1]}.\n"
+    return TextTable(f"Paired comparison across donors: B {pair.other} against A {pair.reference}, test macro F1 "
+                     "by donor",
+                     ["test donor", "A", "B", "B - A"], rows, ["A", "B", "B - A"], f"{pair.test()[1]}.")
 
 
 # ---- output ----
 
 
-def frame_markdown(frame: pd.DataFrame) -> str:
-    return markdown_table([column_title(c) for c in frame.columns], frame.itertuples(index=False))
+def runs_table(frame: pd.DataFrame) -> TextTable:
+    """A row a run: its number, label, status, best epoch or folds, macro F1 first, the other figures, the
+    settings that differ."""
+    figures = [column(split, PAIRED_METRIC) for split in EVAL_SPLITS]
+    order = ["run", "status", "best_epoch", "folds", *figures, *SPREAD_COLUMNS,
+             *(name for name in METRIC_COLUMNS if name not in figures)]
+    shown = [name for name in order if name in frame.columns] + [name for name in frame.columns if name not in order]
+    numeric = [column_title(name) for name in shown if name in (*METRIC_COLUMNS, *SPREAD_COLUMNS)]
+    rows = [[run_number(index), *row] for index, row in enumerate(frame[shown].itertuples(index=False))]
+    return TextTable(f"{len(frame)} runs, best val macro F1 first", ["#", *map(column_title, shown)], rows, numeric,
+                     keys=2)
+
+
+def comparison_tables(frame: pd.DataFrame, runs: Sequence[Run], pairs: Sequence[PairedComparison]) -> list[TextTable]:
+    """Every table of a comparison, built once and fitted to WIDTH columns: the runs (figures and the settings
+    that differ), the breakdowns by donor and cell type, each paired comparison."""
+    tables = [runs_table(frame), *(breakdown_table(runs, name, per_group) for name, per_group in BREAKDOWNS.items()),
+              *(paired_table(pair) for pair in pairs)]
+    return [part for table in tables if table is not None for part in table.fitted(WIDTH)]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The runs, best val macro F1 first; their table (one row a run); each run paired with the best."""
+    """The runs, best val macro F1 first; their table (one row a run); each run paired with the best; its
+    tables as written and printed; the folder it was written to."""
 
     runs: list[Run]
     frame: pd.DataFrame
     pairs: list[PairedComparison]
+    tables: list[TextTable]
+    out: Path
 
 
-def print_comparison(comparison: Comparison) -> None:
-    frame = comparison.frame
-    numeric = [column_title(c) for c in (*METRIC_COLUMNS, *SPREAD_COLUMNS)]
-    print_table(f"{len(frame)} runs, best val macro F1 first", [column_title(c) for c in frame.columns],
-                frame.itertuples(index=False), numeric=numeric)
-    labels = list(frame["run"])
-    for name, per_group in BREAKDOWNS.items():
-        rows = breakdown_rows(comparison.runs, per_group)
-        if rows:
-            print_table(f"test macro F1 by {name}", [name, *labels], rows, numeric=labels)
-    for pair in comparison.pairs:
-        rows = [[d, a, b, b - a] for d, a, b in zip(pair.donors, pair.reference_values, pair.other_values)]
-        print_table(f"{pair.other} vs {pair.reference}: test macro F1 by donor",
-                    ["test donor", pair.reference, pair.other, "difference"], rows,
-                    numeric=[pair.reference, pair.other, "difference"])
-        print(pair.test()[1])
+def print_comparison(comparison: Comparison, console: Console | None = None) -> None:
+    console = console or Console()
+    for table in comparison.tables:
+        table.print(console)
+    console.print(f"comparison written to {comparison.out}", highlight=False)
 
 
-def plot_epochs(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
-    """Val macro F1 per epoch, one line a run; a run without epochs (the baseline, a CV run) as a dashed level."""
+def plot_epochs(runs: Sequence[Run], labels: Sequence[str], path: Path) -> bool:
+    """Val macro F1 per epoch, one line a run; a single-split run without epochs (the baseline) as a dashed
+    level. A CV run has no curve of its own (its folds have theirs): it is left out. False when nothing
+    was drawn (no plot written)."""
     figure = Figure(figsize=(7, 4))
     axis = figure.subplots()
     last_epoch = 0
     for label, run in zip(labels, runs):
-        donors = ", ".join(run.donors("val"))
+        donors = ", ".join(run.donors(VAL))
         name = f"{label} (val {donors})" if donors else label
         if run.epochs:
             epochs = [epoch["epoch"] for epoch in run.epochs]
             last_epoch = max(last_epoch, *epochs)
-            axis.plot(epochs, [epoch["val/macro_f1"] for epoch in run.epochs], marker="o", label=name)
-        elif run.finished:
-            what = "mean over folds" if run.is_cv else "no epochs"
-            axis.axhline(run.headline("val", "macro_f1"), linestyle="--", color="grey", label=f"{label} ({what})")
+            axis.plot(epochs, [epoch[logged(VAL, PAIRED_METRIC)] for epoch in run.epochs], marker="o", label=name)
+        elif run.finished and not run.is_cv:
+            axis.axhline(run.headline(VAL, PAIRED_METRIC), linestyle="--", color="grey", label=f"{label} (no epochs)")
+    if not any(run.epochs for run in runs):
+        return False
     axis.set_xlabel("epoch")
     axis.set_ylabel("val macro F1")
     axis.set_xlim(-0.5, last_epoch + 0.5)
     axis.set_ylim(0, 1)
     axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_title("validation macro F1 per epoch")
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(figure, path)
+    return True
 
 
-def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
+def plot_paired_donors(runs: Sequence[Run], labels: Sequence[str], path: Path) -> bool:
+    """Test macro F1 per donor, a column a run with per-donor figures (a CV run: its folds) and a line a donor
+    between the runs: how each donor moves from one run to the next. False below two such runs."""
+    scored = [(label, per_donor(run)) for label, run in zip(labels, runs)]
+    scored = [(label, values) for label, values in scored if len(values) >= 2]
+    if len(scored) < 2:
+        return False
+    figure = Figure(figsize=(2.5 + 1.6 * len(scored), 4))
+    axis = figure.subplots()
+    donors = sorted({donor for _, values in scored for donor in values})
+    for donor in donors:
+        points = [(x, values[donor]) for x, (_, values) in enumerate(scored) if donor in values]
+        axis.plot(*zip(*points), marker="o", label=donor)
+    means = [np.mean(list(values.values())) for _, values in scored]
+    axis.plot(range(len(scored)), means, color="black", linewidth=2.5, linestyle="--", label="mean")
+    axis.set_xticks(range(len(scored)), [label for label, _ in scored], rotation=20, ha="right")
+    axis.set_xlim(-0.3, len(scored) - 0.7)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("test macro F1")
+    axis.set_title("test macro F1 per donor (a line a donor)")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    save_figure(figure, path)
+    return True
+
+
+def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> bool:
     """Per-class recall on the val and test donors, grouped bars (one group a class, one bar a run), and chance."""
     finished = [(label, run) for label, run in zip(labels, runs) if run.finished]
     classes = list(dict.fromkeys(name for _, run in finished for name in run.class_names))
@@ -247,7 +306,7 @@ def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
     width = 0.8 / max(len(finished), 1)
     for axis, split in zip(axes, EVAL_SPLITS):
         for number, (label, run) in enumerate(finished):
-            recalls = [run.headline(split, f"recall/{name}") for name in classes]
+            recalls = [run.headline(split, per_class("recall", name)) for name in classes]
             axis.bar(np.arange(len(classes)) + (number - (len(finished) - 1) / 2) * width, recalls, width, label=label)
         if classes:
             axis.axhline(1 / len(classes), color="grey", linestyle="--", linewidth=1,
@@ -259,32 +318,38 @@ def plot_recall(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
     if finished:
         axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(figure, path)
+    return True
 
 
-def comparison_markdown(frame: pd.DataFrame, runs: Sequence[Run], pairs: Sequence[PairedComparison]) -> str:
-    parts = ["# Run comparison\n", frame_markdown(frame)]
-    for name, per_group in BREAKDOWNS.items():
-        rows = breakdown_rows(runs, per_group)
-        if rows:
-            parts += [f"\n## Test macro F1 by {name}\n", markdown_table([name, *frame["run"]], rows)]
-    if pairs:
-        parts += ["\n## Paired comparison across donors\n", *(paired_markdown(pair) for pair in pairs)]
-    return "\n".join(parts)
+def default_out(paths: Sequence[str | os.PathLike[str]], runs: Sequence[Run]) -> Path:
+    """A new folder, beside the runs, named after what is compared (``comparison_<a>_vs_<b>``; a long name cut
+    and ended by a hash), numbered ``-2``, ``-3`` ... where an earlier comparison holds the name."""
+    name = OUT_PREFIX + "_vs_".join(Path(path).resolve().name for path in paths)
+    if len(name.encode()) > MAX_OUT_NAME:
+        name = name.encode()[: MAX_OUT_NAME - 9].decode(errors="ignore") + "~" + \
+            hashlib.sha1(name.encode()).hexdigest()[:8]
+    base = common_base([run.path for run in runs])
+    out, number = base / name, 1
+    while out.exists():
+        number += 1
+        out = base / f"{name}-{number}"
+    return out
 
 
 def compare_runs(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
                  ) -> Comparison:
-    """Compare the runs in and under ``paths`` (best val macro F1 first); write comparison.md and the two
-    plots to ``out_dir``, by default the deepest folder holding all the runs."""
+    """Compare the runs in and under ``paths`` (best val macro F1 first); write comparison.md and the plots
+    to ``out_dir``, by default a new folder beside the runs named after ``paths`` (see :func:`default_out`)."""
+    paths = list(paths)
     runs = ranked(read_run(path) for path in find_runs(paths))
-    frame = comparison_frame(runs)
-    labels = list(frame["run"])
+    labels = run_labels(runs)
+    frame = comparison_frame(runs, labels)
     pairs = paired_comparisons(runs, labels)
-    out = Path(out_dir) if out_dir is not None else common_base([run.path for run in runs])
+    tables = comparison_tables(frame, runs, pairs)
+    out = Path(out_dir) if out_dir is not None else default_out(paths, runs)
     with atomic_path(out / TABLE_FILE) as tmp:
-        tmp.write_text(comparison_markdown(frame, runs, pairs))
-    plot_epochs(runs, labels, out / EPOCH_PLOT)
-    plot_recall(runs, labels, out / RECALL_PLOT)
-    log.info("comparison written to %s (%s, %s, %s)", out, TABLE_FILE, EPOCH_PLOT, RECALL_PLOT)
-    return Comparison(runs, frame, pairs)
-
+        tmp.write_text("\n".join(["# Run comparison\n", *(table.markdown() for table in tables)]))
+    plots = [name for name, plot in ((EPOCH_PLOT, plot_epochs), (RECALL_PLOT, plot_recall),
+                                     (DONOR_PLOT, plot_paired_donors)) if plot(runs, labels, out / name)]
+    log.info("comparison written to %s (%s)", out, ", ".join([TABLE_FILE, *plots]))
+    return Comparison(runs, frame, pairs, tables, out)
