@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,35 @@ def tiny_overrides(output_dir: Path, shared: dict[str, Path]) -> list[str]:
         "trainer.max_epochs=1",
         "callbacks.progress_bar=null",
     ]
+
+
+def train_tiny(tmp_path: Path, shared: dict[str, Path], *overrides: str) -> dict:
+    """A tiny training run under ``tmp_path/outputs`` (fine_tune.train); its metrics.json record."""
+    from geneformer_colon.fine_tune import train
+
+    return train(compose_train(tiny_overrides(tmp_path / "outputs", shared) + list(overrides)))
+
+
+def run_metrics(tmp_path: Path, run_name: str) -> dict:
+    """metrics.json of the run ``run_name`` under ``tmp_path/outputs``."""
+    return json.loads((tmp_path / "outputs" / run_name / "metrics.json").read_text())
+
+
+def bad_checkpoints(folder: Path) -> dict[str, Path]:
+    """A text file named .ckpt, and a checkpoint holding code that must never run."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "notes.ckpt"
+    text.write_text("not a checkpoint at all")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with_code = folder / "code.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, with_code)
+    return {"text": text, "code": with_code}
 
 
 def run_script(script: str, *arguments: str, wait: bool = True, timeout: int = 600, **kwargs):

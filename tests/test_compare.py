@@ -16,7 +16,6 @@ from rich.console import Console
 from geneformer_colon import cli
 from geneformer_colon.config import differing_keys
 from geneformer_colon.report.compare import (
-    DONOR_PLOT,
     EPOCH_PLOT,
     RECALL_PLOT,
     TABLE_FILE,

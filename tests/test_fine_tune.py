@@ -5,63 +5,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_train, tiny_overrides
+from conftest import REPO_ROOT, compose_train, run_metrics, tiny_overrides, train_tiny
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from geneformer_colon.builders import build_datamodule, build_module, load_weights, start_from
-from geneformer_colon.errors import InputError
+from geneformer_colon.builders import build_datamodule, build_module
 from geneformer_colon.fine_tune import train
 from geneformer_colon.model.module import CellClassifier
 
 CLASSES = ["Normal", "Border", "Tumor"]
 
 
-def run(tmp_path: Path, shared: dict, *overrides: str) -> dict:
-    return train(compose_train(tiny_overrides(tmp_path / "outputs", shared) + list(overrides)))
-
-
-def metrics_of(tmp_path: Path, run_name: str) -> dict:
-    return json.loads((tmp_path / "outputs" / run_name / "metrics.json").read_text())
-
-
 @pytest.mark.parametrize("experiment", ["colon1", "colon3", "colon6"])
 def test_experiment_composes_and_runs_fast_dev_run(tmp_path, shared_dirs, experiment):
-    run(tmp_path, shared_dirs, f"experiment={experiment}", "trainer.fast_dev_run=true")
-    assert metrics_of(tmp_path, experiment)["status"] == "finished"
-
-
-def test_experiments_from_colon3_start_from_its_best_weights(tmp_path, shared_dirs):
-    run(tmp_path, shared_dirs, "experiment=colon3")
-    best = torch.load(tmp_path / "outputs/colon3/checkpoints/best.ckpt", weights_only=True)["state_dict"]
-    for experiment in ("colon4", "colon5"):
-        cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared_dirs) + [f"experiment={experiment}"])
-        assert cfg.init_from == str(tmp_path / "outputs" / "colon3")
-        module = build_module(cfg, build_datamodule(cfg))
-        load_weights(module, cfg.init_from)
-        for name, tensor in module.state_dict().items():
-            torch.testing.assert_close(tensor, best[name], msg=name)
-        run(tmp_path, shared_dirs, f"experiment={experiment}", "trainer.fast_dev_run=true")
-        assert metrics_of(tmp_path, experiment)["init_from"] == str(tmp_path / "outputs" / "colon3")
-
-    # model.reinit_head: the encoder from colon3, the head fresh
-    module = build_module(cfg, build_datamodule(cfg))
-    start_from(module, cfg.init_from, reinit_head=True)
-    for name, tensor in module.state_dict().items():
-        same = torch.equal(tensor, best[name])
-        assert same != name.startswith("head."), name
-
-
-def test_checkpoint_of_another_vocabulary_is_refused(tmp_path, shared_dirs):
-    run(tmp_path, shared_dirs, "run_name=small_vocab", "data.source.n_genes=200", "trainer.limit_train_batches=2")
-    cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared_dirs))
-    module = build_module(cfg, build_datamodule(cfg))
-    with pytest.raises(InputError, match="vocabulary"):
-        load_weights(module, tmp_path / "outputs" / "small_vocab")
+    train_tiny(tmp_path, shared_dirs, f"experiment={experiment}", "trainer.fast_dev_run=true")
+    assert run_metrics(tmp_path, experiment)["status"] == "finished"
 
 
 def test_embedded_default_writes_the_whole_run_directory(tmp_path, shared_dirs):
@@ -129,21 +90,6 @@ def test_embedded_default_writes_the_whole_run_directory(tmp_path, shared_dirs):
     assert module.class_names == CLASSES and module.hparams.pooling == "mean"
 
 
-def test_a_finished_run_is_not_overwritten_by_accident(tmp_path, shared_dirs):
-    run(tmp_path, shared_dirs, "run_name=once", "trainer.fast_dev_run=true")
-    with pytest.raises(InputError, match="overwrite=true"):
-        run(tmp_path, shared_dirs, "run_name=once", "trainer.fast_dev_run=true")
-    run(tmp_path, shared_dirs, "run_name=once", "trainer.fast_dev_run=true", "overwrite=true")
-
-
-def test_success_criteria_are_checked_and_recorded(tmp_path, shared_dirs):
-    run(tmp_path, shared_dirs, "run_name=criteria", "trainer.fast_dev_run=true",
-        "+success_criteria={val/accuracy: 0.0, test/macro_f1: 1.01}")
-    success = metrics_of(tmp_path, "criteria")["success"]
-    assert success["val/accuracy"]["passed"] is True
-    assert success["test/macro_f1"]["passed"] is False
-
-
 def test_a_save_pretrained_checkpoint_with_its_dictionaries_fine_tunes_through_model_pretrained(tmp_path, shared_dirs):
     from transformers import BertConfig, BertForMaskedLM
 
@@ -163,4 +109,4 @@ def test_a_save_pretrained_checkpoint_with_its_dictionaries_fine_tunes_through_m
         if not name.startswith("pooler"):
             torch.testing.assert_close(encoder[name], tensor, msg=name)
     train(cfg)
-    assert metrics_of(tmp_path, "pretrained")["status"] == "finished"
+    assert run_metrics(tmp_path, "pretrained")["status"] == "finished"

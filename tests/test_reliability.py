@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import torch
-from conftest import compose_train, run_script, tiny_overrides
+from conftest import bad_checkpoints, compose_train, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
-from geneformer_colon.errors import InputError, Interrupted, input_error_in
+from geneformer_colon.errors import Interrupted, input_error_in
 from geneformer_colon.fine_tune import train
 
 # Every random stream of a training step in use (masking, mixup, dropout), gradient accumulation,
@@ -139,43 +138,6 @@ def test_a_pause_at_an_epochs_end_loses_no_validation_and_adds_no_epoch(tmp_path
         resumed = train(compose_train(common + ["run_name=paused", "resume=true"]))
     assert [epoch["epoch"] for epoch in resumed["epochs"]] == [epoch["epoch"] for epoch in straight["epochs"]]
     assert resumed["epochs"] == straight["epochs"] and resumed["test"] == straight["test"]
-
-
-def test_resume_refuses_a_changed_recipe_unless_allowed_and_then_records_it(tmp_path, shared_dirs):
-    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=recipe", "trainer.limit_train_batches=3"]
-    train(compose_train(common))
-    with pytest.raises(InputError) as refused:
-        train(compose_train(common + ["resume=true", "optimizer.lr=1e-3", "data.batch_size=8"]))
-    message = str(refused.value)
-    assert "optimizer.lr: 0.002 -> 0.001" in message and "data.batch_size: 32 -> 8" in message
-    assert "allow_resume_changes=true" in message and "\n" not in message
-    train(compose_train(common + ["resume=true", "optimizer.lr=1e-3", "allow_resume_changes=true"]))
-    saved = (tmp_path / "outputs/recipe/config.yaml").read_text()
-    assert "resume_changes:\n- optimizer.lr:\n  - '0.002'\n  - '0.001'" in saved
-
-    # a cross-validated run: a new recipe is refused for its folds too, and a plain run is no CV run's home
-    cv = common + ["cv=lodo", "cv.folds=[KUL01]", "run_name=cv", "trainer.limit_train_batches=2"]
-    from geneformer_colon import donor_cv as cross_validation
-
-    cross_validation.run(train, compose_train(cv))
-    with pytest.raises(InputError, match=r"optimizer.lr: 0.002 -> 0.001"):
-        cross_validation.run(train, compose_train(cv + ["resume=true", "cv.folds=[KUL19]", "optimizer.lr=1e-3"]))
-    with pytest.raises(InputError, match="not cross-validated"):
-        cross_validation.run(train, compose_train(common + ["cv=lodo", "cv.folds=[KUL01]"]))
-
-
-def bad_checkpoints(folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = folder / "notes.ckpt"
-    text.write_text("not a checkpoint at all")
-
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
-    with_code = folder / "code.ckpt"
-    torch.save({"state_dict": {}, "payload": Payload()}, with_code)
-    return {"text": text, "code": with_code}
 
 
 # Each path to a one-line error: a value checked up front, an error raised inside an object Hydra
