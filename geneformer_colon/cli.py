@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="runs side by side (run directories or sweep roots): table, comparison.md, plots"
     )
     compare.add_argument("paths", nargs="+", metavar="PATH", help="a run directory or a folder holding runs")
-    compare.add_argument("--out", help="where comparison.md and the plots go (default: a new folder beside the runs "
-                                       "named after them, comparison_<a>_vs_<b>; an earlier comparison is never replaced)")
+    compare.add_argument("--out", help="where comparison.md and the plots go (default: a new folder beside the "
+                                       "runs, comparison_<a>_vs_<b>; an earlier comparison is never replaced)")
     compare.set_defaults(run=_compare)
 
     history = commands.add_parser("history", help="a run as a markdown entry of the training log")

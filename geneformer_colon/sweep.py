@@ -29,9 +29,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
 from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column
-from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, run_row, runs_frame
+from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, frame_markdown, run_row, runs_frame
 from geneformer_colon.rundir import RunLayout, mark_failed, read_run
-from geneformer_colon.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +167,7 @@ def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
         best = scored.loc[scored[ranking].idxmax()]
         lines.append(f"best {column_title(ranking)}: job {best['job']} ({best[ranking]:.3f}) {best['overrides']}")
     shown = runs_frame(table.to_dict("records"), table.columns)
-    rows = shown.assign(run_dir=[Path(path).name for path in shown["run_dir"]]).itertuples(index=False)
-    return "\n".join(lines) + "\n\n" + markdown_table([column_title(c) for c in shown.columns], rows)
+    return "\n".join(lines) + "\n\n" + frame_markdown(shown.assign(run_dir=[Path(p).name for p in shown["run_dir"]]))
 
 
 def write_summary(sweep_dir: Path) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, VAL, logged, per_class
 from geneformer_colon.report.cv_summary import cv_markdown
-from geneformer_colon.report.run_tables import group_rows
+from geneformer_colon.report.run_tables import RUN_COLUMNS, frame_markdown, group_rows, run_row, runs_frame
 from geneformer_colon.rundir import Run, is_run_dir, read_run
 from geneformer_colon.tables import markdown_table
 
@@ -135,6 +135,8 @@ def history_entry(run: Run, when: datetime.datetime | None = None) -> str:
                   "**Success criteria:**\n", success_lines(run)]
     else:
         parts.append(f"_No final metrics: the run is {run.status}._\n")
+    parts += ["**As a row of the runs' table** (`geneformer-colon compare`, a sweep's summary):\n",
+              frame_markdown(runs_frame([{"run": run.name, **run_row(run)}], ["run", *RUN_COLUMNS]))]
     return "\n".join(parts)
 
 

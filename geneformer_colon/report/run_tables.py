@@ -11,6 +11,7 @@ import pandas as pd
 
 from geneformer_colon.names import EVAL_SPLITS, METRICS, column
 from geneformer_colon.rundir import Run
+from geneformer_colon.tables import markdown_table
 
 SPREAD = "sd"  # the qualifier of a CV run's standard deviation over its folds
 SPREAD_METRIC = "macro_f1"
@@ -58,6 +59,11 @@ def runs_frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], drop_e
     if drop_empty:
         frame = frame.drop(columns=[name for name in OPTIONAL_COLUMNS if name in frame and frame[name].isna().all()])
     return frame
+
+
+def frame_markdown(frame: pd.DataFrame) -> str:
+    """A runs' table as markdown, under the shared column titles."""
+    return markdown_table([column_title(name) for name in frame.columns], frame.itertuples(index=False))
 
 
 def group_rows(groups: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
