@@ -339,12 +339,17 @@ class Run:
     def headline(self, split: str, metric: str) -> float:
         """A final figure: the run's own, or for a CV run the mean over its folds (NaN if absent)."""
         if self.is_cv:
-            return float(self.cv.get("aggregate", {}).get(split, {}).get(metric, {}).get("mean", np.nan))
-        return float(self.metrics.get(split, {}).get(metric, np.nan))
+            return self._across_folds(split, metric, "mean")
+        value = self.metrics.get(split, {}).get(metric)
+        return np.nan if value is None else float(value)
 
     def spread(self, split: str, metric: str) -> float:
-        """For a CV run, the standard deviation over its folds; NaN otherwise."""
-        return float(self.cv.get("aggregate", {}).get(split, {}).get(metric, {}).get("sd", np.nan))
+        """For a CV run, the standard deviation over its folds (NaN below two folds); NaN otherwise."""
+        return self._across_folds(split, metric, "sd")
+
+    def _across_folds(self, split: str, metric: str, statistic: str) -> float:
+        value = self.cv.get("aggregate", {}).get(split, {}).get(metric, {}).get(statistic)
+        return np.nan if value is None else float(value)
 
     @property
     def class_names(self) -> list[str]:

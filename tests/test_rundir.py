@@ -4,6 +4,7 @@ success criteria are recorded, checkpoints are read safely, runs are found under
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import bad_checkpoints, compose_train, run_metrics, tiny_overrides
 from geneformer_colon.errors import InputError
 from geneformer_colon.fine_tune import train
 from geneformer_colon.rundir import (
+    Run,
     RunLayout,
     best_epoch,
     check_success,
@@ -114,3 +116,9 @@ def test_runs_are_found_at_any_depth_and_a_runs_own_folders_are_part_of_it(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no run directory"):
         find_runs([tmp_path / "empty"])
+
+
+def test_a_cv_run_of_one_fold_has_a_mean_and_no_spread(tmp_path):
+    run = Run(tmp_path, {}, {}, {"folds": [{}], "aggregate": {"val": {"macro_f1": {"n": 1, "mean": 0.5, "sd": None}}}})
+    assert run.headline("val", "macro_f1") == 0.5
+    assert math.isnan(run.spread("val", "macro_f1")) and math.isnan(run.headline("test", "macro_f1"))

@@ -74,9 +74,11 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
         return paths
     overrides = [OVERRIDE_SEPARATOR.split(job.group(2)) for job in jobs]
     shared = set(overrides[0]).intersection(*overrides[1:])
-    return [path[: len(path) - len(job.group(0))] + "_".join([job.group(1), ",".join(
-        part for part in parts if part not in shared)]).rstrip("_")
-            for path, job, parts in zip(paths, jobs, overrides)]
+    labels = []
+    for path, job, parts in zip(paths, jobs, overrides):
+        kept = ",".join(part for part in parts if part not in shared)
+        labels.append(path[: len(path) - len(job.group(0))] + (f"{job.group(1)}_{kept}" if kept else job.group(1)))
+    return labels
 
 
 def ranked(runs: Iterable[Run]) -> list[Run]:
