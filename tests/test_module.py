@@ -35,6 +35,7 @@ def test_a_cells_answer_is_the_same_alone_or_padded_in_a_batch(pooling):
     torch.testing.assert_close(module(batch, (batch != 0).long()), together.logits)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here: nothing to log to
 def test_a_training_step_reaches_the_encoder_and_the_head():
     module = tiny_classifier().train()
     input_ids = torch.randint(2, 40, (4, 8))
