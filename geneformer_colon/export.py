@@ -23,7 +23,7 @@ from typing import Any
 from safetensors.torch import save_file
 from transformers.utils import logging as transformers_logging
 
-from geneformer_colon.data.tokenizer import save_settings
+from geneformer_colon.data.dictionaries import save_settings
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, METRICS

@@ -19,7 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from geneformer_colon.builders import build_masked_gene_model, read_checkpoint
 from geneformer_colon.data.datamodule import CellDataModule
-from geneformer_colon.data.tokenizer import save_settings
+from geneformer_colon.data.dictionaries import save_settings
 from geneformer_colon.fine_tune import fit_run
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.masked_genes import MaskedGeneModel

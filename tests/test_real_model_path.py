@@ -14,11 +14,8 @@ import pytest
 from conftest import compose_train, tiny_overrides
 
 from geneformer_colon.data.dictionaries import load_pickle_dict
-from geneformer_colon.data.synthetic import (
-    generate_counts,
-    write_geo_matrix,
-    write_synthetic_kul3,
-)
+from geneformer_colon.data.kul3 import write_geo_matrix
+from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
 from geneformer_colon.fine_tune import train
 
 

@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
 from geneformer_colon.data import synthetic
+from geneformer_colon.data.kernels.negative_binomial import nb_inverse_cdf
 from geneformer_colon.data.kul3 import ANNOTATION_COLUMNS, ANNOTATION_FILE, CELL_TYPES, CLASSES, DONORS, MATRIX_FILE
 from geneformer_colon.data.synthetic import GENE_TABLE_FILE, generate_counts, write_synthetic_kul3
 from geneformer_colon.errors import InputError
@@ -194,7 +195,7 @@ def test_tumour_programme_replicates_on_kul01_not_on_kul19(default: synthetic.Sy
 @pytest.mark.parametrize(("mu", "r"), [(0.05, 2.0), (0.8, 0.7), (6.0, 3.0), (250.0, 1.5)])
 def test_counts_are_negative_binomial_quantiles(mu: float, r: float) -> None:
     u = np.random.default_rng(7).random(2000)
-    drawn = np.array([synthetic._nb_inverse_cdf(x, mu, r) for x in u])
+    drawn = np.array([nb_inverse_cdf(x, mu, r) for x in u])
     expected = stats.nbinom.ppf(u, r, r / (r + mu))
     np.testing.assert_array_equal(drawn, expected)
 

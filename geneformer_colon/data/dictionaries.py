@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from geneformer_colon.io import atomic_path, open_text
 
 if TYPE_CHECKING:
     from geneformer_colon.data.counts import CellCounts
+    from geneformer_colon.data.tokenizer import TokenizerSettings
 
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 
@@ -195,6 +196,21 @@ def _is_median(value: Any) -> bool:
 TOKEN_FILE = "token_dictionary.pkl"
 MEDIAN_FILE = "gene_median_dictionary.pkl"
 MAPPING_FILE = "ensembl_mapping_dict.pkl"
+# Beside a checkpoint's dictionaries (pretrain.py's hf/, an export): how its cells were tokenized.
+SETTINGS_FILE = "tokenizer_settings.json"
+
+
+def save_settings(directory: Path, settings: TokenizerSettings, dictionaries: GeneDictionaries) -> None:
+    """How cells were tokenized with ``dictionaries``, as :data:`SETTINGS_FILE` in ``directory``."""
+    described = {**asdict(settings), "input_size": settings.resolved_input_size,
+                 "gene_mapping": dictionaries.mapping is not None}
+    (directory / SETTINGS_FILE).write_text(json.dumps(described, indent=2) + "\n")
+
+
+def load_settings(directory: Path) -> dict[str, Any] | None:
+    """What :func:`save_settings` wrote in ``directory``; None where it wrote nothing."""
+    path = directory / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -49,38 +49,38 @@ Memory, besides the chunk that the caller's iterator holds: the pass-1 histogram
 ``n_genes`` int32 (61 MB for 33,694 genes, freed after pass 1); ten int64/int8 arrays of
 ``n_genes``; and per selection pass at most ``max_candidates`` float64 candidates (64 MiB by
 default) and a 256-range int32 sub-histogram per refining gene (at most 256 x ``n_genes``,
-35 MB). None of it grows with the number of cells or non-zeros. Compiled kernels read each
-non-zero once per pass: no Python loop runs per cell or per value.
+35 MB). None of it grows with the number of cells or non-zeros. The compiled kernels
+(``kernels.median_select``) read each non-zero once per pass: no Python loop runs per cell or value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-import numba
 import numpy as np
 import scipy.sparse as sp
-from numba import types
-from numba.extending import intrinsic
 
-from geneformer_colon.data.canonical import TARGET_SUM
+from geneformer_colon.data.kernels.median_select import (
+    COLLECT,
+    INF_KEY,
+    N_INNER_BINS,
+    REFINE,
+    SKIP,
+    SPLIT,
+    SUB_BITS,
+    histogram_pass,
+    locate,
+    narrow,
+    range_shifts,
+    select_collected,
+    selection_pass,
+)
 
 ChunkSource = Callable[[], Iterable[tuple[sp.csr_matrix, np.ndarray]]]
 """Called once per pass; yields (counts of consecutive cells as CSR, genes as columns; their n_counts)."""
 
 DEFAULT_MAX_CANDIDATES = 1 << 23  # float64 values held for the exact selection: 64 MiB
 
-# Pass-1 bins: 16 per octave on [2^-14, 2^14), one below, one above.
-_MANTISSA_BITS = 52
-_BIN_SHIFT = _MANTISSA_BITS - 4  # the top 4 mantissa bits: a bin is 2^48 keys wide
-_KEY_LO = (1023 - 14) << _MANTISSA_BITS  # the key of 2^-14
-_KEY_HI = (1023 + 14) << _MANTISSA_BITS  # the key of 2^14
-_N_INNER_BINS = (_KEY_HI - _KEY_LO) >> _BIN_SHIFT  # 448
-_INF_KEY = 0x7FF << _MANTISSA_BITS  # the key of +inf: every valid key is below it
-_SUB_BITS = 8  # a refinement cuts an interval into at most 2^8 ranges
-
-# What a gene does in a selection pass.
-_SKIP, _COLLECT, _REFINE, _SPLIT = 0, 1, 2, 3
 _MAX_CELLS = np.iinfo(np.int32).max  # the histograms count in int32
 
 
@@ -99,10 +99,10 @@ def nonzero_medians(chunks: ChunkSource, n_genes: int, *, max_candidates: int = 
         raise ValueError(f"n_genes is {n_genes}; expected a non-negative number of genes")
     if max_candidates < 0:
         raise ValueError(f"max_candidates is {max_candidates}; expected a non-negative number of values")
-    hist = np.zeros((_N_INNER_BINS + 2, n_genes), dtype=np.int32)
+    hist = np.zeros((N_INNER_BINS + 2, n_genes), dtype=np.int32)
     n_cells = 0
     for first_cell, (indptr, indices, data, n_counts) in _chunk_arrays(chunks, n_genes):
-        bad = _histogram_pass(indptr, indices, data, n_counts, hist)
+        bad = histogram_pass(indptr, indices, data, n_counts, hist)
         if bad >= 0:
             raise ValueError(
                 f"cell {first_cell + bad}: n_counts is {n_counts[bad]!r}; a cell with a positive count needs "
@@ -113,7 +113,7 @@ def nonzero_medians(chunks: ChunkSource, n_genes: int, *, max_candidates: int = 
             raise ValueError(f"more than {_MAX_CELLS} cells: beyond the int32 histograms")
 
     genes = _GeneState(n_genes)
-    _locate(hist, genes.n_values, genes.lo, genes.hi, genes.split, genes.below, genes.cnt)
+    locate(hist, genes.n_values, genes.lo, genes.hi, genes.split, genes.below, genes.cnt)
     del hist
     medians = np.zeros(n_genes)
     open_genes = np.flatnonzero(genes.n_values > 0)
@@ -122,7 +122,7 @@ def nonzero_medians(chunks: ChunkSource, n_genes: int, *, max_candidates: int = 
         plan = _Plan(open_genes, genes, max_candidates)
         cells = 0
         for first_cell, (indptr, indices, data, n_counts) in _chunk_arrays(chunks, n_genes):
-            overflow = _selection_pass(
+            overflow = selection_pass(
                 indptr, indices, data, n_counts, plan.mode, plan.slot, genes.lo, genes.hi, genes.split,
                 plan.shift, plan.buffer, plan.offset, plan.filled, plan.sub, plan.key_min, plan.key_max,
             )  # fmt: skip
@@ -187,13 +187,13 @@ class _Plan:
         fits = np.cumsum(genes.cnt[rest]) <= max_candidates
         self.collecting, self.refining = rest[fits], rest[~fits]
 
-        self.mode = np.full(n_genes, _SKIP, dtype=np.int8)
+        self.mode = np.full(n_genes, SKIP, dtype=np.int8)
         self.slot = np.zeros(n_genes, dtype=np.int64)
         n_refining = self.refining.size
         for group, mode, first_slot in (
-            (self.collecting, _COLLECT, 0),
-            (self.refining, _REFINE, 0),
-            (self.splitting, _SPLIT, n_refining),  # after the refining genes in key_min / key_max
+            (self.collecting, COLLECT, 0),
+            (self.refining, REFINE, 0),
+            (self.splitting, SPLIT, n_refining),  # after the refining genes in key_min / key_max
         ):
             self.mode[group] = mode
             self.slot[group] = np.arange(first_slot, first_slot + group.size)
@@ -202,9 +202,9 @@ class _Plan:
         self.buffer = np.empty(self.offset[-1])
         self.filled = np.zeros(self.collecting.size, dtype=np.int64)
         self.shift = np.zeros(n_genes, dtype=np.int64)  # a refining gene's ranges are 2^shift keys wide
-        _range_shifts(self.refining, genes.lo, genes.hi, self.shift)
-        self.sub = np.zeros((n_refining, 1 << _SUB_BITS), dtype=np.int32)
-        self.key_min = np.full(n_refining + self.splitting.size, _INF_KEY, dtype=np.int64)
+        range_shifts(self.refining, genes.lo, genes.hi, self.shift)
+        self.sub = np.zeros((n_refining, 1 << SUB_BITS), dtype=np.int32)
+        self.key_min = np.full(n_refining + self.splitting.size, INF_KEY, dtype=np.int64)
         self.key_max = np.full(n_refining + self.splitting.size, -1, dtype=np.int64)
 
     def consistent(self, genes: _GeneState) -> bool:
@@ -213,7 +213,7 @@ class _Plan:
         return (
             np.array_equal(self.filled, np.diff(self.offset))
             and np.array_equal(genes.cnt[self.refining], self.sub.sum(axis=1, dtype=np.int64))
-            and bool(np.all(self.key_max[split_slots] >= 0) and np.all(self.key_min[split_slots] < _INF_KEY))
+            and bool(np.all(self.key_max[split_slots] >= 0) and np.all(self.key_min[split_slots] < INF_KEY))
         )
 
     def finish(self, genes: _GeneState, medians: np.ndarray) -> np.ndarray:
@@ -222,202 +222,10 @@ class _Plan:
         lower = self.key_max[split_slots].view(np.float64)  # rank k1: the largest value below split
         upper = self.key_min[split_slots].view(np.float64)  # rank k2: the smallest from split on
         medians[self.splitting] = (lower + upper) / 2  # n is even for a split gene
-        _select_collected(self.collecting, self.buffer, self.offset, genes.n_values, genes.below, medians)
+        select_collected(self.collecting, self.buffer, self.offset, genes.n_values, genes.below, medians)
         settled = np.zeros(self.refining.size, dtype=np.bool_)
-        _narrow(
+        narrow(
             self.refining, self.sub, self.key_min, self.key_max, self.shift,
             genes.n_values, genes.lo, genes.hi, genes.split, genes.below, genes.cnt, medians, settled,
         )  # fmt: skip
         return self.refining[~settled]
-
-
-# ---- compiled kernels ----
-
-
-@intrinsic
-def _bits(typingctx, value):  # pragma: no cover - compiled
-    """The IEEE-754 bit pattern of a float64 as an int64 (a bit cast, no conversion)."""
-    if not isinstance(value, types.Float) or value.bitwidth != 64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int64))
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _float(typingctx, key):  # pragma: no cover - compiled
-    """The float64 whose bit pattern is the int64 ``key``."""
-    if not isinstance(key, types.Integer) or key.bitwidth != 64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
-
-    return types.float64(types.int64), codegen
-
-
-@numba.njit(cache=True)
-def _median_of(a, b, n):  # pragma: no cover - compiled
-    """np.median's result from the middle order statistics ``a`` (rank (n-1)//2) and ``b`` (n//2)."""
-    return a if n % 2 == 1 else (a + b) / 2
-
-
-@numba.njit(cache=True, error_model="numpy")  # x / 0.0 is inf (refused), not an exception
-def _histogram_pass(indptr, indices, data, n_counts, hist):  # pragma: no cover - compiled
-    """Count each positive entry's value into its gene's pass-1 bin; -1, or the row of a bad value."""
-    for row in range(indptr.size - 1):
-        norm = n_counts[row]
-        for k in range(indptr[row], indptr[row + 1]):
-            count = data[k]
-            if count > 0:
-                key = _bits((count / norm) * TARGET_SUM)
-                if key <= 0 or key >= _INF_KEY:  # not in (0, inf): n_counts is no positive finite total
-                    return row
-                below_lo = (key - _KEY_LO) >> _BIN_SHIFT  # negative below 2^-14
-                hist[min(max(below_lo + 1, 0), _N_INNER_BINS + 1), indices[k]] += 1
-    return -1
-
-
-@numba.njit(cache=True)
-def _bin_lo(b):  # pragma: no cover - compiled
-    return 0 if b == 0 else _KEY_LO + ((b - 1) << _BIN_SHIFT)
-
-
-@numba.njit(cache=True)
-def _bin_hi(b):  # pragma: no cover - compiled
-    return _INF_KEY if b == _N_INNER_BINS + 1 else _KEY_LO + (b << _BIN_SHIFT)
-
-
-@numba.njit(cache=True)
-def _locate(hist, n_values, lo, hi, split, below, cnt):  # pragma: no cover - compiled
-    """From the pass-1 histogram, each gene's number of values and first interval (two sweeps)."""
-    n_bins, n_genes = hist.shape
-    for b in range(n_bins):
-        for g in range(n_genes):
-            n_values[g] += hist[b, g]
-    seen = np.zeros(n_genes, dtype=np.int64)
-    for b in range(n_bins):
-        for g in range(n_genes):
-            h = hist[b, g]
-            if h == 0:
-                continue
-            start = seen[g]
-            seen[g] = start + h
-            if start <= (n_values[g] - 1) // 2 < start + h:
-                lo[g] = _bin_lo(b)
-                below[g] = start
-            if start <= n_values[g] // 2 < start + h:
-                hi[g] = _bin_hi(b)
-                cnt[g] = start + h - below[g]
-                if lo[g] != _bin_lo(b):  # ranks k1 and k2 in two bins
-                    split[g] = _bin_lo(b)
-
-
-@numba.njit(cache=True, error_model="numpy")  # x / 0.0 is inf (refused), not an exception
-def _selection_pass(
-    indptr, indices, data, n_counts, mode, slot, lo, hi, split, shift, buffer, offset, filled, sub, key_min, key_max
-):  # pragma: no cover - compiled
-    """Collect, sub-count or take the extremes of the values inside each open gene's interval.
-
-    True when a collecting gene has more values than the earlier passes counted (the data changed).
-    """
-    for row in range(indptr.size - 1):
-        norm = n_counts[row]
-        for k in range(indptr[row], indptr[row + 1]):
-            count = data[k]
-            if count > 0:
-                g = indices[k]
-                m = mode[g]
-                if m == _SKIP:
-                    continue
-                value = (count / norm) * TARGET_SUM
-                from_lo = _bits(value) - lo[g]
-                # lo <= key < hi as one unsigned comparison: rarely true, so a well-predicted branch
-                if np.uint64(from_lo) >= np.uint64(hi[g] - lo[g]):
-                    continue
-                s = slot[g]
-                if m == _COLLECT:
-                    at = offset[s] + filled[s]
-                    if at >= offset[s + 1]:
-                        return True
-                    buffer[at] = value
-                    filled[s] += 1
-                    continue
-                key = lo[g] + from_lo
-                if m == _REFINE:
-                    sub[s, from_lo >> shift[g]] += 1
-                    key_min[s] = min(key_min[s], key)
-                    key_max[s] = max(key_max[s], key)
-                elif key < split[g]:
-                    key_max[s] = max(key_max[s], key)
-                else:
-                    key_min[s] = min(key_min[s], key)
-    return False
-
-
-@numba.njit(cache=True)
-def _select_collected(genes, buffer, offset, n_values, below, medians):  # pragma: no cover - compiled
-    """The median of each collecting gene from the middle order statistics of its collected values."""
-    for s in range(genes.size):
-        g = genes[s]
-        r1 = (n_values[g] - 1) // 2 - below[g]
-        r2 = n_values[g] // 2 - below[g]
-        part = np.partition(buffer[offset[s] : offset[s + 1]], r1)
-        a = part[r1]
-        b = a if r2 == r1 else part[r2:].min()
-        medians[g] = _median_of(a, b, n_values[g])
-
-
-@numba.njit(cache=True)
-def _range_shifts(genes, lo, hi, shift):  # pragma: no cover - compiled
-    """Per refining gene, the smallest shift that cuts its interval into at most 2^_SUB_BITS ranges."""
-    for g in genes:
-        last = hi[g] - lo[g] - 1  # the largest offset of a key from lo
-        length = 0
-        while last > 0:
-            last >>= 1
-            length += 1
-        shift[g] = max(0, length - _SUB_BITS)
-
-
-@numba.njit(cache=True)
-def _narrow(
-    genes, sub, key_min, key_max, shift, n_values, lo, hi, split, below, cnt, medians, settled
-):  # pragma: no cover - compiled
-    """Each refining gene's next interval from its ranges' counts, or its median when one value is left.
-
-    The next interval is the range holding ranks k1 and k2, or the two ranges holding them (the
-    gene then splits), clipped to the smallest and largest key seen in the interval.
-    """
-    for s in range(genes.size):
-        g = genes[s]
-        r1 = (n_values[g] - 1) // 2 - below[g]
-        r2 = n_values[g] // 2 - below[g]
-        seen = 0
-        first = -1
-        last = -1
-        skipped = 0
-        for j in range(sub.shape[1]):
-            h = sub[s, j]
-            if first < 0 and seen + h > r1:
-                first = j
-                skipped = seen
-            seen += h
-            if seen > r2:
-                last = j
-                break
-        width = hi[g] - lo[g]
-        end = (last + 1) << shift[g]  # at most 2^62, while lo + end may overflow
-        new_hi = hi[g] if end >= width else lo[g] + end
-        if last != first:
-            split[g] = lo[g] + (last << shift[g])
-        lo[g] = max(lo[g] + (first << shift[g]), key_min[s])
-        hi[g] = min(new_hi, key_max[s] + 1)
-        below[g] += skipped
-        cnt[g] = seen - skipped
-        if hi[g] - lo[g] == 1:  # one key (e.g. smallest == largest): copies of one value, the median
-            value = _float(lo[g])
-            medians[g] = _median_of(value, value, n_values[g])
-            settled[s] = True

@@ -35,31 +35,24 @@ Donor effects (``_DONOR_SHIFT``, at ``donor_shift=1``):
 depth as ``depth ** donor_shift``. At 0 the donors are exchangeable (only their class mix and
 the sampling differ); above 1 the donors are harsher still.
 
-Counts are drawn cell by cell without ever holding a dense cells x genes matrix: a numba kernel
-draws each entry by inverse CDF from a counter-based hash of (seed, cell, gene), so the result is
-the same whatever the thread count, and most zero entries cost one hash and one comparison.
+Counts are drawn cell by cell without ever holding a dense cells x genes matrix: a compiled kernel
+(``kernels.negative_binomial``) draws each entry by inverse CDF from a counter-based hash of
+(seed, cell, gene), so the result is the same whatever the thread count, and most zero entries
+cost one hash and one comparison.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from geneformer_colon.data.kul3 import (
-    ANNOTATION_FILE,
-    CELL_TYPES,
-    CLASSES,
-    DONORS,
-    MATRIX_FILE,
-)
+from geneformer_colon.data.kernels.negative_binomial import nb_counts
+from geneformer_colon.data.kul3 import CELL_TYPES, CLASSES, DONORS, write_kul3
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 
@@ -179,11 +172,11 @@ def generate_counts(
         genes.inv_dispersion,
     )
     indptr = np.zeros(n_cells + 1, np.int64)
-    _nb_counts(*args, indptr, np.zeros(0, np.int32), np.zeros(0, np.int32), True)
+    nb_counts(*args, indptr, np.zeros(0, np.int32), np.zeros(0, np.int32), True)
     np.cumsum(indptr, out=indptr)
     indices = np.empty(indptr[-1], np.int32)
     data = np.empty(indptr[-1], np.int32)
-    _nb_counts(*args, indptr, indices, data, False)
+    nb_counts(*args, indptr, indices, data, False)
     counts = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
 
     annotation = _annotation(rng, donor, klass, ctype, malignant)
@@ -392,85 +385,7 @@ def _pick(options: tuple[str, ...], u: np.ndarray) -> np.ndarray:
     return np.asarray(options, dtype=object)[(u * len(options)).astype(np.intp)]
 
 
-# ---------------------------------------------------------------- counts kernel
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-@numba.njit(inline="always")
-def _uniform(key: np.uint64, i: int) -> float:
-    """splitmix64 of (key, i) as a float in [0, 1): a counter-based, thread-independent stream."""
-    z = key + np.uint64(i) * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
-    return float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@numba.njit(inline="always")
-def _nb_inverse_cdf(u: float, mu: float, r: float) -> int:
-    """The negative-binomial(mean mu, size r) quantile of u; zero cheaply when mu is small."""
-    if u < 1.0 - mu:  # P(0) = (1 + mu/r)^-r >= exp(-mu) >= 1 - mu: zero without a pow
-        return 0
-    p = math.exp(-r * math.log1p(mu / r))
-    cdf = p
-    q = mu / (r + mu)
-    k = 0
-    while u >= cdf and (k < mu or p > 1e-20):
-        k += 1
-        p *= (k - 1 + r) / k * q
-        cdf += p
-    return k
-
-
-@numba.njit(parallel=True, cache=True)
-def _nb_counts(
-    key, library, group, donor, strength, profile, programme_genes, programme_lfc,
-    inv_dispersion, indptr, indices, data, count_only,
-):  # pragma: no cover - compiled
-    """Draw every cell's counts; called twice, with the same draws.
-
-    With ``count_only`` store cell c's number of non-zeros in ``indptr[c + 1]``; else fill
-    ``indices``/``data`` from ``indptr``. Cell c's mean for gene g is its library size times
-    its (donor, cell type) profile, times, for a programme gene (``programme_genes``, sorted),
-    exp(sum over programmes k of strength[c, k] x programme_lfc[donor, k, gene]).
-    """
-    n_cells = library.size
-    n_genes = profile.shape[1]
-    n_programme = programme_genes.size
-    n_programmes = strength.shape[1]
-    for c in numba.prange(n_cells):
-        log_fold = np.zeros(n_programme)
-        lfc = programme_lfc[donor[c]]
-        for k in range(n_programmes):
-            if strength[c, k] != 0.0:
-                for p in range(n_programme):
-                    log_fold[p] += strength[c, k] * lfc[k, p]
-        row = profile[group[c]]
-        pos = 0 if count_only else indptr[c]
-        nnz = 0
-        p = 0
-        for g in range(n_genes):
-            mu = library[c] * row[g]
-            if p < n_programme and programme_genes[p] == g:
-                if log_fold[p] != 0.0:
-                    mu *= math.exp(log_fold[p])
-                p += 1
-            k = _nb_inverse_cdf(_uniform(key, c * n_genes + g), mu, inv_dispersion[g])
-            if k > 0:
-                if not count_only:
-                    indices[pos + nnz] = g
-                    data[pos + nnz] = k
-                nnz += 1
-        if count_only:
-            indptr[c + 1] = nnz
-
-
-# ---------------------------------------------------------------- GEO writer
-
-_GENE_BLOCK = 256
+# ---------------------------------------------------------------- the GEO files
 
 
 def write_synthetic_kul3(
@@ -482,93 +397,10 @@ def write_synthetic_kul3(
     ``donor_shift`` is :func:`generate_counts`'s. Returns the paths under the keys ``matrix``,
     ``annotation`` and ``gene_table``.
     """
-    out_dir = Path(out_dir)
     cohort = generate_counts(n_cells, n_genes, seed, donor_shift=donor_shift)
-    paths = {
-        "matrix": out_dir / MATRIX_FILE,
-        "annotation": out_dir / ANNOTATION_FILE,
-        "gene_table": out_dir / GENE_TABLE_FILE,
-    }
-    cell_ids = list(cohort.annotation["Index"])
-    write_geo_matrix(paths["matrix"], cohort.counts, cohort.symbols, cell_ids)
-    with atomic_path(paths["annotation"]) as tmp:
-        cohort.annotation.to_csv(
-            tmp, sep="\t", index=False, compression={"method": "gzip", "compresslevel": 1}
-        )
+    paths = {**write_kul3(out_dir, cohort.counts, cohort.symbols, cohort.annotation),
+             "gene_table": Path(out_dir) / GENE_TABLE_FILE}
     with atomic_path(paths["gene_table"]) as tmp:
         rows = [f"{s}\t{e}\n" for s, e in zip(cohort.symbols, cohort.ensembl_ids) if e]
         tmp.write_text("symbol\tensembl_id\n" + "".join(rows))
     return paths
-
-
-def write_geo_matrix(
-    path: str | Path, counts: sp.spmatrix, symbols: list[str], cell_ids: list[str]
-) -> None:
-    """Write cells x genes counts as GEO's gzip text: genes as rows, cells as columns.
-
-    Streamed in blocks of genes, each formatted by a compiled kernel and gzipped (level 1) on a
-    thread pool as its own gzip member; a multi-member gzip file is a valid gzip stream.
-    """
-    by_gene = sp.csc_matrix(counts)
-    by_gene.sort_indices()
-    n_cells, n_genes = by_gene.shape
-    names = [s.encode() for s in symbols]
-    name_bytes = np.frombuffer(b"".join(names), np.uint8)
-    name_offsets = np.concatenate([[0], np.cumsum([len(n) for n in names])]).astype(np.int64)
-    header = ("Index\t" + "\t".join(cell_ids) + "\n").encode()
-
-    def block(g0: int) -> bytes:
-        g1 = min(g0 + _GENE_BLOCK, n_genes)
-        nnz = by_gene.indptr[g1] - by_gene.indptr[g0]
-        # symbols + a tab and "0" per cell + newline per row + at most 10 digits per non-zero
-        size = name_offsets[g1] - name_offsets[g0] + (g1 - g0) * (2 * n_cells + 1) + 10 * nnz
-        out = np.empty(size, np.uint8)
-        used = _format_rows(
-            by_gene.indptr, by_gene.indices, by_gene.data, g0, g1, n_cells, name_bytes,
-            name_offsets, out,
-        )
-        return gzip.compress(out[:used].tobytes(), compresslevel=1)
-
-    with atomic_path(path) as tmp, tmp.open("wb") as handle:
-        handle.write(gzip.compress(header, compresslevel=1))
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            # In order; at most the gzipped blocks wait (the file is ~6% of its text).
-            for chunk in pool.map(block, range(0, n_genes, _GENE_BLOCK)):
-                handle.write(chunk)
-
-
-@numba.njit(nogil=True, cache=True)
-def _format_rows(
-    indptr, indices, data, g0, g1, n_cells, name_bytes, name_offsets, out
-):  # pragma: no cover - compiled
-    """Format genes g0..g1 of a CSC matrix as text rows ``symbol\\tv1\\tv2...\\n`` into ``out``."""
-    pos = 0
-    digits = np.empty(12, np.uint8)
-    for g in range(g0, g1):
-        for b in range(name_offsets[g], name_offsets[g + 1]):
-            out[pos] = name_bytes[b]
-            pos += 1
-        nxt = indptr[g]
-        end = indptr[g + 1]
-        for c in range(n_cells):
-            out[pos] = 9  # tab
-            pos += 1
-            if nxt < end and indices[nxt] == c:
-                v = data[nxt]
-                nxt += 1
-                n = 0
-                while True:
-                    digits[n] = 48 + v % 10
-                    v //= 10
-                    n += 1
-                    if v == 0:
-                        break
-                for i in range(n - 1, -1, -1):
-                    out[pos] = digits[i]
-                    pos += 1
-            else:
-                out[pos] = 48  # "0"
-                pos += 1
-        out[pos] = 10  # newline
-        pos += 1
-    return pos

@@ -22,8 +22,13 @@ from torch import nn
 from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertModel, PretrainedConfig
 from transformers.utils import logging as transformers_logging
 
-from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, TOKEN_FILE, GeneDictionaries
-from geneformer_colon.data.tokenizer import load_settings
+from geneformer_colon.data.dictionaries import (
+    MAPPING_FILE,
+    MEDIAN_FILE,
+    TOKEN_FILE,
+    GeneDictionaries,
+    load_settings,
+)
 from geneformer_colon.errors import InputError
 
 log = logging.getLogger(__name__)
