@@ -1,19 +1,21 @@
 """Benchmark: ingest, gene medians and tokenizing, at KUL3 size and at atlas size, time and peak memory.
 
     python bench/tokenize.py                                # a full-size KUL3 look-alike, from GEO text
-    python bench/tokenize.py --cells 1000000 --genes 10000  # an atlas-size h5ad, read in chunks
+    python bench/tokenize.py --cells 1000000 --genes 10000  # an atlas-size h5ad, read in place in chunks
 
 KUL3 size (27,414 cells x 33,694 genes, ~3,700 genes a cell): the synthetic GEO files are written
 once, then each stage runs in a fresh process, so that its peak memory is its own:
 
 1. ingest: the GEO text to the canonical ``.h5ad`` (once per dataset, cached);
 2. derive: a vocabulary and gene medians from the cells (training from scratch only);
-3. tokenize V1 / V2: rank-value encode every cell into a token store.
+3. tokenize V1 / V2: rank-value encode every cell into a token store;
+4. data=h5ad: the canonical file taken as a user's ``.h5ad`` and tokenized (V1) where it is, as
+   ``data=h5ad`` does: its columns mapped and its counts checked chunk by chunk, no copy written.
 
 Atlas size (``--cells`` above 100,000): an ``.h5ad`` of synthetic counts is written in chunks (a
-block of generated cells repeated, each copy with its own cell ids), then: (1) ingest as
-``data=h5ad`` does, (2) derive, (3) tokenize V1. Every stage reads the matrix a chunk of cells at
-a time, so its memory stays bounded whatever the number of cells.
+block of generated cells repeated, each copy with its own cell ids), then read in place as
+``data=h5ad`` reads it: (1) derive, (2) tokenize V1. Every stage reads the matrix a chunk of cells
+at a time, so its memory stays bounded whatever the number of cells.
 
 Peak memory is the process's peak resident size above what it held after its imports, set
 against the size of the CSR matrix (data + indices + indptr).
@@ -34,6 +36,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ATLAS_CELLS = 100_000
@@ -75,29 +78,32 @@ def _ingest_geo(geo_dir: Path, canonical: Path) -> Callable[[], str]:
     return stage
 
 
-def _ingest_h5ad(path: Path, canonical: Path) -> Callable[[], str]:
+def _user_h5ad(path: Path):
+    """``path`` as ``data=h5ad`` reads it: in place, columns mapped, counts checked."""
+    from geneformer_colon.data.sources import H5adSource
+
+    return H5adSource(path=str(path), sample_key="sample").cells(path.parent)
+
+
+def _canonical_file(path: Path):
+    """A canonical file a source wrote (counts already checked)."""
+    from geneformer_colon.data.h5ad import CanonicalCells
+
+    return CanonicalCells(path, str(path), identity=path.name, checked=True)
+
+
+def _derive(cells: Callable, out: Path) -> Callable[[], str]:
     def stage() -> str:
-        from geneformer_colon.data.h5ad import h5ad_to_canonical
-
-        h5ad_to_canonical(path, canonical)
-        return "h5ad -> canonical, in chunks"
-
-    return stage
-
-
-def _derive(canonical: Path, out: Path) -> Callable[[], str]:
-    def stage() -> str:
-        from geneformer_colon.data.counts import CellCounts
         from geneformer_colon.data.dictionaries import derive_dictionaries
 
-        dictionaries = derive_dictionaries(CellCounts.from_canonical(canonical, str(canonical)), model_version="V2")
+        dictionaries = derive_dictionaries(cells().counts(), model_version="V2")
         dictionaries.save(out)
         return f"vocabulary {len(dictionaries.token)} tokens"
 
     return stage
 
 
-def _tokenize(canonical: Path, dictionaries: Path, version: str, store: Path) -> Callable[[], str]:
+def _tokenize(cells: Callable, dictionaries: Path, version: str, store: Path) -> Callable[[], str]:
     def stage() -> str:
         from geneformer_colon.data.dictionaries import GeneDictionaries
         from geneformer_colon.data.store import TokenStore, build_store
@@ -107,7 +113,7 @@ def _tokenize(canonical: Path, dictionaries: Path, version: str, store: Path) ->
         if version == "V1":  # V1 has no <cls>/<eos>: drop them from the derived V2 vocabulary
             token = {gene: i for i, gene in enumerate(g for g in loaded.token if g not in ("<cls>", "<eos>"))}
             loaded = GeneDictionaries(token=token, median=loaded.median)
-        build_store(canonical, str(canonical), loaded, TokenizerSettings(model_version=version), store)
+        build_store(cells(), loaded, TokenizerSettings(model_version=version), store)
         opened = TokenStore.open(store)
         return f"{len(opened)} cells, {opened.tokens.size / len(opened):.0f} tokens a cell"
 
@@ -160,20 +166,27 @@ def main() -> None:
     _run(_warm_up)  # compile the kernels (cached) so no stage pays for it
 
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
-    canonical = work / "canonical.h5ad"
+    dictionaries = work / "dictionaries"
     try:
-        ingest = _ingest_h5ad(source, canonical) if atlas else _ingest_geo(source, canonical)
-        rows = [("ingest -> canonical .h5ad", *_run(ingest))]
+        rows = []
+        if atlas:
+            matrix, cells = source, partial(_user_h5ad, source)
+        else:
+            matrix, cells = work / "canonical.h5ad", partial(_canonical_file, work / "canonical.h5ad")
+            rows.append(("ingest -> canonical .h5ad", *_run(_ingest_geo(source, matrix))))
+        rows.append(("derive vocabulary + exact gene medians", *_run(_derive(cells, dictionaries))))
+        for version in ("V1",) if atlas else ("V1", "V2"):
+            rows.append((f"tokenize {version}: read + encode + write store",
+                         *_run(_tokenize(cells, dictionaries, version, work / f"store-{version}"))))
+        if not atlas:
+            rows.append(("data=h5ad: tokenize V1 in place",
+                         *_run(_tokenize(partial(_user_h5ad, matrix), dictionaries, "V1", work / "store-h5ad"))))
         import h5py
 
-        with h5py.File(canonical) as handle:
+        with h5py.File(matrix) as handle:
             csr_bytes = sum(handle["X"][name].size * handle["X"][name].dtype.itemsize
                             for name in ("data", "indices", "indptr"))
             nnz = handle["X"]["data"].size
-        rows.append(("derive vocabulary + exact gene medians", *_run(_derive(canonical, work / "dictionaries"))))
-        for version in ("V1",) if atlas else ("V1", "V2"):
-            rows.append((f"tokenize {version}: read + encode + write store",
-                         *_run(_tokenize(canonical, work / "dictionaries", version, work / f"store-{version}"))))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pickle
 
+import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from conftest import compose_train, tiny_overrides
 from hydra.utils import instantiate
 
@@ -95,9 +97,31 @@ def test_a_store_built_in_chunks_is_byte_identical_to_one_built_at_once(tmp_path
     dm = datamodule(tmp_path, shared_dirs)
     dm.prepare_data()
     for chunk_cells in (7, 100, 1_000_000):
-        build_store(dm.canonical, "cells", dm.dictionaries, dm.settings, tmp_path / f"store{chunk_cells}", chunk_cells)
+        build_store(dm.cells, dm.dictionaries, dm.settings, tmp_path / f"store{chunk_cells}", chunk_cells)
     names = sorted(path.name for path in (tmp_path / "store7").iterdir())
     assert names == ["cells.csv", "meta.json", "offsets.npy", "tokens.bin"]
     for chunk_cells in (100, 1_000_000):
         for name in names:
             assert (tmp_path / "store7" / name).read_bytes() == (tmp_path / f"store{chunk_cells}" / name).read_bytes()
+
+
+def test_an_h5ad_is_read_in_place_and_tokenized_as_its_canonical_copy_was(tmp_path, shared_dirs):
+    """data=h5ad: no copy of the file under the cache; the dictionaries, tokens and cells of a canonical file's."""
+    geo = datamodule(tmp_path, shared_dirs)
+    geo.prepare_data()
+    adata = ad.read_h5ad(geo.cells.path)  # a canonical file, as a user's file with other names
+    adata.obs = adata.obs.rename(columns={"donor": "patient"})
+    adata.layers["counts"] = adata.X.astype(np.float32)
+    adata.X = sp.csr_matrix(adata.shape, dtype=np.float32)
+    path = tmp_path / "mine.h5ad"
+    adata.write_h5ad(path)
+    cache = tmp_path / "cache"
+    cfg = compose_train([f"paths.output_dir={tmp_path / 'outputs'}", f"paths.cache_dir={cache}", "data=h5ad",
+                         f"data.source.path={path}", "data.source.donor_key=patient", "data.source.sample_key=sample",
+                         "data.source.layer=counts", "model.tokenizer.input_size=128"])
+    mine = instantiate(cfg.data, tokenizer=plain(cfg.model.tokenizer))
+    mine.prepare_data()
+    assert not list(cache.rglob("*.h5ad")) and (cache / "tokens").is_dir()
+    assert mine.dictionaries == geo.dictionaries
+    for name in ("tokens.bin", "offsets.npy", "cells.csv"):
+        assert (mine.store.directory / name).read_bytes() == (geo.store.directory / name).read_bytes()

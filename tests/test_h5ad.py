@@ -1,4 +1,4 @@
-"""Any .h5ad to the canonical AnnData, a chunk of cells at a time: keys, layers, ids, bad files."""
+"""Any .h5ad read in place as canonical cells, a chunk of cells at a time: keys, layers, ids, bad files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from geneformer_colon.data.h5ad import h5ad_to_canonical
+from geneformer_colon.data.h5ad import CanonicalCells, H5adKeys
 from geneformer_colon.errors import InputError
 
 KEYS = dict(donor_key="patient", label_key="region", cell_type_key="celltype")  # the test h5ad's
@@ -42,9 +42,9 @@ def h5ad_file(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return path, counts
 
 
-def canonical(path: Path, out: Path, **kwargs) -> ad.AnnData:
-    h5ad_to_canonical(path, out, **kwargs)
-    return ad.read_h5ad(out)
+def canonical(path: Path, chunk_cells: int = 10_000, **keys) -> ad.AnnData:
+    """The file's cells read in place through its keys, gathered into the canonical AnnData."""
+    return CanonicalCells(path, str(path), "test", keys=H5adKeys(**keys)).to_anndata(chunk_cells)
 
 
 def simple_h5ad(path: Path, X, obs_names: list[str], var: pd.DataFrame | None = None, **obs_columns) -> Path:
@@ -60,7 +60,7 @@ def simple_h5ad(path: Path, X, obs_names: list[str], var: pd.DataFrame | None = 
 def test_custom_keys_layer_and_var_column(h5ad_file, tmp_path, caplog, chunk_cells) -> None:
     path, counts = h5ad_file
     with caplog.at_level(logging.WARNING, logger="geneformer_colon.data"):
-        adata = canonical(path, tmp_path / "out.h5ad", **KEYS, sample_key="batch", ensembl_key="gene_ids",
+        adata = canonical(path, **KEYS, sample_key="batch", ensembl_key="gene_ids",
                           layer="counts", chunk_cells=chunk_cells)
     assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.int32
     np.testing.assert_array_equal(adata.X.toarray(), counts)
@@ -80,7 +80,7 @@ def test_ids_from_var_index_dense_float_counts_and_no_cell_types(tmp_path, h5ad_
     _, counts = h5ad_file
     path = simple_h5ad(tmp_path / "ids.h5ad", counts.astype(np.float32), [f"c{i}" for i in range(12)],
                        var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(8)]))
-    adata = canonical(path, tmp_path / "out.h5ad", ensembl_key=None, cell_type_key=None, chunk_cells=5)
+    adata = canonical(path, ensembl_key=None, cell_type_key=None, chunk_cells=5)
     assert adata.X.dtype == np.int32
     np.testing.assert_array_equal(adata.X.toarray(), counts)
     assert list(adata.var["ensembl_id"]) == [f"ENSG{i:011d}" for i in range(8)]
@@ -102,7 +102,7 @@ def test_ids_from_var_index_dense_float_counts_and_no_cell_types(tmp_path, h5ad_
 def test_errors_name_file_and_field(h5ad_file, tmp_path, kwargs, expected) -> None:
     path, _ = h5ad_file
     with pytest.raises(InputError) as err:
-        h5ad_to_canonical(path, tmp_path / "out.h5ad", **kwargs)
+        canonical(path, **kwargs)
     message = str(err.value)
     assert message.startswith(str(path))
     for part in expected:
@@ -118,7 +118,7 @@ def test_negative_counts_in_a_layer(tmp_path) -> None:
         layers={"counts": sp.csr_matrix(np.array([[1, 0], [0, -2]]))},
     ).write_h5ad(path)
     with pytest.raises(InputError) as err:
-        h5ad_to_canonical(path, tmp_path / "out.h5ad", layer="counts")
+        canonical(path, layer="counts")
     assert str(err.value).startswith(f"{path}: layers['counts'] holds a negative value -2 (cell 'b', gene 'g2')")
 
 
@@ -126,15 +126,26 @@ def test_duplicate_cell_ids_no_cells_and_no_gene_ids_each_get_their_message(tmp_
     ones = sp.csr_matrix(np.ones((3, 2), dtype=np.int32))
     duplicated = simple_h5ad(tmp_path / "dup.h5ad", ones, ["a", "b", "a"])
     with pytest.raises(InputError, match=r"dup.h5ad: cell id 'a' appears 2 times in obs_names.*obs_names_make_unique"):
-        h5ad_to_canonical(duplicated, tmp_path / "out.h5ad", cell_type_key=None)
+        canonical(duplicated, cell_type_key=None)
 
     empty = simple_h5ad(tmp_path / "empty.h5ad", sp.csr_matrix((0, 2), dtype=np.int32), [])
     with pytest.raises(InputError, match=r"empty.h5ad: holds no cells"):
-        h5ad_to_canonical(empty, tmp_path / "out.h5ad", cell_type_key=None)
+        canonical(empty, cell_type_key=None)
 
     no_ids = simple_h5ad(tmp_path / "noids.h5ad", ones, ["a", "b", "c"],
                          var=pd.DataFrame({"ensembl_id": ["", ""]}, index=["g1", "g2"]))
     with pytest.raises(InputError, match=r"noids.h5ad: every one of the 2 genes has an empty Ensembl id in "
                                          r"var\['ensembl_id'\].*data.source.ensembl_key"):
-        h5ad_to_canonical(no_ids, tmp_path / "out.h5ad", cell_type_key=None)
+        canonical(no_ids, cell_type_key=None)
     assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_row_totals_sum_each_row_exactly_with_empty_rows_anywhere() -> None:
+    from geneformer_colon.data.canonical import row_totals
+
+    rng = np.random.default_rng(3)
+    dense = rng.integers(1, 2**31 - 1, (2500, 40)) * (rng.random((2500, 40)) < 0.05)
+    dense[[0, 1, 1023, 1024, 2498, 2499]] = 0  # empty rows at block edges and at the ends
+    counts = sp.csr_matrix(dense.astype(np.int32))
+    np.testing.assert_array_equal(row_totals(counts), np.asarray(counts.sum(axis=1, dtype=np.int64)).ravel())
+    assert row_totals(sp.csr_matrix((3, 4), dtype=np.int32)).tolist() == [0, 0, 0]

@@ -72,7 +72,7 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     prepare_run_dir(layout, overwrite=cfg.overwrite)
     save_config(layout, cfg)
-    adata = ad.read_h5ad(datamodule.canonical)
+    adata = datamodule.cells.to_anndata()
     features = split_features(datamodule, adata, cfg.baseline)
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}
     class_names = datamodule.class_names

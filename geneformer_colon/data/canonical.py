@@ -1,7 +1,8 @@
 """The canonical AnnData: the one contract between the readers and everything downstream.
 
 Every data source (the KUL3 GEO reader, the h5ad reader, the synthetic generator through the
-GEO reader) produces it, and the dictionaries, the tokenizer and the token store consume it:
+GEO reader) gives its cells in this form, and the dictionaries, the tokenizer and the token store
+consume them (through ``h5ad.CanonicalCells``):
 
 - ``X``: CSR int32 raw UMI counts, cells x genes;
 - ``obs`` (index: cell id, unique): ``donor``, ``label``, ``cell_type``, ``sample`` (categorical
@@ -10,8 +11,9 @@ GEO reader) produces it, and the dictionaries, the tokenizer and the token store
 - ``var`` (index: gene symbol, or the source's own var index): ``symbol`` and ``ensembl_id``
   (strings, "" where the gene has no Ensembl id).
 
-It is written to disk in row chunks (:func:`write_canonical`), so a source never needs its
-whole matrix in memory; the checks on counts run chunk by chunk.
+A format that must be parsed (GEO text) is written to disk once in row chunks
+(:func:`write_canonical`); an h5ad of counts is read where it is, its columns mapped and its
+counts checked chunk by chunk as they are read. Neither needs the whole matrix in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ N_COUNTS = "n_counts"
 VAR_COLUMNS = ("symbol", "ensembl_id")
 UNKNOWN_CELL_TYPE = "unknown"
 _INT32_MAX = np.iinfo(np.int32).max
+_ROWS_PER_SUM = 1024  # rows summed at once: bounds the int64 copy of their counts
 
 
 def names_text(names: Iterable[Any]) -> str:
@@ -99,14 +102,23 @@ def count_csr(matrix: Any, where: str, obs_names: pd.Index, var_names: pd.Index,
             f"{where} holds a {problem[1]} value {_show(value)} (cell '{obs_names[row]}', gene "
             f"'{var_names[col]}'); it must hold raw UMI counts: {fix}"
         )
-    csr = sp.csr_matrix((csr.data.astype(np.int32), csr.indices, csr.indptr), shape=csr.shape)
+    csr = sp.csr_matrix((csr.data.astype(np.int32, copy=False), csr.indices, csr.indptr), shape=csr.shape)
     csr.eliminate_zeros()
     csr.sort_indices()
     return csr
 
 
 def row_totals(counts: sp.csr_matrix) -> np.ndarray:
-    return np.asarray(counts.sum(axis=1, dtype=np.int64)).ravel()
+    """Each row's sum as int64, summed a block of rows at a time (``counts.sum`` casts all non-zeros at once)."""
+    totals = np.zeros(counts.shape[0], dtype=np.int64)
+    indptr = counts.indptr
+    for low in range(0, counts.shape[0], _ROWS_PER_SUM):
+        high = min(low + _ROWS_PER_SUM, counts.shape[0])
+        filled = low + np.flatnonzero(np.diff(indptr[low : high + 1]))
+        if filled.size:  # an empty row adds nothing to the range of the filled row before it
+            block = counts.data[indptr[low] : indptr[high]]
+            totals[filled] = np.add.reduceat(block, indptr[filled] - indptr[low], dtype=np.int64)
+    return totals
 
 
 def check_raw_counts(data: np.ndarray, source: str) -> None:

@@ -1,12 +1,12 @@
-"""Counts of a set of cells, read in row chunks as often as needed: from an AnnData in memory, or
-from a canonical ``.h5ad`` on disk (then memory is bounded by a chunk, whatever the file's size).
+"""Counts of a set of cells, read in row chunks as often as needed: from an AnnData in memory here, or
+from an h5ad on disk (``h5ad.CanonicalCells.counts``: then memory is bounded by a chunk, whatever the
+file's size).
 
 The dictionaries (gene medians) and the tokenizer consume counts only through :class:`CellCounts`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,15 +14,9 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from geneformer_colon.data.canonical import (
-    N_COUNTS,
-    as_csr,
-    check_raw_counts,
-    obs_n_counts,
-    var_gene_ids,
-)
-from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader
+from geneformer_colon.data.canonical import as_csr, check_raw_counts, obs_n_counts, var_gene_ids
 
+CHUNK_CELLS = 10_000
 Chunk = tuple[sp.csr_matrix, np.ndarray]  # counts of consecutive cells (CSR), their n_counts (float64)
 
 
@@ -71,28 +65,3 @@ class CellCounts:
         field, gene_ids = var_gene_ids(adata.var)
 
         return cls(row_chunks(X, n_counts, chunk_cells), gene_ids, field, X.shape[0], source)
-
-    @classmethod
-    def from_canonical(cls, path: str | os.PathLike[str], source: str, rows: np.ndarray | None = None,
-                       chunk_cells: int = CHUNK_CELLS) -> CellCounts:
-        """A canonical h5ad on disk (already checked when it was written), optionally only the cells at
-        the sorted positions ``rows``; ``source`` is the user's input it was made from."""
-        with H5adReader(path) as file:
-            n_cells = file.shape[0]
-            n_counts = file.obs[N_COUNTS].to_numpy(dtype=np.float64)
-            field, gene_ids = var_gene_ids(file.var)
-        selected = np.arange(n_cells) if rows is None else np.asarray(rows, dtype=np.int64)
-
-        def chunks() -> Iterator[Chunk]:
-            with H5adReader(path) as file:
-                for low in range(0, n_cells, chunk_cells):
-                    high = min(low + chunk_cells, n_cells)
-                    wanted = selected[np.searchsorted(selected, low) : np.searchsorted(selected, high)]
-                    if len(wanted) == 0:
-                        continue
-                    block = sp.csr_matrix(file.rows(low, high))
-                    if len(wanted) != high - low:
-                        block = block[wanted - low]
-                    yield block, n_counts[wanted]
-
-        return cls(chunks, gene_ids, field, len(selected), source)

@@ -13,16 +13,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geneformer_colon.data.counts import CellCounts
-from geneformer_colon.data.dictionaries import TOKEN_FILE, GeneDictionaries, derive_dictionaries
-from geneformer_colon.data.h5ad import H5adReader
+from geneformer_colon.data.dictionaries import GeneDictionaries
+from geneformer_colon.data.h5ad import CanonicalCells
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
 from geneformer_colon.data.sources import DataSource
 from geneformer_colon.data.store import TokenStore, open_or_build_store
 from geneformer_colon.data.token_rows import pad_tokens
 from geneformer_colon.data.tokenizer import TokenizerSettings
+from geneformer_colon.data.vocabulary import run_dictionaries
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, build_once, text_fingerprint
+from geneformer_colon.io import atomic_path
 from geneformer_colon.names import SPLITS, TEST, TRAIN, VAL
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ class CellDataModule(pl.LightningDataModule):
     when given). ``labels`` names the
     classes and their order (cells of other labels are left out); ``None`` uses no label at all
     (pretraining). ``cell_types`` optionally keeps only some cell types. When ``tokenizer`` names
-    no token dictionary, a vocabulary and gene medians are derived from the training cells and
-    cached. ``max_tokens``: batches hold as many cells as fit that many padded tokens instead of
+    no token dictionary, a vocabulary and gene medians are derived from the training cells
+    (``vocabulary``). ``max_tokens``: batches hold as many cells as fit that many padded tokens instead of
     ``batch_size`` / ``eval_batch_size`` cells.
     """
 
@@ -144,7 +144,7 @@ class CellDataModule(pl.LightningDataModule):
         self.train_loader: ResumableDataLoader | None = None
         self._sampler: TrainBatchSampler | None = None
         self.resume_position: dict[str, int] | None = None
-        self.canonical: Path | None = None
+        self.cells: CanonicalCells | None = None
         self.store: TokenStore | None = None
         self.dictionaries: GeneDictionaries | None = None
         self.splits: dict[str, TokenDataset] = {}
@@ -156,40 +156,16 @@ class CellDataModule(pl.LightningDataModule):
             self.store = self._open_store()
 
     def _open_store(self) -> TokenStore:
-        self.canonical = self.source.canonical(self.cache_dir)
-        self.dictionaries = self._load_dictionaries(self.canonical)
-        return open_or_build_store(self.cache_dir / "tokens", self.canonical, self.source.describe(),
-                                   self.dictionaries, self.settings)
+        self.cells = self.source.cells(self.cache_dir)
+        self.dictionaries = run_dictionaries(self.tokenizer, self.settings.model_version, self.cells,
+                                             self._training_rows, self.cache_dir)
+        return open_or_build_store(self.cache_dir / "tokens", self.cells, self.dictionaries, self.settings)
 
-    def _load_dictionaries(self, canonical: Path) -> GeneDictionaries:
-        if self.tokenizer.get("token_dictionary"):
-            if not self.tokenizer.get("gene_median_dictionary"):
-                raise InputError(
-                    "model.tokenizer.gene_median_dictionary: not set; a token dictionary needs its "
-                    "gene median dictionary (gene_median_dictionary_gc30M.pkl for V1, _gc104M for V2)"
-                )
-            return GeneDictionaries.load(
-                self.tokenizer["token_dictionary"],
-                self.tokenizer["gene_median_dictionary"],
-                self.tokenizer.get("gene_mapping"),
-            )
-        key = text_fingerprint(canonical.name, self.settings.model_version, sorted(self.val_donors),
-                               sorted(self.test_donors), sorted(self.train_donors or []),
-                               sorted(self.cell_types) if self.cell_types else None,
-                               sorted(self.class_names) if self.uses_labels else None)
-        directory = self.cache_dir / "dictionaries" / key
-        build_once(directory, lambda tmp: self._derive_dictionaries(canonical).save(tmp),
-                   done=lambda path: (path / TOKEN_FILE).is_file())
-        return GeneDictionaries.load_directory(directory)
-
-    def _derive_dictionaries(self, canonical: Path) -> GeneDictionaries:
-        with H5adReader(canonical) as file:
-            obs = file.obs.assign(position=np.arange(file.shape[0]))
+    def _training_rows(self) -> np.ndarray:
+        """The sorted positions of the training cells among the source's cells."""
+        obs = self.cells.obs.assign(position=np.arange(len(self.cells.obs)))
         cells = self._filter_frame(obs)
-        train = cells["position"].to_numpy()[self.split_of(cells) == TRAIN]
-        log.info("deriving a vocabulary and gene medians from %d training cells", len(train))
-        counts = CellCounts.from_canonical(canonical, self.source.describe(), rows=np.sort(train))
-        return derive_dictionaries(counts, model_version=self.settings.model_version)
+        return np.sort(cells["position"].to_numpy()[self.split_of(cells) == TRAIN])
 
     def save_dictionaries(self, directory: Path) -> None:
         """The dictionaries in use, written where a run keeps them (atomically)."""
@@ -233,10 +209,8 @@ class CellDataModule(pl.LightningDataModule):
         return cells[~left_out]
 
     def available_donors(self) -> list[str]:
-        """The donors with cells of the kept labels and cell types (reads only the canonical file's obs)."""
-        with H5adReader(self.source.canonical(self.cache_dir)) as file:
-            obs = file.obs
-        return sorted(self._filter_frame(obs)["donor"].astype(str).unique())
+        """The donors with cells of the kept labels and cell types (reads only the cells' obs)."""
+        return sorted(self._filter_frame(self.source.cells(self.cache_dir).obs)["donor"].astype(str).unique())
 
     def split_of(self, cells: pd.DataFrame) -> np.ndarray:
         """Each cell's split by its donor ("" for a donor in none: not in train_donors when they are given)."""

@@ -1,19 +1,21 @@
-"""Where cells come from: each source turns its inputs into one cached canonical ``.h5ad``.
+"""Where cells come from: each source gives its cells in canonical form (``h5ad.CanonicalCells``).
 
 A source is the ``data.source`` node of the config (``conf/data/*.yaml``). Everything after
-it (dictionaries, tokenizer, store, splits) sees only the canonical AnnData (``canonical``), so a
-new kind of input is one class here plus one YAML file.
+it (dictionaries, tokenizer, store, splits) sees only the canonical cells (``canonical``), so a
+new kind of input is one class here plus one YAML file. A format that must be parsed (GEO text)
+is parsed once into a cached canonical ``.h5ad``; an ``.h5ad`` of counts is read where it is.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from geneformer_colon.data import h5ad, kul3, synthetic
+from geneformer_colon.data import kul3, synthetic
 from geneformer_colon.data.canonical import write_canonical
+from geneformer_colon.data.h5ad import CanonicalCells, H5adKeys
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import build_once, file_fingerprint, text_fingerprint
 
@@ -25,19 +27,19 @@ _WRITE_CHUNK_CELLS = 10_000
 
 
 class DataSource(abc.ABC):
-    """Produces the canonical AnnData as an ``.h5ad`` under a cache folder, once per identity."""
+    """Gives the cells of its inputs in canonical form, under an identity that changes when they do."""
 
     @abc.abstractmethod
     def inputs(self) -> list[Path | None]:
-        """The files the AnnData is made from."""
+        """The files the cells are read from."""
 
     @abc.abstractmethod
-    def write_canonical(self, path: Path) -> None:
-        """Read the inputs and write the canonical AnnData to ``path``."""
+    def cells(self, cache_dir: str | Path) -> CanonicalCells:
+        """The cells in canonical form (parsed into ``cache_dir`` first where the format needs it)."""
 
     @abc.abstractmethod
     def describe(self) -> str:
-        """The user's input, as error messages name it (never the cache copy)."""
+        """The user's input, as error messages name it (never a cache file)."""
 
     def identity(self) -> str:
         """What the canonical content depends on: the input files (path, size, time) and settings."""
@@ -47,6 +49,10 @@ class DataSource(abc.ABC):
         """Options that change the canonical content for the same input files."""
         return ()
 
+    def key(self) -> str:
+        """The identity as a name for cache entries: the source's kind and a hash."""
+        return f"{type(self).__name__.lower()}-{text_fingerprint(CANONICAL_FORMAT, self.identity())}"
+
     def missing_hint(self) -> str:
         return "check the data config"
 
@@ -54,19 +60,6 @@ class DataSource(abc.ABC):
         for path in self.inputs():
             if path is not None and not path.is_file():
                 raise InputError(f"{path}: input file not found; {self.missing_hint()}")
-
-    def canonical(self, cache_dir: str | Path) -> Path:
-        """Path of the canonical ``.h5ad``, built only when no file of this identity exists yet.
-
-        Two processes asking at once build it once (a lock); a build killed half-way leaves no
-        file at the final name, and its leftovers are removed by the next build.
-        """
-        self.check_inputs()
-        key = text_fingerprint(CANONICAL_FORMAT, self.identity())
-        path = Path(cache_dir) / "ingest" / f"{type(self).__name__.lower()}-{key}.h5ad"
-        if build_once(path, self.write_canonical):
-            log.info("ingest: %s -> %s", self.describe(), path)
-        return path
 
 
 @dataclass
@@ -82,11 +75,28 @@ class KUL3Source(DataSource):
         root = Path(self.data_dir)
         return [root / self.matrix_file, root / self.annotation_file, Path(self.gene_map) if self.gene_map else None]
 
+    def canonical(self, cache_dir: str | Path) -> Path:
+        """Path of the canonical ``.h5ad`` parsed from the GEO files, built only when none of this identity exists.
+
+        Two processes asking at once build it once (a lock); a build killed half-way leaves no
+        file at the final name, and its leftovers are removed by the next build.
+        """
+        self.check_inputs()
+        path = Path(cache_dir) / "ingest" / f"{self.key()}.h5ad"
+        if build_once(path, self.write_canonical):
+            log.info("ingest: %s -> %s", self.describe(), path)
+        return path
+
     def write_canonical(self, path: Path) -> None:
+        """Parse the GEO files and write the canonical AnnData to ``path``."""
         matrix, annotation, gene_map = self.inputs()
         adata = kul3.read_kul3(matrix, annotation, gene_map=gene_map)
         chunks = (adata.X[start : start + _WRITE_CHUNK_CELLS] for start in range(0, adata.n_obs, _WRITE_CHUNK_CELLS))
         write_canonical(path, chunks, adata.n_vars, adata.obs, adata.var)
+
+    def cells(self, cache_dir: str | Path) -> CanonicalCells:
+        path = self.canonical(cache_dir)
+        return CanonicalCells(path, self.describe(), identity=path.name, checked=True)
 
     def describe(self) -> str:
         return str(Path(self.data_dir) / self.matrix_file)
@@ -136,28 +146,23 @@ class SyntheticKUL3Source(KUL3Source):
         return f"synthetic KUL3 ({self.data_dir})"
 
 
-@dataclass
-class H5adSource(DataSource):
-    """Any ``.h5ad`` with raw counts; the keys say which obs/var columns and layer to use."""
+@dataclass(frozen=True)
+class H5adSource(H5adKeys, DataSource):
+    """Any ``.h5ad`` with raw counts, read in place; the keys (:class:`H5adKeys`) say which obs/var columns and
+    layer hold the canonical fields."""
 
-    path: str
-    donor_key: str = "donor"
-    label_key: str = "label"
-    cell_type_key: str | None = "cell_type"
-    sample_key: str | None = None
-    ensembl_key: str | None = "ensembl_id"
-    layer: str | None = None
+    path: str = field(kw_only=True)
 
     def inputs(self) -> list[Path | None]:
         return [Path(self.path)]
 
     def settings(self) -> tuple:
-        return (self.donor_key, self.label_key, self.cell_type_key, self.sample_key, self.ensembl_key, self.layer)
+        return tuple(getattr(self, key.name) for key in fields(H5adKeys))
 
-    def write_canonical(self, path: Path) -> None:
-        h5ad.h5ad_to_canonical(self.path, path, donor_key=self.donor_key, label_key=self.label_key,
-                               cell_type_key=self.cell_type_key, sample_key=self.sample_key,
-                               ensembl_key=self.ensembl_key, layer=self.layer)
+    def cells(self, cache_dir: str | Path) -> CanonicalCells:
+        """The file read where it is, through its keys (no copy: ``cache_dir`` is not written)."""
+        self.check_inputs()
+        return CanonicalCells(self.path, self.describe(), identity=self.key(), keys=self)
 
     def describe(self) -> str:
         return str(self.path)

@@ -7,10 +7,11 @@ Layout of one store directory::
     cells.csv     per cell: cell_id, donor, label, cell_type, sample, length
     meta.json     the key's ingredients, vocabulary size, special token ids, dropped cells
 
-The directory name is a hash of the canonical input, the dictionaries and the tokenizer
-settings, so a change in any of them builds a new store and an unchanged input reuses the old
-one. The build reads the input a chunk of cells at a time and appends each chunk's tokens, so
-its memory does not grow with the number of cells; the result does not depend on the chunk size.
+The directory name is a hash of the input's identity (a canonical file's name, or a user's
+h5ad's fingerprint and column keys), the dictionaries and the tokenizer settings, so a change in
+any of them builds a new store and an unchanged input reuses the old one. The build reads the
+input a chunk of cells at a time and appends each chunk's tokens, so its memory does not grow with
+the number of cells; the result does not depend on the chunk size.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import numpy as np
 import pandas as pd
 
 from geneformer_colon.data.canonical import OBS_COLUMNS
-from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import GeneDictionaries
-from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader
+from geneformer_colon.data.h5ad import CHUNK_CELLS, CanonicalCells
 from geneformer_colon.data.token_rows import TokenRows
 from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_chunks
 from geneformer_colon.io import build_once
@@ -71,25 +71,24 @@ class TokenStore(TokenRows):
         return str(self.meta["source"])
 
 
-def store_key(canonical: Path, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> str:
-    """Hash of everything a store's content depends on (the canonical file's name is its input's identity)."""
+def store_key(cells: CanonicalCells, dictionaries: GeneDictionaries, settings: TokenizerSettings) -> str:
+    """Hash of everything a store's content depends on (``cells.identity`` is its input's)."""
     digest = hashlib.sha256()
-    for part in (f"format={STORE_FORMAT}", canonical.name, dictionaries.fingerprint(),
+    for part in (f"format={STORE_FORMAT}", cells.identity, dictionaries.fingerprint(),
                  json.dumps(asdict(settings), sort_keys=True)):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def build_store(canonical: Path, source: str, dictionaries: GeneDictionaries, settings: TokenizerSettings,
+def build_store(cells: CanonicalCells, dictionaries: GeneDictionaries, settings: TokenizerSettings,
                 directory: Path, chunk_cells: int = CHUNK_CELLS) -> None:
-    """Tokenize the canonical AnnData at ``canonical`` into a store at ``directory``, chunk by chunk."""
-    cells = CellCounts.from_canonical(canonical, source, chunk_cells=chunk_cells)
+    """Tokenize the canonical cells into a store at ``directory``, chunk by chunk."""
     lengths = []
     n_empty = 0
     dtype = None
     directory.mkdir(parents=True)
     with open(directory / "tokens.bin", "wb") as tokens_file:
-        for part in tokenize_chunks(cells, dictionaries, settings):
+        for part in tokenize_chunks(cells.counts(chunk_cells=chunk_cells), dictionaries, settings):
             part.tokens.tofile(tokens_file)
             lengths.append(part.lengths)
             n_empty += part.n_empty
@@ -98,14 +97,12 @@ def build_store(canonical: Path, source: str, dictionaries: GeneDictionaries, se
     keep = lengths > 0
     offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     np.cumsum(lengths[keep], out=offsets[1:])
-    with H5adReader(canonical) as file:
-        obs = file.obs
-    table = obs.loc[keep, list(OBS_COLUMNS)].astype(str)
-    table.insert(0, "cell_id", obs.index[keep].astype(str))
+    table = cells.obs.loc[keep, list(OBS_COLUMNS)].astype(str)
+    table.insert(0, "cell_id", cells.obs.index[keep].astype(str))
     table["length"] = lengths[keep]
     meta = {
         "format": STORE_FORMAT,
-        "source": source,
+        "source": cells.source,
         "settings": asdict(settings),
         "input_size": settings.resolved_input_size,
         "vocab_size": len(dictionaries.token),
@@ -119,16 +116,16 @@ def build_store(canonical: Path, source: str, dictionaries: GeneDictionaries, se
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def open_or_build_store(root: str | Path, canonical: Path, source: str, dictionaries: GeneDictionaries,
+def open_or_build_store(root: str | Path, cells: CanonicalCells, dictionaries: GeneDictionaries,
                         settings: TokenizerSettings) -> TokenStore:
-    """Open the store of these inputs under ``root``, building it first (once, under a lock) if needed."""
-    directory = Path(root) / store_key(canonical, dictionaries, settings)
+    """Open the store of these cells under ``root``, building it first (once, under a lock) if needed."""
+    directory = Path(root) / store_key(cells, dictionaries, settings)
     started = time.perf_counter()
-    if build_once(directory, lambda tmp: build_store(canonical, source, dictionaries, settings, tmp),
+    if build_once(directory, lambda tmp: build_store(cells, dictionaries, settings, tmp),
                   done=lambda path: (path / "meta.json").is_file()):
         log.info("token store: built %s in %.1f s", directory, time.perf_counter() - started)
     store = TokenStore.open(directory)
     if store.meta["n_dropped_empty"]:
-        log.warning("%s: %d cells have no gene in the vocabulary and were dropped", source,
+        log.warning("%s: %d cells have no gene in the vocabulary and were dropped", cells.source,
                     store.meta["n_dropped_empty"])
     return store
