@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from geneformer_colon.builders import classifier_from_checkpoint
-from geneformer_colon.data.dictionaries import GeneDictionaries, special_token_ids
+from geneformer_colon.data.dictionaries import GeneDictionaries, load_settings, special_token_ids
 from geneformer_colon.data.samplers import EvalBatchSampler
 from geneformer_colon.data.token_rows import TokenRows
-from geneformer_colon.data.tokenizer import TokenizerSettings, load_settings
+from geneformer_colon.data.tokenizer import TokenizerSettings
 from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import Vocabulary, pretrained_bert
 from geneformer_colon.model.module import CellClassifier
