@@ -28,7 +28,6 @@ from geneformer_colon.io import atomic_path, open_text
 
 if TYPE_CHECKING:
     from geneformer_colon.data.counts import CellCounts
-    from geneformer_colon.data.tokenizer import TokenizerSettings
 
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 
@@ -143,6 +142,37 @@ def check_model_version(model_version: str) -> str:
             "(V1 with the *_gc30M dictionaries, V2 with the *_gc104M dictionaries)"
         )
     return model_version
+
+
+INPUT_SIZE = {"V1": 2048, "V2": 4096}
+# Tokens around a cell's genes: V1 has none, V2 starts with <cls> and ends with <eos>.
+FRAME_TOKENS: dict[str, tuple[str, ...]] = {"V1": (), "V2": ("<cls>", "<eos>")}
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What shapes the token sequences (and so belongs in a token store's cache key)."""
+
+    model_version: str = "V1"
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_model_version(self.model_version)
+        if self.input_size is not None and int(self.input_size) <= len(FRAME_TOKENS[self.model_version]):
+            raise InputError(
+                f"input_size {self.input_size} leaves no room for a gene; use a positive size "
+                f"(default {INPUT_SIZE[self.model_version]} for {self.model_version})"
+            )
+
+    @property
+    def resolved_input_size(self) -> int:
+        """Tokens per cell at most, special tokens included."""
+        return INPUT_SIZE[self.model_version] if self.input_size is None else int(self.input_size)
+
+    @property
+    def gene_budget(self) -> int:
+        """Genes per cell at most."""
+        return self.resolved_input_size - len(FRAME_TOKENS[self.model_version])
 
 
 def special_token_ids(token_dict: Mapping[str, int], model_version: str) -> dict[str, int]:

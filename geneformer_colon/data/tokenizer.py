@@ -29,9 +29,10 @@ import scipy.sparse as sp
 
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import (
+    FRAME_TOKENS,
     DictSource,
     GeneDictionaries,
-    check_model_version,
+    TokenizerSettings,
     special_token_ids,
 )
 from geneformer_colon.data.kernels.ranking import CellRows, Frame, GeneTable, TokenSlots, compact, rank_cells
@@ -40,37 +41,7 @@ from geneformer_colon.errors import InputError
 
 log = logging.getLogger(__name__)
 
-INPUT_SIZE = {"V1": 2048, "V2": 4096}
-# Tokens around a cell's genes: V1 has none, V2 starts with <cls> and ends with <eos>.
-FRAME_TOKENS: dict[str, tuple[str, ...]] = {"V1": (), "V2": ("<cls>", "<eos>")}
-
 _CHUNK_NNZ = 1 << 24  # non-zeros per chunk: bounds the float64 copy of non-int32 counts (128 MB)
-
-
-@dataclass(frozen=True)
-class TokenizerSettings:
-    """What shapes the token sequences (and so belongs in a token store's cache key)."""
-
-    model_version: str = "V1"
-    input_size: int | None = None
-
-    def __post_init__(self) -> None:
-        check_model_version(self.model_version)
-        if self.input_size is not None and int(self.input_size) <= len(FRAME_TOKENS[self.model_version]):
-            raise InputError(
-                f"input_size {self.input_size} leaves no room for a gene; use a positive size "
-                f"(default {INPUT_SIZE[self.model_version]} for {self.model_version})"
-            )
-
-    @property
-    def resolved_input_size(self) -> int:
-        """Tokens per cell at most, special tokens included."""
-        return INPUT_SIZE[self.model_version] if self.input_size is None else int(self.input_size)
-
-    @property
-    def gene_budget(self) -> int:
-        """Genes per cell at most."""
-        return self.resolved_input_size - len(FRAME_TOKENS[self.model_version])
 
 
 @dataclass(frozen=True)
