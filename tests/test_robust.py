@@ -107,7 +107,7 @@ def test_mixup_across_donors_pairs_cells_of_two_donors(same_class):
     donors, labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
     augment = BatchAugment(mixup_prob=1.0, mixup_alpha=0.6, mixup_across_donors=True, mixup_same_class=same_class)
     for seed in range(5):
-        mixed, _ = augment.mix(torch.eye(n), torch.zeros(n, 3), donors, labels, torch.Generator().manual_seed(seed))
+        mixed, _ = augment.mix(torch.eye(n), torch.zeros(n, 3), torch.Generator().manual_seed(seed), donors, labels)
         for row in range(n):
             partners = [int(j) for j in torch.nonzero(mixed[row]).flatten() if j != row]
             if mixed[row, row] == 1:  # no eligible partner in the batch: left as it was

@@ -124,9 +124,9 @@ class BatchAugment:
         self,
         embeddings: torch.Tensor,
         soft_targets: torch.Tensor,
+        generator: torch.Generator | None = None,
         donors: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`mixup` with ``prob = mixup_prob`` and ``alpha = mixup_alpha``, without lambda; partners
         of other ``donors`` and of the same ``labels`` (class indices) when asked.

@@ -181,7 +181,7 @@ class CellClassifier(SeededModule):
                                       self.protected_token_ids)
         embeddings = self.encoder(input_ids, batch["attention_mask"])
         targets = F.one_hot(batch["labels"], len(self.class_names)).to(embeddings.dtype)
-        mixed, targets = self.augment.mix(embeddings, targets, batch["donors"], batch["labels"])
+        mixed, targets = self.augment.mix(embeddings, targets, donors=batch["donors"], labels=batch["labels"])
         progress = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
         loss, figures = self.robust(TrainingBatch(self.loss, self.head(mixed), targets, embeddings,
                                                   self.train_donor_index[batch["donors"]], progress))
