@@ -9,7 +9,8 @@ its tumour programme mostly its own); ``technical`` keeps only the batch effects
 tumour programme), a shift a robust method should be able to correct. LoRA fine-tunes a checkpoint
 ``pretrain.py`` made on each setting's cells (every donor but KUL19, no labels). Each recipe runs as
 one ``train.py`` process with one thread (``--jobs`` of them at a time); the table goes to
-``<out>/study.md`` and the console.
+``<out>/study.md`` and the console. Run again, it goes on where it stopped (``resume=true``: finished
+folds are kept, an interrupted one resumes); remove ``<out>`` to start afresh.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def run_logged(arguments: list[str], log: Path) -> float:
 
 
 def pretrain(out: Path, setting: str, sized: list[str]) -> Path:
-    """A tiny masked-gene checkpoint of the setting's cohort: <out>/<setting>/pretrain/hf."""
+    """A tiny masked-gene checkpoint of the setting's cohort: <out>/<setting>/pretrain/hf (kept when there)."""
     run_name = f"{setting}/pretrain"
+    if (out / run_name / "hf" / "config.json").is_file():
+        return out / run_name / "hf"
     run_logged(command("pretrain.py", f"paths.output_dir={out}", f"run_name={run_name}", "overwrite=true",
                        *[o for o in sized if not o.startswith("optimizer.")], *SETTINGS[setting]),
                out / "logs" / f"{setting}-pretrain.log")
@@ -90,7 +93,7 @@ def train_recipe(out: Path, setting: str, recipe: str, seeds: list[int], checkpo
     """One recipe under cv=lodo (``sized`` may name some folds: cv.folds) with the seeds; its wall time kept."""
     extra = [f"model.encoder.pretrained={checkpoint}"] if recipe in PRETRAINED else []
     seconds = run_logged(command("train.py", "experiment=colon6", "cv=lodo", f"cv.seeds=[{','.join(map(str, seeds))}]",
-                              f"paths.output_dir={out}", f"run_name={setting}/{recipe}", "overwrite=true", *sized,
+                              f"paths.output_dir={out}", f"run_name={setting}/{recipe}", "resume=true", *sized,
                               *SETTINGS[setting], *RECIPES[recipe], *extra),
                          out / "logs" / f"{setting}-{recipe}.log")
     seconds_file(out, setting, recipe).write_text(f"{seconds:.0f}\n")
@@ -136,7 +139,7 @@ def main() -> None:
     folds = [f"cv.folds=[{','.join(args.folds)}]"] if args.folds else []
     recipes = ["colon6", *[recipe for recipe in args.recipes if recipe != "colon6"]]
     start = time.monotonic()
-    tasks = [(setting, recipe) for setting in args.settings for recipe in recipes]
+    tasks = [(setting, recipe) for recipe in recipes for setting in args.settings]
     if not args.table_only:
         checkpoints = {setting: pretrain(out, setting, sized) if PRETRAINED & set(recipes) else None
                        for setting in args.settings}

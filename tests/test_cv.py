@@ -136,14 +136,20 @@ def test_the_interval_of_the_mean_is_students_and_stays_within_the_figures_range
 
 def test_fold_plans_and_their_errors():
     donors = ["KUL01", "KUL19", "KUL21"]
-    assert [(f.test_donor, f.val_donor) for f in donor_cv.plan_folds(donors, None, None)] == [
-        ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL01")]
-    assert [(f.test_donor, f.val_donor) for f in donor_cv.plan_folds(donors, None, "KUL19")] == [
-        ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL19")]
+    assert [(f.test_donor, f.val_donors) for f in donor_cv.plan_folds(donors, None, None)] == [
+        ("KUL01", ("KUL19",)), ("KUL19", ("KUL21",)), ("KUL21", ("KUL01",))]
+    assert [(f.test_donor, f.val_donors) for f in donor_cv.plan_folds(donors, None, "KUL19")] == [
+        ("KUL01", ("KUL19",)), ("KUL19", ("KUL21",)), ("KUL21", ("KUL19",))]
+    assert [f.val_donors for f in donor_cv.plan_folds([*donors, "KUL28"], ["KUL21"], None, 2)] == [
+        ("KUL28", "KUL01")]
     with pytest.raises(InputError, match="KUL99"):
         donor_cv.plan_folds(donors, ["KUL99"], None)
-    with pytest.raises(InputError, match="at least three donors"):
+    with pytest.raises(InputError, match="at least 3 donors"):
         donor_cv.plan_folds(donors[:2], None, None)
+    with pytest.raises(InputError, match="at least 4 donors"):
+        donor_cv.plan_folds(donors, None, None, 2)
+    with pytest.raises(InputError, match="cv.val_donor=KUL19 and cv.val_donors=2"):
+        donor_cv.plan_folds([*donors, "KUL28"], None, "KUL19", 2)
 
 
 def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
