@@ -116,7 +116,7 @@ def recipe_row(out: Path, setting: str, recipe: str) -> list[object]:
         within = pair.within_seed_noise()
         within = "" if within is None else f"; {within}/{len(pair.donors)} within seed noise"
         paired = f"{pair.differences.mean():+.3f} (p {p:.2f}{within})" if p is not None else "+0.000"
-    return [setting, recipe, f"{aggregate['mean']:.3f} {interval}",
+    return [setting, recipe, f"{aggregate['mean']:.3f} {interval} ({aggregate['n']} donors)",
             f"{worst[TEST]['macro_f1']:.3f} ({worst['test_donor']}{f', seed sd {sd:.3f}' if sd is not None else ''})",
             hard.get("macro_f1"), hard.get("recall/Tumor"), paired, f"{int(timed.read_text()) / 60:.1f} min"
             if (timed := seconds_file(out, setting, recipe)).is_file() else "-"]
