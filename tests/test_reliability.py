@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from conftest import bad_checkpoints, compose_train, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
