@@ -182,7 +182,8 @@ class CellClassifier(SeededModule):
         embeddings = self.encoder(input_ids, batch["attention_mask"])
         targets = F.one_hot(batch["labels"], len(self.class_names)).to(embeddings.dtype)
         mixed, targets = self.augment.mix(embeddings, targets, donors=batch["donors"], labels=batch["labels"])
-        progress = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
+        steps = self._trainer.estimated_stepping_batches if self._trainer is not None else 1
+        progress = min(1.0, self.global_step / max(1, steps))
         loss, figures = self.robust(TrainingBatch(self.loss, self.head(mixed), targets, embeddings,
                                                   self.train_donor_index[batch["donors"]], progress))
         if not torch.isfinite(loss):  # a diverged run stops here rather than training on NaN weights
