@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow bench bench-speed pretrain-demo clean
+.PHONY: install train test test-slow bench bench-speed pretrain-demo donor-shift-study clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ pretrain-demo: $(STAMP)
 		run_name=colon6-pretrained overwrite=true
 	$(BIN)/python train.py experiment=colon6 run_name=colon6-random overwrite=true
 	$(BIN)/python -m geneformer_colon compare outputs/colon6-pretrained outputs/colon6-random
+
+# colon6 under cv=lodo x 3 seeds, alone and with each donor-robust strategy (and LoRA on a pretrained
+# checkpoint), at donor_shift 1 and at a shift of batch effect and depth only; <out>/study.md.
+donor-shift-study: $(STAMP)
+	$(BIN)/python bench/donor_shift_study.py
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

@@ -15,6 +15,7 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import Vocabulary
 from geneformer_colon.model.masked_genes import MaskedGeneModel
 from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.names import TRAIN
 from geneformer_colon.rundir import read_checkpoint, resolve_checkpoint
 
 
@@ -49,6 +50,10 @@ def build_module(cfg: DictConfig, datamodule: CellDataModule) -> CellClassifier:
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
         seed=cfg.seed,
+        donors=datamodule.donors,
+        train_donors=datamodule.split_donors(TRAIN),
+        robust=plain(cfg.get("robust")),
+        lora=plain(cfg.model.get("lora")),
         bert=bert,
     )
 
@@ -86,6 +91,8 @@ def load_weights(module: CellClassifier, path: str | Path) -> Path:
                 f"{tuple(expected[name].shape)}; start from a run with the same model and dictionaries"
             )
     missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.startswith("robust.")]  # this run's own strategy starts fresh
+    unexpected = [name for name in unexpected if not name.startswith("robust.")]
     if missing or unexpected:
         raise InputError(f"{checkpoint}: not a checkpoint of this model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); start from a run with the same model config")

@@ -36,6 +36,7 @@ CONFIGURABLE_MODULES = (
     "geneformer_colon.data.datamodule",
     "geneformer_colon.model.losses",
     "geneformer_colon.model.augment",
+    "geneformer_colon.model.robust",
     "geneformer_colon.callbacks",
     "geneformer_colon.sweep",
 )

@@ -76,7 +76,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     check_out_dir(run_dir, out_dir)
     model = TrainedClassifier.from_run(run_dir)
-    bert = model.module.encoder.bert
+    bert = model.module.encoder.plain_bert()
     bert.config.id2label = dict(enumerate(model.class_names))
     bert.config.label2id = {name: index for index, name in enumerate(model.class_names)}
     described: dict[str, Any] = {

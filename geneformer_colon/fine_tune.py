@@ -21,8 +21,9 @@ from geneformer_colon.builders import (
 from geneformer_colon.callbacks import BestCheckpoint, LastCheckpoint, RecordEpochs
 from geneformer_colon.config import check_values
 from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.errors import InputError
 from geneformer_colon.model.module import CellClassifier
-from geneformer_colon.names import EVAL_SPLITS, FINISHED, RUNNING, SPLITS
+from geneformer_colon.names import EVAL_SPLITS, FINISHED, MONITOR, RUNNING, SPLITS, VAL, WORST_DONOR
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.report.wandb_run import (
@@ -90,6 +91,7 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
     resume_from, changes = resume_point(layout, cfg) if cfg.resume else (None, {})
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
+    check_monitors(cfg, datamodule)
     module = make_module(cfg, datamodule, resume_from is None)
     donors = {split: datamodule.split_donors(split) for split in SPLITS if len(datamodule.splits[split])}
     cells = {split: len(datamodule.splits[split]) for split in donors}
@@ -115,6 +117,16 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
                      best.best_model_path if best is not None else "", record)
 
 
+def check_monitors(cfg: DictConfig, datamodule: CellDataModule) -> None:
+    """A checkpoint or early stopping that selects by the worst validation donor needs two of them."""
+    for name in ("model_checkpoint", "early_stopping"):
+        monitor = (cfg.callbacks.get(name) or {}).get("monitor")
+        if monitor == WORST_DONOR and len(datamodule.split_donors(VAL)) < 2:
+            raise InputError(f"callbacks.{name}.monitor is {monitor}, but the validation split has one donor "
+                             f"({datamodule.split_donors(VAL)}); give data.val_donors two or more donors "
+                             "(cv.val_donors in cv=lodo) or monitor val/macro_f1")
+
+
 def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> CellClassifier:
     module = build_module(cfg, datamodule)
     if cfg.init_from and fresh:
@@ -127,7 +139,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, test the best checkpoint, write every file of the run; return its metrics.json record."""
     run = fit_run(cfg, "train", classifier_for)
     final = evaluate_best(run.trainer, run.module, run.datamodule, run.best_path, run.layout, cfg.run_name)
-    summary = run.record(FINISHED, run.epochs, final=final, best_epoch=best_epoch(run.epochs),
+    selection = cfg.callbacks.get("model_checkpoint") or {}
+    chosen = best_epoch(run.epochs, selection.get("monitor", MONITOR), selection.get("mode", "max"))
+    summary = run.record(FINISHED, run.epochs, final=final, best_epoch=chosen,
                          best_checkpoint=run.best_checkpoint, success=check_success(cfg.success_criteria, final))
     if run.trainer.is_global_zero:
         summary = write_metrics(run.layout, summary)

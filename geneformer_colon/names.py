@@ -28,3 +28,5 @@ def column(split: str, metric: str, *qualifiers: str) -> str:
 
 
 MONITOR = logged(VAL, "macro_f1")
+# Logged each epoch when the validation split has several donors: its lowest per-donor macro F1.
+WORST_DONOR = logged(VAL, "worst_donor_macro_f1")

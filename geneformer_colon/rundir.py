@@ -14,7 +14,8 @@ through :func:`run_record`, and reads runs through :func:`read_run` / :func:`fin
       history.md                  the run as a training-log entry
       wandb/                      the offline W&B run and its id (wandb/run_id)
       eval/<name>/                eval.py on other cells: metrics.json, predictions/, plots/
-      folds/<test donor>/         cv=lodo: one complete run directory a fold
+      folds/<test donor>/         cv=lodo: one complete run directory a fold (with cv.seeds of two or more:
+                                  folds/<test donor>/seed<k>/, one a seed)
       cv.json, cv.md              cv=lodo: the folds side by side and their aggregate
       hf/                         pretrain.py: the Hugging Face checkpoint and its dictionaries
 """
@@ -88,8 +89,9 @@ class RunLayout:
     def evaluation(self, name: str) -> RunLayout:
         return RunLayout(self.evaluations / name)
 
-    def fold(self, test_donor: str) -> RunLayout:
-        return RunLayout(self.folds / test_donor)
+    def fold(self, test_donor: str, seed: int | None = None) -> RunLayout:
+        """A fold's run directory; with ``seed``, that seed's run of the fold."""
+        return RunLayout(self.folds / test_donor / (f"seed{seed}" if seed is not None else ""))
 
     def written(self) -> list[Path]:
         """What a run wrote here (Hydra's own .hydra/ and log file are not the run's)."""

@@ -136,14 +136,20 @@ def test_the_interval_of_the_mean_is_students_and_stays_within_the_figures_range
 
 def test_fold_plans_and_their_errors():
     donors = ["KUL01", "KUL19", "KUL21"]
-    assert [(f.test_donor, f.val_donor) for f in donor_cv.plan_folds(donors, None, None)] == [
-        ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL01")]
-    assert [(f.test_donor, f.val_donor) for f in donor_cv.plan_folds(donors, None, "KUL19")] == [
-        ("KUL01", "KUL19"), ("KUL19", "KUL21"), ("KUL21", "KUL19")]
+    assert [(f.test_donor, f.val_donors) for f in donor_cv.plan_folds(donors, None, None)] == [
+        ("KUL01", ("KUL19",)), ("KUL19", ("KUL21",)), ("KUL21", ("KUL01",))]
+    assert [(f.test_donor, f.val_donors) for f in donor_cv.plan_folds(donors, None, "KUL19")] == [
+        ("KUL01", ("KUL19",)), ("KUL19", ("KUL21",)), ("KUL21", ("KUL19",))]
+    assert [f.val_donors for f in donor_cv.plan_folds([*donors, "KUL28"], ["KUL21"], None, 2)] == [
+        ("KUL28", "KUL01")]
     with pytest.raises(InputError, match="KUL99"):
         donor_cv.plan_folds(donors, ["KUL99"], None)
-    with pytest.raises(InputError, match="at least three donors"):
+    with pytest.raises(InputError, match="at least 3 donors"):
         donor_cv.plan_folds(donors[:2], None, None)
+    with pytest.raises(InputError, match="at least 4 donors"):
+        donor_cv.plan_folds(donors, None, None, 2)
+    with pytest.raises(InputError, match="cv.val_donor=KUL19 and cv.val_donors=2"):
+        donor_cv.plan_folds([*donors, "KUL28"], None, "KUL19", 2)
 
 
 def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
@@ -158,3 +164,46 @@ def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
         assert row.val_macro_f1 == pytest.approx(cv_json["aggregate"]["val"]["macro_f1"]["mean"])
         assert row.test_macro_f1_sd == pytest.approx(cv_json["aggregate"]["test"]["macro_f1"]["sd"])
     assert "test macro F1 sd" in (sweep_dir / "summary.md").read_text()
+
+
+def test_seeds_repeat_each_fold_and_the_summary_averages_them(tmp_path, shared_dirs, capsys):
+    """Two folds x two seeds, two validation donors a fold, checkpoints chosen by the worst of them."""
+    overrides = tiny_overrides(tmp_path, shared_dirs) + [
+        "experiment=colon6", *FOLDS, "trainer.limit_train_batches=2", "cv.seeds=[0,1]", "cv.objective=worst",
+        "cv.val_donors=2", "callbacks.model_checkpoint.monitor=val/worst_donor_macro_f1"]
+    objective = donor_cv.run(train, compose_train(overrides))
+    run_dir = tmp_path / "colon6"
+    runs = {(donor, seed): read(run_dir / "folds" / donor / f"seed{seed}" / "metrics.json")
+            for donor in ("KUL01", "KUL19") for seed in (0, 1)}
+    for (donor, seed), metrics in runs.items():
+        fold = run_dir / "folds" / donor / f"seed{seed}"
+        assert metrics["status"] == "finished" and (fold / "checkpoints/best.ckpt").is_file()
+        assert metrics["run_name"] == f"colon6/{donor}/seed{seed}" and len(metrics["donors"]["val"]) == 2
+        assert all("val/worst_donor_macro_f1" in epoch for epoch in metrics["epochs"])
+        config = (fold / "config.yaml").read_text()
+        assert f"test_donor: {donor}" in config and f"seed: {seed}" in config and "val_donor: " in config
+    summary = read(run_dir / "cv.json")
+    assert summary["seeds"] == [0, 1] and summary["status"] == "partial"
+    for row in summary["folds"]:
+        own = [runs[(row["test_donor"], seed)] for seed in (0, 1)]
+        for split in ("val", "test"):
+            for key in ("macro_f1", "accuracy", "recall/Tumor"):
+                assert row[split][key] == pytest.approx(np.mean([m[split][key] for m in own]), abs=1e-4)
+                assert row["seed_sd"][split][key] == pytest.approx(np.std([m[split][key] for m in own], ddof=1),
+                                                                   abs=1e-4)
+        assert [seed["test"]["macro_f1"] for seed in row["seeds"]] == [m["test"]["macro_f1"] for m in own]
+    means = [row["test"]["macro_f1"] for row in summary["folds"]]
+    assert summary["aggregate"]["test"]["macro_f1"]["mean"] == pytest.approx(np.mean(means), abs=1e-4)
+    val = [np.mean([runs[(donor, seed)]["val"]["macro_f1"] for seed in (0, 1)]) for donor in ("KUL01", "KUL19")]
+    assert objective == pytest.approx(min(val))
+    assert "test macro F1 seed sd" in (run_dir / "cv.md").read_text()
+
+    # compare pairs two seeded CV runs by donor and weighs the difference against seed noise
+    other = tmp_path / "colon6-other"
+    other.mkdir()
+    edited = dict(summary, folds=[dict(row, test=dict(row["test"], macro_f1=row["test"]["macro_f1"] + 0.01 * (i + 1)))
+                                  for i, row in enumerate(summary["folds"])])
+    (other / "cv.json").write_text(json.dumps(edited))
+    (other / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (pair,) = compare_runs([run_dir, other], tmp_path / "compare").pairs
+    assert pair.seed_errors is not None and "Seed noise:" in pair.test()[1]

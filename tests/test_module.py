@@ -16,7 +16,8 @@ def tiny_classifier(pooling: str = "mean") -> CellClassifier:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, pad_token_id=0)
-    return CellClassifier(config.to_dict(), CLASSES, {"<pad>": 0, "<mask>": 1}, pooling=pooling).eval()
+    return CellClassifier(config.to_dict(), CLASSES, {"<pad>": 0, "<mask>": 1}, pooling=pooling,
+                          donors=["A", "B"], train_donors=["A", "B"]).eval()
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -39,7 +40,8 @@ def test_a_cells_answer_is_the_same_alone_or_padded_in_a_batch(pooling):
 def test_a_training_step_reaches_the_encoder_and_the_head():
     module = tiny_classifier().train()
     input_ids = torch.randint(2, 40, (4, 8))
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": torch.tensor([0, 1, 2, 0])}
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": torch.tensor([0, 1, 2, 0]),
+             "donors": torch.tensor([0, 1, 1, 0])}
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from conftest import bad_checkpoints, compose_train, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
@@ -49,10 +50,15 @@ def wait_for(path: Path, process, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+# LoRA adapters, group DRO's donor weights (checkpointed state) and mixup across donors.
+ROBUST = ["model.lora.r=2", "robust=group_dro", "robust.step_size=0.5", "augment.mixup_across_donors=true"]
+
+
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_would(tmp_path, shared_dirs):
+@pytest.mark.parametrize("extra", [[], ROBUST], ids=["plain", "lora_dro"])
+def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_would(tmp_path, shared_dirs, extra):
     outputs = tmp_path / "outputs"
-    common = tiny_overrides(outputs, shared_dirs) + RECIPE
+    common = tiny_overrides(outputs, shared_dirs) + RECIPE + extra
     marker = tmp_path / "paused.marker"
     log = open(tmp_path / "paused.log", "w")
     paused = run_script("train.py", *common, "run_name=paused", *pause_at(marker), wait=False, stdout=log,
@@ -79,7 +85,7 @@ def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_wou
     copy = tmp_path / "elsewhere" / "paused-copy"
     shutil.copytree(run_dir, copy)
     before = fingerprints(run_dir)
-    resumed_copy = run_script("train.py", *tiny_overrides(tmp_path / "elsewhere", shared_dirs), *RECIPE,
+    resumed_copy = run_script("train.py", *tiny_overrides(tmp_path / "elsewhere", shared_dirs), *RECIPE, *extra,
                               "run_name=paused-copy", *pause_at(marker), "resume=true")
     assert resumed_copy.returncode == 0, resumed_copy.stderr[-3000:]
     assert fingerprints(run_dir) == before
@@ -96,7 +102,11 @@ def test_sigterm_mid_epoch_then_resume_ends_exactly_where_the_run_left_alone_wou
     assert metrics(copy)["best_checkpoint"] == "checkpoints/best.ckpt"
 
     # last.ckpt is the latest state, whichever epoch was best
-    assert read_checkpoint(outputs / "straight/checkpoints/last.ckpt")["epoch"] == 2
+    last = read_checkpoint(outputs / "straight/checkpoints/last.ckpt")
+    assert last["epoch"] == 2
+    resumed_state = read_checkpoint(run_dir / "checkpoints/last.ckpt")["state_dict"]
+    for name, tensor in last["state_dict"].items():  # the weights (and group DRO's donor weights) alike
+        assert torch.equal(tensor, resumed_state[name]), name
 
 
 class SignalAt(pl.Callback):

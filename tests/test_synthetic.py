@@ -245,3 +245,17 @@ def test_full_size_depth() -> None:
     assert 3_400 <= detected.mean() <= 4_000
     assert detected.min() >= 180 and detected.max() <= 6_500
     assert 90e6 <= counts.nnz <= 115e6
+
+
+def test_donor_effects_keep_only_the_named_shifts_and_the_default_keeps_them_all():
+    from geneformer_colon.data.synthetic import DONOR_EFFECTS, _scaled_shifts
+
+    every, technical = _scaled_shifts(1.0), _scaled_shifts(1.0, ("batch_sigma", "depth", "marker_batch"))
+    for name in ("batch_sigma", "depth", "marker_batch"):
+        np.testing.assert_array_equal(getattr(technical, name), getattr(every, name))
+    assert not technical.field.any() and not technical.private.any() and every.private.max() == 0.9
+    default, named = generate_counts(200, 150, seed=3), generate_counts(200, 150, seed=3, donor_effects=DONOR_EFFECTS)
+    assert (default.counts != named.counts).nnz == 0
+    assert (generate_counts(200, 150, seed=3, donor_effects=("depth",)).counts != default.counts).nnz > 0
+    with pytest.raises(InputError, match="unknown"):
+        generate_counts(200, 150, donor_effects=("biology",))

@@ -31,29 +31,35 @@ STAGE_SPLITS = {"fit": (TRAIN, VAL), "validate": (VAL,), "test": (TEST,), "predi
 
 
 class TokenDataset(Dataset):
-    """Cells of one split: their tokens (read from the memory-mapped store) and class index."""
+    """Cells of one split: their tokens (read from the memory-mapped store), class index and donor index
+    (the position of the cell's donor in the datamodule's ``donors``)."""
 
-    def __init__(self, store: TokenStore, positions: np.ndarray, label_ids: np.ndarray) -> None:
+    def __init__(self, store: TokenStore, positions: np.ndarray, label_ids: np.ndarray, donor_ids: np.ndarray
+                 ) -> None:
         self.store = store
         self.positions = positions
         self.label_ids = label_ids
+        self.donor_ids = donor_ids
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         position = int(self.positions[item])
-        return {"tokens": self.store.cell_tokens(position), "label": int(self.label_ids[item]), "index": position}
+        return {"tokens": self.store.cell_tokens(position), "label": int(self.label_ids[item]), "index": position,
+                "donor": int(self.donor_ids[item])}
 
 
 def pad_batch(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a batch to its own longest cell (:func:`pad_tokens`), with each cell's class and store position."""
+    """Pad a batch to its own longest cell (:func:`pad_tokens`), with each cell's class, store position and
+    donor index."""
     input_ids, attention_mask = pad_tokens([item["tokens"] for item in items], pad_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "donors": torch.tensor([item["donor"] for item in items], dtype=torch.long),
     }
 
 
@@ -148,6 +154,7 @@ class CellDataModule(pl.LightningDataModule):
         self.store: TokenStore | None = None
         self.dictionaries: GeneDictionaries | None = None
         self.splits: dict[str, TokenDataset] = {}
+        self.donors: list[str] = []
 
     # ---- building (rank 0 in prepare_data; every rank then opens what is on disk) ----
 
@@ -231,9 +238,12 @@ class CellDataModule(pl.LightningDataModule):
             else:
                 label_ids = np.full(len(cells), -1)
             donor_split = self.split_of(cells)
+            self.donors = sorted(cells["donor"].astype(str).unique())
+            donor_ids = cells["donor"].astype(str).map({name: i for i, name in enumerate(self.donors)}).to_numpy()
             for split in SPLITS:
                 in_split = donor_split == split
-                self.splits[split] = TokenDataset(self.store, cells.index.to_numpy()[in_split], label_ids[in_split])
+                self.splits[split] = TokenDataset(self.store, cells.index.to_numpy()[in_split], label_ids[in_split],
+                                                  donor_ids[in_split])
             log.info("cells per split: %s", {split: len(data) for split, data in self.splits.items()})
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self._check_split(split)

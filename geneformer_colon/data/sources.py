@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -121,17 +122,23 @@ class SyntheticKUL3Source(KUL3Source):
     n_genes: int = 2000
     seed: int = 0
     donor_shift: float = 1.0
+    # null: every donor effect; a list keeps only those (synthetic.DONOR_EFFECTS)
+    donor_effects: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        self.donor_effects = tuple(self.donor_effects) if self.donor_effects else synthetic.DONOR_EFFECTS
         # The generator's version names the folder: an upgrade writes a new cohort beside the old.
         name = f"v{synthetic.GENERATOR_VERSION}-cells{self.n_cells}-genes{self.n_genes}-seed{self.seed}"
         if self.donor_shift != 1.0:
             name += f"-shift{self.donor_shift:g}"
+        if set(self.donor_effects) != set(synthetic.DONOR_EFFECTS):
+            name += "-only-" + "-".join(sorted(self.donor_effects))
         self.data_dir = str(Path(self.data_dir) / name)
         self.gene_map = str(Path(self.data_dir) / synthetic.GENE_TABLE_FILE)
 
     def identity(self) -> str:
-        return repr((synthetic.GENERATOR_VERSION, self.n_cells, self.n_genes, self.seed, self.donor_shift))
+        effects = () if set(self.donor_effects) == set(synthetic.DONOR_EFFECTS) else tuple(sorted(self.donor_effects))
+        return repr((synthetic.GENERATOR_VERSION, self.n_cells, self.n_genes, self.seed, self.donor_shift, *effects))
 
     def check_inputs(self) -> None:
         done = self.inputs()[0]
@@ -140,7 +147,7 @@ class SyntheticKUL3Source(KUL3Source):
 
     def _generate(self, directory: Path) -> None:
         synthetic.write_synthetic_kul3(directory, n_cells=self.n_cells, n_genes=self.n_genes, seed=self.seed,
-                                       donor_shift=self.donor_shift)
+                                       donor_shift=self.donor_shift, donor_effects=self.donor_effects)
 
     def describe(self) -> str:
         return f"synthetic KUL3 ({self.data_dir})"

@@ -33,7 +33,10 @@ Donor effects (``_DONOR_SHIFT``, at ``donor_shift=1``):
 
 ``donor_shift`` scales all of it: batch sigmas, field and private shares (at most 1) linearly,
 depth as ``depth ** donor_shift``. At 0 the donors are exchangeable (only their class mix and
-the sampling differ); above 1 the donors are harsher still.
+the sampling differ); above 1 the donors are harsher still. ``donor_effects`` keeps only some of
+the effects (``DONOR_EFFECTS``), the others off: ``("batch_sigma", "depth", "marker_batch")`` is a
+shift of batch effect and depth only, with no field effect and no private tumour programme, a shift
+that leaves every donor's biology the cohort's.
 
 Counts are drawn cell by cell without ever holding a dense cells x genes matrix: a compiled kernel
 (``kernels.negative_binomial``) draws each entry by inverse CDF from a counter-based hash of
@@ -107,6 +110,10 @@ class _DonorShift(NamedTuple):
     marker_batch: float  # sigma of extra log-normal batch multipliers on the programme genes
 
 
+DONOR_EFFECTS = _DonorShift._fields
+# Each effect's value when it is off: no batch effect, full depth, no field effect, no private genes.
+_NO_SHIFT = _DonorShift(0.0, 1.0, 0.0, 0.0, 0.0)
+
 _DONOR_SHIFT = {
     "KUL01": _DonorShift(0.10, 1.05, 0.00, 0.00, 0.00),
     "KUL19": _DonorShift(0.50, 0.70, 0.70, 0.90, 1.40),
@@ -127,13 +134,15 @@ class SyntheticKUL3(NamedTuple):
 
 
 def generate_counts(
-    n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, *, donor_shift: float = 1.0
+    n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, *, donor_shift: float = 1.0,
+    donor_effects: tuple[str, ...] = DONOR_EFFECTS,
 ) -> SyntheticKUL3:
     """Draw a synthetic KUL3 cohort: CSR int32 counts (cells x genes), annotation, gene ids.
 
     ``donor_shift`` scales every donor-specific effect (0: none, the donors differ only by
     chance; 1: the default story; larger: harsher; see the module docstring). Deterministic per
-    seed; the random draws do not depend on ``donor_shift``. Full size (27,414 x 33,694, ~100M
+    seed; the random draws do not depend on ``donor_shift`` or ``donor_effects`` (the donor effects kept, the
+    others off: see the module docstring). Full size (27,414 x 33,694, ~100M
     non-zeros) takes ~15 s on two cores and ~1 GB.
     """
     if n_cells < len(DONORS) * len(CLASSES):
@@ -142,7 +151,10 @@ def generate_counts(
         raise InputError(f"--genes {n_genes}: need at least 100 genes")
     if not (donor_shift >= 0.0 and math.isfinite(donor_shift)):
         raise InputError(f"donor_shift {donor_shift}: need a finite number >= 0")
-    shift = _scaled_shifts(donor_shift)
+    unknown = sorted(set(donor_effects) - set(DONOR_EFFECTS))
+    if unknown:
+        raise InputError(f"donor_effects {unknown}: unknown; choose among {', '.join(DONOR_EFFECTS)}")
+    shift = _scaled_shifts(donor_shift, donor_effects)
     rng = np.random.default_rng(seed)
     genes = _gene_model(rng, n_genes)
     donor, klass, ctype = _cell_design(rng, n_cells)
@@ -161,7 +173,7 @@ def generate_counts(
 
     # Depth: a target number of detected genes per cell, shifted per donor, met by library size.
     lo, hi = _detected_range(n_genes)
-    jitter = np.exp(rng.normal(0.0, 0.08, len(DONORS)) * donor_shift)
+    jitter = np.exp(rng.normal(0.0, 0.08, len(DONORS)) * donor_shift * ("depth" in donor_effects))
     depth = (shift.depth * jitter)[donor]
     target = np.clip(lo + (hi - lo) * rng.beta(3.6, 1.7, n_cells) * depth, lo, hi)
     library = _library_for_detected(profile, genes.inv_dispersion, group, target)
@@ -184,9 +196,12 @@ def generate_counts(
     return SyntheticKUL3(counts, annotation, symbols, genes.ensembl_ids)
 
 
-def _scaled_shifts(donor_shift: float) -> _DonorShift:
-    """The donor table scaled by ``donor_shift``: one array over DONORS per field."""
-    sigma, depth, field, private, marker = np.array([_DONOR_SHIFT[d] for d in DONORS]).T
+def _scaled_shifts(donor_shift: float, effects: tuple[str, ...] = DONOR_EFFECTS) -> _DonorShift:
+    """The donor table scaled by ``donor_shift``, the effects not in ``effects`` off: one array over DONORS
+    per field."""
+    table = np.array([[value if name in effects else off for name, value, off in
+                       zip(DONOR_EFFECTS, _DONOR_SHIFT[d], _NO_SHIFT)] for d in DONORS])
+    sigma, depth, field, private, marker = table.T
     return _DonorShift(
         sigma * donor_shift,
         depth**donor_shift,
@@ -390,14 +405,14 @@ def _pick(options: tuple[str, ...], u: np.ndarray) -> np.ndarray:
 
 def write_synthetic_kul3(
     out_dir: str | Path, n_cells: int = 3000, n_genes: int = 2000, seed: int = 0, *,
-    donor_shift: float = 1.0,
+    donor_shift: float = 1.0, donor_effects: tuple[str, ...] = DONOR_EFFECTS,
 ) -> dict[str, Path]:
     """Write a synthetic cohort as the two GEO files plus a symbol -> Ensembl id table.
 
-    ``donor_shift`` is :func:`generate_counts`'s. Returns the paths under the keys ``matrix``,
-    ``annotation`` and ``gene_table``.
+    ``donor_shift`` and ``donor_effects`` are :func:`generate_counts`'s. Returns the paths under the keys
+    ``matrix``, ``annotation`` and ``gene_table``.
     """
-    cohort = generate_counts(n_cells, n_genes, seed, donor_shift=donor_shift)
+    cohort = generate_counts(n_cells, n_genes, seed, donor_shift=donor_shift, donor_effects=donor_effects)
     paths = {**write_kul3(out_dir, cohort.counts, cohort.symbols, cohort.annotation),
              "gene_table": Path(out_dir) / GENE_TABLE_FILE}
     with atomic_path(paths["gene_table"]) as tmp:

@@ -9,8 +9,10 @@ masked-language-model head is dropped and the classifier head starts fresh.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -241,6 +243,45 @@ def check_vocabulary(config: PretrainedConfig, vocabulary: Vocabulary, source: s
         )
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """``model.lora``: LoRA adapters (peft) of rank ``r`` on the encoder's ``target_modules`` (BERT's attention
+    ``query``, ``key``, ``value``, ``attention.output.dense``; feed-forward ``intermediate.dense``,
+    ``output.dense``), scaled by ``alpha / r``; every other encoder weight frozen."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.r, int) and self.r >= 1):
+            raise InputError(f"model.lora.r is {self.r!r}; set it to an integer >= 1 (or null: no LoRA)")
+        if not self.alpha > 0:
+            raise InputError(f"model.lora.alpha is {self.alpha!r}; set it to a number > 0")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"model.lora.dropout is {self.dropout!r}; set it to a probability in [0, 1)")
+        if not self.target_modules:
+            raise InputError("model.lora.target_modules is empty; name the layers to adapt, e.g. [query, value]")
+
+
+def with_lora(bert: BertModel, settings: LoraSettings) -> nn.Module:
+    """``bert`` with LoRA adapters (a peft model: only the adapters train; ``merge_and_unload()`` gives a
+    plain BertModel back)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules))
+    with warnings.catch_warnings():  # transformers' deprecation notices as peft inspects the model
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return get_peft_model(bert, config)
+        except ValueError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise InputError(f"model.lora.target_modules {list(settings.target_modules)}: {reason[:200]}; name "
+                             "BERT layers such as query, key, value, dense") from None
+
+
 class CellEncoder(nn.Module):
     """A BERT encoder pooled to one vector per cell.
 
@@ -248,9 +289,12 @@ class CellEncoder(nn.Module):
     top-ranked gene); ``pooling="mean"`` averages the hidden states of the attended positions,
     so padding never changes a cell's vector.
     ``freeze_layers=N > 0`` freezes the embeddings and the first N encoder layers.
+    ``lora``: LoRA adapters on the encoder (:class:`LoraSettings`; none while ``r`` is None), the base
+    weights frozen.
     """
 
-    def __init__(self, bert: BertModel, pooling: Pooling = "mean", freeze_layers: int = 0) -> None:
+    def __init__(self, bert: BertModel, pooling: Pooling = "mean", freeze_layers: int = 0,
+                 lora: dict[str, Any] | None = None) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise InputError(f"model.pooling is {pooling!r}; set it to 'cls' or 'mean'")
@@ -265,10 +309,20 @@ class CellEncoder(nn.Module):
         if freeze_layers > 0:
             for module in [bert.embeddings, *bert.encoder.layer[:freeze_layers]]:
                 module.requires_grad_(False)
+        self.lora = LoraSettings(**{**lora, "target_modules": tuple(lora.get("target_modules", ("query", "value")))}
+                                 ) if lora and lora.get("r") is not None else None
+        if self.lora is not None:
+            self.bert = with_lora(bert, self.lora)
 
     @property
     def hidden_size(self) -> int:
         return self.bert.config.hidden_size
+
+    def plain_bert(self) -> BertModel:
+        """The encoder as a plain BertModel: with LoRA, the adapters merged into a copy of the weights."""
+        if self.lora is None:
+            return self.bert
+        return copy.deepcopy(self.bert).merge_and_unload()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

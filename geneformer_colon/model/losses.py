@@ -67,8 +67,10 @@ class FocalLoss(nn.Module):
         # Not persistent: the weights come from the config, never from a resumed checkpoint.
         self.register_buffer("weight", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``logits`` [B, C] against class indices [B] or soft targets [B, C]."""
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Loss of ``logits`` [B, C] against class indices [B] or soft targets [B, C]; ``sample_weight`` [B]
+        weighs each cell on top of its class weight (in the sums above and below the line)."""
         n_classes = logits.shape[-1]
         log_p = F.log_softmax(logits.float(), dim=-1)
         if target.dtype.is_floating_point:
@@ -84,4 +86,6 @@ class FocalLoss(nn.Module):
             one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)
             per_class = per_class * one_minus_p.pow(self.focal_gamma)
         wy = y * self.weight
+        if sample_weight is not None:
+            wy = wy * sample_weight.float()[:, None]
         return (wy * per_class).sum() / wy.sum()

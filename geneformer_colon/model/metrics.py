@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import f1_score
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import (
@@ -79,3 +80,12 @@ def classification_metrics(probabilities: np.ndarray, targets: np.ndarray, class
     if loss is None:
         del values["loss"]
     return values, metrics.confusion_matrix()
+
+
+def worst_group_macro_f1(truth: np.ndarray, predicted: np.ndarray, groups: np.ndarray) -> float | None:
+    """The lowest macro F1 among the groups (scikit-learn's, as the per-donor figures of ``metrics.json``),
+    None below two groups."""
+    names = np.unique(groups)
+    if len(names) < 2:
+        return None
+    return float(min(f1_score(truth[groups == name], predicted[groups == name], average="macro") for name in names))

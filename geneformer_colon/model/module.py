@@ -30,7 +30,8 @@ from geneformer_colon.model.backbone import (
     bert_from_config,
 )
 from geneformer_colon.model.losses import FocalLoss
-from geneformer_colon.model.metrics import ClassificationMetrics
+from geneformer_colon.model.metrics import ClassificationMetrics, worst_group_macro_f1
+from geneformer_colon.model.robust import DonorStrategy, PlainTraining, TrainingBatch
 from geneformer_colon.names import EVAL_SPLITS, VAL, logged
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 5.0e-5, "weight_decay": 0.01}
@@ -111,6 +112,9 @@ class CellClassifier(SeededModule):
     ``augment``, ``optimizer`` and ``scheduler`` are config nodes with a ``_target_`` (the
     optimizer and scheduler are instantiated as partials in ``configure_optimizers``).
     ``tokenizer``: the model version and input size the cells were tokenized with.
+    ``donors``: the names behind the batches' donor indices (the datamodule's ``donors``);
+    ``train_donors``: those a ``robust`` strategy (a config node of the ``robust`` group) acts on.
+    ``lora``: LoRA adapters on the encoder (``model.lora``), None for full fine-tuning.
     """
 
     def __init__(
@@ -127,13 +131,17 @@ class CellClassifier(SeededModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         seed: int = 0,
+        donors: Sequence[str] = (),
+        train_donors: Sequence[str] = (),
+        robust: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
         bert: BertModel | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["bert"], logger=False)
         self.class_names = list(class_names)
         self.encoder = CellEncoder(bert if bert is not None else bert_from_config(bert_config), pooling=pooling,
-                                   freeze_layers=freeze_layers)
+                                   freeze_layers=freeze_layers, lora=lora)
         self.head = ClassifierHead(self.encoder.hidden_size, len(self.class_names), dropout=head_dropout)
         self.loss = instantiate_trusted(loss, _WHERE, class_names=self.class_names) if loss else \
             FocalLoss(self.class_names)
@@ -143,6 +151,14 @@ class CellClassifier(SeededModule):
             special_token_ids[name] for name in ("<pad>", "<cls>", "<eos>") if name in special_token_ids
         )
         self.seed = seed
+        self.donors, train_donors = list(donors), list(train_donors)
+        self.robust: DonorStrategy = instantiate_trusted(
+            robust, _WHERE, donors=train_donors, hidden_size=self.encoder.hidden_size) if robust else \
+            PlainTraining(train_donors, self.encoder.hidden_size)
+        # a batch's donor index (into donors) -> the training donor's index (into train_donors), -1 for others
+        self.register_buffer("train_donor_index", torch.tensor(
+            [train_donors.index(name) if name in train_donors else -1 for name in self.donors], dtype=torch.long),
+            persistent=False)
         self.metrics = nn.ModuleDict({split: ClassificationMetrics(self.class_names) for split in EVAL_SPLITS})
         self.epoch_history: list[dict[str, float]] = []
         self.results: dict[str, dict[str, Any]] = {}
@@ -165,15 +181,25 @@ class CellClassifier(SeededModule):
                                       self.protected_token_ids)
         embeddings = self.encoder(input_ids, batch["attention_mask"])
         targets = F.one_hot(batch["labels"], len(self.class_names)).to(embeddings.dtype)
-        embeddings, targets = self.augment.mix(embeddings, targets)
-        loss = self.loss(self.head(embeddings), targets)
+        mixed, targets = self.augment.mix(embeddings, targets, donors=batch["donors"], labels=batch["labels"])
+        steps = self._trainer.estimated_stepping_batches if self._trainer is not None else 1
+        progress = min(1.0, self.global_step / max(1, steps))
+        loss, figures = self.robust(TrainingBatch(self.loss, self.head(mixed), targets, embeddings,
+                                                  self.train_donor_index[batch["donors"]], progress))
         if not torch.isfinite(loss):  # a diverged run stops here rather than training on NaN weights
             raise FloatingPointError(
                 f"train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: training "
                 "diverged; lower optimizer.lr or set trainer.gradient_clip_val"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        if figures:
+            self.log_dict(figures, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        figures = self.robust.epoch_figures()
+        if figures:
+            self.log_dict(figures)
 
     # ---- evaluation ----
 
@@ -182,7 +208,7 @@ class CellClassifier(SeededModule):
         loss = self.loss(outputs.logits, batch["labels"])
         probabilities = outputs.probabilities
         self.metrics[split].update(probabilities, batch["labels"], loss)
-        kept = [batch["index"].cpu(), batch["labels"].cpu(), probabilities.cpu()]
+        kept = [batch["index"].cpu(), batch["labels"].cpu(), probabilities.cpu(), batch["donors"].cpu()]
         if self.keep_embeddings:
             kept.append(outputs.embeddings.float().cpu())
         self._outputs[split].append(tuple(kept))
@@ -198,12 +224,15 @@ class CellClassifier(SeededModule):
         values = metrics.compute()
         confusion = metrics.confusion_matrix()
         metrics.reset()
-        self.log_dict({logged(split, name): value for name, value in values.items()}, sync_dist=False)
         outputs = self._outputs[split]
         self._outputs[split] = []
         columns = [torch.cat(column) for column in zip(*outputs)]
         if self.trainer.world_size > 1:
             columns = [self._gather_ragged(column) for column in columns]
+        worst = worst_group_macro_f1(columns[1].numpy(), columns[2].numpy().argmax(axis=1), columns[3].numpy())
+        if worst is not None:  # a split of several donors
+            values["worst_donor_macro_f1"] = worst
+        self.log_dict({logged(split, name): value for name, value in values.items()}, sync_dist=False)
         self.results[split] = {
             "metrics": values,
             "confusion_matrix": confusion,
@@ -212,7 +241,7 @@ class CellClassifier(SeededModule):
             "probabilities": columns[2].numpy(),
         }
         if self.keep_embeddings:
-            self.results[split]["embeddings"] = columns[3].numpy()
+            self.results[split]["embeddings"] = columns[4].numpy()
         if split == VAL and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.epoch_history.append({"epoch": self.current_epoch, **{logged(VAL, k): v for k, v in values.items()}})
 

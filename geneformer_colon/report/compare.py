@@ -129,6 +129,16 @@ def per_cell_type(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
 BREAKDOWNS = {"donor": per_donor, "cell type": per_cell_type}
 
 
+def seed_errors(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
+    """A seeded CV run's standard error of each donor's seed-mean test ``metric`` (sd / sqrt(seeds)); {} for a
+    run of one seed a fold."""
+    seeds = run.cv.get("seeds") if run.is_cv else None
+    if not seeds:
+        return {}
+    return {fold["test_donor"]: fold["seed_sd"][TEST][metric] / np.sqrt(len(seeds)) for fold in run.cv["folds"]
+            if fold.get("seed_sd", {}).get(TEST, {}).get(metric) is not None}
+
+
 def breakdown_table(runs: Sequence[Run], name: str, per_group: Callable[[Run], dict[str, float]]
                     ) -> TextTable | None:
     """Test macro F1 a group (donor or cell type) any run was scored on: a row a group, a column a run (by its
@@ -156,6 +166,8 @@ class PairedComparison:
     donors: list[str]
     reference_values: list[float]
     other_values: list[float]
+    # each donor's standard error of the difference from seed noise alone (both runs seeded), else None
+    seed_errors: list[float] | None = None
 
     @property
     def differences(self) -> np.ndarray:
@@ -174,7 +186,24 @@ class PairedComparison:
         if smallest > ALPHA:
             sentence += (f". With {nonzero} donors no outcome can reach p < {ALPHA} (the smallest possible p is "
                          f"{smallest:.3f}): read the per-donor differences, not the p-value")
-        return p, sentence
+        return p, sentence + self.seed_noise()
+
+    def within_seed_noise(self) -> int | None:
+        """How many donors differ by less than two standard errors of their seed means (None without seeds)."""
+        if not self.seed_errors:
+            return None
+        return int(np.sum(np.abs(self.differences) < 2 * np.asarray(self.seed_errors)))
+
+    def seed_noise(self) -> str:
+        """How much of the difference seed noise alone could make ("" without seeds)."""
+        within = self.within_seed_noise()
+        if within is None:
+            return ""
+        errors = np.asarray(self.seed_errors)
+        mean_error = float(np.sqrt(np.sum(errors**2)) / len(errors))
+        return (f". Seed noise: {within} of {len(errors)} donors differ by less than two standard errors of their "
+                f"seed means; seed noise alone gives the mean difference a standard error of {mean_error:.3f} "
+                f"({abs(self.differences.mean()) / mean_error if mean_error else np.inf:.1f} of them)")
 
 
 def paired_comparisons(runs: Sequence[Run], labels: Sequence[str]) -> list[PairedComparison]:
@@ -184,12 +213,16 @@ def paired_comparisons(runs: Sequence[Run], labels: Sequence[str]) -> list[Paire
     if len(scored) < 2:
         return []
     (reference, reference_values), others = scored[0], scored[1:]
+    errors = {label: seed_errors(run) for label, run in zip(labels, runs)}
     pairs = []
     for label, values in others:
         donors = [donor for donor in reference_values if donor in values]
         if len(donors) >= 2:
+            both = [errors[reference], errors[label]]
+            noise = [float(np.hypot(both[0][d], both[1][d])) for d in donors] \
+                if all(d in both[0] and d in both[1] for d in donors) else None
             pairs.append(PairedComparison(reference, label, donors, [reference_values[d] for d in donors],
-                                          [values[d] for d in donors]))
+                                          [values[d] for d in donors], noise))
     return pairs
 
 

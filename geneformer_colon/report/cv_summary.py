@@ -3,8 +3,11 @@
 ``cv.json`` and ``cv.md`` in the parent run directory: a row a fold (test donor, validation
 donor, cells, best epoch, val and test accuracy, macro F1, ROC AUC, per-class recall) and, for
 each figure, the mean, standard deviation, min, max and a 95% confidence interval (Student's t)
-across folds; ``plots/cv_per_donor.png``: test macro F1 per donor. The summary is rebuilt from
-whatever folds have finished, so folds run by several jobs are gathered by the last to end.
+across folds; ``plots/cv_per_donor.png``: test macro F1 per donor. With ``cv.seeds`` a fold's
+figures are its means over the seeds (its ``seed_sd``: their standard deviation; ``seeds``: each
+seed's own), and the figures across folds are taken over those per-donor means. The summary is
+rebuilt from whatever folds have finished, so folds run by several jobs are gathered by the last to
+end; a fold counts once all its seeds have finished.
 """
 
 from __future__ import annotations
@@ -66,6 +69,35 @@ def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | 
     }
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return float(np.mean(present)) if present else None
+
+
+def seeded_row(parent: RunLayout, donor: str, seeds: Sequence[int], class_names: Sequence[str]
+               ) -> dict[str, Any] | None:
+    """A fold run once a seed: its figures' means over the seeds, their standard deviation (``seed_sd``) and
+    each seed's own figures (``seeds``); None until every seed has finished."""
+    runs = [fold_row(parent.fold(donor, seed), class_names) for seed in seeds]
+    if any(run is None for run in runs):
+        return None
+    keys = list(runs[0][TEST])
+    cell_types = sorted({name for run in runs for name in run["test_macro_f1_by_cell_type"]})
+    return {
+        **{key: runs[0][key] for key in ("test_donor", "val_donor", "cells")},
+        "best_epoch": [run["best_epoch"] for run in runs],
+        "run_dir": donor,
+        **{split: {key: _mean([run[split][key] for run in runs]) for key in keys} for split in EVAL_SPLITS},
+        "seed_sd": {split: {key: spread([run[split][key] for run in runs])["sd"] for key in keys}
+                    for split in EVAL_SPLITS},
+        "chance_macro_f1": _mean([run["chance_macro_f1"] for run in runs]),
+        "test_macro_f1_by_cell_type": {name: _mean([run["test_macro_f1_by_cell_type"].get(name) for run in runs])
+                                       for name in cell_types},
+        "seeds": [{"seed": seed, "run_dir": f"{donor}/seed{seed}", "best_epoch": run["best_epoch"],
+                   **{split: run[split] for split in EVAL_SPLITS}} for seed, run in zip(seeds, runs)],
+    }
+
+
 def chance_macro_f1(confusion: Sequence[Sequence[int]]) -> float:
     """Expected macro F1 of guessing classes uniformly at random, given the true class mix."""
     counts = np.asarray(confusion).sum(axis=1).astype(float)
@@ -84,9 +116,11 @@ def aggregate(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) ->
 
 
 def cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],
-               val_rule: str) -> dict[str, Any]:
-    """The content of cv.json from the finished folds under ``parent`` (in ``donors`` order)."""
-    rows = [row for donor in donors if (row := fold_row(parent.fold(donor), class_names)) is not None]
+               val_rule: str, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """The content of cv.json from the finished folds under ``parent`` (in ``donors`` order); ``seeds``: each
+    fold was run once a seed (``folds/<donor>/seed<k>/``)."""
+    rows = [row for donor in donors if (row := seeded_row(parent, donor, seeds, class_names) if seeds
+                                        else fold_row(parent.fold(donor), class_names)) is not None]
     finished = {row["run_dir"] for row in rows}
     return {
         "run_name": run_name,
@@ -94,6 +128,7 @@ def cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str
         "status": FINISHED if len(finished) == len(donors) else PARTIAL,
         "strategy": "lodo",
         "donors": list(donors),
+        "seeds": list(seeds) if seeds else None,
         "val_rule": val_rule,
         "class_names": list(class_names),
         "folds": rows,
@@ -104,13 +139,18 @@ def cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str
 
 def cv_markdown(cv: Mapping[str, Any]) -> str:
     classes = cv["class_names"]
+    seeds = cv.get("seeds")
     headers = ["test donor", "val donor", "cells train/val/test", "best epoch",
                *(f"{split} {title}" for split in EVAL_SPLITS for title in METRICS.values()),
-               *(f"test recall {name}" for name in classes)]
+               *(f"test recall {name}" for name in classes), *(["test macro F1 seed sd"] if seeds else [])]
     rows = [[fold["test_donor"], fold["val_donor"],
-             "/".join(str(fold["cells"].get(split, "-")) for split in (TRAIN, VAL, TEST)), fold["best_epoch"],
+             "/".join(str(fold["cells"].get(split, "-")) for split in (TRAIN, VAL, TEST)),
+             ", ".join(map(str, fold["best_epoch"])) if seeds else fold["best_epoch"],
              *(fold[split][metric] for split in EVAL_SPLITS for metric in METRICS),
-             *(fold[TEST][per_class("recall", name)] for name in classes)] for fold in cv["folds"]]
+             *(fold[TEST][per_class("recall", name)] for name in classes),
+             *([fold["seed_sd"][TEST]["macro_f1"]] if seeds else [])] for fold in cv["folds"]]
+    seeded = (f"Each fold ran once a seed ({', '.join(map(str, seeds))}): its figures are the means over the seeds, "
+              "and the figures across folds are taken over those per-donor means.\n\n") if seeds else ""
     summary_rows = []
     for split in EVAL_SPLITS:
         for key, values in cv["aggregate"][split].items():
@@ -120,17 +160,17 @@ def cv_markdown(cv: Mapping[str, Any]) -> str:
                                  values["max"], interval])
     missing = f"\nNot finished: {', '.join(cv['missing'])}.\n" if cv["missing"] else ""
     return (f"# {cv['run_name']}: leave one donor out ({len(cv['folds'])} of {len(cv['donors'])} folds)\n\n"
-            f"Validation donor of each fold: {cv['val_rule']}.\n\n"
+            f"Validation donor of each fold: {cv['val_rule']}.\n\n" + seeded
             + markdown_table(headers, rows) + "\n## Across folds\n\n"
             + markdown_table(["figure", "folds", "mean", "sd", "min", "max", "95% CI of the mean"], summary_rows)
             + missing)
 
 
 def write_cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],
-                     val_rule: str) -> dict[str, Any]:
+                     val_rule: str, seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Rebuild cv.json, cv.md and the per-donor plot from the finished folds (one writer at a time)."""
     with file_lock(parent.root / ".cv.lock"):
-        cv = rounded(cv_summary(parent, run_name, kind, donors, class_names, val_rule), DIGITS)
+        cv = rounded(cv_summary(parent, run_name, kind, donors, class_names, val_rule, seeds), DIGITS)
         write_json(parent.cv_json, cv)
         with atomic_path(parent.cv_markdown) as tmp:
             tmp.write_text(cv_markdown(cv))
@@ -153,5 +193,6 @@ def gather(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     donors = earlier.get("donors") or config.get("cv", {}).get("donors") or folds
     kind = earlier.get("kind") or ("baseline" if "baseline" in config else "train")
     rule = earlier.get("val_rule") or "as in each fold's metrics.json"
+    seeds = config.get("cv", {}).get("seeds") or []
     return write_cv_summary(parent, config.get("run_name", parent.root.name), kind, donors,
-                            config.get("data", {}).get("labels") or [], rule)
+                            config.get("data", {}).get("labels") or [], rule, seeds if len(seeds) > 1 else None)
