@@ -8,12 +8,13 @@ ships (:func:`instantiate_trusted`).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 import inspect
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,28 @@ def check_values(cfg: DictConfig) -> None:
                          f"{input_size} tokens; set it to at least {input_size} (or null for batch_size cells)")
 
 
-# ---- a finished run's config under new overrides ----
+# ---- overrides ----
+
+# What OmegaConf.select gives for a key that is not there (None is a value).
+ABSENT = object()
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, or nothing."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def unknown_key(key: str, keys: Iterable[str]) -> InputError:
+    return InputError(f"{key}: no such key in the config{closest(key, keys)}; a new key is added with +{key}=..., "
+                      "where the class it configures takes it")
+
+
+def unknown_option(group: str, option: str, options: Sequence[str]) -> InputError:
+    return InputError(f"{group}={option}: {group} has no option {option!r}{closest(option, options)}; choose one "
+                      f"of {', '.join(options)}")
+
+
 
 
 def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
@@ -262,6 +284,16 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
         raise InputError(f"override: {error}") from None
     chosen = {o.key_or_group: o.value() for o in parsed
               if o.key_or_group in groups and not o.is_delete() and isinstance(o.value(), str)}
+    for group, option in chosen.items():
+        options = sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+        if option not in options:
+            raise unknown_option(group, option, options)
+    saved_cfg = OmegaConf.create(content)
+    for override in parsed:
+        key = override.key_or_group
+        if key not in chosen and not (override.is_add() or override.is_force_add()) \
+                and OmegaConf.select(saved_cfg, key, default=ABSENT) is ABSENT:
+            raise unknown_key(key, flatten(OmegaConf.to_container(saved_cfg, resolve=False)))
     dotted = [o.input_line for o in parsed if o.key_or_group not in chosen]
     for group in chosen:
         content.pop(group, None)

@@ -3,7 +3,6 @@ concurrent runs share the cache. The signals are real, sent to real `train.py` p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from conftest import bad_checkpoints, compose_train, run_script, tiny_overrides
+from conftest import bad_checkpoints, compose_train, fingerprints, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
 from geneformer_colon.errors import Interrupted, input_error_in
@@ -34,11 +33,6 @@ def pause_at(marker: Path, epoch: int = 1, batch: int = 4) -> list[str]:
 
 def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def fingerprints(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def wait_for(path: Path, process, timeout: float = 300) -> None:
