@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra._internal.utils import get_args_parser
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
@@ -29,7 +28,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from geneformer_colon.config import ABSENT, closest, flatten, unknown_key, unknown_option
+from geneformer_colon.config import ABSENT, closest, composing_in, flatten, unknown_key, unknown_option
 from geneformer_colon.errors import InputError
 
 # Keys of a node with a _target_ that instantiate itself takes, not the target.
@@ -128,36 +127,29 @@ def check_command_line(conf_dir: Path, config_name: str, argv: Sequence[str]) ->
             or args.config_path or args.config_dir:
         return  # not a run of this app's own config: Hydra answers
     parsed = parsed_overrides(args.overrides)
-    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            loader = GlobalHydra.instance().config_loader()
+    with composing_in(conf_dir) as hydra_instance:
+        loader = hydra_instance.config_loader()
 
-            def options_of(group: str) -> list[str] | None:
-                return sorted(loader.get_group_options(group)) if loader.repository.group_exists(group) else None
+        def options_of(group: str) -> list[str] | None:
+            return sorted(loader.get_group_options(group)) if loader.repository.group_exists(group) else None
 
-            check_groups(parsed, options_of)
-            job = [(override, line) for override in parsed if (line := one_job(override)) is not None]
-            # the config the keys are looked up in: the groups chosen, the keys added
-            chosen = [line for override, line in job if options_of(override.key_or_group) is not None
-                      or override.is_add() or override.is_force_add()]
-            try:
-                groups = [override.key_or_group for override in parsed if options_of(override.key_or_group) is not None]
-                check_keys(parsed, compose(config_name, overrides=chosen, return_hydra_config=True),
-                           [*loader.list_groups(""), *groups])
-                cfg = compose(config_name, overrides=[line for _, line in job], return_hydra_config=True)
-            except (HydraException, OmegaConfBaseException) as error:
-                cause = f": {first_line(error.__cause__)}" if error.__cause__ else ""
-                raise InputError(f"{' '.join(args.overrides)}: {first_line(error)}{cause}") from None
-            check_added_arguments(parsed, cfg)
-            if any(o.is_sweep_override() for o in parsed) and not args.multirun and cfg.hydra.mode != RunMode.MULTIRUN:
-                sweep = next(o.input_line for o in parsed if o.is_sweep_override())
-                raise InputError(f"{sweep}: several values are a sweep; add -m to run a job for each")
-    finally:
-        GlobalHydra.instance().clear()
-        if outer is not None:
-            GlobalHydra.instance().initialize(outer)
+        check_groups(parsed, options_of)
+        job = [(override, line) for override in parsed if (line := one_job(override)) is not None]
+        groups = [override.key_or_group for override in parsed if options_of(override.key_or_group) is not None]
+        # the config keys are looked up in: the groups chosen, the keys added
+        chosen = [line for override, line in job
+                  if override.key_or_group in groups or override.is_add() or override.is_force_add()]
+        try:
+            check_keys(parsed, compose(config_name, overrides=chosen, return_hydra_config=True),
+                       [*loader.list_groups(""), *groups])
+            cfg = compose(config_name, overrides=[line for _, line in job], return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as error:
+            cause = f": {first_line(error.__cause__)}" if error.__cause__ else ""
+            raise InputError(f"{' '.join(args.overrides)}: {first_line(error)}{cause}") from None
+    check_added_arguments(parsed, cfg)
+    if any(o.is_sweep_override() for o in parsed) and not args.multirun and cfg.hydra.mode != RunMode.MULTIRUN:
+        sweep = next(o.input_line for o in parsed if o.is_sweep_override())
+        raise InputError(f"{sweep}: several values are a sweep; add -m to run a job for each")
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

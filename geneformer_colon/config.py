@@ -8,6 +8,7 @@ ships (:func:`instantiate_trusted`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
@@ -263,6 +264,21 @@ def unknown_option(group: str, option: str, options: Sequence[str]) -> InputErro
 
 
 
+@contextlib.contextmanager
+def composing_in(config_dir: Path) -> Iterator[GlobalHydra]:
+    """Hydra's compose API on ``config_dir`` for the block; a Hydra app already running (its GlobalHydra)
+    is put back afterwards."""
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            yield GlobalHydra.instance()
+    finally:
+        GlobalHydra.instance().clear()
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+
+
 def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
     """A run's saved config with command-line overrides in Hydra's own grammar.
 
@@ -289,9 +305,9 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
         if option not in options:
             raise unknown_option(group, option, options)
     saved_cfg = OmegaConf.create(content)
-    for override in parsed:
+    for override in parsed:  # keys of the saved config (a group chosen anew is checked as Hydra composes it)
         key = override.key_or_group
-        if key not in chosen and not (override.is_add() or override.is_force_add()) \
+        if key.split(".")[0] not in chosen and not (override.is_add() or override.is_force_add()) \
                 and OmegaConf.select(saved_cfg, key, default=ABSENT) is ABSENT:
             raise unknown_key(key, flatten(OmegaConf.to_container(saved_cfg, resolve=False)))
     dotted = [o.input_line for o in parsed if o.key_or_group not in chosen]
@@ -301,17 +317,11 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
     content["hydra"] = {"searchpath": [f"file://{conf_dir.resolve()}"]}
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "run.yaml").write_text(yaml.safe_dump(content, sort_keys=False))
-        outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=folder, version_base="1.3"):
+            with composing_in(Path(folder)):
                 cfg = compose("run", overrides=dotted)
         except (HydraException, OmegaConfBaseException) as error:
             raise InputError(f"{saved}: cannot apply the overrides {list(overrides)}: {error}") from None
-        finally:
-            GlobalHydra.instance().clear()
-            if outer is not None:
-                GlobalHydra.instance().initialize(outer)
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return OmegaConf.create(trusted_content(cfg, str(saved)))

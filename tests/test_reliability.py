@@ -153,12 +153,13 @@ IN_THIS_PROCESS = {
 
 def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(tmp_path, shared_dirs):
     checkpoints = bad_checkpoints(tmp_path / "files")
-    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same", "logger=csv"]
+    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same0", "logger=csv"]
     cases = [case.format(**checkpoints) for case in IN_A_PROCESS]
     logs = {case: open(tmp_path / f"{number}.log", "w+") for number, case in enumerate(cases)}
-    for pair in (cases[:2], cases[2:]):  # two processes at a time
-        running = {case: run_script("train.py", *common, case, wait=False, stdout=logs[case], stderr=logs[case])
-                   for case in pair}
+    for pair in (cases[:2], cases[2:]):  # two processes at a time, each on its own run directory (one holds it)
+        running = {case: run_script("train.py", *common, case, f"run_name=same{number}", wait=False,
+                                    stdout=logs[case], stderr=logs[case])
+                   for number, case in enumerate(pair)}
         for case, process in running.items():
             assert process.wait(timeout=300) == 2, (case, logs[case].name)
     for case, expected in zip(cases, IN_A_PROCESS.values()):
@@ -175,7 +176,7 @@ def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(
         assert error is not None and expected in str(error) and "\n" not in str(error), (case, raised.value)
     # the same run_name works once the value is fixed: a failed start blocks nothing
     train(compose_train(common + ["trainer.fast_dev_run=true"]))
-    assert metrics(tmp_path / "outputs/same")["status"] == "finished"
+    assert metrics(tmp_path / "outputs/same0")["status"] == "finished"
 
 
 def test_two_runs_started_together_on_new_data_build_the_cache_once(tmp_path):
