@@ -28,7 +28,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from geneformer_colon.config import ABSENT, closest, composing_in, flatten, unknown_key, unknown_option
+from geneformer_colon.config import closest, composing_in, flatten, has_key, unknown_key, unknown_option
 from geneformer_colon.errors import InputError
 
 # Keys of a node with a _target_ that instantiate itself takes, not the target.
@@ -87,7 +87,9 @@ def check_keys(parsed: Sequence[Override], cfg: DictConfig, groups: Sequence[str
         key = override.key_or_group
         if override.is_add() or override.is_force_add() or key in groups:
             continue
-        if OmegaConf.select(cfg, key, default=ABSENT) is ABSENT:
+        if not has_key(cfg, key) and override.is_delete():
+            raise InputError(f"~{key}: no such key to delete{closest(key, keys_of(cfg))}")
+        if not has_key(cfg, key):
             raise unknown_key(key, [*keys_of(cfg), *groups])
 
 
@@ -100,7 +102,7 @@ def check_added_arguments(parsed: Sequence[Override], cfg: DictConfig) -> None:
         parts = key.split(".")
         for depth in range(len(parts) - 1, 0, -1):
             node_path, argument = ".".join(parts[:depth]), parts[depth]
-            target = OmegaConf.select(cfg, f"{node_path}._target_", default=None)
+            target = OmegaConf.select(cfg, f"{node_path}._target_", default=None, throw_on_resolution_failure=False)
             if isinstance(target, str):
                 check_argument(key, node_path, target, argument)
                 break

@@ -242,8 +242,13 @@ def check_values(cfg: DictConfig) -> None:
 
 # ---- overrides ----
 
-# What OmegaConf.select gives for a key that is not there (None is a value).
-ABSENT = object()
+def has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted ``key`` is in ``cfg`` (its value, an interpolation maybe, is not resolved)."""
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False) if parent_key else cfg
+    if isinstance(parent, ListConfig):
+        return name.isdigit() and int(name) < len(parent)
+    return isinstance(parent, DictConfig) and name in parent.keys()
 
 
 def closest(word: str, choices: Iterable[str]) -> str:
@@ -308,7 +313,7 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
     for override in parsed:  # keys of the saved config (a group chosen anew is checked as Hydra composes it)
         key = override.key_or_group
         if key.split(".")[0] not in chosen and not (override.is_add() or override.is_force_add()) \
-                and OmegaConf.select(saved_cfg, key, default=ABSENT) is ABSENT:
+                and not has_key(saved_cfg, key):
             raise unknown_key(key, flatten(OmegaConf.to_container(saved_cfg, resolve=False)))
     dotted = [o.input_line for o in parsed if o.key_or_group not in chosen]
     for group in chosen:
