@@ -6,15 +6,15 @@ recorded in the sweep's summary and the sweep goes on.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
 from geneformer_colon.baseline.naive_bayes import run_baseline
+from geneformer_colon.command_line import hydra_entry
 from geneformer_colon.console import report_input_errors
 from geneformer_colon.entry import run_job
 
 
-@hydra.main(config_path="conf", config_name="baseline", version_base="1.3")
+@hydra_entry("baseline")
 @report_input_errors
 def main(cfg: DictConfig) -> float:
     return run_job(run_baseline, cfg)

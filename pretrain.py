@@ -6,15 +6,15 @@ Then fine-tune from it:
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
+from geneformer_colon.command_line import hydra_entry
 from geneformer_colon.console import report_input_errors
 from geneformer_colon.entry import run_job
 from geneformer_colon.masked_gene_run import pretrain
 
 
-@hydra.main(config_path="conf", config_name="pretrain", version_base="1.3")
+@hydra_entry("pretrain")
 @report_input_errors
 def main(cfg: DictConfig) -> float:
     return run_job(pretrain, cfg, metric="masked_accuracy")

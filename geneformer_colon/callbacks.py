@@ -22,6 +22,32 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class SignalLatch:
+    """While installed, SIGTERM and Ctrl-C are remembered (``received``) instead of ending the process at
+    once, for the run to stop where it can be resumed; a second Ctrl-C stops at once."""
+
+    def __init__(self, then: str) -> None:
+        self.then = then  # what happens next, for the log
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: %s", signal.Signals(signum).name, self.then)
+
+    def install(self) -> None:
+        self.received = None
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
 class LastCheckpoint(Checkpoint):
     """``last.ckpt`` is the latest state: written at every epoch's end, and on SIGTERM or Ctrl-C.
 
@@ -38,24 +64,15 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.received: int | None = None
+        self.signals = SignalLatch("saving the run at the end of this step")
         self.should_stop = False
-        self._previous: dict[int, Any] = {}
 
     # ---- signals ----
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning("%s received: saving the run at the end of this step", signal.Signals(signum).name)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning installed its own SIGTERM handler (which would stop mid-accumulation).
-        self.received = None
         trainer.should_stop = trainer.should_stop or self.should_stop
-        for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self.signals.install()
 
     def state_dict(self) -> dict[str, Any]:
         return {"should_stop": self.should_stop}
@@ -64,23 +81,18 @@ class LastCheckpoint(Checkpoint):
         self.should_stop = bool(state_dict.get("should_stop", False))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
+        self.signals.restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        self.signals.restore()
 
     def _stop_requested(self, trainer: pl.Trainer) -> bool:
         """Whether any rank received a signal (all ranks must stop at the same step)."""
-        asked = self.received is not None
+        asked = self.signals.received is not None
         if trainer.world_size > 1:
-            flag = torch.tensor([self.received or 0], device=trainer.strategy.root_device)
+            flag = torch.tensor([self.signals.received or 0], device=trainer.strategy.root_device)
             flag = trainer.strategy.reduce(flag, reduce_op="max")
-            asked, self.received = bool(flag.item()), int(flag.item()) or None
+            asked, self.signals.received = bool(flag.item()), int(flag.item()) or None
         return asked
 
     # ---- saving ----
@@ -91,13 +103,13 @@ class LastCheckpoint(Checkpoint):
         window_closed = done % trainer.accumulate_grad_batches == 0
         if window_closed and done < trainer.num_training_batches and self._stop_requested(trainer):
             trainer.save_checkpoint(self.path)
-            raise Interrupted(self.received, self.path)
+            raise Interrupted(self.signals.received, self.path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.should_stop = trainer.should_stop
         trainer.save_checkpoint(self.path)
         if self._stop_requested(trainer) and not trainer.should_stop:  # else training ends here anyway
-            raise Interrupted(self.received, self.path)
+            raise Interrupted(self.signals.received, self.path)
 
 
 class BestCheckpoint(ModelCheckpoint):

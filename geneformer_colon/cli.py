@@ -13,6 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from geneformer_colon.console import report_input_errors
+from geneformer_colon.errors import InputError
 
 if TYPE_CHECKING:
     from geneformer_colon.predict import GeneIds
@@ -57,10 +58,18 @@ def _genes(args: argparse.Namespace) -> GeneIds:
     return GeneIds(ensembl_key=args.ensembl_key, gene_names=args.gene_names, symbol_key=args.symbol_key)
 
 
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    """Counts (cells a chunk, a batch) are integers >= 1: one line otherwise."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} is {getattr(args, name)}; give an integer >= 1")
+
+
 def _predict(args: argparse.Namespace) -> None:
     from geneformer_colon.predict import metrics_dir, predict_h5ad
     from geneformer_colon.saved_classifier import TrainedClassifier
 
+    _positive(args, "chunk_cells", "batch_size")
     added = predict_h5ad(TrainedClassifier.load(args.model), args.input, args.out, prefix=args.prefix, layer=args.layer,
                          genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
                          cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
@@ -74,6 +83,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> None:
     from geneformer_colon.embed import embed
 
+    _positive(args, "batch_size")
     scores = embed(args.model, args.input, args.out, colours=args.color.split(","), genes=_genes(args),
                    layer=args.layer, batch_size=args.batch_size, device=args.device)
     print(f"{scores['cells']} cells; silhouette " + ", ".join(
@@ -92,7 +102,7 @@ def _cv(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from geneformer_colon.export import export_run
 
-    print(export_run(args.run_dir, args.out_dir))
+    print(export_run(args.run_dir, args.out_dir, overwrite=args.overwrite))
 
 
 def _gene_options(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="a run's classifier as a Hugging Face directory with its dictionaries")
     export.add_argument("run_dir")
-    export.add_argument("out_dir")
+    export.add_argument("out_dir", help="a new folder, or an earlier export (replaced)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR even when it holds files an export does not write")
     export.set_defaults(run=_export)
     return parser
 

@@ -8,12 +8,14 @@ ships (:func:`instantiate_trusted`).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import fnmatch
 import importlib
 import inspect
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +241,48 @@ def check_values(cfg: DictConfig) -> None:
                          f"{input_size} tokens; set it to at least {input_size} (or null for batch_size cells)")
 
 
-# ---- a finished run's config under new overrides ----
+# ---- overrides ----
+
+def has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted ``key`` is in ``cfg`` (its value, an interpolation maybe, is not resolved)."""
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False) if parent_key else cfg
+    if isinstance(parent, ListConfig):
+        return name.isdigit() and int(name) < len(parent)
+    return isinstance(parent, DictConfig) and name in parent.keys()
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, or nothing."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def unknown_key(key: str, keys: Iterable[str]) -> InputError:
+    return InputError(f"{key}: no such key in the config{closest(key, keys)}; a new key is added with +{key}=..., "
+                      "where the class it configures takes it")
+
+
+def unknown_option(group: str, option: str, options: Sequence[str]) -> InputError:
+    return InputError(f"{group}={option}: {group} has no option {option!r}{closest(option, options)}; choose one "
+                      f"of {', '.join(options)}")
+
+
+
+
+@contextlib.contextmanager
+def composing_in(config_dir: Path) -> Iterator[GlobalHydra]:
+    """Hydra's compose API on ``config_dir`` for the block; a Hydra app already running (its GlobalHydra)
+    is put back afterwards."""
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            yield GlobalHydra.instance()
+    finally:
+        GlobalHydra.instance().clear()
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
 
 
 def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
@@ -263,6 +306,16 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
         raise InputError(f"override: {error}") from None
     chosen = {o.key_or_group: o.value() for o in parsed
               if o.key_or_group in groups and not o.is_delete() and isinstance(o.value(), str)}
+    for group, option in chosen.items():
+        options = sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+        if option not in options:
+            raise unknown_option(group, option, options)
+    saved_cfg = OmegaConf.create(content)
+    for override in parsed:  # keys of the saved config (a group chosen anew is checked as Hydra composes it)
+        key = override.key_or_group
+        if key.split(".")[0] not in chosen and not (override.is_add() or override.is_force_add()) \
+                and not has_key(saved_cfg, key):
+            raise unknown_key(key, flatten(OmegaConf.to_container(saved_cfg, resolve=False)))
     dotted = [o.input_line for o in parsed if o.key_or_group not in chosen]
     for group in chosen:
         content.pop(group, None)
@@ -270,17 +323,11 @@ def compose_run_config(saved: Path, overrides: Sequence[str], conf_dir: Path) ->
     content["hydra"] = {"searchpath": [f"file://{conf_dir.resolve()}"]}
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "run.yaml").write_text(yaml.safe_dump(content, sort_keys=False))
-        outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=folder, version_base="1.3"):
+            with composing_in(Path(folder)):
                 cfg = compose("run", overrides=dotted)
         except (HydraException, OmegaConfBaseException) as error:
             raise InputError(f"{saved}: cannot apply the overrides {list(overrides)}: {error}") from None
-        finally:
-            GlobalHydra.instance().clear()
-            if outer is not None:
-                GlobalHydra.instance().initialize(outer)
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return OmegaConf.create(trusted_content(cfg, str(saved)))

@@ -1,4 +1,5 @@
-"""The console of every command: library noise kept off it, a bad input as one line, exit codes."""
+"""The console of every command: library noise kept off it, a bad input as one line, exit codes; the
+run's log file, opened once its start is accepted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.errors import Interrupted, input_error_in
 
@@ -42,3 +45,31 @@ def report_input_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+class RunLogFile(logging.FileHandler):
+    """Hydra's log file of a job (conf/hydra/default.yaml), in the run directory: records wait in memory
+    until the run's start is accepted (:func:`open_run_log`), so a refused start writes nothing there.
+    A DDP rank other than 0 starts after its rank 0 accepted the run: it writes at once."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
+        super().__init__(filename, mode, encoding, delay=True)
+        self.waiting: list[logging.LogRecord] | None = [] if rank_zero_only.rank == 0 else None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.waiting is None:
+            super().emit(record)
+        else:
+            self.waiting.append(record)
+
+    def open(self) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        for record in waiting:
+            super().emit(record)
+
+
+def open_run_log() -> None:
+    """The start is accepted: the job's log file gets what was logged so far, and what follows."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogFile):
+            handler.open()

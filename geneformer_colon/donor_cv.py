@@ -5,17 +5,20 @@ or more, one a seed, ``<run dir>/folds/<test donor>/seed<k>/``. The parent holds
 the summary across folds (``report.cv_summary``). The validation donor of a fold is
 ``cv.val_donor`` when set (except in its own test fold), else the donor after the test donor in
 ``cv.donors`` (cyclic); ``cv.val_donors: N`` validates on the N donors after it (the worst of them
-is ``val/worst_donor_macro_f1``). The training donors are all the others. ``cv.folds`` runs only
-some test donors, so folds can be spread over several jobs and gathered: each job rewrites the
-summary from every fold finished so far. With ``resume=true`` a finished fold (and seed) is
-skipped and an interrupted one resumes. The job's value (a sweeper's objective) is, over the
-folds it covers, the mean (``cv.objective=mean``) or the lowest (``worst``) of each fold's
-validation figure, a fold's figure being its mean over seeds.
+is ``val/worst_donor_macro_f1``). The training donors are all the others. A job holds the folds it
+runs (and shares the parent with the other jobs of the run). ``cv.folds`` runs only some test
+donors, so folds can be spread over several jobs and gathered: each job rewrites the summary from
+every fold finished so far. With ``resume=true`` a finished fold (and seed) is skipped and an
+interrupted one resumes. The job's value (a sweeper's objective) is, over the folds it covers, the
+mean (``cv.objective=mean``) or the lowest (``worst``) of each fold's validation figure, a fold's
+figure being its mean over seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +26,23 @@ from typing import Any
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from geneformer_colon.callbacks import SignalLatch
 from geneformer_colon.config import check_values, plain
-from geneformer_colon.errors import InputError
+from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.names import FINISHED, VAL
 from geneformer_colon.report.cv_summary import write_cv_summary
 from geneformer_colon.report.history import write_history
-from geneformer_colon.rundir import RunLayout, allowed_changes, prepare_run_dir, read_run, record_changes, save_config
+from geneformer_colon.rundir import (
+    RunLayout,
+    allowed_changes,
+    holding,
+    prepare_run_dir,
+    read_run,
+    record_changes,
+    start_run,
+)
 from geneformer_colon.sweep import in_multirun
 
 log = logging.getLogger(__name__)
@@ -147,22 +160,32 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     one_seed = (cfg.cv.get("seeds") or [cfg.seed])[0]
     runs = [(fold, seed, parent.fold(fold.test_donor, seed if seeds else None))
             for fold in folds for seed in (seeds or [one_seed])]
-    check_parent(parent, cfg, [layout for _, _, layout in runs])
-    save_config(parent, cfg)
-    rule = val_rule(cfg.cv.val_donor, n_val)
-    kind = "baseline" if "baseline" in cfg else "train"
-    scores: dict[str, list[float]] = {}
-    for fold, seed, layout in runs:
-        where = f"fold {fold.test_donor}" + (f", seed {seed}" if seeds else "")
-        earlier = read_run(layout.root)
-        if cfg.resume and earlier.status == FINISHED:
-            log.info("%s: finished earlier, skipped", where)
-            record = earlier.metrics
-        else:
-            log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
-            record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
-        scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
-        write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
+    between_folds = SignalLatch("ending the CV job after this fold")
+    with contextlib.ExitStack() as held:  # this job's folds: other jobs of the run may hold the others
+        for fold in folds:
+            held.enter_context(holding(parent.fold(fold.test_donor), parent.fold_lock(fold.test_donor)))
+        check_parent(parent, cfg, [layout for _, _, layout in runs])
+        start_run(parent, cfg)
+        rule = val_rule(cfg.cv.val_donor, n_val)
+        kind = "baseline" if "baseline" in cfg else "train"
+        scores: dict[str, list[float]] = {}
+        between_folds.install()  # a fold's training has its own (LastCheckpoint); outside it, folds end whole
+        held.callback(between_folds.restore)
+        for fold, seed, layout in runs:
+            if between_folds.received is not None:
+                raise Interrupted(between_folds.received, parent.root)
+            where = f"fold {fold.test_donor}" + (f", seed {seed}" if seeds else "")
+            earlier = read_run(layout.root)
+            if cfg.resume and earlier.status == FINISHED:
+                log.info("%s: finished earlier, skipped", where)
+                if not layout.history.is_file():  # a job stopped between its metrics and its history
+                    write_history(earlier)
+                record = earlier.metrics
+            else:
+                log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
+                record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
+            scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
+            write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
     write_history(read_run(parent.root))
     return float(OBJECTIVES[objective]([np.mean(values) for values in scores.values()]))
 
@@ -171,8 +194,12 @@ def run(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     """``task`` on the config's split (``cv=none``, or a config without cv) or on every fold (``cv=lodo``);
     the sweeper's objective: the validation ``metric`` (over folds: ``cv.objective``, their mean or worst)."""
     strategy = cfg.get("cv", {}).get("strategy", "none")
-    if strategy == "none":
-        return task(cfg)[VAL][metric]
-    if strategy != "lodo":
+    if strategy not in ("none", "lodo"):
         raise InputError(f"cv.strategy is {strategy!r}; use cv=none or cv=lodo")
-    return run_folds(task, cfg, metric)
+    layout = RunLayout(cfg.paths.run_dir)
+    try:
+        # the jobs of one CV run share its directory (each holds its own folds); a run of one split holds it alone
+        with holding(layout, shared=strategy == "lodo"):
+            return task(cfg)[VAL][metric] if strategy == "none" else run_folds(task, cfg, metric)
+    except SIGTERMException:  # Lightning's, on SIGTERM while it evaluates: it would end the process silently, exit 0
+        raise Interrupted(signal.SIGTERM, layout.root) from None

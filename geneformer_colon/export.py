@@ -23,7 +23,7 @@ from typing import Any
 from safetensors.torch import save_file
 from transformers.utils import logging as transformers_logging
 
-from geneformer_colon.data.dictionaries import save_settings
+from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, SETTINGS_FILE, TOKEN_FILE, save_settings
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, METRICS
@@ -33,7 +33,6 @@ from geneformer_colon.saved_classifier import (
     EXPORT_HEAD,
     EXPORT_SETTINGS,
     TrainedClassifier,
-    is_export,
 )
 from geneformer_colon.tables import markdown_table
 
@@ -62,19 +61,30 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
     ])
 
 
-def check_out_dir(run_dir: Path, out_dir: Path) -> None:
-    """An export replaces an earlier export, never a folder of anything else (nor the run it comes from)."""
+# Every file an export may write (the mapping only for a run that mapped gene ids).
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", EXPORT_HEAD, EXPORT_SETTINGS, TOKEN_FILE, MEDIAN_FILE,
+                          MAPPING_FILE, SETTINGS_FILE, "README.md"})
+
+
+def check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """An export replaces an earlier export, never a folder holding anything else unless ``overwrite``
+    (nor ever the run it comes from)."""
     run, out = run_dir.resolve(), out_dir.resolve()
     if out == run or out in run.parents or run in out.parents:
         raise InputError(f"{out_dir}: the export would overlap the run directory {run_dir}; export elsewhere")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not is_export(out_dir):
-        raise InputError(f"{out_dir}: exists and holds other files than an export; give a new or empty folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: a file, not a folder; give a new or empty folder")
+    others = sorted(path.name for path in out_dir.iterdir() if path.name not in EXPORT_FILES) \
+        if out_dir.is_dir() else []
+    if others and not overwrite:
+        raise InputError(f"{out_dir}: holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not written "
+                         "by an export; give a new folder, move them away, or add --overwrite to replace the folder")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    check_out_dir(run_dir, out_dir)
+    check_out_dir(run_dir, out_dir, overwrite)
     model = TrainedClassifier.from_run(run_dir)
     bert = model.module.encoder.plain_bert()
     bert.config.id2label = dict(enumerate(model.class_names))

@@ -41,7 +41,7 @@ from geneformer_colon.rundir import (
     record_changes,
     resume_point,
     run_record,
-    save_config,
+    start_run,
     write_metrics,
 )
 from geneformer_colon.scoring import score_split
@@ -104,7 +104,7 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
         if resume_from is None:
             prepare_run_dir(layout, cfg.overwrite)
         record_changes(cfg, layout, changes)
-        save_config(layout, cfg)
+        start_run(layout, cfg)
         datamodule.save_dictionaries(layout.dictionaries)
     trainer = build_trainer(cfg, [LastCheckpoint(layout.checkpoint("last")),
                                   RecordEpochs(lambda epochs: write_metrics(layout, record(RUNNING, epochs)))])

@@ -67,6 +67,38 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder`` is what it wrote into the lock file."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, holder: str, shared: bool = False) -> Iterator[None]:
+    """A lock on ``path`` held for the block, or :class:`LockHeld` at once if another process has it.
+
+    ``shared``: several shared holders at a time, none beside an exclusive one. The holder's
+    description is written into the file for whoever is refused. The lock is the kernel's (flock):
+    a killed holder releases it, so a lock file left behind is never stale.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockHeld(handle.read().strip() or "another process") from None
+        try:
+            handle.truncate(0)
+            handle.write(holder + "\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_once(final: str | os.PathLike[str], build: Callable[[Path], None], done: Callable[[Path], bool] | None = None
                ) -> bool:
     """Make ``final`` with ``build(tmp)`` unless it exists; return whether this call built it.

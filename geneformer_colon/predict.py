@@ -6,7 +6,9 @@ model's own dictionaries and settings, and classified; no label or donor column 
 OUT.h5ad is the input with, for ``prefix`` (default ``gfc``):
 
 - ``obs["<prefix>_label"]``: the predicted class (empty for a cell with no gene of the vocabulary);
-- ``obs["<prefix>_prob_<class>"]``: each class's probability;
+- ``obsm["<prefix>_probabilities"]``: one row a cell, one column a class in the order of
+  ``uns["<prefix>"]["classes"]`` (NaN for a cell with no gene of the vocabulary): a matrix, not a
+  column a class, because class names (``CD4+/CD25 T Reg``) are no safe h5 names;
 - ``obsm["X_<prefix>"]``: the pooled cell embedding the classifier head sees;
 - ``uns["<prefix>"]``: the model (run or export, checkpoint), the classes, the tokenizer.
 
@@ -122,12 +124,12 @@ def predicted_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneId
         start += len(tokens)
 
 
-def new_obsm_array(handle: h5py.File, key: str, shape: tuple[int, int]) -> h5py.Dataset:
+def new_obsm_array(handle: h5py.File, key: str, shape: tuple[int, int], dtype: type = np.float32) -> h5py.Dataset:
     """An empty ``obsm[key]`` (replacing one of that name), encoded as anndata encodes a dense array."""
     obsm = handle.require_group("obsm")
     if key in obsm:
         del obsm[key]
-    dataset = obsm.create_dataset(key, shape=shape, dtype=np.float32)
+    dataset = obsm.create_dataset(key, shape=shape, dtype=dtype)
     dataset.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     return dataset
 
@@ -150,6 +152,8 @@ def predict_h5ad(
     input_path, out_path = Path(input_path), Path(out_path)
     if out_path.resolve() == input_path.resolve():
         raise InputError(f"{out_path}: the output would overwrite the input; give another --out")
+    if not prefix or "/" in prefix:
+        raise InputError(f"--prefix {prefix!r}: names obs, obsm and uns entries; give a name without '/'")
     classes = model.class_names
     with H5adReader(input_path, layer, layer_setting="--layer") as source:
         truth = labelled_cells(source.obs, classes, label_key, donor_key, cell_type_key, input_path) \
@@ -167,12 +171,14 @@ def predict_h5ad(
                 for rows, chunk_probabilities, chunk_embeddings in itertools.chain([first], chunks):
                     probabilities[rows], embedding[rows] = chunk_probabilities, chunk_embeddings
                     progress.update(task, completed=rows.stop)
+                new_obsm_array(handle, probabilities_key(prefix), probabilities.shape, np.float64)[:] = probabilities
                 added = prediction_columns(probabilities, classes, prefix, obs.index)
                 write_elem(handle, "obs", pd.concat([obs.drop(columns=added.columns, errors="ignore"), added], axis=1))
                 uns = read_elem(handle["uns"]) if "uns" in handle else {}
                 origin = {key: str(value) for key, value in model.origin.items() if not isinstance(value, list)}
                 uns[prefix] = {**origin, "classes": classes, "model_version": model.settings.model_version,
                                "input_size": model.settings.resolved_input_size, "embedding": f"X_{prefix}",
+                               "probabilities": probabilities_key(prefix),
                                "cells_without_vocabulary_genes": int(np.isnan(probabilities[:, 0]).sum())}
                 write_elem(handle, "uns", uns)
     missing = int(np.isnan(probabilities[:, 0]).sum())
@@ -183,13 +189,16 @@ def predict_h5ad(
     return added
 
 
+def probabilities_key(prefix: str) -> str:
+    return f"{prefix}_probabilities"
+
+
 def prediction_columns(probabilities: np.ndarray, classes: Sequence[str], prefix: str, index: pd.Index
                        ) -> pd.DataFrame:
+    """The obs column predict adds: the predicted class (empty where no gene of the vocabulary was found)."""
     assigned = ~np.isnan(probabilities[:, 0])
     labels = np.where(assigned, np.asarray(classes, dtype=object)[np.nan_to_num(probabilities).argmax(1)], "")
-    columns = {f"{prefix}_label": pd.Categorical(labels)}
-    columns.update({f"{prefix}_prob_{name}": probabilities[:, i] for i, name in enumerate(classes)})
-    return pd.DataFrame(columns, index=index)
+    return pd.DataFrame({f"{prefix}_label": pd.Categorical(labels)}, index=index)
 
 
 def metrics_dir(out_path: str | Path) -> RunLayout:

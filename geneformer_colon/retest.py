@@ -22,6 +22,7 @@ from geneformer_colon.names import FINISHED, TEST
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.rundir import (
     RunLayout,
+    holding,
     read_config,
     read_run,
     run_record,
@@ -89,8 +90,17 @@ def check_unseen(layout: RunLayout, cfg: DictConfig, allow_training_donors: bool
 
 def run_evaluation(run_dir: str | Path, overrides: Sequence[str], conf_dir: Path, name: str | None = None,
                    allow_training_donors: bool = False) -> dict[str, Any]:
-    """Test the run's best checkpoint; write metrics, predictions and plots to run_dir/eval/<name>/."""
+    """Test the run's best checkpoint; write metrics, predictions and plots to run_dir/eval/<name>/.
+
+    Evaluations of a run may run together, never beside a process that writes the run (train.py, resume=true).
+    """
     layout = RunLayout(Path(run_dir))
+    with holding(layout, shared=True):
+        return evaluate_run(layout, overrides, conf_dir, name, allow_training_donors)
+
+
+def evaluate_run(layout: RunLayout, overrides: Sequence[str], conf_dir: Path, name: str | None,
+                 allow_training_donors: bool) -> dict[str, Any]:
     cfg = run_config(layout, ["data.val_donors=[]", *overrides], conf_dir)  # any donor may be a test donor
     check_unseen(layout, cfg, allow_training_donors)
     name = name or "test-" + "-".join(cfg.data.test_donors)

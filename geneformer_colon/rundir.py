@@ -18,15 +18,23 @@ through :func:`run_record`, and reads runs through :func:`read_run` / :func:`fin
                                   folds/<test donor>/seed<k>/, one a seed)
       cv.json, cv.md              cv=lodo: the folds side by side and their aggregate
       hf/                         pretrain.py: the Hugging Face checkpoint and its dictionaries
+      .hydra/, <job>.log          Hydra's record of the job and its log, once the start is accepted
+
+One process at a time holds a run directory (:func:`holding`): the lock file ``.<run name>.lock``
+beside it names the holder. Nothing is written into the directory until its start is accepted
+(:func:`start_run`): a refused start leaves every byte of an earlier run as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import socket
+import time
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +48,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.config import plain, recipe_changes
+from geneformer_colon.console import open_run_log
 from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, read_json, remove, rounded, write_json
+from geneformer_colon.io import LockHeld, atomic_path, held_lock, read_json, remove, rounded, write_json
 from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, MONITOR, RUNNING, VAL, logged, per_class
 
 log = logging.getLogger(__name__)
@@ -76,6 +85,13 @@ class RunLayout:
     cv_plot = property(lambda self: self.root / "plots" / "cv_per_donor.png")
     hf = property(lambda self: self.root / "hf")
     embeddings = property(lambda self: self.root / "embed")
+    hydra = property(lambda self: self.root / ".hydra")
+    # beside the directory, not in it: taking the lock changes nothing of the run
+    lock = property(lambda self: self.root.parent / f".{self.root.name}.lock")
+
+    def fold_lock(self, test_donor: str) -> Path:
+        """A CV fold's lock, in the parent (a lock in folds/ would make any directory look cross-validated)."""
+        return self.root / f".fold-{test_donor}.lock"
 
     def checkpoint(self, which: str = "best") -> Path:
         return self.checkpoints / f"{which}.ckpt"
@@ -117,6 +133,51 @@ class RunLayout:
 def save_config(layout: RunLayout, cfg: DictConfig) -> None:
     with atomic_path(layout.config) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def start_run(layout: RunLayout, cfg: DictConfig) -> None:
+    """The start is accepted (every check passed): the run's config.yaml and, in the directory Hydra
+    runs the job in, Hydra's record of the job (``.hydra/``, which Hydra itself is told not to write
+    before the checks) and its log file."""
+    save_config(layout, cfg)
+    if not HydraConfig.initialized() or Path(HydraConfig.get().runtime.output_dir).resolve() != layout.root.resolve():
+        return
+    hydra_cfg = HydraConfig.get()
+    record = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+              "overrides.yaml": hydra_cfg.overrides.task}
+    for name, content in record.items():
+        with atomic_path(layout.hydra / name) as tmp:
+            tmp.write_text(OmegaConf.to_yaml(content))
+    open_run_log()
+
+
+class RunDirBusy(InputError):
+    """Another process holds the run directory."""
+
+
+@contextlib.contextmanager
+def holding(layout: RunLayout, lock: Path | None = None, shared: bool = False) -> Iterator[None]:
+    """Hold the run directory for the block, or refuse at once (:class:`RunDirBusy`) naming its holder.
+
+    ``lock``: the lock file (default the directory's own). ``shared``: readers (eval.py, the jobs of one
+    CV run) may hold it together, never beside a run that writes it. A DDP rank other than 0 shares its
+    rank 0's hold. A start refused before writing anything leaves no empty directory behind.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    try:
+        with held_lock(lock or layout.lock, holder, shared):
+            try:
+                yield
+            except BaseException:
+                if layout.root.is_dir() and not any(layout.root.iterdir()):
+                    layout.root.rmdir()  # made by Hydra, before any check
+                raise
+    except LockHeld as held:
+        raise RunDirBusy(f"{layout.root}: in use by {held.holder}; wait for it to end, or pick another "
+                         "run_name=...") from None
 
 
 def run_record(

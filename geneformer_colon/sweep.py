@@ -30,7 +30,7 @@ from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
 from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column
 from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, frame_markdown, run_row, runs_frame
-from geneformer_colon.rundir import RunLayout, mark_failed, read_run
+from geneformer_colon.rundir import RunDirBusy, RunLayout, mark_failed, read_run
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_sweep_job(task: Callable[[DictConfig], float], cfg: DictConfig) -> float
         else:
             log.exception("job %d failed", record["job"])
         record.update(status=FAILED, error=f"{type(error).__name__}: {error}")
-        if rank_zero_only.rank == 0:
+        if rank_zero_only.rank == 0 and not isinstance(bad_input, RunDirBusy):  # a held directory is not this job's
             mark_failed(RunLayout(cfg.paths.run_dir), record["error"])
         value = FAILED_JOB_VALUE
     save_record(sweep_dir, record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -83,6 +84,12 @@ def bad_checkpoints(folder: Path) -> dict[str, Path]:
     with_code = folder / "code.ckpt"
     torch.save({"state_dict": {}, "payload": Payload()}, with_code)
     return {"text": text, "code": with_code}
+
+
+def fingerprints(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) to the sha256 of its bytes."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def run_script(script: str, *arguments: str, wait: bool = True, timeout: int = 600, **kwargs):

@@ -30,7 +30,7 @@ def test_two_process_ddp_evaluates_every_cell_once(tmp_path, shared_dirs):
     run_dir = tmp_path / "outputs" / "ddp"
     # both ranks ran in the one run directory (rank 1 logs there too); no second run anywhere
     assert (run_dir / "train_ddp_process_1.log").is_file()
-    assert sorted(path.name for path in (tmp_path / "outputs").iterdir()) == ["ddp"]
+    assert sorted(path.name for path in (tmp_path / "outputs").iterdir() if not path.name.startswith(".")) == ["ddp"]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and [epoch["epoch"] for epoch in metrics["epochs"]] == [0]

@@ -39,6 +39,18 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     assert not marker.exists()
 
 
+class _AllowedConstructorWrongArguments:
+    def __reduce__(self):
+        return (dict, (5,))  # builtins.dict is allowed; dict(5) fails while unpickling
+
+
+def test_an_allowed_constructor_with_wrong_arguments_is_one_line(tmp_path):
+    path = tmp_path / "token_dictionary.pkl"
+    path.write_bytes(pickle.dumps(_AllowedConstructorWrongArguments()))
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: not a Geneformer dictionary pickle"):
+        load_pickle_dict(path)
+
+
 def test_lfs_pointer_is_named(tmp_path):
     path = tmp_path / "gene_median_dictionary_gc30M.pkl"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 940965\n")

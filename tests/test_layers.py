@@ -24,7 +24,7 @@ LAYERS = {
     "report": ("report", "report.*"),
     "jobs": ("fine_tune", "masked_gene_run", "retest", "donor_cv", "sweep", "predict", "embed", "export",
              "baseline", "baseline.*"),
-    "entry": ("cli", "entry", "__main__"),
+    "entry": ("cli", "entry", "command_line", "__main__"),
 }
 
 

@@ -25,7 +25,6 @@ from geneformer_colon.predict import GeneIds, predict_h5ad
 from geneformer_colon.saved_classifier import TrainedClassifier
 
 CLASSES = ["Normal", "Border", "Tumor"]
-PROBABILITIES = [f"gfc_prob_{name}" for name in CLASSES]
 
 
 def canonical_cells(run_dir: Path) -> ad.AnnData:
@@ -67,22 +66,52 @@ def test_predict_writes_what_the_run_predicted_into_a_copy_of_the_file(trained_r
     original = ad.read_h5ad(new_cells)
     assert list(predicted.obs_names) == list(original.obs_names) and predicted.n_vars == original.n_vars
     assert (predicted.layers["counts"] != original.layers["counts"]).nnz == 0
-    assert list(predicted.obs.columns) == ["batch", "n_counts", "gfc_label", *PROBABILITIES]
+    assert list(predicted.obs.columns) == ["batch", "n_counts", "gfc_label"]
     assert predicted.obsm["X_gfc"].shape == (original.n_obs, 32) and np.isfinite(predicted.obsm["X_gfc"]).all()
     assert predicted.uns["gfc"]["run_dir"] == str(run_dir) and list(predicted.uns["gfc"]["classes"]) == CLASSES
-    run = pd.read_csv(run_dir / "predictions" / "test.csv").set_index("cell_id")
-    np.testing.assert_allclose(predicted.obs.loc[run.index, PROBABILITIES].to_numpy(),
-                               run[[f"prob_{name}" for name in CLASSES]].to_numpy(), atol=1e-5)
-    assert (predicted.obs.loc[run.index, "gfc_label"] == run["predicted"]).all()
+    assert_probabilities_are_the_runs(predicted, run_dir)
 
     # read a chunk of 7 cells at a time: the same result (other batches: float rounding at most)
     small = tmp_path / "chunked.h5ad"
     predict_h5ad(TrainedClassifier.load(run_dir), new_cells, small, layer="counts", chunk_cells=7)
     chunked = ad.read_h5ad(small)
-    np.testing.assert_allclose(chunked.obs[PROBABILITIES].to_numpy(), predicted.obs[PROBABILITIES].to_numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(chunked.obsm["gfc_probabilities"], predicted.obsm["gfc_probabilities"], atol=1e-6)
     np.testing.assert_allclose(chunked.obsm["X_gfc"], predicted.obsm["X_gfc"], atol=1e-5)
     assert (chunked.obs["gfc_label"] == predicted.obs["gfc_label"]).all()
+
+
+def assert_probabilities_are_the_runs(predicted: ad.AnnData, run_dir: Path) -> None:
+    """obsm["gfc_probabilities"], columns in uns["gfc"]["classes"] order: the run's own test predictions."""
+    run = pd.read_csv(run_dir / "predictions" / "test.csv").set_index("cell_id")
+    rows = predicted.obs_names.get_indexer(run.index)
+    np.testing.assert_allclose(predicted.obsm["gfc_probabilities"][rows],
+                               run[[f"prob_{name}" for name in CLASSES]].to_numpy(), atol=1e-5)
+    classes = list(predicted.uns["gfc"]["classes"])
+    assert (predicted.obs["gfc_label"].iloc[rows].map(lambda name: CLASSES[classes.index(name)]).to_numpy()
+            == run["predicted"].to_numpy()).all()
+
+
+def test_class_names_with_a_slash_are_written_without_a_warning(trained_runs, new_cells, tmp_path):
+    """A real dataset's labels (`CD4+/CD25 T Reg`): no h5 name is made of them (a warning is an error here)."""
+    model = TrainedClassifier.load(trained_runs[0])
+    model.module.class_names = ["CD4+/CD25 T Reg", "Border", "Tumor/core"]
+    out = tmp_path / "slashes.h5ad"
+    predict_h5ad(model, new_cells, out, layer="counts")
+    predicted = ad.read_h5ad(out)
+    assert list(predicted.uns["gfc"]["classes"]) == model.class_names
+    assert not any("/" in column for column in predicted.obs.columns)
+    assert_probabilities_are_the_runs(predicted, trained_runs[0])
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--chunk-cells", "-5"], ["--batch-size", "-5"]])
+def test_predict_counts_below_one_are_one_line(trained_runs, new_cells, tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["predict", str(trained_runs[0]), str(new_cells), "--out", str(tmp_path / "out.h5ad"), *option])
+    assert ended.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{option[0]} is {option[1]}; give an integer >= 1" in error
+    assert not (tmp_path / "out.h5ad").exists()
+
 
 
 def test_labelled_cells_get_metrics_by_donor_and_cell_type(trained_runs, tmp_path):
@@ -123,6 +152,11 @@ def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs
         assert (export / name).is_file(), name
     assert "## Metrics of the run" in (export / "README.md").read_text()
     assert export_run(run_dir, export) == export  # an earlier export may be replaced, nothing else
+    (export / "my_notes.txt").write_text("mine")  # a file of the user's in an earlier export: kept, or --overwrite
+    with pytest.raises(InputError, match="holds my_notes.txt, not written by an export.*--overwrite"):
+        export_run(run_dir, export)
+    assert (export / "my_notes.txt").read_text() == "mine" and (export / "cell_classifier.json").is_file()
+    assert export_run(run_dir, export, overwrite=True) == export and not (export / "my_notes.txt").exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
     for elsewhere in (tmp_path / "notes", run_dir, run_dir / "hf"):
@@ -145,8 +179,8 @@ def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs
     from_run, from_export = tmp_path / "run.h5ad", tmp_path / "export.h5ad"
     predict_h5ad(TrainedClassifier.load(run_dir), new_cells, from_run, layer="counts")
     predict_h5ad(TrainedClassifier.load(export), new_cells, from_export, layer="counts")
-    np.testing.assert_allclose(ad.read_h5ad(from_export).obs[PROBABILITIES].to_numpy(),
-                               ad.read_h5ad(from_run).obs[PROBABILITIES].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(ad.read_h5ad(from_export).obsm["gfc_probabilities"],
+                               ad.read_h5ad(from_run).obsm["gfc_probabilities"], atol=1e-6)
 
 
 def test_embed_draws_the_donor_shift_and_scores_it(trained_runs, new_cells, tmp_path, capsys):

@@ -3,7 +3,6 @@ concurrent runs share the cache. The signals are real, sent to real `train.py` p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import bad_checkpoints, compose_train, run_script, tiny_overrides
+from conftest import bad_checkpoints, compose_train, fingerprints, run_script, tiny_overrides
 
 from geneformer_colon.builders import read_checkpoint
 from geneformer_colon.errors import Interrupted, input_error_in
@@ -35,11 +34,6 @@ def pause_at(marker: Path, epoch: int = 1, batch: int = 4) -> list[str]:
 
 def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def fingerprints(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def wait_for(path: Path, process, timeout: float = 300) -> None:
@@ -169,12 +163,13 @@ IN_THIS_PROCESS = {
 
 def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(tmp_path, shared_dirs):
     checkpoints = bad_checkpoints(tmp_path / "files")
-    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same", "logger=csv"]
+    common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same0", "logger=csv"]
     cases = [case.format(**checkpoints) for case in IN_A_PROCESS]
     logs = {case: open(tmp_path / f"{number}.log", "w+") for number, case in enumerate(cases)}
-    for pair in (cases[:2], cases[2:]):  # two processes at a time
-        running = {case: run_script("train.py", *common, case, wait=False, stdout=logs[case], stderr=logs[case])
-                   for case in pair}
+    for pair in (cases[:2], cases[2:]):  # two processes at a time, each on its own run directory (one holds it)
+        running = {case: run_script("train.py", *common, case, f"run_name=same{number}", wait=False,
+                                    stdout=logs[case], stderr=logs[case])
+                   for number, case in enumerate(pair)}
         for case, process in running.items():
             assert process.wait(timeout=300) == 2, (case, logs[case].name)
     for case, expected in zip(cases, IN_A_PROCESS.values()):
@@ -191,7 +186,7 @@ def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(
         assert error is not None and expected in str(error) and "\n" not in str(error), (case, raised.value)
     # the same run_name works once the value is fixed: a failed start blocks nothing
     train(compose_train(common + ["trainer.fast_dev_run=true"]))
-    assert metrics(tmp_path / "outputs/same")["status"] == "finished"
+    assert metrics(tmp_path / "outputs/same0")["status"] == "finished"
 
 
 def test_two_runs_started_together_on_new_data_build_the_cache_once(tmp_path):

@@ -34,7 +34,7 @@ from geneformer_colon.rundir import (
     prepare_run_dir,
     recipe,
     run_record,
-    save_config,
+    start_run,
     write_metrics,
 )
 from geneformer_colon.scoring import score_split
@@ -71,7 +71,7 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     check_values(cfg)
     datamodule = build_datamodule(cfg)
     prepare_run_dir(layout, overwrite=cfg.overwrite)
-    save_config(layout, cfg)
+    start_run(layout, cfg)
     adata = datamodule.cells.to_anndata()
     features = split_features(datamodule, adata, cfg.baseline)
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}

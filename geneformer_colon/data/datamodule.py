@@ -249,8 +249,11 @@ class CellDataModule(pl.LightningDataModule):
             self._check_split(split)
 
     def _check_split(self, split: str) -> None:
-        if (split == VAL and not self.val_donors) or (split == TEST and not self.test_donors):
-            return  # no donor asked for that split (pretraining has no test split, eval no validation split)
+        if split == TEST and not self.test_donors:
+            return  # no donor asked for it: pretraining has no test split (eval.py no validation split: not set up)
+        if split == VAL and not self.val_donors:
+            raise InputError("data.val_donors is []: the best epoch is picked on held-out donors; name at least one "
+                             f"(donors: {sorted(self.store.cells['donor'].astype(str).unique())})")
         if len(self.splits[split]) == 0:
             raise InputError(
                 f"{self.store.source}: the {split} split has no cell (data.val_donors={self.val_donors}, "

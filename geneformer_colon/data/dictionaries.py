@@ -69,7 +69,7 @@ def load_pickle_dict(path: str | Path) -> dict[Any, Any]:
         handle.seek(0)
         try:
             loaded = _RestrictedUnpickler(handle).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        except Exception as err:  # the allowed constructors called with wrong arguments (dict(5)), a cut file, ...
             raise InputError(
                 f"{path}: not a Geneformer dictionary pickle ({err}); expected a dict of gene ids "
                 "to token ids or medians"
