@@ -1,6 +1,6 @@
 """Benchmark: in-silico perturbations (cell x gene) per second, batched against one variant a forward pass.
 
-    python bench/perturb_speed.py [--shape v1|tiny|both] [--cells 8] [--length 1024] [--genes 32]
+    python bench/perturb_speed.py [--shape v1|tiny|both] [--cells 4] [--length 512] [--genes 16]
                                   [--batch-size 64] [--threads 1] [--device cpu|cuda] [--small]
 
 The model has random weights of the V1 shape (6 layers x 256, 4 heads, FFN 512; ``v1``) or of the
@@ -134,9 +134,9 @@ def measure(shape: str, setting: Setting, device: str) -> list[tuple[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["v1", "tiny", "both"], default="both")
-    parser.add_argument("--cells", type=int, default=8)
-    parser.add_argument("--length", type=int, default=1024, help="the longest cell (genes), also the input size")
-    parser.add_argument("--genes", type=int, default=32, help="genes perturbed in every cell")
+    parser.add_argument("--cells", type=int, default=4)
+    parser.add_argument("--length", type=int, default=512, help="the longest cell (genes), also the input size")
+    parser.add_argument("--genes", type=int, default=16, help="genes perturbed in every cell")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")

@@ -131,8 +131,6 @@ class Perturber:
 
     def __init__(self, model: TrainedClassifier, kind: str, centroid: np.ndarray, batch_size: int = 64,
                  device: str = "cpu", insert_absent: bool = False) -> None:
-        if kind not in PERTURBATIONS:
-            raise InputError(f"--perturb {kind}: unknown; use one of {', '.join(PERTURBATIONS)}")
         self.model, self.kind, self.batch_size, self.device = model, kind, batch_size, device
         self.centroid = centroid / max(float(np.linalg.norm(centroid)), 1e-12)
         self.insert_absent = insert_absent and kind == "overexpress"
@@ -303,6 +301,7 @@ def perturb(
         raise InputError(f"--goal {goal}: not a class of the model {model.class_names}; choose one of those")
     if kind not in PERTURBATIONS:
         raise InputError(f"--perturb {kind}: unknown; use one of {', '.join(PERTURBATIONS)}")
+
     def goal_cells(obs: pd.DataFrame) -> np.ndarray:
         return (obs[label_key].astype(str) == goal).to_numpy() if label_key in obs.columns else np.zeros(len(obs), bool)
 
