@@ -136,7 +136,8 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
     out = Path(out_dir) if out_dir is not None else default_out(model_path, input_path, "explain") / (
         name or "_".join([f"ig_{what.replace(' ', '-')}", *where]).replace("/", "-").replace(" ", "-"))
     settings = {"command": "explain", "model": str(model_path), "input": str(input_path or "run val/test cells"),
-                "target": what, "where": list(where), "genes": genes, "min_cells": min_cells, "max_cells": max_cells,
+                "target": what, "where": list(where), "genes": genes or "all", "min_cells": min_cells,
+                "max_cells": max_cells,
                 "seed": seed, "steps": steps, "baseline": BASELINES[baseline], "cells": len(cells.rows),
                 "columns": len(columns), "seconds": round(seconds, 2), "device": device}
     write_gene_outputs(out, effects, obs, settings, matrix_name="attributions.h5ad",

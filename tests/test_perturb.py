@@ -4,6 +4,7 @@ one-cell-at-a-time passes, predict, scipy, and the synthetic cohort's planted pr
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -123,6 +124,21 @@ def test_outputs_match_predict_genes_csv_and_scipy(trained_runs, tmp_path):
     assert "## Top 30: largest mean delta_Normal" in (out / "genes.md").read_text()
     assert (out / "plots" / "top_genes.png").stat().st_size and (out / "plots" / "volcano.png").stat().st_size
     assert json.loads((out / "settings.json").read_text())["cells"] == shifts.n_obs
+
+
+def test_an_h5ad_is_read_as_predict_reads_it_and_gives_the_run_cells_results(trained_runs, shared_dirs, tmp_path):
+    canonical = tmp_path / "cells.h5ad"
+    shutil.copyfile(next((shared_dirs["cache"] / "ingest").glob("*.h5ad")), canonical)
+    where = ["label=Tumor", "donor=KUL01"]
+    from_file = perturb(trained_runs[0], "Normal", canonical, where=where, genes="all", min_cells=5,
+                        gene_ids=GeneIds(ensembl_key="ensembl_id"), progress=False)
+    assert from_file.parent == canonical.with_name(f"{canonical.stem}_perturb")
+    from_run = perturb(trained_runs[0], "Normal", where=where, min_cells=5, out_dir=tmp_path / "run", progress=False)
+    file_cells, run_cells = ad.read_h5ad(from_file / "shifts.h5ad"), ad.read_h5ad(from_run / "shifts.h5ad")
+    assert sorted(file_cells.obs_names) == sorted(run_cells.obs_names)
+    assert list(file_cells.var_names) == list(run_cells.var_names)
+    run_cells = run_cells[file_cells.obs_names]
+    np.testing.assert_allclose(file_cells.X.toarray(), run_cells.X.toarray(), atol=1e-6)
 
 
 @pytest.mark.parametrize("arguments", [
