@@ -9,7 +9,7 @@ embedding dimensions at its position. Completeness: the attributions of a cell s
 minus the baseline's logit, up to the integration error captum reports as the convergence delta;
 its size is written to ``completeness.json``.
 
-The per-gene statistics and files are ``perturb``'s (:mod:`geneformer_colon.gene_effects`): genes.csv,
+The per-gene statistics and files are ``perturb``'s (:mod:`geneformer_colon.report.gene_effects`): genes.csv,
 genes.md, ``attributions.h5ad`` (cells x genes) and plots, the means also per donor, per true class
 (``label_``), per cell type and per explained class (``explained_``).
 """
@@ -30,10 +30,10 @@ from geneformer_colon.cell_choice import CellSet, select_cells
 from geneformer_colon.data.samplers import EvalBatchSampler
 from geneformer_colon.data.tokenizer import FRAME_TOKENS
 from geneformer_colon.errors import InputError
-from geneformer_colon.gene_effects import GeneEffects, write_gene_outputs
 from geneformer_colon.io import write_json
 from geneformer_colon.perturb import choose_columns, default_out
 from geneformer_colon.predict import GeneIds
+from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
 from geneformer_colon.saved_classifier import TrainedClassifier
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,8 @@ from geneformer_colon.cell_choice import CellSet, GeneNames, goal_centroid, read
 from geneformer_colon.data.token_rows import pad_tokens
 from geneformer_colon.data.tokenizer import FRAME_TOKENS
 from geneformer_colon.errors import InputError
-from geneformer_colon.gene_effects import GeneEffects, write_gene_outputs
 from geneformer_colon.predict import GeneIds
+from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
 from geneformer_colon.saved_classifier import TrainedClassifier
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ def pad_tokens(cells: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, 
     """``input_ids`` (cells x the longest cell, ``pad_id`` after each cell's end) and ``attention_mask``
     (1 on the real tokens). An item is one cell's tokens, or a 2-D block of cells of one length (the
     perturbed variants of a cell)."""
-    blocks = [np.asarray(cell, dtype=np.int64).reshape(-1, np.shape(cell)[-1]) for cell in cells]
+    blocks = [np.atleast_2d(np.asarray(cell, dtype=np.int64)) for cell in cells]
     longest = max(block.shape[1] for block in blocks)
     input_ids = torch.full((sum(len(block) for block in blocks), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(input_ids.shape, dtype=torch.long)
