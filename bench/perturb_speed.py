@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from geneformer_colon.cell_choice import CellSet  # noqa: E402
-from geneformer_colon.data.dictionaries import GeneDictionaries  # noqa: E402
-from geneformer_colon.data.tokenizer import TokenizedCells, TokenizerSettings  # noqa: E402
+from geneformer_colon.data.dictionaries import GeneDictionaries, TokenizerSettings  # noqa: E402
+from geneformer_colon.data.tokenizer import TokenizedCells  # noqa: E402
 from geneformer_colon.model.backbone import Vocabulary, new_bert  # noqa: E402
 from geneformer_colon.model.module import CellClassifier  # noqa: E402
 from geneformer_colon.perturb import Columns, Perturber, perturbed_tokens  # noqa: E402

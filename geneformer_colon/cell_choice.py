@@ -176,11 +176,9 @@ def gene_names(model: TrainedClassifier, datamodule: CellDataModule | None, gene
     token_of = {gene: token for gene, token in model.dictionaries.token.items() if not gene.startswith("<")}
     if gene_names_file is not None:
         symbol_of = {gene: symbol for symbol, gene in read_gene_name_map(gene_names_file).items()}
-    elif datamodule is not None and datamodule.canonical is not None:
-        with H5adReader(datamodule.canonical) as source:
-            var = source.var
-        ids = var["ensembl_id"].astype(str) if "ensembl_id" in var.columns else pd.Series([], dtype=str)
-        symbol_of = {gene: str(symbol) for symbol, gene in zip(var.index, ids) if gene}
+    elif datamodule is not None and datamodule.cells is not None:
+        var = datamodule.cells.var
+        symbol_of = {gene: str(symbol) for symbol, gene in zip(var["symbol"], var["ensembl_id"].astype(str)) if gene}
     else:
         symbol_of = {}
     return GeneNames(token_of, symbol_of)

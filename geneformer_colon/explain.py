@@ -27,8 +27,8 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 from geneformer_colon.cell_choice import CellSet, select_cells
+from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.samplers import EvalBatchSampler
-from geneformer_colon.data.tokenizer import FRAME_TOKENS
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import write_json
 from geneformer_colon.perturb import choose_columns, default_out

@@ -35,8 +35,8 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from geneformer_colon.cell_choice import CellSet, GeneNames, goal_centroid, read_gene_list, select_cells
+from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.token_rows import pad_tokens
-from geneformer_colon.data.tokenizer import FRAME_TOKENS
 from geneformer_colon.errors import InputError
 from geneformer_colon.predict import GeneIds
 from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
