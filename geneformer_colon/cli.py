@@ -90,6 +90,45 @@ def _embed(args: argparse.Namespace) -> None:
         f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
 
 
+def _perturb(args: argparse.Namespace) -> None:
+    from geneformer_colon.perturb import perturb
+
+    genes = args.genes if args.genes is not None else (None if args.gene_set else "all")
+    out = perturb(args.model, args.goal, args.input, kind=args.perturb, where=args.where, genes=genes,
+                  gene_sets=args.gene_set, min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed,
+                  out_dir=args.out, name=args.name, label_key=args.label_key, gene_ids=_genes(args), layer=args.layer,
+                  batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty())
+    print(f"{out}: genes.csv, genes.md, shifts.h5ad, plots/")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from geneformer_colon.explain import explain
+
+    out, completeness = explain(args.model, args.input, target=args.target, where=args.where, genes=args.genes,
+                                min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed, steps=args.steps,
+                                baseline=args.baseline, out_dir=args.out, name=args.name, gene_ids=_genes(args),
+                                layer=args.layer, batch_size=args.batch_size, device=args.device)
+    print(f"{out}: genes.csv, genes.md, attributions.h5ad, plots/; completeness: mean |sum - logit difference| "
+          f"{completeness['mean_abs_delta']:.3g} (relative {completeness['relative_mean_abs_delta']:.3g})")
+
+
+def _cell_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a run directory or an export")
+    parser.add_argument("input", nargs="?", help="an .h5ad of raw counts, read as predict reads it (default: the "
+                                                 "run's validation and test cells)")
+    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="keep cells whose obs COLUMN is VALUE (repeat: one column's values are alternatives, "
+                             "columns must all match), e.g. --where label=Tumor --where donor=KUL01")
+    parser.add_argument("--max-cells", type=int, help="at most this many of the chosen cells, drawn with --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--genes", help="'all' (every gene expressed in --min-cells of the chosen cells), a "
+                                        "comma-separated list or a file of Ensembl ids or symbols (default all)")
+    parser.add_argument("--min-cells", type=int, default=10, help="with --genes all (default 10)")
+    parser.add_argument("--out", help="the output folder (default <run dir>/<verb>/<name>, or beside INPUT.h5ad)")
+    parser.add_argument("--name", help="the output folder's name under the default place")
+    _gene_options(parser)
+
+
 def _cv(args: argparse.Namespace) -> None:
     from geneformer_colon.report.cv_summary import gather
 
@@ -166,6 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", help="folder for the PNGs, silhouette.json and embedding.h5ad")
     _gene_options(embed)
     embed.set_defaults(run=_embed)
+
+    perturb = commands.add_parser("perturb", help="in-silico perturbation: which genes move cells toward a class")
+    _cell_options(perturb)
+    perturb.add_argument("--goal", required=True, help="the class the cells should move toward, e.g. Normal")
+    perturb.add_argument("--perturb", choices=("delete", "overexpress"), default="delete",
+                         help="delete the gene's token, or move it to the front (default delete)")
+    perturb.add_argument("--gene-set", action="append", default=[], metavar="FILE",
+                         help="perturb this file's genes at once, reported as one row (repeatable)")
+    perturb.add_argument("--label-key", default="label",
+                         help="obs column of classes, for the goal centroid (default label)")
+    perturb.set_defaults(run=_perturb)
+
+    explain = commands.add_parser("explain", help="integrated-gradients attributions of genes to a class (captum)")
+    _cell_options(explain)
+    explain.add_argument("--target", help="the class to explain (default: each cell's predicted class)")
+    explain.add_argument("--steps", type=int, default=32, help="integration steps (default 32)")
+    explain.add_argument("--baseline", choices=("pad", "mask"), default="pad",
+                         help="every gene token replaced by <pad> or <mask> in the baseline (default pad)")
+    explain.set_defaults(run=_explain)
 
     cross = commands.add_parser("cv", help="rewrite a cv=lodo run's cv.json, cv.md and plot from its folds")
     cross.add_argument("run_dir")

@@ -39,7 +39,7 @@ from geneformer_colon.data.canonical import check_gene_ids, obs_n_counts, obs_st
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import read_gene_name_map
 from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader, ensembl_ids_of
-from geneformer_colon.data.tokenizer import tokenize_chunks
+from geneformer_colon.data.tokenizer import TokenizedCells, tokenize_chunks
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import FINISHED, TEST
@@ -110,18 +110,25 @@ def file_counts(source: H5adReader, gene_ids: np.ndarray, field: str, order: np.
     return CellCounts(chunks, gene_ids[order], field, source.shape[0], str(source.path))
 
 
-def predicted_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneIds, chunk_cells: int = CHUNK_CELLS,
-                     batch_size: int = 64, device: str = "cpu") -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """The cells of an open h5ad, chunk by chunk: (their rows, class probabilities, embeddings)."""
+def tokenized_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneIds, chunk_cells: int = CHUNK_CELLS
+                     ) -> Iterator[tuple[slice, TokenizedCells]]:
+    """The cells of an open h5ad tokenized as the model tokenizes, chunk by chunk: (their rows, their tokens)."""
     gene_ids, field = genes.of(source.var, source.path)
     check_gene_ids(gene_ids, source.path, field, "give Ensembl ids (--ensembl-key) or --gene-names")
     order = vocabulary_order(gene_ids, model, source.path, field)
     start = 0
     for tokens in tokenize_chunks(file_counts(source, gene_ids, field, order, chunk_cells), model.dictionaries,
                                   model.settings):
-        probabilities, embeddings = model.apply(tokens, batch_size=batch_size, device=device)
-        yield slice(start, start + len(tokens)), probabilities, embeddings
+        yield slice(start, start + len(tokens)), tokens
         start += len(tokens)
+
+
+def predicted_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneIds, chunk_cells: int = CHUNK_CELLS,
+                     batch_size: int = 64, device: str = "cpu") -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """The cells of an open h5ad, chunk by chunk: (their rows, class probabilities, embeddings)."""
+    for rows, tokens in tokenized_chunks(model, source, genes, chunk_cells):
+        probabilities, embeddings = model.apply(tokens, batch_size=batch_size, device=device)
+        yield rows, probabilities, embeddings
 
 
 def new_obsm_array(handle: h5py.File, key: str, shape: tuple[int, int], dtype: type = np.float32) -> h5py.Dataset:

@@ -107,21 +107,27 @@ class TrainedClassifier:
         """Class probabilities (cells x classes) and embeddings (cells x hidden) of the cells at ``rows`` of
         ``cells`` (default: all), in that order; NaN rows for cells without a token (no gene of the
         vocabulary). Batches group cells of similar length; bf16 autocast on a GPU that has it."""
-        module = self.module.to(device).eval()
         rows = np.arange(len(cells)) if rows is None else np.asarray(rows, dtype=np.int64)
         probabilities = np.full((len(rows), len(self.class_names)), np.nan, dtype=np.float64)
         embeddings = np.full((len(rows), self.hidden_size), np.nan, dtype=np.float32)
         lengths = cells.lengths[rows]
         present = np.flatnonzero(lengths > 0)
-        pad_id = special_token_ids(self.dictionaries.token, self.settings.model_version)["<pad>"]
-        device_type = torch.device(device).type
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16,
-                                  enabled=device_type == "cuda" and torch.cuda.is_bf16_supported())
         for batch in EvalBatchSampler(lengths[present], batch_size, max_tokens=max_tokens):
             chosen = present[batch]
-            input_ids, attention_mask = cells.padded(rows[chosen], pad_id)
-            with autocast:
-                outputs = module.infer(input_ids.to(device), attention_mask.to(device))
-            probabilities[chosen] = outputs.probabilities.cpu().numpy()
-            embeddings[chosen] = outputs.embeddings.float().cpu().numpy()
+            probabilities[chosen], embeddings[chosen] = self.infer(*cells.padded(rows[chosen], self.pad_id), device)
         return probabilities, embeddings
+
+    @property
+    def pad_id(self) -> int:
+        return special_token_ids(self.dictionaries.token, self.settings.model_version)["<pad>"]
+
+    @torch.inference_mode()
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device = "cpu"
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """One padded batch's class probabilities and embeddings (bf16 autocast on a GPU that has it)."""
+        module = self.module.to(device).eval()
+        device_type = torch.device(device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16,
+                            enabled=device_type == "cuda" and torch.cuda.is_bf16_supported()):
+            outputs = module.infer(input_ids.to(device), attention_mask.to(device))
+        return outputs.probabilities.cpu().numpy(), outputs.embeddings.float().cpu().numpy()

@@ -25,3 +25,15 @@ def test_the_tokenizer_benchmark_prints_each_stage(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("ingest -> canonical .h5ad", "derive vocabulary + exact gene medians", "tokenize V1", "tokenize V2"):
         assert stage in result.stdout
+
+
+@pytest.mark.slow
+def test_the_perturbation_speed_benchmark_prints_both_ways_for_both_shapes():
+    result = run_script("bench/perturb_speed.py", "--small")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^  (one at a time|batched \(16 a pass\))\s+(\d+\.\d) perturbations/s\s+(\d+\.\d\d)x$",
+                      result.stdout, re.MULTILINE)
+    assert [name for name, _, _ in rows] == ["one at a time", "batched (16 a pass)"] * 2
+    assert all(float(speed) > 0 for _, speed, _ in rows)
+    differences = re.findall(r"largest difference of a probability change between the two: (\S+)", result.stdout)
+    assert len(differences) == 2 and all(float(value) < 1e-5 for value in differences)

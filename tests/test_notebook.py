@@ -9,6 +9,7 @@ from conftest import REPO_ROOT
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
+from geneformer_colon.perturb import perturb
 from geneformer_colon.predict import GeneIds, predict_h5ad
 from geneformer_colon.report.compare import TABLE_FILE
 from geneformer_colon.saved_classifier import TrainedClassifier
@@ -22,6 +23,9 @@ def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, shared
     predicted = tmp_path / "predicted.h5ad"
     predict_h5ad(TrainedClassifier.load(trained_runs[0]), canonical, predicted, genes=GeneIds("ensembl_id"))
     monkeypatch.setenv("GENEFORMER_COLON_PREDICTED", str(predicted))
+    perturbed = perturb(trained_runs[0], "Normal", where=["label=Tumor"], min_cells=5, out_dir=tmp_path / "perturbed",
+                        progress=False)
+    monkeypatch.setenv("GENEFORMER_COLON_PERTURBED", str(perturbed))
     # a kernelspec running this very interpreter (ipykernel writes sys.executable), found via JUPYTER_PATH
     install(kernel_name=KERNEL, prefix=str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
@@ -42,4 +46,5 @@ def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, shared
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) == 3 + 2 * len(trained_runs)  # epochs, recall, val and test confusion per run, the UMAP
     assert "gfc_label" in text
+    assert "mean_delta_Normal" in text and "donor_KUL01" in text  # genes.csv's top genes, by donor
     assert (tmp_path / "comparison" / TABLE_FILE).is_file()

@@ -196,6 +196,20 @@ def generate_counts(
     return SyntheticKUL3(counts, annotation, symbols, genes.ensembl_ids)
 
 
+def programme_genes(n_genes: int = 2000, seed: int = 0, *, donor_shift: float = 1.0) -> dict[str, list[str]]:
+    """The planted programmes' genes (Ensembl ids; a gene without one left out), the ground truth that gene
+    attributions are checked against: ``Normal``, ``Border`` and ``Tumor`` (the regions' shared
+    programmes, the field effect being ``Tumor``'s) and ``Tumor:<donor>`` (a donor's tumour programme:
+    the shared one with its private share swapped for the donor's own genes). The same draws as
+    :func:`generate_counts` with these settings (the gene model is the generator's first draw)."""
+    genes = _gene_model(np.random.default_rng(seed), n_genes)
+    ids = np.asarray(genes.ensembl_ids, dtype=object)
+    swapped = _swapped(genes, _scaled_shifts(donor_shift).private)
+    programmes = {name: genes.shared[k] for k, name in enumerate(CLASSES)}
+    programmes.update({f"Tumor:{donor}": _tumour_programme(genes, swapped, d) for d, donor in enumerate(DONORS)})
+    return {name: [str(gene) for gene in ids[np.sort(index)] if gene] for name, index in programmes.items()}
+
+
 def _scaled_shifts(donor_shift: float, effects: tuple[str, ...] = DONOR_EFFECTS) -> _DonorShift:
     """The donor table scaled by ``donor_shift``, the effects not in ``effects`` off: one array over DONORS
     per field."""
@@ -271,20 +285,27 @@ def _donor_programmes(genes: _Genes, private: np.ndarray) -> tuple[np.ndarray, n
     first ``private[d]`` share of the shared tumour genes for as many of its own genes; the
     field effect is the cohort's (shared) tumour programme in every donor.
     """
-    n_programme = genes.shared.shape[1]
-    swapped = np.rint(private * n_programme).astype(np.intp)
+    swapped = _swapped(genes, private)
     own = [genes.private[d, : swapped[d]] for d in range(len(DONORS))]
     index = np.unique(np.concatenate([genes.shared.ravel(), *own]))
     lfc = np.zeros((len(DONORS), _N_PROGRAMMES, index.size))
     for d in range(len(DONORS)):
         for k in range(len(CLASSES)):
-            on = genes.shared[k]
-            if k == _TUMOUR:
-                on = np.concatenate([on[swapped[d] :], own[d]])
+            on = _tumour_programme(genes, swapped, d) if k == _TUMOUR else genes.shared[k]
             lfc[d, k, np.searchsorted(index, on)] = genes.lfc[on]
         on = genes.shared[_TUMOUR]
         lfc[d, _FIELD, np.searchsorted(index, on)] = genes.lfc[on]
     return index, lfc
+
+
+def _swapped(genes: _Genes, private: np.ndarray) -> np.ndarray:
+    """How many of the shared tumour genes each donor's own genes replace."""
+    return np.rint(private * genes.shared.shape[1]).astype(np.intp)
+
+
+def _tumour_programme(genes: _Genes, swapped: np.ndarray, d: int) -> np.ndarray:
+    """Donor d's tumour programme: the shared one, its first ``swapped[d]`` genes swapped for the donor's own."""
+    return np.concatenate([genes.shared[_TUMOUR][swapped[d] :], genes.private[d, : swapped[d]]])
 
 
 def _cell_design(rng: np.random.Generator, n_cells: int) -> tuple[np.ndarray, ...]:

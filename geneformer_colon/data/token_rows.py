@@ -12,13 +12,17 @@ import torch
 
 def pad_tokens(cells: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` (cells x the longest cell, ``pad_id`` after each cell's end) and ``attention_mask``
-    (1 on the real tokens)."""
-    longest = max(len(cell) for cell in cells)
-    input_ids = torch.full((len(cells), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(cells), longest), dtype=torch.long)
-    for row, cell in enumerate(cells):
-        input_ids[row, : len(cell)] = torch.from_numpy(np.asarray(cell, dtype=np.int64))
-        attention_mask[row, : len(cell)] = 1
+    (1 on the real tokens). An item is one cell's tokens, or a 2-D block of cells of one length (the
+    perturbed variants of a cell)."""
+    blocks = [np.atleast_2d(np.asarray(cell, dtype=np.int64)) for cell in cells]
+    longest = max(block.shape[1] for block in blocks)
+    input_ids = torch.full((sum(len(block) for block in blocks), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(input_ids.shape, dtype=torch.long)
+    row = 0
+    for block in blocks:
+        input_ids[row : row + len(block), : block.shape[1]] = torch.from_numpy(block)
+        attention_mask[row : row + len(block), : block.shape[1]] = 1
+        row += len(block)
     return input_ids, attention_mask
 
 
