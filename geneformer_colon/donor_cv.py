@@ -26,8 +26,8 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.names import FINISHED, VAL
 from geneformer_colon.report.cv_summary import write_cv_summary
 from geneformer_colon.report.history import write_history
+from geneformer_colon.report.wandb_run import fold_group, report_cv_run
 from geneformer_colon.rundir import RunLayout, allowed_changes, prepare_run_dir, read_run, record_changes, save_config
-from geneformer_colon.sweep import in_multirun
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def available_donors(cfg: DictConfig) -> list[str]:
 
 
 def fold_config(cfg: DictConfig, parent: RunLayout, fold: Fold) -> DictConfig:
-    """The job's config for one fold: its donors, its own run directory, run name and W&B group; resumed
-    when ``resume=true`` found it interrupted (a fold never started starts afresh)."""
+    """The job's config for one fold: its donors (also as ``cv.test_donor``, ``cv.val_donor``), its own run
+    directory, run name, and W&B run (job type ``fold``, in the group of its CV run's folds); resumed when
+    ``resume=true`` found it interrupted (a fold never started starts afresh)."""
     fold_cfg = cfg.copy()
     layout = parent.fold(fold.test_donor)
     with open_dict(fold_cfg):
@@ -80,11 +81,13 @@ def fold_config(cfg: DictConfig, parent: RunLayout, fold: Fold) -> DictConfig:
         fold_cfg.data.test_donors = [fold.test_donor]
         fold_cfg.paths.run_dir = str(layout.root)
         fold_cfg.run_name = f"{cfg.run_name}/{fold.test_donor}"
-        fold_cfg.cv = {"strategy": "none"}
+        fold_cfg.cv = {"strategy": "none", "test_donor": fold.test_donor, "val_donor": fold.val_donor}
         fold_cfg.resume = bool(cfg.resume and layout.checkpoint("last").is_file())
+        if fold_cfg.get("sweep", {}).get("pruner"):  # a CV trial's value is its folds' mean: no fold prunes it
+            fold_cfg.sweep.pruner = "none"
         wandb = fold_cfg.get("logger", {}).get("wandb")
-        if wandb is not None and wandb.get("group") is None and not in_multirun():
-            wandb.group = cfg.run_name
+        if wandb is not None:
+            wandb.group, wandb.job_type = fold_group(cfg), "fold"
     return fold_cfg
 
 
@@ -117,17 +120,23 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     save_config(parent, cfg)
     rule = val_rule(cfg.cv.val_donor)
     kind = "baseline" if "baseline" in cfg else "train"
-    scores = []
-    for fold in folds:
-        earlier = read_run(parent.fold(fold.test_donor).root)
-        if cfg.resume and earlier.status == FINISHED:
-            log.info("fold %s: finished earlier, skipped", fold.test_donor)
-            record = earlier.metrics
-        else:
-            log.info("fold %s: validation donor %s", fold.test_donor, fold.val_donor)
-            record = task(fold_config(cfg, parent, fold))
-        scores.append(record[VAL][metric])
-        write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule)
+    scores, error = [], None
+    try:
+        for fold in folds:
+            earlier = read_run(parent.fold(fold.test_donor).root)
+            if cfg.resume and earlier.status == FINISHED:
+                log.info("fold %s: finished earlier, skipped", fold.test_donor)
+                record = earlier.metrics
+            else:
+                log.info("fold %s: validation donor %s", fold.test_donor, fold.val_donor)
+                record = task(fold_config(cfg, parent, fold))
+            scores.append(record[VAL][metric])
+            write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule)
+    except BaseException as raised:
+        error = raised
+        raise
+    finally:
+        report_cv_run(cfg, parent, read_run(parent.root).cv, error)
     write_history(read_run(parent.root))
     return float(np.mean(scores))
 
