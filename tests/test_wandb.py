@@ -145,28 +145,27 @@ def all_offline_runs(root: Path) -> list[OfflineRun]:
 
 
 def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, shared_dirs):
-    sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "augment.mixup_prob=0.15,0,2", "loss.focal_gamma=1.5",
+    sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "augment.mixup_prob=0.15,2", "loss.focal_gamma=1.5",
                       "trainer.max_epochs=2", "callbacks.early_stopping=null", "logger.wandb.tags=[mine]")
-    job_runs = [offline_runs(sweep_dir / str(job)) for job in (0, 1, 2)]
-    assert [len(runs) for runs in job_runs] == [1, 1, 1]
-    (run,), (other,), (refused,) = job_runs
+    job_runs = [offline_runs(sweep_dir / str(job)) for job in (0, 1)]
+    assert [len(runs) for runs in job_runs] == [1, 1]
+    (run,), (refused,) = job_runs
     metrics = metrics_of(sweep_dir / "0")
 
     # one W&B run per job, finished, named after the run and its swept value, grouped by the sweep
-    assert len({run.id, other.id, refused.id}) == 3
+    assert run.id != refused.id
     assert run.id == (sweep_dir / "0" / "wandb" / "run_id").read_text()
-    assert (run.exit_code, other.exit_code) == (0, 0)
-    assert (run.name, other.name, refused.name) == ("colon6 #0: mixup_prob=0.15", "colon6 #1: mixup_prob=0",
-                                                    "colon6 #2: mixup_prob=2")
-    assert run.group == other.group == refused.group == "colon6/2026-11-24/10-00-00"
-    assert run.job_type == other.job_type == refused.job_type == "train"
+    assert run.exit_code == 0 and metrics["status"] == "finished"  # the refused job leaves the other alone
+    assert (run.name, refused.name) == ("colon6 #0: mixup_prob=0.15", "colon6 #1: mixup_prob=2")
+    assert run.group == refused.group == "colon6/2026-11-24/10-00-00"
+    assert run.job_type == refused.job_type == "train"
     assert {"colon6", "synthetic", "tiny", "mine"} <= set(run.tags)
     # the job refused for a bad value: a failed run with its config and the error line
     assert refused.exit_code == 1
     assert refused.summary["error"].startswith("augment.mixup_prob is 2; set it to")
     assert refused.config["augment.mixup_prob"] == 2 and refused.history == []
     # the config, flat and resolved: the recipe, not where things are (those are the notes)
-    assert (run.config["augment.mixup_prob"], other.config["augment.mixup_prob"]) == (0.15, 0.0)
+    assert run.config["augment.mixup_prob"] == 0.15
     assert run.config["loss.focal_gamma"] == 1.5 and run.config["loss.class_weights.Tumor"] == 2.2
     assert run.config["data.balance_strategy"] == "class_donor"
     assert not [key for key in run.config if key.endswith(("_target_", "dir", "dirpath"))
@@ -175,7 +174,8 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
     assert f"callbacks.model_checkpoint.dirpath: {sweep_dir / '0' / 'checkpoints'}" in run.notes.splitlines()
     assert (run.directory / "files" / "config.yaml").read_text() == (sweep_dir / "0" / "config.yaml").read_text()
     # curves by epoch, their summary the best so far, declared up front
-    assert run.metrics["val/*"].step_metric == "epoch" and run.metrics["val/*"].summary.max
+    assert run.metrics["val/macro_f1"].step_metric == "epoch" and run.metrics["val/macro_f1"].summary.max
+    assert run.metrics["val/recall/Tumor"].step_metric == "epoch" and run.metrics["val/recall/Tumor"].summary.max
     assert run.metrics["val/loss"].step_metric == "epoch" and run.metrics["val/loss"].summary.min
     assert "lr-AdamW/weights" in {key for row in run.history for key in row}  # the learning rate, per step
     # validation points are metrics.json's epochs one for one; nothing after the last epoch, no test point
@@ -194,7 +194,6 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
     verdicts = {key: "PASS" if verdict["passed"] else "FAIL" for key, verdict in metrics["success"].items()}
     assert {key: run.summary[f"success/{key}"] for key in verdicts} == verdicts
     assert run.summary["success"] == ("PASS" if set(verdicts.values()) == {"PASS"} else "FAIL")
-    assert other.summary["val/macro_f1"] == pytest.approx(metrics_of(sweep_dir / "1")["val"]["macro_f1"], abs=1e-4)
     # the per-class table and the confusion matrices, in the summary
     per_class = media_table(run, "per_class")
     assert per_class["columns"] == ["split", "class", "precision", "recall", "f1", "cells"]
@@ -212,7 +211,7 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
 
 def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dirs):
     sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "cv=lodo", "cv.folds=[KUL01,KUL19]",
-                      "loss.focal_gamma=0,1.5")
+                      "loss.focal_gamma=0,1.5", "trainer.limit_train_batches=3")
     runs = all_offline_runs(sweep_dir)
     group = "colon6/2026-11-24/10-00-00"
     # the sweep's group: one CV run a job, with the swept key and cv.* in its config

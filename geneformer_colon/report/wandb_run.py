@@ -1,7 +1,12 @@
-"""A run's Weights & Biases side: the logger, the flat config, the end-of-run report, finishing.
+"""A run's Weights & Biases side: the logger, names and groups, the flat config, the epoch axis, the
+end-of-run summary, a CV run's own W&B run, failed and refused jobs, finishing.
 
-W&B is offline unless ``WANDB_MODE`` (or ``logger.wandb.mode``) says otherwise, so no API key
-or network is needed: the run's files go to ``<run_dir>/wandb/offline-run-*`` for a later
+One W&B run a recipe: a training run (job type ``train``), a CV run (``cv``, its folds ``fold`` in a
+group of their own), a pretraining (``pretrain``), a baseline (``baseline``). Curves run by epoch and
+end with the last epoch; whatever is computed after training goes to the summary. Every run is
+finished, failed with its error line when it fails, and a sweep job refused before it started still
+gets a failed run. W&B is offline unless ``WANDB_MODE`` (or ``logger.wandb.mode``) says otherwise, so
+no API key or network is needed: the run's files go to ``<run_dir>/wandb/offline-run-*`` for a later
 ``wandb sync``. The W&B run id is kept in ``<run_dir>/wandb/run_id`` so that ``resume=true``
 continues the same W&B run.
 """
@@ -222,16 +227,23 @@ def wandb_loggers(loggers: Sequence[Logger]) -> list[WandbLogger]:
     return [logger for logger in loggers if isinstance(logger, WandbLogger)]
 
 
-# Epoch-level figures: plotted against the epoch, their summary the best so far (losses: the lowest).
-# The exact names come first: W&B applies an exact definition before a glob.
-LOWEST_IS_BEST = ("val/loss", "val/masked_loss", "train/loss_epoch", "train/masked_loss_epoch")
+def epoch_metrics(job_type: str, class_names: Sequence[str]) -> list[str]:
+    """The figures a run logs once an epoch (a classifier's, or pretraining's masked-gene ones)."""
+    if job_type == "pretrain":
+        return ["val/masked_loss", "val/masked_accuracy", "train/masked_loss_epoch"]
+    per_class = [f"val/{name}/{label}" for name in ("precision", "recall", "f1") for label in class_names]
+    return ["val/accuracy", "val/macro_f1", "val/macro_auroc", "val/loss", *per_class, "train/loss_epoch"]
 
 
-def define_epoch_metrics(run: Any) -> None:
+def define_epoch_metrics(run: Any, names: Sequence[str]) -> None:
+    """Each epoch-level figure plotted against ``epoch``, its summary the best so far (losses: the lowest).
+
+    By name: Lightning declares every key (``*``) to step with its global step, and of two globs that
+    match a key W&B may apply either; a definition by name comes first.
+    """
     run.define_metric("epoch")
-    for name in LOWEST_IS_BEST:
-        run.define_metric(name, step_metric="epoch", summary="min")
-    run.define_metric("val/*", step_metric="epoch", summary="max")
+    for name in names:
+        run.define_metric(name, step_metric="epoch", summary="min" if "loss" in name else "max")
 
 
 def describe_run(run: Any, cfg: DictConfig, layout: RunLayout) -> None:
@@ -250,7 +262,7 @@ def start_runs(loggers: Sequence[Logger], cfg: DictConfig, layout: RunLayout, jo
         if not logger._wandb_init.get("job_type"):  # read when the run starts, just below
             logger._wandb_init["job_type"] = job_type
         describe_run(logger.experiment, cfg, layout)
-        define_epoch_metrics(logger.experiment)
+        define_epoch_metrics(logger.experiment, epoch_metrics(job_type, cfg.data.get("labels") or []))
 
 
 def start_run(cfg: DictConfig, layout: RunLayout, job_type: str, **overrides: Any) -> Any:
