@@ -21,6 +21,7 @@ from wandb.proto import wandb_internal_pb2
 
 from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.fine_tune import train as run_training
+from geneformer_colon.retest import run_evaluation
 
 BLOCK_SIZE = 32768  # a .wandb file is a LevelDB-style log: 7-byte file header, then 32 KiB blocks
 RECORD_HEADER = struct.Struct("<IHB")  # crc32c, length, chunk type (1 full, 2 first, 3 middle, 4 last)
@@ -287,6 +288,12 @@ def test_a_paused_and_resumed_run_is_one_wandb_run(tmp_path, shared_dirs, monkey
     assert epochs == [epoch["epoch"] for epoch in metrics_of(run_dir)["epochs"]] == [0, 1]
     assert "resume" not in paused.config and "resume" not in resumed.config
     assert resumed.summary["best_epoch"] == metrics_of(run_dir)["best_epoch"]
+
+    # eval.py on the run: a W&B run of its own, job type eval, its test figures as summary
+    record = run_evaluation(run_dir, ["data.test_donors=[KUL21]"], REPO_ROOT / "conf", allow_training_donors=True)
+    (evaluation,) = offline_runs(run_dir / "eval" / "test-KUL21")
+    assert (evaluation.job_type, evaluation.name, evaluation.exit_code) == ("eval", "paused on test-KUL21", 0)
+    assert evaluation.summary["test/macro_f1"] == pytest.approx(record["test"]["macro_f1"], abs=1e-4)
 
     train(tmp_path, shared_dirs, "run_name=paused", "overwrite=true", "trainer.fast_dev_run=true")
     assert offline_runs(run_dir) == []

@@ -183,10 +183,15 @@ def _is_hydra_key(name: str) -> bool:
     return name.startswith("_") and name.endswith("_")
 
 
+def splits_of(summary: Mapping[str, Any]) -> list[str]:
+    """The evaluated splits a metrics.json record holds (an evaluation's: test only)."""
+    return [split for split in EVAL_SPLITS if split in summary]
+
+
 def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The final metrics as flat W&B summary entries: ``val/macro_f1``, ``best_epoch``, ``success``..."""
     values: dict[str, Any] = {"best_epoch": summary["best_epoch"]}
-    for split in EVAL_SPLITS:
+    for split in splits_of(summary):
         metrics = summary[split]
         values.update({logged(split, name): value for name, value in flatten(metrics).items()
                        if not name.startswith("confusion_matrix")})
@@ -200,7 +205,7 @@ def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
 def per_class_rows(summary: Mapping[str, Any], class_names: Sequence[str]) -> list[list[Any]]:
     """One row per split and class: precision, recall, F1 and the number of cells of that class."""
     rows = []
-    for split in EVAL_SPLITS:
+    for split in splits_of(summary):
         metrics = summary[split]
         cells = np.asarray(metrics["confusion_matrix"]).sum(axis=1)
         for index, name in enumerate(class_names):
@@ -298,11 +303,21 @@ def report_final(run: Any, summary: Mapping[str, Any], class_names: Sequence[str
 
     run.summary["per_class"] = wandb.Table(columns=["split", "class", "precision", "recall", "f1", "cells"],
                                            data=per_class_rows(summary, class_names))
-    for split in EVAL_SPLITS:
+    for split in splits_of(summary):
         title = f"{summary['run_name']} {split}"
         put_chart(run, f"confusion/{split}", confusion_chart(summary[split]["confusion_matrix"], class_names, title))
         run.summary[f"confusion_plot/{split}"] = wandb.Image(str(layout.confusion_plot(split)))
     run.summary.update(summary_values(summary))
+
+
+def log_finished_run(cfg: DictConfig, layout: RunLayout, job_type: str, record: Mapping[str, Any],
+                     class_names: Sequence[str], **overrides: Any) -> None:
+    """A run made without a Lightning logger (a baseline, an evaluation) as a W&B run of its own, once
+    it is written: its config, and its metrics.json ``record`` as summary, as a training run's."""
+    run = start_run(cfg, layout, job_type, **overrides)
+    if run is not None:
+        report_final(run, record, class_names, layout)
+        finish(run)
 
 
 def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
@@ -371,7 +386,7 @@ def record_refused_job(cfg: DictConfig, error: BaseException) -> None:
     if layout.wandb_run_id.is_file():  # a W&B run was started, and finished, for this job
         return
     cv = cfg.get("cv", {}).get("strategy", "none") != "none"
-    run = start_run(cfg, layout, "cv" if cv else "train")
+    run = start_run(cfg, layout, "cv" if cv else "baseline" if "baseline" in cfg else "train")
     if run is not None:
         finish(run, error)
 
