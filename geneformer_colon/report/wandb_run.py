@@ -33,7 +33,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from geneformer_colon.config import flatten, is_location_key
 from geneformer_colon.errors import Interrupted, input_error_in
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, logged, per_class
+from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
 from geneformer_colon.rundir import RunLayout
 
 
@@ -235,9 +235,9 @@ def wandb_loggers(loggers: Sequence[Logger]) -> list[WandbLogger]:
 def epoch_metrics(job_type: str, class_names: Sequence[str]) -> list[str]:
     """The figures a run logs once an epoch (a classifier's, or pretraining's masked-gene ones)."""
     if job_type == "pretrain":
-        return ["val/masked_loss", "val/masked_accuracy", "train/masked_loss_epoch"]
-    per_class = [f"val/{name}/{label}" for name in ("precision", "recall", "f1") for label in class_names]
-    return ["val/accuracy", "val/macro_f1", "val/macro_auroc", "val/loss", *per_class, "train/loss_epoch"]
+        return [logged(VAL, "masked_loss"), logged(VAL, "masked_accuracy"), logged(TRAIN, "masked_loss_epoch")]
+    classes = [per_class(name, label) for name in ("precision", "recall", "f1") for label in class_names]
+    return [logged(VAL, name) for name in (*METRICS, "loss", *classes)] + [logged(TRAIN, "loss_epoch")]
 
 
 def define_epoch_metrics(run: Any, names: Sequence[str]) -> None:
@@ -328,7 +328,7 @@ def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {"folds": len(folds), "cv_status": cv["status"]}
     for split, figures in cv["aggregate"].items():
         for key, spread in figures.items():
-            name = f"{split}/{key}"
+            name = logged(split, key)
             values[name] = spread["mean"]
             values[f"{name}/sd"] = spread["sd"]
             if spread["ci95"] is not None:
@@ -339,7 +339,7 @@ def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
                 values[f"{name}/worst"], values[f"{name}/worst_donor"] = worst[split][key], worst["test_donor"]
     for donor in dict.fromkeys(fold["test_donor"] for fold in folds):
         scores = [fold[TEST]["macro_f1"] for fold in folds if fold["test_donor"] == donor]
-        values[f"{TEST}/macro_f1/{donor}"] = float(np.mean(scores))
+        values[f"{logged(TEST, 'macro_f1')}/{donor}"] = float(np.mean(scores))
     return values
 
 
@@ -348,7 +348,7 @@ def fold_table(cv: Mapping[str, Any]) -> Any:
     import wandb
 
     columns = ["test_donor", "val_donor", "run_dir", "best_epoch",
-               *(f"{split}/{metric}" for split in EVAL_SPLITS for metric in METRICS)]
+               *(logged(split, metric) for split in EVAL_SPLITS for metric in METRICS)]
     rows = [[fold["test_donor"], fold["val_donor"], fold["run_dir"], fold["best_epoch"],
              *(fold[split].get(metric) for split in EVAL_SPLITS for metric in METRICS)] for fold in cv["folds"]]
     return wandb.Table(columns=columns, data=rows)
