@@ -138,34 +138,3 @@ class RecordEpochs(pl.Callback):
         if trainer.is_global_zero and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.write(list(pl_module.epoch_history))
 
-
-class PruneHopelessTrial(pl.Callback):
-    """``sweep=optuna``: after each validation epoch, report ``monitor`` to the job's Optuna trial; when the
-    study's pruner (``sweep.pruner``) finds the trial hopeless, stop training as early stopping does and
-    mark the trial pruned. The run then ends as any run (its best epoch tested); the sweeper tells the
-    study the trial was pruned. Nothing happens outside a trial or with ``pruner: none``."""
-
-    def __init__(self, study: str | None, storage: str | None, trial: int | None, pruner: str,
-                 startup_trials: int, monitor: str) -> None:
-        from geneformer_colon.study import job_trial
-
-        self.monitor = monitor
-        self.trial = None if trial is None or pruner == "none" else job_trial(study, storage, trial, pruner,
-                                                                              startup_trials)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.trial is None or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        from geneformer_colon.study import PRUNED_AT
-
-        epoch = trainer.current_epoch
-        hopeless = False
-        if trainer.is_global_zero:
-            self.trial.report(float(trainer.callback_metrics[self.monitor]), epoch)
-            hopeless = self.trial.should_prune()
-            if hopeless:
-                self.trial.set_user_attr(PRUNED_AT, epoch)
-                log.info("trial %d pruned after epoch %d: %s below the study's median", self.trial.number, epoch,
-                         self.monitor)
-        if trainer.strategy.broadcast(hopeless):
-            trainer.should_stop = True

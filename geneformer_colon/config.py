@@ -38,6 +38,7 @@ CONFIGURABLE_MODULES = (
     "geneformer_colon.model.augment",
     "geneformer_colon.callbacks",
     "geneformer_colon.sweep",
+    "geneformer_colon.study",
 )
 # Functions configs may name.
 CONFIG_FUNCTIONS = frozenset({

@@ -1,5 +1,6 @@
 """An Optuna study driven by Hydra (``sweep=optuna``): its search space in Hydra's sweep grammar, its
-pruner, the trial a job reports to, and what the sweep's summary says about the study.
+pruner, the trial a job reports to (the PruneHopelessTrial callback), and what the sweep's summary
+says about the study.
 
 The sweeper (``hydra_plugins/geneformer_colon_sweepers``) asks the study for trials, hands them to
 Hydra's launcher as jobs (their sampled values, ``sweep.trial=<number>``; the job's number is the
@@ -11,18 +12,22 @@ same storage and study name continue one study, one after another or at once.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pytorch_lightning as pl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import write_json
 from geneformer_colon.sweep import STUDY_FILE
+
+log = logging.getLogger(__name__)
 
 PRUNED_AT = "pruned_at_epoch"  # the trial's user attribute its pruning callback sets
 
@@ -117,3 +122,31 @@ def save_study(sweep_dir: Path, study: optuna.Study, storage: str) -> dict[str, 
     }
     write_json(sweep_dir / STUDY_FILE, content)
     return content
+
+
+class PruneHopelessTrial(pl.Callback):
+    """``sweep=optuna``: after each validation epoch, report ``monitor`` to the job's Optuna trial; when the
+    study's pruner (``sweep.pruner``) finds the trial hopeless, stop training as early stopping does and
+    mark the trial pruned. The run then ends as any run (its best epoch tested); the sweeper tells the
+    study the trial was pruned. Nothing happens outside a trial or with ``pruner: none``."""
+
+    def __init__(self, study: str | None, storage: str | None, trial: int | None, pruner: str,
+                 startup_trials: int, monitor: str) -> None:
+        self.monitor = monitor
+        self.trial = None if trial is None or pruner == "none" else job_trial(study, storage, trial, pruner,
+                                                                              startup_trials)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.trial is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        epoch = trainer.current_epoch
+        hopeless = False
+        if trainer.is_global_zero:
+            self.trial.report(float(trainer.callback_metrics[self.monitor]), epoch)
+            hopeless = self.trial.should_prune()
+            if hopeless:
+                self.trial.set_user_attr(PRUNED_AT, epoch)
+                log.info("trial %d pruned after epoch %d: %s below the study's median", self.trial.number, epoch,
+                         self.monitor)
+        if trainer.strategy.broadcast(hopeless):
+            trainer.should_stop = True

@@ -23,7 +23,7 @@ LAYERS = {
     "assembly": ("scoring", "builders", "saved_classifier"),
     "report": ("report", "report.*"),
     "jobs": ("fine_tune", "masked_gene_run", "retest", "donor_cv", "sweep", "predict", "embed", "export",
-             "baseline", "baseline.*"),
+             "baseline", "baseline.*", "study"),
     "entry": ("cli", "entry", "__main__"),
 }
 
