@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --upgrade pip
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[dev]"
+	# sweep=optuna is this project's own sweeper now; the released one (optuna<3) would shadow it
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip uninstall --quiet --yes hydra-optuna-sweeper
 	touch $(STAMP)
 
 train: $(STAMP)

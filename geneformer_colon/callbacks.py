@@ -149,3 +149,4 @@ class RecordEpochs(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.write(list(pl_module.epoch_history))
+

@@ -41,6 +41,7 @@ CONFIGURABLE_MODULES = (
     "geneformer_colon.model.robust",
     "geneformer_colon.callbacks",
     "geneformer_colon.sweep",
+    "geneformer_colon.study",
 )
 # Functions configs may name.
 CONFIG_FUNCTIONS = frozenset({
@@ -139,7 +140,7 @@ def instantiate_trusted(node: Any, where: str, **kwargs: Any) -> Any:
 
 # Keys that say where a run is or what it is called, not how it was made.
 LOCATION_KEYS = (
-    "paths.*", "hydra.*", "run_name", "resume", "overwrite", "resume_changes", "allow_resume_changes",
+    "paths.*", "hydra.*", "sweep.storage", "run_name", "resume", "overwrite", "resume_changes", "allow_resume_changes",
     "*run_dir", "*save_dir", "*cache_dir", "*data_dir", "*dirpath", "*default_root_dir",
     "data.source.gene_map", "logger.*", "callbacks.progress_bar*", "data.num_workers",
 )
@@ -208,6 +209,7 @@ def _integer(value: Any) -> bool:
 _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("logger.wandb.log_model", lambda v: v in (None, False, "best"), "best or false (null: best when online)"),
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("scheduler.warmup_ratio", lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),

@@ -34,6 +34,7 @@ from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.names import FINISHED, VAL
 from geneformer_colon.report.cv_summary import write_cv_summary
 from geneformer_colon.report.history import write_history
+from geneformer_colon.report.wandb_run import fold_group, report_cv_run
 from geneformer_colon.rundir import (
     RunLayout,
     allowed_changes,
@@ -43,7 +44,6 @@ from geneformer_colon.rundir import (
     record_changes,
     start_run,
 )
-from geneformer_colon.sweep import in_multirun
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,10 @@ def available_donors(cfg: DictConfig) -> list[str]:
 
 
 def fold_config(cfg: DictConfig, layout: RunLayout, fold: Fold, seed: int, seeded: bool) -> DictConfig:
-    """The job's config for one fold and seed: its donors, seed, own run directory, run name and W&B group;
-    resumed when ``resume=true`` found it interrupted (a fold never started starts afresh). Its ``cv`` node
-    names the fold: ``test_donor``, ``val_donor`` (several joined by commas) and ``seed``."""
+    """The job's config for one fold and seed: its donors, seed, own run directory, run name and W&B run (job
+    type ``fold``, in the group of its CV run's folds); resumed when ``resume=true`` found it interrupted (a
+    fold never started starts afresh). Its ``cv`` node names the fold: ``test_donor``, ``val_donor`` (several
+    joined by commas) and ``seed``."""
     fold_cfg = cfg.copy()
     with open_dict(fold_cfg):
         fold_cfg.data.val_donors = list(fold.val_donors)
@@ -120,9 +121,11 @@ def fold_config(cfg: DictConfig, layout: RunLayout, fold: Fold, seed: int, seede
         fold_cfg.cv = {"strategy": "none", "test_donor": fold.test_donor, "val_donor": ",".join(fold.val_donors),
                        "seed": seed}
         fold_cfg.resume = bool(cfg.resume and layout.checkpoint("last").is_file())
+        if fold_cfg.get("sweep", {}).get("pruner"):  # a CV trial's value is its folds' mean: no fold prunes it
+            fold_cfg.sweep.pruner = "none"
         wandb = fold_cfg.get("logger", {}).get("wandb")
-        if wandb is not None and wandb.get("group") is None and not in_multirun():
-            wandb.group = cfg.run_name
+        if wandb is not None:
+            wandb.group, wandb.job_type = fold_group(cfg), "fold"
     return fold_cfg
 
 
@@ -171,21 +174,28 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
         scores: dict[str, list[float]] = {}
         between_folds.install()  # a fold's training has its own (LastCheckpoint); outside it, folds end whole
         held.callback(between_folds.restore)
-        for fold, seed, layout in runs:
-            if between_folds.received is not None:
-                raise Interrupted(between_folds.received, parent.root)
-            where = f"fold {fold.test_donor}" + (f", seed {seed}" if seeds else "")
-            earlier = read_run(layout.root)
-            if cfg.resume and earlier.status == FINISHED:
-                log.info("%s: finished earlier, skipped", where)
-                if not layout.history.is_file():  # a job stopped between its metrics and its history
-                    write_history(earlier)
-                record = earlier.metrics
-            else:
-                log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
-                record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
-            scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
-            write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
+        error = None
+        try:
+            for fold, seed, layout in runs:
+                if between_folds.received is not None:
+                    raise Interrupted(between_folds.received, parent.root)
+                where = f"fold {fold.test_donor}" + (f", seed {seed}" if seeds else "")
+                earlier = read_run(layout.root)
+                if cfg.resume and earlier.status == FINISHED:
+                    log.info("%s: finished earlier, skipped", where)
+                    if not layout.history.is_file():  # a job stopped between its metrics and its history
+                        write_history(earlier)
+                    record = earlier.metrics
+                else:
+                    log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
+                    record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
+                scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
+                write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            report_cv_run(cfg, parent, read_run(parent.root).cv, error)
     write_history(read_run(parent.root))
     return float(OBJECTIVES[objective]([np.mean(values) for values in scores.values()]))
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from geneformer_colon.report.wandb_run import (
     finishing_wandb_run,
     flat_config,
     report_run,
+    start_runs,
 )
 from geneformer_colon.rundir import (
     Run,
@@ -49,12 +51,25 @@ from geneformer_colon.scoring import score_split
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def unlogged(trainer: pl.Trainer) -> Iterator[None]:
+    """Evaluate without the loggers: a checkpoint re-evaluated after training is no new point on the
+    epoch curves (its figures go to the run's summary)."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
+
+
 def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellDataModule, best_path: str | None,
                   layout: RunLayout, run_name: str) -> dict[str, dict[str, Any]]:
     """The best checkpoint on the val and test donors: each split's files and metrics.json entry."""
     final = {}
     for split, evaluate in zip(EVAL_SPLITS, (trainer.validate, trainer.test)):
-        evaluate(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True, verbose=False)
+        with unlogged(trainer):
+            evaluate(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True, verbose=False)
         result = module.results[split]
         # under DDP every rank holds the gathered results: one writes them
         final[split] = score_split(layout, split, datamodule.store.cells.iloc[result["index"]], result["targets"],
@@ -108,6 +123,7 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
         datamodule.save_dictionaries(layout.dictionaries)
     trainer = build_trainer(cfg, [LastCheckpoint(layout.checkpoint("last")),
                                   RecordEpochs(lambda epochs: write_metrics(layout, record(RUNNING, epochs)))])
+    start_runs(trainer.loggers, cfg, layout, kind)  # W&B: its job type, notes, config.yaml, epoch axis
     for logger in trainer.loggers:  # flat keys (loss.focal_gamma, ...) that W&B's run table filters by
         logger.log_hyperparams(flat_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -134,7 +150,7 @@ def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> 
     return module
 
 
-@finishing_wandb_run()
+@finishing_wandb_run
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, test the best checkpoint, write every file of the run; return its metrics.json record."""
     run = fit_run(cfg, "train", classifier_for)

@@ -20,7 +20,7 @@ from transformers.utils import logging as transformers_logging
 from geneformer_colon.builders import build_masked_gene_model, read_checkpoint
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.data.dictionaries import save_settings
-from geneformer_colon.fine_tune import fit_run
+from geneformer_colon.fine_tune import fit_run, unlogged
 from geneformer_colon.io import atomic_path
 from geneformer_colon.model.masked_genes import MaskedGeneModel
 from geneformer_colon.names import FINISHED, VAL
@@ -56,13 +56,14 @@ def print_pretraining(record: dict[str, Any], layout: RunLayout) -> None:
     print(f"Hugging Face checkpoint: {layout.hf}\nrun directory: {layout.root}")
 
 
-@finishing_wandb_run()
+@finishing_wandb_run
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain, keep the best epoch (lowest held-out masked-gene loss), write hf/; return the metrics.json record."""
     run = fit_run(cfg, "pretrain", masked_gene_model_for)
     if run.best_path:
         run.module.load_state_dict(read_checkpoint(Path(run.best_path))["state_dict"])
-    run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    with unlogged(run.trainer):
+        run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     final = {VAL: dict(run.module.results[VAL])}
     summary = run.record(FINISHED, run.epochs, final=final, best_epoch=best_epoch(run.epochs, MONITOR, "min"),
                          best_checkpoint=run.best_checkpoint)

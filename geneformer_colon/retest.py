@@ -20,6 +20,7 @@ from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, TOKEN_
 from geneformer_colon.errors import InputError
 from geneformer_colon.names import FINISHED, TEST
 from geneformer_colon.report.summary import print_summary
+from geneformer_colon.report.wandb_run import log_finished_run
 from geneformer_colon.rundir import (
     RunLayout,
     holding,
@@ -124,5 +125,7 @@ def evaluate_run(layout: RunLayout, overrides: Sequence[str], conf_dir: Path, na
                                 "overrides": list(overrides)})
     record = write_metrics(out, record)
     save_config(out, cfg)
+    log_finished_run(cfg, out, "eval", record, module.class_names, save_dir=str(out.root), name=record["run_name"],
+                     resume=False)
     print_summary(record, module.class_names, out.root)
     return record

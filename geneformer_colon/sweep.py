@@ -30,14 +30,18 @@ from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
 from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column
 from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, frame_markdown, run_row, runs_frame
+from geneformer_colon.report.wandb_run import record_refused_job
 from geneformer_colon.rundir import RunDirBusy, RunLayout, mark_failed, read_run
 
 log = logging.getLogger(__name__)
 
 RECORDS = ".jobs"
-COLUMNS = ["job", "overrides", *RUN_COLUMNS, "run_dir", "error"]
-# What a failed job returns: a maximising optimiser ranks it last. (NaN would end an Optuna
-# sweep: hydra-optuna-sweeper 1.3 fails to record a NaN trial and raises.)
+COLUMNS = ["job", "overrides", *RUN_COLUMNS, "run_dir", "error", "note"]
+# The note of a row that is no job of this sweep: an Optuna study's best trial, run by another invocation.
+STUDY_BEST = "the study's best trial, run by another invocation"
+# In the sweep root of sweep=optuna: the study as this invocation left it (geneformer_colon.study.save_study).
+STUDY_FILE = "study.json"
+# What a failed job returns: a maximising optimiser ranks it last; sweep=optuna makes it a failed trial.
 FAILED_JOB_VALUE = float("-inf")
 # Job folder names are cut to this many bytes (file systems allow 255): Optuna's long floats
 # and a few constant overrides would exceed it.
@@ -94,6 +98,7 @@ def run_sweep_job(task: Callable[[DictConfig], float], cfg: DictConfig) -> float
         record.update(status=FAILED, error=f"{type(error).__name__}: {error}")
         if rank_zero_only.rank == 0 and not isinstance(bad_input, RunDirBusy):  # a held directory is not this job's
             mark_failed(RunLayout(cfg.paths.run_dir), record["error"])
+            record_refused_job(cfg, error)
         value = FAILED_JOB_VALUE
     save_record(sweep_dir, record)
     return value
@@ -143,30 +148,54 @@ def varying_overrides(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
     return [[override for override in job if override not in shared] for job in jobs]
 
 
+def read_study(sweep_dir: Path) -> dict[str, Any]:
+    """The sweep's study.json, {} where the sweep ran no study."""
+    return read_json(sweep_dir / STUDY_FILE)
+
+
+def study_best_record(sweep_dir: Path, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """An Optuna study's best trial as a job record, where another invocation of the study ran it."""
+    best = read_study(sweep_dir).get("best")
+    if not best or best["run_dir"] in {record["run_dir"] for record in records}:
+        return None
+    return {"job": best["trial"], "overrides": best["overrides"], "run_dir": best["run_dir"], "status": FINISHED,
+            "error": None, "note": STUDY_BEST}
+
+
 def summary_table(sweep_dir: Path) -> pd.DataFrame:
     """One row a job: overrides that differ, status, best epoch (folds of a CV job), final metrics
-    (a CV job's means over its folds, with the standard deviation of macro F1), error."""
+    (a CV job's means over its folds, with the standard deviation of macro F1), error. In an
+    Optuna study, also the study's best trial where another invocation ran it (its note says so)."""
     records = sorted((read_json(path) for path in (sweep_dir / RECORDS).glob("*.json")), key=lambda r: r.get("job", -1))
     records = [record for record in records if "job" in record]
+    records += [best] if (best := study_best_record(sweep_dir, records)) else []
     rows = []
     for record, overrides in zip(records, varying_overrides([r["overrides"] for r in records])):
         run = read_run(record["run_dir"]) if record["status"] == FINISHED else None
         rows.append({"job": record["job"], "overrides": " ".join(overrides), **run_row(run, record["status"]),
-                     "run_dir": record["run_dir"], "error": record["error"]})
+                     "run_dir": record["run_dir"], "error": record["error"], "note": record.get("note")})
     return runs_frame(rows, COLUMNS, drop_empty=False).astype({"job": "Int64"})
 
 
 def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
-    """The summary as a markdown page: counts, the best job by val macro F1, the table."""
-    counts = table["status"].value_counts()
+    """The summary as a markdown page: counts, the best job by val macro F1 (in an Optuna study, the
+    study's best trial over every invocation), the table."""
+    jobs = table[table["note"].isna()]
+    counts = jobs["status"].value_counts()
     lines = [f"# Sweep {sweep_dir}", "",
-             f"{len(table)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (FINISHED, FAILED, RUNNING))]
+             f"{len(jobs)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (FINISHED, FAILED, RUNNING))]
+    study = read_study(sweep_dir)
+    if study:
+        trials = ", ".join(f"{n} {state}" for state, n in study["trials"].items())
+        lines.append(f"Optuna study {study['study']}: {sum(study['trials'].values())} trials ({trials})")
     ranking = column(VAL, "macro_f1")
     scored = table.dropna(subset=[ranking])
     if len(scored):
         best = scored.loc[scored[ranking].idxmax()]
-        lines.append(f"best {column_title(ranking)}: job {best['job']} ({best[ranking]:.3f}) {best['overrides']}")
-    shown = runs_frame(table.to_dict("records"), table.columns)
+        what = "trial" if study else "job"
+        lines.append(f"best {column_title(ranking)}: {what} {best['job']} ({best[ranking]:.3f}) {best['overrides']}"
+                     + (f" ({best['note']}: {best['run_dir']})" if isinstance(best["note"], str) else ""))
+    shown = runs_frame(table.to_dict("records"), [c for c in table.columns if c != "note" or table[c].notna().any()])
     return "\n".join(lines) + "\n\n" + frame_markdown(shown.assign(run_dir=[Path(p).name for p in shown["run_dir"]]))
 
 

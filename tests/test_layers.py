@@ -23,7 +23,7 @@ LAYERS = {
     "assembly": ("scoring", "builders", "saved_classifier"),
     "report": ("report", "report.*"),
     "jobs": ("fine_tune", "masked_gene_run", "retest", "donor_cv", "sweep", "predict", "embed", "export",
-             "cell_choice", "perturb", "explain", "baseline", "baseline.*"),
+             "cell_choice", "perturb", "explain", "baseline", "baseline.*", "study"),
     "entry": ("cli", "entry", "command_line", "__main__"),
 }
 

@@ -8,7 +8,7 @@ as a test needs it and runs while the Optuna invocations run (they overlap on tw
 from __future__ import annotations
 
 import json
-import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +16,18 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, compose_train, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_wandb import all_offline_runs
 
-from geneformer_colon.sweep import MAX_DIRNAME_BYTES, job_dirname
+from geneformer_colon.sweep import MAX_DIRNAME_BYTES, STUDY_BEST, job_dirname
 
 GRID = ["optimizer.lr=1e-3,3e-3,1e-2,1e6"]  # 1e6: the loss is NaN by the second step
 
 
-def sweep_command(tmp_path: Path, shared: dict, sweep_dir: Path, *args: str) -> list[str]:
-    return [sys.executable, "train.py", "-m", *tiny_overrides(tmp_path / "outputs", shared), "logger=csv",
+def sweep_command(tmp_path: Path, shared: dict, sweep_dir: Path, *args: str, logger: str = "csv") -> list[str]:
+    return [sys.executable, "train.py", "-m", *tiny_overrides(tmp_path / "outputs", shared), f"logger={logger}",
             f"hydra.sweep.dir={sweep_dir}", *args]
 
 
@@ -34,10 +35,10 @@ def check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
 
 
-def run_sweep(tmp_path: Path, shared: dict, sweep_dir: Path, *args: str) -> pd.DataFrame:
+def run_sweep(tmp_path: Path, shared: dict, sweep_dir: Path, *args: str, logger: str = "csv") -> pd.DataFrame:
     """Run a sweep to its end; its summary.csv."""
-    check(subprocess.run(sweep_command(tmp_path, shared, sweep_dir, *args), cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=600, check=False))
+    check(subprocess.run(sweep_command(tmp_path, shared, sweep_dir, *args, logger=logger), cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=600, check=False))
     return pd.read_csv(sweep_dir / "summary.csv")
 
 
@@ -63,30 +64,87 @@ def grid_sweep(tmp_path_factory, shared_dirs):
         process.wait()
 
 
-def test_optuna_study_in_sqlite_survives_failed_trials_and_is_continued(tmp_path, shared_dirs, grid_sweep):
+def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, shared_dirs, grid_sweep):
+    assert int(optuna.__version__.split(".")[0]) >= 4
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    common = ["experiment=colon6", "sweep=optuna", f"hydra.sweeper.storage={storage}",
-              "hydra.sweeper.study_name=study", "hydra.sweeper.n_trials=3", "trainer.fast_dev_run=true"]
-    # First invocation: every trial fails (an unknown test donor); the study records them and goes on.
-    first = run_sweep(tmp_path, shared_dirs, tmp_path / "first", *common, "data.test_donors=[KUL99]")
-    assert list(first["status"]) == ["failed"] * 3
-    assert first["error"].str.contains("KUL99").all()
-    # Second invocation, same storage and study name: three more trials in the same study.
-    second = run_sweep(tmp_path, shared_dirs, tmp_path / "second", *common)
-    assert list(second["status"]) == ["finished"] * 3
+    common = ["experiment=colon6", "sweep=optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=study",
+              "hydra.sweeper.n_trials=3", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "trainer.limit_test_batches=1"]
+    first = run_sweep(tmp_path, shared_dirs, tmp_path / "first", *common, logger="default")
+    assert list(first["job"]) == [0, 1, 2] and list(first["status"]) == ["finished"] * 3
+    # Second invocation, same storage and study name: three more trials in the same study, which fail
+    # here (an unknown test donor): failed trials, and the study goes on.
+    second = run_sweep(tmp_path, shared_dirs, tmp_path / "second", *common, "data.test_donors=[KUL99]",
+                       logger="default")
 
     study = optuna.load_study(study_name="study", storage=storage)
     trials = sorted(study.trials, key=lambda trial: trial.number)
-    assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 6
-    assert [trial.value for trial in trials[:3]] == [-math.inf] * 3  # failed: ranked last
-    # each continued trial's value is its run's val macro F1, and its parameters are the job's overrides
-    for trial, row in zip(trials[3:], second.itertuples()):
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 3 + \
+        [optuna.trial.TrialState.FAIL] * 3
+    for trial, row in zip(trials, first.itertuples()):  # each trial's value is its run's val macro F1
         assert trial.value == pytest.approx(row.val_macro_f1)
+        assert trial.user_attrs["run_dir"] == row.run_dir
         for name, value in trial.params.items():
             assert f"{name}={value}" in row.overrides.split()
-    assert set(trials[3].params) == {"augment.mixup_prob", "loss.focal_gamma", "++loss.class_weights.Border",
+    assert set(trials[0].params) == {"augment.mixup_prob", "loss.focal_gamma", "++loss.class_weights.Border",
                                      "++loss.class_weights.Tumor", "optimizer.lr"}
-    assert study.best_value == pytest.approx(second["val_macro_f1"].max())
+
+    # the second invocation's summary names the study's best trial, run by the first
+    jobs, best = second[second["note"].isna()], study.best_trial
+    assert list(jobs["job"]) == [3, 4, 5] and list(jobs["status"]) == ["failed"] * 3
+    assert jobs["error"].str.contains("KUL99").all()
+    (best_row,) = second[second["note"] == STUDY_BEST].itertuples()
+    assert (best_row.job, best_row.run_dir) == (best.number, trials[best.number].user_attrs["run_dir"])
+    assert best_row.val_macro_f1 == pytest.approx(best.value)
+    markdown = (tmp_path / "second" / "summary.md").read_text()
+    assert "3 jobs: 0 finished, 3 failed" in markdown
+    assert "Optuna study study: 6 trials (3 complete, 3 fail)" in markdown
+    assert f"best val macro F1: trial {best.number} ({best.value:.3f})" in markdown
+
+    # W&B: one group, the study; a run a trial (the failed ones too), trial number and study in its config
+    runs = all_offline_runs(tmp_path / "first") + all_offline_runs(tmp_path / "second")
+    assert {run.group for run in runs} == {"study"}
+    assert sorted(run.config["sweep.trial"] for run in runs) == [0, 1, 2, 3, 4, 5]
+    assert {run.config["sweep.study"] for run in runs} == {"study"}
+    assert [run.exit_code for run in sorted(runs, key=lambda run: run.config["sweep.trial"])] == [0] * 3 + [1] * 3
+    for run in runs:  # short names: the swept values to 3 significant digits
+        number = run.config["sweep.trial"]
+        assert run.name.startswith(f"colon6 #{number}: mixup_prob=") and len(run.name) < 110, run.name
+        for value in re.findall(r"=(\S+)", run.name):
+            assert len(re.sub(r"e[-+]\d+$|^0\.0*|\.|-", "", value)) <= 3, run.name
+
+
+def test_the_median_pruner_stops_a_trial_below_the_median_of_earlier_ones(tmp_path, shared_dirs):
+    from geneformer_colon.fine_tune import train
+    from geneformer_colon.study import PRUNED_AT, outcome
+
+    storage = f"sqlite:///{tmp_path / 'prune.db'}"
+    study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
+    for _ in range(2):  # two earlier trials that scored 1.0 at every epoch
+        earlier = study.ask()
+        for epoch in range(2):
+            earlier.report(1.0, epoch)
+        study.tell(earlier, 1.0)
+
+    def trial_run(pruner: str) -> tuple[dict, optuna.trial.Trial]:
+        trial = study.ask()
+        record = train(compose_train(tiny_overrides(tmp_path / "outputs", shared_dirs) + [
+            "experiment=colon6", "sweep=optuna", "logger=csv", "trainer.max_epochs=2", "callbacks.early_stopping=null",
+            f"run_name={pruner}", "sweep.study=prune", f"sweep.storage='{storage}'", f"sweep.trial={trial.number}",
+            f"sweep.pruner={pruner}", "sweep.startup_trials=2"]))
+        return record, trial
+
+    pruned, trial = trial_run("median")
+    assert [epoch["epoch"] for epoch in pruned["epochs"]] == [0] and pruned["status"] == "finished"
+    reported = study.trials[trial.number]
+    assert reported.user_attrs[PRUNED_AT] == 0
+    assert reported.intermediate_values == {0: pytest.approx(pruned["epochs"][0]["val/macro_f1"], abs=1e-4)}
+    assert outcome(study, trial.number, pruned["val"]["macro_f1"])[0] == optuna.trial.TrialState.PRUNED
+    kept, trial = trial_run("none")
+    assert [epoch["epoch"] for epoch in kept["epochs"]] == [0, 1]
+    assert PRUNED_AT not in study.trials[trial.number].user_attrs
+    assert outcome(study, trial.number, kept["val"]["macro_f1"]) == (optuna.trial.TrialState.COMPLETE,
+                                                                     kept["val"]["macro_f1"])
 
 
 def test_grid_sweep_records_the_failed_job_and_goes_on(grid_sweep):
@@ -138,6 +196,7 @@ def test_presets_and_the_slurm_launcher_compose():
     assert dict(grid.hydra.sweeper.params) == {"augment.mixup_prob": "0,0.15,0.3", "loss.focal_gamma": "0,1.5"}
     sweeper = optuna_cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert optuna_cfg.sweep.pruner == "median" and optuna_cfg.callbacks.prune_hopeless_trial.trial is None
     assert sweeper.study_name == "colon6" and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.params["optimizer.lr"] == "tag(log, interval(1e-5, 3e-3))"
     assert dict(optuna_cfg.loss.class_weights) == {"Normal": 1.0, "Border": 1.4, "Tumor": 2.2}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +19,9 @@ import wandb
 from conftest import REPO_ROOT, compose_train, tiny_overrides
 from wandb.proto import wandb_internal_pb2
 
+from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.fine_tune import train as run_training
+from geneformer_colon.retest import run_evaluation
 
 BLOCK_SIZE = 32768  # a .wandb file is a LevelDB-style log: 7-byte file header, then 32 KiB blocks
 RECORD_HEADER = struct.Struct("<IHB")  # crc32c, length, chunk type (1 full, 2 first, 3 middle, 4 last)
@@ -31,11 +35,18 @@ class OfflineRun:
     id: str = ""
     name: str = ""
     group: str = ""
+    job_type: str = ""
+    notes: str = ""
     tags: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # define_metric: name or glob -> its MetricRecord
     exit_code: int | None = None  # None: the run was never finished
+
+    def rows(self, key: str) -> list[dict[str, Any]]:
+        """The history rows that hold ``key``."""
+        return [row for row in self.history if key in row]
 
 
 def _records(path: Path):
@@ -67,9 +78,12 @@ def read_offline_run(directory: Path) -> OfflineRun:
     (log,) = directory.glob("run-*.wandb")
     for record in _records(log):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run.id, run.name, run.group = record.run.run_id, record.run.display_name, record.run.run_group
-            run.tags = list(record.run.tags)
+        if kind == "run":  # the first describes the run; later ones change some fields (notes)
+            for name, value in (("id", record.run.run_id), ("name", record.run.display_name),
+                                ("group", record.run.run_group), ("job_type", record.run.job_type),
+                                ("notes", record.run.notes), ("tags", list(record.run.tags))):
+                if value:
+                    setattr(run, name, value)
             run.config.update(_items(record.run.config.update))
         elif kind == "config":
             run.config.update(_items(record.config.update))
@@ -77,6 +91,8 @@ def read_offline_run(directory: Path) -> OfflineRun:
             run.history.append(_items(record.history.item))
         elif kind == "summary":
             run.summary.update(_items(record.summary.update))
+        elif kind == "metric":
+            run.metrics[record.metric.name or record.metric.glob_name] = record.metric
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run
@@ -107,8 +123,8 @@ def metrics_of(run_dir: Path) -> dict:
 
 
 def media_table(run: OfflineRun, key: str) -> dict:
-    """A logged wandb.Table, from the JSON file its summary entry points to."""
-    return json.loads((run.directory / "files" / run.summary[f"{key}/path"]).read_text())
+    """A wandb.Table of the run's summary, from the JSON file its summary entry points to."""
+    return json.loads((run.directory / "files" / run.summary[key]["path"]).read_text())
 
 
 def sweep(tmp_path: Path, shared: dict, *overrides: str) -> Path:
@@ -123,32 +139,54 @@ def sweep(tmp_path: Path, shared: dict, *overrides: str) -> Path:
     return sweep_dir
 
 
-def test_each_sweep_job_is_a_wandb_run_with_flat_config_metrics_and_report(tmp_path, shared_dirs):
-    sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "loss.focal_gamma=1.5,0", "augment.mixup_prob=0.15",
-                      "logger.wandb.tags=[mine]")
+def all_offline_runs(root: Path) -> list[OfflineRun]:
+    """Every W&B offline run under ``root`` (a sweep's jobs, their folds)."""
+    return [run for folder in sorted({path.parent.parent for path in root.rglob("wandb/offline-run-*")})
+            for run in offline_runs(folder)]
+
+
+def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, shared_dirs):
+    sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "augment.mixup_prob=0.15,2", "loss.focal_gamma=1.5",
+                      "trainer.max_epochs=2", "callbacks.early_stopping=null", "logger.wandb.tags=[mine]")
     job_runs = [offline_runs(sweep_dir / str(job)) for job in (0, 1)]
     assert [len(runs) for runs in job_runs] == [1, 1]
-    (run,), (other,) = job_runs
+    (run,), (refused,) = job_runs
     metrics = metrics_of(sweep_dir / "0")
 
-    # one W&B run per job, finished, named after the run, grouped by the sweep
-    assert run.id != other.id
+    # one W&B run per job, finished, named after the run and its swept value, grouped by the sweep
+    assert run.id != refused.id
     assert run.id == (sweep_dir / "0" / "wandb" / "run_id").read_text()
-    assert (run.exit_code, other.exit_code) == (0, 0)
-    assert (run.name, other.name) == ("colon6 #0: loss.focal_gamma=1.5", "colon6 #1: loss.focal_gamma=0")
-    assert "lr-AdamW/weights" in {key for row in run.history for key in row}  # the learning rate, per step
-    assert run.group == other.group == "2026-11-24/10-00-00"
+    assert run.exit_code == 0 and metrics["status"] == "finished"  # the refused job leaves the other alone
+    assert (run.name, refused.name) == ("colon6 #0: mixup_prob=0.15", "colon6 #1: mixup_prob=2")
+    assert run.group == refused.group == "colon6/2026-11-24/10-00-00"
+    assert run.job_type == refused.job_type == "train"
     assert {"colon6", "synthetic", "tiny", "mine"} <= set(run.tags)
-    # the config, flat and resolved, without Hydra's keys or paths
-    assert (run.config["loss.focal_gamma"], other.config["loss.focal_gamma"]) == (1.5, 0.0)
+    # the job refused for a bad value: a failed run with its config and the error line
+    assert refused.exit_code == 1
+    assert refused.summary["error"].startswith("augment.mixup_prob is 2; set it to")
+    assert refused.config["augment.mixup_prob"] == 2 and refused.history == []
+    # the config, flat and resolved: the recipe, not where things are (those are the notes)
     assert run.config["augment.mixup_prob"] == 0.15
+    assert run.config["loss.focal_gamma"] == 1.5 and run.config["loss.class_weights.Tumor"] == 2.2
     assert run.config["data.balance_strategy"] == "class_donor"
-    assert run.config["loss.class_weights.Tumor"] == 2.2
-    assert not [key for key in run.config if key.endswith("_target_") or key.startswith(("paths.", "logger."))]
-    # the epoch's val metrics, as Lightning logged them
-    epoch_rows = [row for row in run.history if "val/macro_f1" in row]
-    assert epoch_rows[0]["val/macro_f1"] == pytest.approx(metrics["epochs"][0]["val/macro_f1"], abs=1e-4)
-    assert epoch_rows[0]["val/recall/Tumor"] == pytest.approx(metrics["epochs"][0]["val/recall/Tumor"], abs=1e-4)
+    assert not [key for key in run.config if key.endswith(("_target_", "dir", "dirpath"))
+                or key.startswith(("paths.", "logger.")) or key in ("resume", "overwrite")]
+    assert f"paths.run_dir: {sweep_dir / '0'}" in run.notes.splitlines()
+    assert f"callbacks.model_checkpoint.dirpath: {sweep_dir / '0' / 'checkpoints'}" in run.notes.splitlines()
+    assert (run.directory / "files" / "config.yaml").read_text() == (sweep_dir / "0" / "config.yaml").read_text()
+    # curves by epoch, their summary the best so far, declared up front
+    assert run.metrics["val/macro_f1"].step_metric == "epoch" and run.metrics["val/macro_f1"].summary.max
+    assert run.metrics["val/recall/Tumor"].step_metric == "epoch" and run.metrics["val/recall/Tumor"].summary.max
+    assert run.metrics["val/loss"].step_metric == "epoch" and run.metrics["val/loss"].summary.min
+    assert "lr-AdamW/weights" in {key for row in run.history for key in row}  # the learning rate, per step
+    # validation points are metrics.json's epochs one for one; nothing after the last epoch, no test point
+    val_rows = run.rows("val/macro_f1")
+    assert [row["epoch"] for row in val_rows] == [epoch["epoch"] for epoch in metrics["epochs"]] == [0, 1]
+    for row, epoch in zip(val_rows, metrics["epochs"]):
+        assert row["val/macro_f1"] == pytest.approx(epoch["val/macro_f1"], abs=1e-4)
+        assert row["val/recall/Tumor"] == pytest.approx(epoch["val/recall/Tumor"], abs=1e-4)
+    assert run.history[-1]["epoch"] == 1
+    assert not [key for row in run.history for key in row if key.startswith(("test/", "per_class", "confusion"))]
     # the best checkpoint's metrics and the success criteria as the run's summary
     for split in ("val", "test"):
         for name in ("macro_f1", "accuracy", "macro_auroc", "recall/Border"):
@@ -157,8 +195,7 @@ def test_each_sweep_job_is_a_wandb_run_with_flat_config_metrics_and_report(tmp_p
     verdicts = {key: "PASS" if verdict["passed"] else "FAIL" for key, verdict in metrics["success"].items()}
     assert {key: run.summary[f"success/{key}"] for key in verdicts} == verdicts
     assert run.summary["success"] == ("PASS" if set(verdicts.values()) == {"PASS"} else "FAIL")
-    assert other.summary["val/macro_f1"] == pytest.approx(metrics_of(sweep_dir / "1")["val"]["macro_f1"], abs=1e-4)
-    # the per-class table and the confusion matrices
+    # the per-class table and the confusion matrices, in the summary
     per_class = media_table(run, "per_class")
     assert per_class["columns"] == ["split", "class", "precision", "recall", "f1", "cells"]
     rows = {(row[0], row[1]): row for row in per_class["data"]}
@@ -169,43 +206,125 @@ def test_each_sweep_job_is_a_wandb_run_with_flat_config_metrics_and_report(tmp_p
         table = media_table(run, f"confusion/{split}_table")
         counts = {(actual, predicted): n for actual, predicted, n in table["data"]}
         assert counts["Border", "Tumor"] == metrics[split]["confusion_matrix"][1][2]
-        assert (run.directory / "files" / run.summary[f"confusion_plot/{split}/path"]).is_file()
+        assert f"_wandb/visualize/confusion/{split}" in run.config  # the chart's spec
+        assert (run.directory / "files" / run.summary[f"confusion_plot/{split}"]["path"]).is_file()
 
 
-class Crash(pl.Callback):
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        raise RuntimeError("boom")
+def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dirs):
+    sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "cv=lodo", "cv.folds=[KUL01,KUL19]",
+                      "loss.focal_gamma=0,1.5", "trainer.limit_train_batches=3")
+    runs = all_offline_runs(sweep_dir)
+    group = "colon6/2026-11-24/10-00-00"
+    # the sweep's group: one CV run a job, with the swept key and cv.* in its config
+    cv_runs = sorted((run for run in runs if run.group == group), key=lambda run: run.name)
+    assert [(run.job_type, run.name) for run in cv_runs] == [("cv", "colon6 #0: focal_gamma=0"),
+                                                            ("cv", "colon6 #1: focal_gamma=1.5")]
+    assert [run.config["loss.focal_gamma"] for run in cv_runs] == [0.0, 1.5]
+    for job, run in enumerate(cv_runs):
+        cv = json.loads((sweep_dir / str(job) / "cv.json").read_text())
+        assert run.exit_code == 0 and run.config["cv.strategy"] == "lodo"
+        assert run.config["cv.folds"] == ["KUL01", "KUL19"]
+        # its summary: the aggregate and each donor's test macro F1, as in cv.json
+        for split in ("val", "test"):
+            spread = cv["aggregate"][split]["macro_f1"]
+            assert run.summary[f"{split}/macro_f1"] == pytest.approx(spread["mean"], abs=1e-4)
+            assert run.summary[f"{split}/macro_f1/sd"] == pytest.approx(spread["sd"], abs=1e-4)
+            assert run.summary[f"{split}/macro_f1/ci95_low"] == pytest.approx(spread["ci95"][0], abs=1e-4)
+            assert run.summary[f"{split}/macro_f1/worst"] == pytest.approx(spread["min"], abs=1e-4)
+        rows = {row["test_donor"]: row for row in cv["folds"]}
+        assert set(rows) == {"KUL01", "KUL19"}
+        for donor, row in rows.items():
+            assert run.summary[f"test/macro_f1/{donor}"] == pytest.approx(row["test"]["macro_f1"], abs=1e-4)
+        worst = min(rows.values(), key=lambda row: row["test"]["macro_f1"])["test_donor"]
+        assert run.summary["test/macro_f1/worst_donor"] == worst
+        assert [row[0] for row in media_table(run, "fold_table")["data"]] == ["KUL01", "KUL19"]
+        assert (run.directory / "files" / "cv.json").is_file()
+        # its folds: job type fold, in a group of their own named after the job, their donors in the config
+        folds = sorted((fold for fold in runs if fold.group == f"{group} #{job}"), key=lambda fold: fold.name)
+        assert [(fold.job_type, fold.name, fold.exit_code) for fold in folds] == [
+            ("fold", "colon6/KUL01", 0), ("fold", "colon6/KUL19", 0)]
+        assert [(fold.config["cv.test_donor"], fold.config["cv.val_donor"]) for fold in folds] == [
+            (donor, rows[donor]["val_donor"]) for donor in ("KUL01", "KUL19")]
+        assert folds[0].summary["test/macro_f1"] == pytest.approx(rows["KUL01"]["test"]["macro_f1"], abs=1e-4)
+    assert len(runs) == 6
 
 
-def test_a_failing_run_finishes_its_wandb_run_with_an_error_code(tmp_path, shared_dirs, monkeypatch):
+def test_a_nan_stopped_run_keeps_its_history_and_says_where_it_stopped(tmp_path, shared_dirs):
+    with pytest.raises(FloatingPointError):
+        train(tmp_path, shared_dirs, "run_name=diverged", "optimizer.lr=1e6", "trainer.log_every_n_steps=1")
+    assert wandb.run is None
+    (run,) = offline_runs(tmp_path / "outputs" / "diverged")
+    assert run.exit_code == 1
+    assert run.summary["error"].startswith("FloatingPointError: train/loss is nan at epoch 0, step ")
+    assert run.rows("train/loss_step")  # the step it had
+    assert run.config["optimizer.lr"] == 1e6
+
+
+class PauseAfterFirstEpoch(pl.Callback):
+    """Ctrl-C in the first epoch's last batch: the run saves at the epoch's end and stops (Interrupted)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == trainer.num_training_batches - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_paused_and_resumed_run_is_one_wandb_run(tmp_path, shared_dirs, monkeypatch):
     from geneformer_colon import fine_tune
 
     real_build_trainer = fine_tune.build_trainer
     monkeypatch.setattr(fine_tune, "build_trainer",
-                        lambda cfg, callbacks: real_build_trainer(cfg, callbacks + [Crash()]))
-    with pytest.raises(RuntimeError, match="boom"):
-        train(tmp_path, shared_dirs, "run_name=crash")
+                        lambda cfg, callbacks: real_build_trainer(cfg, callbacks + [PauseAfterFirstEpoch()]))
+    common = ["run_name=paused", "callbacks.early_stopping=null", "trainer.max_epochs=2"]
+    with pytest.raises(Interrupted):
+        train(tmp_path, shared_dirs, *common)
     assert wandb.run is None
-    (run,) = offline_runs(tmp_path / "outputs" / "crash")
-    assert run.exit_code == 1
-    assert run.config["loss.focal_gamma"] == 0.0
+    monkeypatch.setattr(fine_tune, "build_trainer", real_build_trainer)
+    run_dir = train(tmp_path, shared_dirs, *common, "resume=true")
+    paused, resumed = offline_runs(run_dir)
+    assert paused.id == resumed.id == (run_dir / "wandb" / "run_id").read_text()
+    assert (paused.name, paused.group) == (resumed.name, resumed.group) == ("paused", "default")
+    assert (paused.exit_code, resumed.exit_code) == (0, 0)  # the paused part is no failure; the whole finished
+    epochs = [row["epoch"] for part in (paused, resumed) for row in part.rows("val/macro_f1")]
+    assert epochs == [epoch["epoch"] for epoch in metrics_of(run_dir)["epochs"]] == [0, 1]
+    assert "resume" not in paused.config and "resume" not in resumed.config
+    assert resumed.summary["best_epoch"] == metrics_of(run_dir)["best_epoch"]
 
-
-def test_resume_continues_the_same_wandb_run_and_overwrite_starts_anew(tmp_path, shared_dirs):
-    run_dir = train(tmp_path, shared_dirs, "run_name=paused", "callbacks.early_stopping=null")
-    assert wandb.run is None
-    train(tmp_path, shared_dirs, "run_name=paused", "callbacks.early_stopping=null", "resume=true",
-          "trainer.max_epochs=2", "allow_resume_changes=true")
-    before, after = offline_runs(run_dir)
-    assert before.id == after.id == (run_dir / "wandb" / "run_id").read_text()
-    assert (before.name, before.group) == (after.name, after.group) == ("paused", "default")
-    assert (before.exit_code, after.exit_code) == (0, 0)
-    assert next(row["epoch"] for row in after.history if "val/macro_f1" in row) == 1
-    assert after.summary["best_epoch"] == metrics_of(run_dir)["best_epoch"]
+    # eval.py on the run: a W&B run of its own, job type eval, its test figures as summary
+    record = run_evaluation(run_dir, ["data.test_donors=[KUL21]"], REPO_ROOT / "conf", allow_training_donors=True)
+    (evaluation,) = offline_runs(run_dir / "eval" / "test-KUL21")
+    assert (evaluation.job_type, evaluation.name, evaluation.exit_code) == ("eval", "paused on test-KUL21", 0)
+    assert evaluation.summary["test/macro_f1"] == pytest.approx(record["test"]["macro_f1"], abs=1e-4)
 
     train(tmp_path, shared_dirs, "run_name=paused", "overwrite=true", "trainer.fast_dev_run=true")
     assert offline_runs(run_dir) == []
-    assert (run_dir / "wandb" / "run_id").read_text() != before.id
+    assert (run_dir / "wandb" / "run_id").read_text() != paused.id
+
+
+def test_the_baseline_is_a_wandb_run_beside_the_sweeps(tmp_path, shared_dirs):
+    from geneformer_colon.baseline.naive_bayes import run_baseline
+
+    cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared_dirs) + ["experiment=colon6"], "baseline")
+    record = run_baseline(cfg)
+    (run,) = offline_runs(Path(cfg.paths.run_dir))
+    assert (run.job_type, run.name, run.group, run.exit_code) == ("baseline", "colon6-naive_bayes", "colon6", 0)
+    assert run.summary["test/macro_f1"] == pytest.approx(record["test"]["macro_f1"], abs=1e-4)
+    assert run.config["baseline.alpha"] == 1.0 and run.history == []
+
+
+def test_log_model_uploads_the_best_checkpoint_online_only_by_default(tmp_path):
+    from hydra.utils import instantiate
+
+    from geneformer_colon.config import check_values
+
+    def logger(*overrides: str):
+        cfg = compose_train([f"paths.output_dir={tmp_path}", *overrides])
+        check_values(cfg)
+        return instantiate(cfg.logger.wandb)
+
+    assert logger()._log_model is False
+    assert logger("logger.wandb.log_model=best")._log_model is True
+    with pytest.raises(InputError, match="logger.wandb.log_model is 'all'; set it to best or false"):
+        logger("logger.wandb.log_model=all")
 
 
 def test_csv_logger_alone_writes_no_wandb_files(tmp_path, shared_dirs):

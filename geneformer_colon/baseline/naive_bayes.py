@@ -27,6 +27,7 @@ from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.names import EVAL_SPLITS, FINISHED, SPLITS
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
+from geneformer_colon.report.wandb_run import log_finished_run
 from geneformer_colon.rundir import (
     Run,
     RunLayout,
@@ -90,5 +91,6 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
                         success=check_success(cfg.success_criteria, final), recipe=recipe())
     record = write_metrics(layout, record)
     write_history(Run(layout.root, record, OmegaConf.to_container(cfg, resolve=True), {}))
+    log_finished_run(cfg, layout, "baseline", record, class_names)  # beside a sweep's runs, same metric names
     print_summary(record, class_names, layout.root)
     return record

@@ -1,36 +1,40 @@
-"""A run's Weights & Biases side: the logger, the flat config, the end-of-run report, finishing.
+"""A run's Weights & Biases side: the logger, names and groups, the flat config, the epoch axis, the
+end-of-run summary, a CV run's own W&B run, failed and refused jobs, finishing.
 
-W&B is offline unless ``WANDB_MODE`` (or ``logger.wandb.mode``) says otherwise, so no API key
-or network is needed: the run's files go to ``<run_dir>/wandb/offline-run-*`` for a later
+One W&B run a recipe: a training run (job type ``train``), a CV run (``cv``, its folds ``fold`` in a
+group of their own), a pretraining (``pretrain``), a baseline (``baseline``). Curves run by epoch and
+end with the last epoch; whatever is computed after training goes to the summary. Every run is
+finished, failed with its error line when it fails, and a sweep job refused before it started still
+gets a failed run. W&B is offline unless ``WANDB_MODE`` (or ``logger.wandb.mode``) says otherwise, so
+no API key or network is needed: the run's files go to ``<run_dir>/wandb/offline-run-*`` for a later
 ``wandb sync``. The W&B run id is kept in ``<run_dir>/wandb/run_id`` so that ``resume=true``
 continues the same W&B run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import sys
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from geneformer_colon.config import flatten
+from geneformer_colon.config import flatten, is_location_key
+from geneformer_colon.errors import Interrupted, input_error_in
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, logged, per_class
+from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
 from geneformer_colon.rundir import RunLayout
-
-# Config groups left out of the logged config: where things are, not how the run was made.
-UNLOGGED_GROUPS = ("paths", "logger")
 
 
 def sweep_id() -> str | None:
@@ -38,6 +42,12 @@ def sweep_id() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return "/".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+
+
+def default_group(experiment_name: str) -> str:
+    """``<experiment>/<sweep date-time>`` in a multirun, else the experiment's name."""
+    sweep = sweep_id()
+    return f"{experiment_name}/{sweep}" if sweep else experiment_name
 
 
 def option_tags() -> list[str]:
@@ -64,13 +74,31 @@ def swept_keys() -> set[str]:
     return keys | {key.lstrip("+~") for key in (HydraConfig.get().sweeper.get("params") or {})}
 
 
+def short_value(value: str) -> str:
+    """A swept value as a name shows it: numbers to 3 significant digits (Optuna draws 17)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "e" not in value.lower() and "." not in value else f"{number:.3g}"
+
+
+def short_overrides(overrides: Sequence[str], keys: set[str]) -> list[str]:
+    """The overrides of ``keys`` as ``<last part of the key>=<short value>`` (the whole key where the
+    last parts of two keys are the same)."""
+    chosen = [o.split("=", 1) for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    last_parts = [key.lstrip("+~").rsplit(".", 1)[-1] for key, _ in chosen]
+    return [f"{part if last_parts.count(part) == 1 else key.lstrip('+~')}={short_value(value)}"
+            for part, (key, value) in zip(last_parts, chosen)]
+
+
 def sweep_job_name(name: str) -> str:
-    """In a multirun, ``<name> #<job>: <the values it sweeps>`` so the jobs of a sweep are told apart."""
+    """In a multirun, ``<name> #<job>: <the values it sweeps>`` so the jobs of a sweep are told apart
+    (in an Optuna study the job's number is its trial's)."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return name
     hydra_cfg = HydraConfig.get()
-    keys = swept_keys()
-    swept = [override for override in hydra_cfg.overrides.task if override.split("=", 1)[0].lstrip("+~") in keys]
+    swept = short_overrides(hydra_cfg.overrides.task, swept_keys())
     return f"{name} #{hydra_cfg.job.num}" + (f": {' '.join(swept)}" if swept else "")
 
 
@@ -90,26 +118,39 @@ def wandb_logger(
     save_dir: str,
     name: str,
     experiment_name: str,
+    job_type: str | None = None,
     resume: bool = False,
     group: str | None = None,
     tags: Sequence[str] = (),
+    log_model: str | bool | None = None,
     **init_kwargs: Any,
 ) -> WandbLogger:
     """A WandbLogger writing under ``save_dir``; ``init_kwargs`` go to ``wandb.init`` (mode, project, ...).
 
-    ``name`` gets the job's number and overrides in a sweep; ``group`` defaults to the sweep's id
-    in a multirun, else the experiment; the tags are the experiment, the data and model options,
-    then ``tags``. W&B's console output is kept to errors (the run's own summary says where it is).
+    ``job_type``: train, fold, cv, pretrain, eval or baseline (null: the kind of run, set as it
+    starts: :func:`start_runs`). A fold's ``name`` and ``group`` are
+    its CV run's choice (``donor_cv.fold_config``) and are kept; any other run's ``name`` gets the
+    job's number and swept values in a sweep, and ``group`` defaults to :func:`default_group`.
+    The tags are the experiment, the data and model options, then ``tags``. ``log_model``: ``best``
+    uploads the best checkpoint as a model artifact at the end of training, ``false`` does not,
+    null: ``best`` when online. W&B's console output is kept to errors.
     """
     import wandb
 
+    if job_type != "fold":
+        name, group = sweep_job_name(name), group or default_group(experiment_name)
+    if log_model is None:
+        log_model = "best" if init_kwargs.get("mode") == "online" else False
+    if job_type:
+        init_kwargs["job_type"] = job_type
     all_tags = dict.fromkeys([experiment_name, *option_tags(), *tags])
     logger = WandbLogger(
         save_dir=save_dir,
-        name=sweep_job_name(name),
+        name=name,
         id=run_id(Path(save_dir), resume),
-        group=group or sweep_id() or experiment_name,
+        group=group,
         tags=list(all_tags),
+        log_model=log_model == "best",
         settings=wandb.Settings(quiet=True, silent=True),
         **init_kwargs,
     )
@@ -120,11 +161,21 @@ def wandb_logger(
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as ``{"loss.focal_gamma": 1.5, ...}``, so W&B's run table filters by each key.
 
-    Hydra's own keys (``_target_``, ``_convert_``) and the ``paths`` and ``logger`` groups are left out.
+    Hydra's own keys (``_target_``, ``_convert_``) and where things are (``paths``, ``logger``, any
+    directory, ``resume``: :func:`config.is_location_key`) are left out: they go to the run's notes.
     """
-    container = OmegaConf.to_container(cfg, resolve=True)
-    settings = flatten({key: value for key, value in container.items() if key not in UNLOGGED_GROUPS})
-    return {key: value for key, value in settings.items() if not _is_hydra_key(key.rsplit(".", 1)[-1])}
+    return {key: value for key, value in _flat(cfg).items()
+            if not is_location_key(key) and not _is_hydra_key(key.rsplit(".", 1)[-1])}
+
+
+def location_notes(cfg: DictConfig) -> str:
+    """Where the run is (its directories, data, cache, ...), one ``key: value`` a line: the run's notes."""
+    return "\n".join(f"{key}: {value}" for key, value in _flat(cfg).items()
+                     if is_location_key(key) and not key.startswith("logger.") and value not in (None, "", []))
+
+
+def _flat(cfg: DictConfig) -> dict[str, Any]:
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _is_hydra_key(name: str) -> bool:
@@ -132,10 +183,15 @@ def _is_hydra_key(name: str) -> bool:
     return name.startswith("_") and name.endswith("_")
 
 
+def splits_of(summary: Mapping[str, Any]) -> list[str]:
+    """The evaluated splits a metrics.json record holds (an evaluation's: test only)."""
+    return [split for split in EVAL_SPLITS if split in summary]
+
+
 def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The final metrics as flat W&B summary entries: ``val/macro_f1``, ``best_epoch``, ``success``..."""
     values: dict[str, Any] = {"best_epoch": summary["best_epoch"]}
-    for split in EVAL_SPLITS:
+    for split in splits_of(summary):
         metrics = summary[split]
         values.update({logged(split, name): value for name, value in flatten(metrics).items()
                        if not name.startswith("confusion_matrix")})
@@ -149,7 +205,7 @@ def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
 def per_class_rows(summary: Mapping[str, Any], class_names: Sequence[str]) -> list[list[Any]]:
     """One row per split and class: precision, recall, F1 and the number of cells of that class."""
     rows = []
-    for split in EVAL_SPLITS:
+    for split in splits_of(summary):
         metrics = summary[split]
         cells = np.asarray(metrics["confusion_matrix"]).sum(axis=1)
         for index, name in enumerate(class_names):
@@ -172,25 +228,183 @@ def confusion_chart(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
     )
 
 
+def wandb_loggers(loggers: Sequence[Logger]) -> list[WandbLogger]:
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def epoch_metrics(job_type: str, class_names: Sequence[str]) -> list[str]:
+    """The figures a run logs once an epoch (a classifier's, or pretraining's masked-gene ones)."""
+    if job_type == "pretrain":
+        return [logged(VAL, "masked_loss"), logged(VAL, "masked_accuracy"), logged(TRAIN, "masked_loss_epoch")]
+    classes = [per_class(name, label) for name in ("precision", "recall", "f1") for label in class_names]
+    return [logged(VAL, name) for name in (*METRICS, "loss", *classes)] + [logged(TRAIN, "loss_epoch")]
+
+
+def define_epoch_metrics(run: Any, names: Sequence[str]) -> None:
+    """Each epoch-level figure plotted against ``epoch``, its summary the best so far (losses: the lowest).
+
+    By name: Lightning declares every key (``*``) to step with its global step, and of two globs that
+    match a key W&B may apply either; a definition by name comes first.
+    """
+    run.define_metric("epoch")
+    for name in names:
+        run.define_metric(name, step_metric="epoch", summary="min" if "loss" in name else "max")
+
+
+def describe_run(run: Any, cfg: DictConfig, layout: RunLayout) -> None:
+    """A W&B run's flat config, its locations as notes and ``config.yaml`` as a file."""
+    run.config.update(flat_config(cfg), allow_val_change=True)
+    run.notes = location_notes(cfg)
+    if layout.config.is_file():
+        run.save(str(layout.config), base_path=str(layout.root), policy="now")
+
+
+@rank_zero_only
+def start_runs(loggers: Sequence[Logger], cfg: DictConfig, layout: RunLayout, job_type: str) -> None:
+    """Each W&B logger's run as it starts: ``job_type`` (unless the config sets one: a fold), the
+    description, and its epoch-level figures declared."""
+    for logger in wandb_loggers(loggers):
+        if not logger._wandb_init.get("job_type"):  # read when the run starts, just below
+            logger._wandb_init["job_type"] = job_type
+        describe_run(logger.experiment, cfg, layout)
+        define_epoch_metrics(logger.experiment, epoch_metrics(job_type, cfg.data.get("labels") or []))
+
+
+def start_run(cfg: DictConfig, layout: RunLayout, job_type: str, **overrides: Any) -> Any:
+    """A W&B run of ``cfg.logger.wandb`` started outside training (a CV run, a baseline, a refused job),
+    described; ``job_type`` unless the config sets one (a fold's); None where the config logs no W&B."""
+    wandb_cfg = cfg.get("logger", {}).get("wandb")
+    if wandb_cfg is None:
+        return None
+    logger = instantiate(wandb_cfg, job_type=wandb_cfg.get("job_type") or job_type, **overrides)
+    describe_run(logger.experiment, cfg, layout)
+    return logger.experiment
+
+
+def put_chart(run: Any, key: str, chart: Any) -> None:
+    """A W&B custom chart into the summary: its table, and its spec in the config (as ``run.log`` does
+    with a chart, without adding a history step)."""
+    chart.set_key(key)
+    run._config_callback(key=chart.spec.config_key, val=chart.spec.config_value)
+    run.summary[chart.spec.table_key] = chart.table
+
+
 @rank_zero_only
 def report_run(loggers: Sequence[Logger], summary: Mapping[str, Any], class_names: Sequence[str],
                layout: RunLayout) -> None:
-    """Into each W&B logger's run: confusion matrices, the per-class table, the final metrics as summary."""
+    """Into each W&B logger's run's summary, not its history (the curves end with the last epoch):
+    the final metrics, the per-class table, the confusion matrices (charts and images)."""
+    for logger in wandb_loggers(loggers):
+        report_final(logger.experiment, summary, class_names, layout)
+
+
+def report_final(run: Any, summary: Mapping[str, Any], class_names: Sequence[str], layout: RunLayout) -> None:
     import wandb
 
-    for logger in loggers:
-        if not isinstance(logger, WandbLogger):
-            continue
-        media: dict[str, Any] = {
-            "per_class": wandb.Table(columns=["split", "class", "precision", "recall", "f1", "cells"],
-                                     data=per_class_rows(summary, class_names)),
-        }
-        for split in EVAL_SPLITS:
-            title = f"{summary['run_name']} {split}"
-            media[f"confusion/{split}"] = confusion_chart(summary[split]["confusion_matrix"], class_names, title)
-            media[f"confusion_plot/{split}"] = wandb.Image(str(layout.confusion_plot(split)))
-        logger.experiment.log(media)
-        logger.experiment.summary.update(summary_values(summary))
+    run.summary["per_class"] = wandb.Table(columns=["split", "class", "precision", "recall", "f1", "cells"],
+                                           data=per_class_rows(summary, class_names))
+    for split in splits_of(summary):
+        title = f"{summary['run_name']} {split}"
+        put_chart(run, f"confusion/{split}", confusion_chart(summary[split]["confusion_matrix"], class_names, title))
+        run.summary[f"confusion_plot/{split}"] = wandb.Image(str(layout.confusion_plot(split)))
+    run.summary.update(summary_values(summary))
+
+
+def log_finished_run(cfg: DictConfig, layout: RunLayout, job_type: str, record: Mapping[str, Any],
+                     class_names: Sequence[str], **overrides: Any) -> None:
+    """A run made without a Lightning logger (a baseline, an evaluation) as a W&B run of its own, once
+    it is written: its config, and its metrics.json ``record`` as summary, as a training run's."""
+    run = start_run(cfg, layout, job_type, **overrides)
+    if run is not None:
+        report_final(run, record, class_names, layout)
+        finish(run)
+
+
+def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
+    """A CV run's summary from its cv.json: for each figure its mean (``val/macro_f1``), ``/sd``,
+    ``/ci95_low``, ``/ci95_high``, ``/worst`` and ``/worst_donor``; the test macro F1 of each donor
+    (``test/macro_f1/<donor>``, a mean over its folds where it has several)."""
+    folds = cv["folds"]
+    values: dict[str, Any] = {"folds": len(folds), "cv_status": cv["status"]}
+    for split, figures in cv["aggregate"].items():
+        for key, spread in figures.items():
+            name = logged(split, key)
+            values[name] = spread["mean"]
+            values[f"{name}/sd"] = spread["sd"]
+            if spread["ci95"] is not None:
+                values[f"{name}/ci95_low"], values[f"{name}/ci95_high"] = spread["ci95"]
+            scored = [fold for fold in folds if fold[split].get(key) is not None]
+            if scored:
+                worst = min(scored, key=lambda fold: fold[split][key])
+                values[f"{name}/worst"], values[f"{name}/worst_donor"] = worst[split][key], worst["test_donor"]
+    for donor in dict.fromkeys(fold["test_donor"] for fold in folds):
+        scores = [fold[TEST]["macro_f1"] for fold in folds if fold["test_donor"] == donor]
+        values[f"{logged(TEST, 'macro_f1')}/{donor}"] = float(np.mean(scores))
+    return values
+
+
+def fold_table(cv: Mapping[str, Any]) -> Any:
+    """A row a fold: its donors, best epoch and final figures."""
+    import wandb
+
+    columns = ["test_donor", "val_donor", "run_dir", "best_epoch",
+               *(logged(split, metric) for split in EVAL_SPLITS for metric in METRICS)]
+    rows = [[fold["test_donor"], fold["val_donor"], fold["run_dir"], fold["best_epoch"],
+             *(fold[split].get(metric) for split in EVAL_SPLITS for metric in METRICS)] for fold in cv["folds"]]
+    return wandb.Table(columns=columns, data=rows)
+
+
+def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], error: BaseException | None) -> None:
+    """The CV run's own W&B run (job type ``cv``), made as its folds end (they are runs of their own:
+    one W&B run is open at a time): its config (``cv.*`` included), a table of its folds, the aggregate
+    of ``cv`` (cv.json) as summary, cv.json and cv.md as files; failed with the error line when ``error``."""
+    run = start_run(cfg, parent, "cv", resume=bool(cfg.resume))
+    if run is None:
+        return
+    if cv.get("folds"):
+        run.summary["fold_table"] = fold_table(cv)
+        run.summary.update(cv_summary_values(cv))
+    for path in (parent.cv_json, parent.cv_markdown):
+        if path.is_file():
+            run.save(str(path), base_path=str(parent.root), policy="now")
+    finish(run, error)
+
+
+def fold_group(cfg: DictConfig) -> str:
+    """The W&B group of a CV run's folds, named after its job: ``<the CV run's group> #<job>`` in a
+    sweep, else ``<run name> folds``."""
+    wandb_cfg = cfg.get("logger", {}).get("wandb") or {}
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{wandb_cfg.get('group') or default_group(cfg.experiment_name)} #{HydraConfig.get().job.num}"
+    return f"{cfg.run_name} folds"
+
+
+def record_refused_job(cfg: DictConfig, error: BaseException) -> None:
+    """A sweep job that failed before starting its W&B run (a value refused, a bad donor) still gets
+    one, in its group: its config and the error line, state failed. Every job of a sweep shows."""
+    layout = RunLayout(cfg.paths.run_dir)
+    if layout.wandb_run_id.is_file():  # a W&B run was started, and finished, for this job
+        return
+    cv = cfg.get("cv", {}).get("strategy", "none") != "none"
+    run = start_run(cfg, layout, "cv" if cv else "baseline" if "baseline" in cfg else "train")
+    if run is not None:
+        finish(run, error)
+
+
+def error_line(error: BaseException) -> str:
+    """The line a failed run's summary shows as ``error``: an input error's own line, else type and message."""
+    bad_input = input_error_in(error)
+    return str(bad_input) if bad_input is not None else f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def finish(run: Any, error: BaseException | None = None) -> None:
+    """Finish a W&B run: exit code 0, or 1 with ``error``'s line as the summary's ``error``. A pause
+    (SIGTERM, Ctrl-C) finishes with 0: resume=true goes on in the same run."""
+    if error is None or isinstance(error, (Interrupted, KeyboardInterrupt)):
+        run.finish(exit_code=0)
+        return
+    run.summary["error"] = error_line(error)
+    run.finish(exit_code=1)
 
 
 def _active_run() -> Any:
@@ -199,24 +413,29 @@ def _active_run() -> Any:
     return None if wandb is None else wandb.run
 
 
-def _finish_new_run(outer: Any, exit_code: int) -> None:
-    run = _active_run()
-    if run is not None and run is not outer:
-        run.finish(exit_code=exit_code)
+Task = TypeVar("Task", bound=Callable[..., Any])
 
 
-@contextlib.contextmanager
-def finishing_wandb_run() -> Iterator[None]:
-    """Finish the W&B run started in the block: exit code 0, or non-zero when the block raises.
+def finishing_wandb_run(task: Task) -> Task:
+    """``task(cfg, ...)``, then finish the W&B run it started (:func:`finish`: failed with the error
+    line when the task raises, finished otherwise and on a pause).
 
     A run left open would swallow the next run of this process (the next sweep job):
     WandbLogger logs into any active W&B run instead of starting its own.
     """
-    outer = _active_run()
-    try:
-        yield
-    except BaseException as error:
-        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
-        _finish_new_run(outer, code)
-        raise
-    _finish_new_run(outer, 0)
+
+    @functools.wraps(task)
+    def run_task(*args: Any, **kwargs: Any) -> Any:
+        outer = _active_run()
+        error = None
+        try:
+            return task(*args, **kwargs)
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            run = _active_run()
+            if run is not None and run is not outer:
+                finish(run, error)
+
+    return run_task  # type: ignore[return-value]
