@@ -24,7 +24,7 @@ from omegaconf import DictConfig, open_dict
 from geneformer_colon.config import check_values, plain
 from geneformer_colon.errors import InputError
 from geneformer_colon.names import FINISHED, VAL
-from geneformer_colon.report.cv_summary import write_cv_summary
+from geneformer_colon.report.cv_summary import across_folds_markdown, write_cv_summary
 from geneformer_colon.report.history import write_history
 from geneformer_colon.rundir import RunLayout, allowed_changes, prepare_run_dir, read_run, record_changes, save_config
 from geneformer_colon.sweep import in_multirun
@@ -117,7 +117,7 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     save_config(parent, cfg)
     rule = val_rule(cfg.cv.val_donor)
     kind = "baseline" if "baseline" in cfg else "train"
-    scores = []
+    scores, cv = [], {}
     for fold in folds:
         earlier = read_run(parent.fold(fold.test_donor).root)
         if cfg.resume and earlier.status == FINISHED:
@@ -127,8 +127,10 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
             log.info("fold %s: validation donor %s", fold.test_donor, fold.val_donor)
             record = task(fold_config(cfg, parent, fold))
         scores.append(record[VAL][metric])
-        write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule)
+        cv = write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule)
     write_history(read_run(parent.root))
+    log.info("%s: %d of %d folds finished; across folds (%s):\n%s", cfg.run_name, len(cv["folds"]), len(donors),
+             parent.cv_markdown, across_folds_markdown(cv))
     return float(np.mean(scores))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from geneformer_colon.data import h5ad, kul3, synthetic
 from geneformer_colon.data.canonical import write_canonical
+from geneformer_colon.data.dictionaries import missing_file_hint
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import build_once, file_fingerprint, text_fingerprint
 
@@ -47,13 +48,14 @@ class DataSource(abc.ABC):
         """Options that change the canonical content for the same input files."""
         return ()
 
-    def missing_hint(self) -> str:
+    def missing_hint(self, path: Path) -> str:
+        """What to do about the missing input ``path``."""
         return "check the data config"
 
     def check_inputs(self) -> None:
         for path in self.inputs():
             if path is not None and not path.is_file():
-                raise InputError(f"{path}: input file not found; {self.missing_hint()}")
+                raise InputError(f"{path}: input file not found; {self.missing_hint(path)}")
 
     def canonical(self, cache_dir: str | Path) -> Path:
         """Path of the canonical ``.h5ad``, built only when no file of this identity exists yet.
@@ -91,12 +93,12 @@ class KUL3Source(DataSource):
     def describe(self) -> str:
         return str(Path(self.data_dir) / self.matrix_file)
 
-    def missing_hint(self) -> str:
-        return (
-            f"download {self.matrix_file} and {self.annotation_file} from GEO (GSE144735) into "
-            f"{self.data_dir} (data.source.data_dir), and point data.source.gene_map at Geneformer's "
-            "gene_name_id_dict pickle"
-        )
+    def missing_hint(self, path: Path) -> str:
+        if self.gene_map and path == Path(self.gene_map):
+            return missing_file_hint(path) or (
+                "point data.source.gene_map at Geneformer's gene_name_id_dict pickle or a symbol/id TSV")
+        return (f"download {self.matrix_file} and {self.annotation_file} from GEO (GSE144735) into "
+                f"{self.data_dir} (data.source.data_dir)")
 
 
 @dataclass
@@ -162,5 +164,5 @@ class H5adSource(DataSource):
     def describe(self) -> str:
         return str(self.path)
 
-    def missing_hint(self) -> str:
+    def missing_hint(self, path: Path) -> str:
         return "set data.source.path to your .h5ad file"
