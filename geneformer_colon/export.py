@@ -83,7 +83,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "format": 1,
         "classes": model.class_names,
         "pooling": model.module.encoder.pooling,
-        "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"]},
+        "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"],
+                "trained_on": model.origin["trained_on"]},
     }
     transformers_logging.disable_progress_bar()
     with atomic_path(out_dir) as tmp:

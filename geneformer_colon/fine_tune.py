@@ -41,6 +41,7 @@ from geneformer_colon.rundir import (
     resume_point,
     run_record,
     save_config,
+    write_loss_plot,
     write_metrics,
 )
 from geneformer_colon.scoring import score_split
@@ -109,6 +110,8 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
     for logger in trainer.loggers:  # flat keys (loss.focal_gamma, ...) that W&B's run table filters by
         logger.log_hyperparams(flat_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    if trainer.is_global_zero:
+        write_loss_plot(layout, module.epoch_history, cfg.run_name)
     best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
     # the epochs now: evaluating the best checkpoint later reloads its shorter history
     return FittedRun(layout, trainer, module, datamodule, list(module.epoch_history),

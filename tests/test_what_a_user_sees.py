@@ -13,6 +13,8 @@ import pytest
 from conftest import run_script, tiny_overrides
 
 from geneformer_colon.export import export_run
+from geneformer_colon.names import EVAL_SPLITS as SPLITS
+from geneformer_colon.rundir import RunLayout, train_losses
 
 CV = ["experiment=colon6", "cv=lodo", "cv.folds=[KUL01]", "logger=csv", "trainer.limit_train_batches=4",
       "trainer.max_epochs=2"]
@@ -73,3 +75,10 @@ def test_files_of_a_run_and_an_export_are_readable_by_group_and_others(cv_run, t
         os.umask(mask)
     assert (export / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert not _unreadable_by_others(export)
+
+
+def test_a_run_draws_its_loss_and_per_class_roc_and_pr_curves(cv_run):
+    fold = RunLayout(cv_run[0] / "folds" / "KUL01")
+    assert sorted(train_losses(fold)) == [0, 1]
+    for plot in (fold.loss_plot, *(fold.curve_plot(curve, split) for curve in ("roc", "pr") for split in SPLITS)):
+        assert plot.stat().st_size > 1000, plot
