@@ -27,7 +27,7 @@ from geneformer_colon.data.tokenizer import save_settings
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, METRICS
-from geneformer_colon.report.history import recipe_rows
+from geneformer_colon.report.history import data_source, recipe_rows
 from geneformer_colon.rundir import read_run
 from geneformer_colon.saved_classifier import (
     EXPORT_HEAD,
@@ -54,6 +54,7 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
         "dictionaries of this folder.\n",
         "Apply it to an h5ad of raw counts:\n",
         "    geneformer-colon predict <this folder> cells.h5ad --out cells_predicted.h5ad\n",
+        f"- **Data:** {data_source(run)}",
         f"- **Training donors:** {', '.join(run.donors('train')) or '-'}",
         f"- **Best epoch:** {run.metrics.get('best_epoch')} of {len(run.epochs)}",
         f"- **Checkpoint:** `{model.origin['checkpoint']}`\n",

@@ -97,7 +97,7 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
 
     def record(status: str, epochs: list[dict[str, Any]], **final: Any) -> dict[str, Any]:
         return run_record(cfg.run_name, kind, status, donors, cells, epochs, init_from=cfg.get("init_from"),
-                          recipe=recipe(), **final)
+                          recipe=recipe(), data=datamodule.source.provenance(), **final)
 
     if rank_zero_only.rank == 0:  # DDP: the first process writes the run directory
         if resume_from is None:

@@ -111,7 +111,7 @@ def run_evaluation(run_dir: str | Path, overrides: Sequence[str], conf_dir: Path
     record = run_record(f"{cfg.run_name} on {name}", "eval", FINISHED, {TEST: datamodule.split_donors(TEST)},
                         {TEST: len(datamodule.splits[TEST])}, final={TEST: test},
                         recipe={"run_dir": str(layout.root), "checkpoint": str(checkpoint),
-                                "overrides": list(overrides)})
+                                "overrides": list(overrides)}, data=datamodule.source.provenance())
     record = write_metrics(out, record)
     save_config(out, cfg)
     print_summary(record, module.class_names, out.root)

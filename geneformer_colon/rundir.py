@@ -137,6 +137,7 @@ def run_record(
     success: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | None = None,
     error: str | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``metrics.json``, the one schema every kind of run writes.
 
@@ -146,7 +147,8 @@ def run_record(
     best checkpoint's metrics per split (headline metrics, per-class ``precision/<class>``,
     ``recall/<class>``, ``f1/<class>``, ``loss``, ``confusion_matrix``, ``cells`` and, for a split
     of several donors or cell types, ``by_donor`` / ``by_cell_type``). ``recipe``: the
-    command-line overrides and the config groups chosen, as typed.
+    command-line overrides and the config groups chosen, as typed. ``data``: where the cells came from
+    (``DataSource.provenance``).
     """
     record: dict[str, Any] = {
         "run_name": run_name,
@@ -162,6 +164,8 @@ def run_record(
         "success": dict(success or {}),
         "recipe": dict(recipe or {}),
     }
+    if data is not None:
+        record["data"] = dict(data)
     if error is not None:
         record["error"] = error
     return record

@@ -82,3 +82,13 @@ def test_a_run_draws_its_loss_and_per_class_roc_and_pr_curves(cv_run):
     assert sorted(train_losses(fold)) == [0, 1]
     for plot in (fold.loss_plot, *(fold.curve_plot(curve, split) for curve in ("roc", "pr") for split in SPLITS)):
         assert plot.stat().st_size > 1000, plot
+
+
+def test_the_model_card_and_history_name_the_data_source(cv_run, tmp_path):
+    fold = cv_run[0] / "folds" / "KUL01"
+    data = json.loads((fold / "metrics.json").read_text())["data"]
+    assert data["source"] == "synthetic" and data["n_cells"] == 480 and data["generator_version"]
+    card = (export_run(fold, tmp_path / "export") / "README.md").read_text()
+    for text in (card, (fold / "history.md").read_text(), (cv_run[0] / "history.md").read_text()):
+        assert "**Data:** the embedded synthetic KUL3 look-alike, not real cells" in text
+        assert "480 cells x 300 genes, seed 0" in text

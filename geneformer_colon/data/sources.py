@@ -11,6 +11,7 @@ import abc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from geneformer_colon.data import h5ad, kul3, synthetic
 from geneformer_colon.data.canonical import write_canonical
@@ -27,6 +28,8 @@ _WRITE_CHUNK_CELLS = 10_000
 
 class DataSource(abc.ABC):
     """Produces the canonical AnnData as an ``.h5ad`` under a cache folder, once per identity."""
+
+    kind: ClassVar[str] = "files"  # what provenance() calls the source
 
     @abc.abstractmethod
     def inputs(self) -> list[Path | None]:
@@ -47,6 +50,13 @@ class DataSource(abc.ABC):
     def settings(self) -> tuple:
         """Options that change the canonical content for the same input files."""
         return ()
+
+    def provenance(self) -> dict[str, Any]:
+        """Where the cells came from, as a run records it (metrics.json ``data``; the model card and history.md
+        name it): the kind of source and each input file's path, size and fingerprint (path, size, time)."""
+        return {"source": self.kind, "inputs": [
+            {"path": str(path), "bytes": path.stat().st_size, "fingerprint": file_fingerprint(path)[:16]}
+            for path in self.inputs() if path is not None and path.is_file()]}
 
     def missing_hint(self, path: Path) -> str:
         """What to do about the missing input ``path``."""
@@ -74,6 +84,8 @@ class DataSource(abc.ABC):
 @dataclass
 class KUL3Source(DataSource):
     """The two GEO files of GSE144735 (KUL3), symbols mapped to Ensembl ids by ``gene_map``."""
+
+    kind: ClassVar[str] = "kul3"
 
     data_dir: str
     gene_map: str | None = None
@@ -137,10 +149,16 @@ class SyntheticKUL3Source(KUL3Source):
     def describe(self) -> str:
         return f"synthetic KUL3 ({self.data_dir})"
 
+    def provenance(self) -> dict[str, Any]:
+        return {"source": "synthetic", "generator_version": synthetic.GENERATOR_VERSION, "n_cells": self.n_cells,
+                "n_genes": self.n_genes, "seed": self.seed, "donor_shift": self.donor_shift, "folder": self.data_dir}
+
 
 @dataclass
 class H5adSource(DataSource):
     """Any ``.h5ad`` with raw counts; the keys say which obs/var columns and layer to use."""
+
+    kind: ClassVar[str] = "h5ad"
 
     path: str
     donor_key: str = "donor"
