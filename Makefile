@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow bench bench-speed pretrain-demo clean
+.PHONY: install train test test-slow bench bench-speed pretrain-demo notebook clean
 
 install: $(STAMP)
 
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# ARGS: overrides added to the command line, e.g. make train ARGS="trainer.max_epochs=2"
 train: $(STAMP)
-	$(BIN)/python train.py experiment=colon6
+	$(BIN)/python train.py experiment=colon6 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -42,6 +43,12 @@ pretrain-demo: $(STAMP)
 		run_name=colon6-pretrained overwrite=true
 	$(BIN)/python train.py experiment=colon6 run_name=colon6-random overwrite=true
 	$(BIN)/python -m geneformer_colon compare outputs/colon6-pretrained outputs/colon6-random
+
+# notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
+# RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH).
+notebook: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter nbconvert --to html --execute notebooks/compare_runs.ipynb \
+		--output-dir outputs --output compare_runs
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

@@ -61,8 +61,8 @@ def _predict(args: argparse.Namespace) -> None:
     from geneformer_colon.predict import metrics_dir, predict_h5ad
     from geneformer_colon.saved_classifier import TrainedClassifier
 
-    added = predict_h5ad(TrainedClassifier.load(args.model), args.input, args.out, prefix=args.prefix, layer=args.layer,
-                         genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
+    added = predict_h5ad(TrainedClassifier.load(args.model, args.fold), args.input, args.out, prefix=args.prefix,
+                         layer=args.layer, genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
                          cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
                          device=args.device)
     counts = added[f"{args.prefix}_label"].value_counts()
@@ -75,7 +75,7 @@ def _embed(args: argparse.Namespace) -> None:
     from geneformer_colon.embed import embed
 
     scores = embed(args.model, args.input, args.out, colours=args.color.split(","), genes=_genes(args),
-                   layer=args.layer, batch_size=args.batch_size, device=args.device)
+                   layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold)
     print(f"{scores['cells']} cells; silhouette " + ", ".join(
         f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
 
@@ -92,7 +92,7 @@ def _cv(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from geneformer_colon.export import export_run
 
-    print(export_run(args.run_dir, args.out_dir))
+    print(export_run(args.run_dir, args.out_dir, args.fold))
 
 
 def _gene_options(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +103,12 @@ def _gene_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symbol-key", help="with --gene-names: the var column of symbols (default: the var index)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells a forward pass (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    _fold_option(parser)
+
+
+def _fold_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fold", metavar="DONOR", help="a cv=lodo run: use its fold of this test donor (default: "
+                                                        "the ensemble of its finished folds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="a run's classifier as a Hugging Face directory with its dictionaries")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    _fold_option(export)
     export.set_defaults(run=_export)
     return parser
 

@@ -11,6 +11,9 @@ OUT_DIR holds:
   gene dictionaries the run tokenized with, and ``tokenizer_settings.json`` (model version, input size);
 - ``README.md``: a model card (data, donors, recipe, the run's metrics).
 
+A cross-validated run exports every finished fold so, in ``folds/<test donor>/``, with ``ensemble.json`` (the
+folds) and a model card listing them: ``predict OUT_DIR`` applies the ensemble (``--fold`` one of them).
+
 ``geneformer-colon predict OUT_DIR ...`` gives the same probabilities as from the run directory.
 """
 
@@ -28,10 +31,12 @@ from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, METRICS
 from geneformer_colon.report.history import data_source, recipe_rows
-from geneformer_colon.rundir import read_run
+from geneformer_colon.rundir import RunLayout, read_run
 from geneformer_colon.saved_classifier import (
+    ENSEMBLE_SETTINGS,
     EXPORT_HEAD,
     EXPORT_SETTINGS,
+    FoldEnsemble,
     TrainedClassifier,
     is_export,
 )
@@ -72,11 +77,8 @@ def check_out_dir(run_dir: Path, out_dir: Path) -> None:
         raise InputError(f"{out_dir}: exists and holds other files than an export; give a new or empty folder")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    check_out_dir(run_dir, out_dir)
-    model = TrainedClassifier.from_run(run_dir)
+def write_export(model: TrainedClassifier, run_dir: Path, directory: Path) -> None:
+    """One classifier's export files in ``directory`` (see the module docstring)."""
     bert = model.module.encoder.bert
     bert.config.id2label = dict(enumerate(model.class_names))
     bert.config.label2id = {name: index for index, name in enumerate(model.class_names)}
@@ -87,13 +89,55 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"],
                 "trained_on": model.origin["trained_on"]},
     }
+    bert.save_pretrained(directory)
+    save_file({name: tensor.contiguous() for name, tensor in model.module.head.state_dict().items()},
+              directory / EXPORT_HEAD)
+    (directory / EXPORT_SETTINGS).write_text(json.dumps(described, indent=2) + "\n")
+    model.dictionaries.save(directory)
+    save_settings(directory, model.settings, model.dictionaries)
+    (directory / "README.md").write_text(model_card(model, run_dir))
+
+
+def ensemble_card(model: FoldEnsemble, run_dir: Path) -> str:
+    """The README.md of a CV run's export: the ensemble, its folds and how each scored on its left-out donor."""
+    run = read_run(run_dir)
+    rows = []
+    for fold in model.origin["folds"]:
+        fold_run = read_run(RunLayout(run_dir).fold(fold).root)
+        rows.append([fold, ", ".join(fold_run.donors("train")), ", ".join(fold_run.donors("val")),
+                     *(fold_run.metrics.get("test", {}).get(m) for m in METRICS)])
+    return "\n".join([
+        "---\nlibrary_name: transformers\ntags: [geneformer, single-cell, cell-classification]\n---\n",
+        f"# {run.name}: an ensemble of {len(rows)} Geneformer cell classifiers ({', '.join(model.class_names)})\n",
+        "A leave-one-donor-out run of geneformer-colon used as one model: `geneformer-colon predict <this folder> "
+        "cells.h5ad --out cells_predicted.h5ad` averages the class probabilities of the folds' best checkpoints "
+        "and writes their embeddings side by side (fold after fold, in the order below); `--fold DONOR` uses one "
+        f"fold. Each fold is a complete export in `folds/<test donor>/` (listed in `{ENSEMBLE_SETTINGS}`).\n",
+        f"- **Data:** {data_source(run)}\n",
+        "## Folds\n",
+        markdown_table(["fold (test donor)", "training donors", "validation donor",
+                        *(f"test {title}" for title in METRICS.values())], rows),
+        "## Recipe\n", markdown_table(["setting", "value"], recipe_rows(run)),
+    ])
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, fold: str | None = None) -> Path:
+    """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it. A CV run:
+    its ``fold``, or every finished fold (``folds/<test donor>/``) with ``ensemble.json`` and a model card."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_out_dir(run_dir, out_dir)
+    model = TrainedClassifier.load(run_dir, fold)
     transformers_logging.disable_progress_bar()
     with atomic_path(out_dir) as tmp:
-        bert.save_pretrained(tmp)
-        save_file({name: tensor.contiguous() for name, tensor in model.module.head.state_dict().items()},
-                  tmp / EXPORT_HEAD)
-        (tmp / EXPORT_SETTINGS).write_text(json.dumps(described, indent=2) + "\n")
-        model.dictionaries.save(tmp)
-        save_settings(tmp, model.settings, model.dictionaries)
-        (tmp / "README.md").write_text(model_card(model, run_dir))
+        if isinstance(model, FoldEnsemble):
+            tmp.mkdir()
+            for name, member in zip(model.origin["folds"], model.members):
+                write_export(member, RunLayout(run_dir).fold(name).root, tmp / "folds" / name)
+            (tmp / ENSEMBLE_SETTINGS).write_text(json.dumps({"format": 1, "folds": model.origin["folds"],
+                                                             "classes": model.class_names}, indent=2) + "\n")
+            (tmp / "README.md").write_text(ensemble_card(model, run_dir))
+        elif "run_dir" in model.origin:
+            write_export(model, Path(model.origin["run_dir"]), tmp)
+        else:
+            raise InputError(f"{run_dir}: an export already; export a run directory (outputs/<run_name>)")
     return out_dir

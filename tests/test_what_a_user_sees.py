@@ -6,15 +6,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
-from conftest import run_script, tiny_overrides
+from conftest import compose_train, run_script, tiny_overrides
 
+from geneformer_colon import donor_cv
+from geneformer_colon.data.dictionaries import MEDIAN_FILE, TOKEN_FILE, GeneDictionaries
+from geneformer_colon.errors import InputError
 from geneformer_colon.export import export_run
+from geneformer_colon.fine_tune import train
 from geneformer_colon.names import EVAL_SPLITS as SPLITS
+from geneformer_colon.predict import GeneIds, predict_h5ad
 from geneformer_colon.rundir import RunLayout, train_losses
+from geneformer_colon.saved_classifier import FoldEnsemble, TrainedClassifier
 
 CV = ["experiment=colon6", "cv=lodo", "cv.folds=[KUL01]", "logger=csv", "trainer.limit_train_batches=4",
       "trainer.max_epochs=2"]
@@ -92,3 +101,55 @@ def test_the_model_card_and_history_name_the_data_source(cv_run, tmp_path):
     for text in (card, (fold / "history.md").read_text(), (cv_run[0] / "history.md").read_text()):
         assert "**Data:** the embedded synthetic KUL3 look-alike, not real cells" in text
         assert "480 cells x 300 genes, seed 0" in text
+
+
+@pytest.fixture(scope="module")
+def shared_dictionary_cv(cv_run, shared_dirs, tmp_path_factory) -> Path:
+    """A two-fold CV run whose folds tokenize alike: every fold uses the dictionaries of ``cv_run``'s fold."""
+    out = tmp_path_factory.mktemp("ensemble")
+    dictionaries = cv_run[0] / "folds" / "KUL01" / "dictionaries"
+    donor_cv.run(train, compose_train(tiny_overrides(out, shared_dirs) + [
+        "experiment=colon6", "cv=lodo", "cv.folds=[KUL01,KUL19]", "logger=csv", "trainer.limit_train_batches=2",
+        f"model.tokenizer.token_dictionary={dictionaries / TOKEN_FILE}",
+        f"model.tokenizer.gene_median_dictionary={dictionaries / MEDIAN_FILE}"]))
+    return out / "colon6"
+
+
+def test_a_cv_run_predicts_exports_and_embeds_as_the_ensemble_of_its_folds(shared_dictionary_cv, shared_dirs,
+                                                                             tmp_path):
+    cells = next((shared_dirs["cache"] / "ingest").glob("*.h5ad"))
+    genes = GeneIds("ensembl_id")
+
+    def predicted(model: TrainedClassifier, name: str) -> ad.AnnData:
+        predict_h5ad(model, cells, tmp_path / f"{name}.h5ad", genes=genes)
+        return ad.read_h5ad(tmp_path / f"{name}.h5ad")
+
+    ensemble = TrainedClassifier.load(shared_dictionary_cv)
+    assert isinstance(ensemble, FoldEnsemble) and ensemble.origin["folds"] == ["KUL01", "KUL19"]
+    both = predicted(ensemble, "ensemble")
+    folds = [predicted(TrainedClassifier.load(shared_dictionary_cv, fold), fold) for fold in ("KUL01", "KUL19")]
+    columns = [f"gfc_prob_{name}" for name in ensemble.class_names]
+    np.testing.assert_allclose(both.obs[columns], np.mean([fold.obs[columns] for fold in folds], axis=0), atol=1e-6)
+    np.testing.assert_allclose(both.obsm["X_gfc"], np.hstack([fold.obsm["X_gfc"] for fold in folds]), atol=1e-5)
+
+    export = export_run(shared_dictionary_cv, tmp_path / "export")
+    card = (export / "README.md").read_text()
+    assert "an ensemble of 2" in card and "| KUL01 |" in card and "| KUL19 |" in card
+    from_export = predicted(TrainedClassifier.load(export), "from_export")
+    np.testing.assert_allclose(from_export.obs[columns], both.obs[columns], atol=1e-5)
+    with pytest.raises(InputError, match="no fold 'KUL77'; choose one of KUL01, KUL19"):
+        TrainedClassifier.load(shared_dictionary_cv, "KUL77")
+
+
+def test_folds_with_their_own_dictionaries_are_not_averaged_but_one_can_be_chosen(shared_dictionary_cv, tmp_path):
+    """As when each fold derives its dictionaries from its own training cells (the embedded default)."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shared_dictionary_cv / "folds", mixed / "folds")
+    own = RunLayout(mixed / "folds" / "KUL19").dictionaries
+    dictionaries = GeneDictionaries.load_directory(own)
+    gene = next(iter(dictionaries.median))
+    dictionaries.median[gene] *= 2
+    dictionaries.save(own)
+    with pytest.raises(InputError, match=r"different gene dictionaries .* use one fold with --fold \(one of KUL01, "):
+        TrainedClassifier.load(mixed)
+    assert TrainedClassifier.load(mixed, "KUL19").origin["trained_on"]
