@@ -45,10 +45,11 @@ pretrain-demo: $(STAMP)
 	$(BIN)/python -m geneformer_colon compare outputs/colon6-pretrained outputs/colon6-random
 
 # notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
-# RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH).
+# RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH), reached over
+# local sockets (IPC: no unencrypted TCP, and no warning about it).
 notebook: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter nbconvert --to html --execute notebooks/compare_runs.ipynb \
-		--output-dir outputs --output compare_runs
+		--KernelManager.transport=ipc --output-dir outputs --output compare_runs
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache
