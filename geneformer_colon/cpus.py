@@ -10,6 +10,7 @@ may use (its affinity, and SLURM's ``cpus_per_task`` where set), and OpenMP's wa
 from __future__ import annotations
 
 import os
+import sys
 
 from geneformer_colon.errors import InputError
 
@@ -43,10 +44,12 @@ def chosen_threads(requested: int | None = None) -> int:
 
 
 def use_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads (see :func:`chosen_threads`); return how many."""
-    import torch
-
+    """Set torch's intra-op threads (see :func:`chosen_threads`); return how many. Torch not imported yet (a
+    command that may not need it): $OMP_NUM_THREADS, which torch reads as it starts."""
     threads = chosen_threads(requested)
-    if torch.get_num_threads() != threads:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    elif torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

@@ -16,6 +16,7 @@ import pytest
 from conftest import compose_train, run_script, tiny_overrides
 
 from geneformer_colon import donor_cv
+from geneformer_colon.cpus import THREADS_ENV, chosen_threads
 from geneformer_colon.data.dictionaries import MEDIAN_FILE, TOKEN_FILE, GeneDictionaries
 from geneformer_colon.errors import InputError
 from geneformer_colon.export import export_run
@@ -153,3 +154,20 @@ def test_folds_with_their_own_dictionaries_are_not_averaged_but_one_can_be_chose
     with pytest.raises(InputError, match=r"different gene dictionaries .* use one fold with --fold \(one of KUL01, "):
         TrainedClassifier.load(mixed)
     assert TrainedClassifier.load(mixed, "KUL19").origin["trained_on"]
+
+
+def test_threads_fit_the_cpus_the_process_may_use(monkeypatch):
+    for name in (THREADS_ENV, "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(name, raising=False)
+    assert chosen_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert chosen_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv(THREADS_ENV, "5")
+    assert chosen_threads() == 5 and chosen_threads(2) == 2
+    monkeypatch.setenv(THREADS_ENV, "many")
+    with pytest.raises(InputError, match=r"\$GENEFORMER_COLON_THREADS is 'many'"):
+        chosen_threads()
+    with pytest.raises(InputError, match="threads: 0"):
+        chosen_threads(0)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set as the package is imported (the tests do not set it)
