@@ -100,7 +100,7 @@ def runnable(command: str, python: str) -> str:
 def test_blocks_are_found_with_their_sections_and_skip_reasons():
     blocks = readme_blocks((REPO_ROOT / "README.md").read_text())
     commands = [block for block in blocks if block.section == "Commands"]
-    assert commands[0].commands[0] == "python train.py experiment=colon6" and commands[0].skip is None
+    assert commands[0].commands[0] == "python train.py experiment=colon6 overwrite=true" and commands[0].skip is None
     assert any(block.skip and "Geneformer clone" in block.skip for block in commands)
     assert any(" --fold KUL01 " in command for block in commands for command in block.commands)  # a continuation
 
@@ -123,6 +123,7 @@ def test_the_readme_runs_top_to_bottom(tmp_path):
         for command in block.commands:
             if command in done:  # the same command again (a synopsis repeated): it ran already
                 continue
+            print(f"README line {block.line}: {command}", flush=True)  # progress, with -s
             result = subprocess.run(runnable(command, sys.executable), shell=True, cwd=copy, env=env,
                                     capture_output=True, text=True, timeout=900, check=False)
             assert result.returncode == 0, f"README line {block.line}: {command}\n{result.stderr[-3000:]}"
