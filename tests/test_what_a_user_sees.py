@@ -9,6 +9,7 @@ import re
 import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from conftest import compose_train, run_script, tiny_overrides
 
 from geneformer_colon import donor_cv
+from geneformer_colon.callbacks import EpochProgressBar
 from geneformer_colon.cpus import THREADS_ENV, chosen_threads
 from geneformer_colon.data.dictionaries import MEDIAN_FILE, TOKEN_FILE, GeneDictionaries
 from geneformer_colon.errors import InputError
@@ -85,6 +87,19 @@ def test_files_of_a_run_and_an_export_are_readable_by_group_and_others(cv_run, t
         os.umask(mask)
     assert (export / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert not _unreadable_by_others(export)
+
+
+def test_loading_an_export_is_quiet(cv_run, tmp_path, capfd):
+    export = export_run(cv_run[0] / "folds" / "KUL01", tmp_path / "export")
+    capfd.readouterr()
+    TrainedClassifier.load(export)
+    assert "not sharded" not in capfd.readouterr().err  # transformers' tensor-parallel line, once 900 characters
+
+
+def test_the_progress_bar_counts_epochs_from_one():
+    bar = EpochProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=4)
+    assert bar._get_train_description(0).strip() == "Epoch 1/4" and bar._get_train_description(3).strip() == "Epoch 4/4"
 
 
 def test_a_run_draws_its_loss_and_per_class_roc_and_pr_curves(cv_run):
