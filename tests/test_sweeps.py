@@ -20,7 +20,7 @@ from conftest import REPO_ROOT, tiny_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from geneformer_colon.sweep import MAX_DIRNAME_BYTES, job_dirname
+from geneformer_colon.sweep import MAX_DIRNAME_BYTES, job_dirname, short_numbers
 
 GRID = ["optimizer.lr=1e-3,3e-3,1e-2,1e6"]  # 1e6: the loss is NaN by the second step
 
@@ -79,11 +79,12 @@ def test_optuna_study_in_sqlite_survives_failed_trials_and_is_continued(tmp_path
     trials = sorted(study.trials, key=lambda trial: trial.number)
     assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 6
     assert [trial.value for trial in trials[:3]] == [-math.inf] * 3  # failed: ranked last
-    # each continued trial's value is its run's val macro F1, and its parameters are the job's overrides
+    # each continued trial's value is its run's val macro F1, and its parameters are the job's overrides (long
+    # numbers to 4 significant digits in the summary)
     for trial, row in zip(trials[3:], second.itertuples()):
         assert trial.value == pytest.approx(row.val_macro_f1)
         for name, value in trial.params.items():
-            assert f"{name}={value}" in row.overrides.split()
+            assert short_numbers(f"{name}={value}") in row.overrides.split()
     assert set(trials[3].params) == {"augment.mixup_prob", "loss.focal_gamma", "++loss.class_weights.Border",
                                      "++loss.class_weights.Tumor", "optimizer.lr"}
     assert study.best_value == pytest.approx(second["val_macro_f1"].max())
