@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow bench bench-speed pretrain-demo donor-shift-study clean
+.PHONY: install train test test-slow bench bench-speed pretrain-demo donor-shift-study notebook clean
 
 install: $(STAMP)
 
@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip uninstall --quiet --yes hydra-optuna-sweeper
 	touch $(STAMP)
 
+# ARGS: overrides added to the command line, e.g. make train ARGS="trainer.max_epochs=2"
 train: $(STAMP)
-	$(BIN)/python train.py experiment=colon6
+	$(BIN)/python train.py experiment=colon6 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -49,6 +50,13 @@ pretrain-demo: $(STAMP)
 # checkpoint), at donor_shift 1 and at a shift of batch effect and depth only; <out>/study.md.
 donor-shift-study: $(STAMP)
 	$(BIN)/python bench/donor_shift_study.py
+
+# notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
+# RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH), reached over
+# local sockets (IPC: no unencrypted TCP, and no warning about it).
+notebook: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter nbconvert --to html --execute notebooks/compare_runs.ipynb \
+		--KernelManager.transport=ipc --output-dir outputs --output compare_runs
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

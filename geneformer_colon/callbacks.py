@@ -1,11 +1,15 @@
 """Lightning callbacks that keep a run directory whole: checkpoints a paused run resumes from exactly,
-a best checkpoint that moves with its directory, and every epoch's metrics on disk as they come."""
+a best checkpoint that moves with its directory, and every epoch's metrics on disk as they come; and
+what a user sees of a run: a log line an epoch, and a progress bar on a terminal only."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -13,9 +17,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar
 
 from geneformer_colon.errors import Interrupted
+from geneformer_colon.names import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +155,63 @@ class RecordEpochs(pl.Callback):
         if trainer.is_global_zero and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.write(list(pl_module.epoch_history))
 
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class EpochLog(pl.Callback):
+    """One line through Python logging at the end of every epoch that validated, so a log file (Hydra's
+    ``train.log``, a redirected stdout, SLURM's output) shows progress: the epoch counted from 1, the
+    training loss, the validation figures the module recorded (``epoch_history``, what metrics.json
+    holds), per-class recall, the time since training started and the time the remaining epochs would take
+    at this pace (early stopping may end sooner)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started, self.first_epoch = time.monotonic(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = getattr(pl_module, "epoch_history", None)
+        if not trainer.is_global_zero or not history or history[-1]["epoch"] != trainer.current_epoch:
+            return
+        log.info("%s", self.line(history[-1], trainer))
+
+    def line(self, epoch: dict[str, float], trainer: pl.Trainer) -> str:
+        number = int(epoch["epoch"]) + 1
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        parts = []
+        train_loss = next((float(value) for key, value in trainer.callback_metrics.items()
+                           if key.startswith("train/") and key.endswith("loss_epoch")), None)
+        if train_loss is not None:
+            parts.append(f"train loss {train_loss:.4f}")
+        figures = [key.split("/", 1)[1] for key in epoch if key.startswith("val/") and key.count("/") == 1]
+        parts += [f"val {METRICS.get(name, name.replace('_', ' '))} {epoch[f'val/{name}']:.4f}" for name in figures]
+        recalls = [f"{key.split('/', 2)[2]} {value:.4f}" for key, value in epoch.items()
+                   if key.startswith("val/recall/")]
+        if recalls:
+            parts.append("recall " + " ".join(recalls))
+        elapsed = time.monotonic() - self.started
+        timing = f"{_duration(elapsed)} elapsed"
+        if total:
+            done = trainer.current_epoch + 1 - self.first_epoch
+            timing += f", ~{_duration(elapsed / max(done, 1) * max(total - trainer.current_epoch - 1, 0))} left"
+        return (f"epoch {number}/{total}: " if total else f"epoch {number}: ") + ", ".join(parts) + "; " + timing
+
+
+class EpochProgressBar(RichProgressBar):
+    """Rich's progress bar on a terminal only (in a log file it is noise), counting epochs from 1 of
+    ``max_epochs`` as the epoch log lines do."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not sys.stdout.isatty():
+            self.disable()
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = self.trainer.max_epochs
+        text = f"Epoch {current_epoch + 1}" + (f"/{total}" if total and total > 0 else "")
+        return f"{text:{len(self.validation_description)}}"  # as wide as "Validation": no flicker

@@ -70,8 +70,8 @@ def _predict(args: argparse.Namespace) -> None:
     from geneformer_colon.saved_classifier import TrainedClassifier
 
     _positive(args, "chunk_cells", "batch_size")
-    added = predict_h5ad(TrainedClassifier.load(args.model), args.input, args.out, prefix=args.prefix, layer=args.layer,
-                         genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
+    added = predict_h5ad(TrainedClassifier.load(args.model, args.fold), args.input, args.out, prefix=args.prefix,
+                         layer=args.layer, genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
                          cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
                          device=args.device)
     counts = added[f"{args.prefix}_label"].value_counts()
@@ -85,7 +85,7 @@ def _embed(args: argparse.Namespace) -> None:
 
     _positive(args, "batch_size")
     scores = embed(args.model, args.input, args.out, colours=args.color.split(","), genes=_genes(args),
-                   layer=args.layer, batch_size=args.batch_size, device=args.device)
+                   layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold)
     print(f"{scores['cells']} cells; silhouette " + ", ".join(
         f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
 
@@ -141,7 +141,7 @@ def _cv(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from geneformer_colon.export import export_run
 
-    print(export_run(args.run_dir, args.out_dir, overwrite=args.overwrite))
+    print(export_run(args.run_dir, args.out_dir, args.fold, overwrite=args.overwrite))
 
 
 def _gene_options(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +152,12 @@ def _gene_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symbol-key", help="with --gene-names: the var column of symbols (default: the var index)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells a forward pass (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    _fold_option(parser)
+
+
+def _fold_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fold", metavar="DONOR", help="a cv=lodo run: use its fold of this test donor (default: "
+                                                        "the ensemble of its finished folds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="a new folder, or an earlier export (replaced)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR even when it holds files an export does not write")
+    _fold_option(export)
     export.set_defaults(run=_export)
     return parser
 

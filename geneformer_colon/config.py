@@ -138,11 +138,12 @@ def instantiate_trusted(node: Any, where: str, **kwargs: Any) -> Any:
 
 # ---- flat keys ----
 
-# Keys that say where a run is or what it is called, not how it was made.
+# Keys that say where a run is, what it is called or how it shows and uses this machine, not how it was made.
 LOCATION_KEYS = (
     "paths.*", "hydra.*", "sweep.storage", "run_name", "resume", "overwrite", "resume_changes", "allow_resume_changes",
     "*run_dir", "*save_dir", "*cache_dir", "*data_dir", "*dirpath", "*default_root_dir",
-    "data.source.gene_map", "logger.*", "callbacks.progress_bar*", "data.num_workers",
+    "data.source.gene_map", "logger.*", "callbacks.progress_bar*", "callbacks.epoch_log*", "data.num_workers",
+    "threads",
 )
 
 

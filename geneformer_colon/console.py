@@ -12,6 +12,7 @@ from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_only
 
+from geneformer_colon.cpus import use_threads
 from geneformer_colon.errors import Interrupted, input_error_in
 
 # Libraries whose info lines (device summaries, tips, seeds) are not news on a normal run.
@@ -23,16 +24,20 @@ def quiet_libraries() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # a resumed run's checkpoints/ holds last.ckpt and best.ckpt by design
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def report_input_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     """A bad input: its message once on stderr, exit 2, no traceback (also when Hydra wrapped it).
-    An interrupted run: exit 128 + the signal, so a scheduler requeues it."""
+    An interrupted run: exit 128 + the signal, so a scheduler requeues it. Torch's threads fit the CPUs
+    the process may use."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_libraries()
         try:
+            use_threads()
             return main(*args, **kwargs)
         except Interrupted as interrupted:
             print(f"{interrupted}", file=sys.stderr)

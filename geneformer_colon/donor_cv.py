@@ -32,7 +32,7 @@ from geneformer_colon.callbacks import SignalLatch
 from geneformer_colon.config import check_values, plain
 from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.names import FINISHED, VAL
-from geneformer_colon.report.cv_summary import write_cv_summary
+from geneformer_colon.report.cv_summary import across_folds_markdown, write_cv_summary
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.wandb_run import fold_group, report_cv_run
 from geneformer_colon.rundir import (
@@ -172,6 +172,7 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
         rule = val_rule(cfg.cv.val_donor, n_val)
         kind = "baseline" if "baseline" in cfg else "train"
         scores: dict[str, list[float]] = {}
+        cv: dict[str, Any] = {}
         between_folds.install()  # a fold's training has its own (LastCheckpoint); outside it, folds end whole
         held.callback(between_folds.restore)
         error = None
@@ -190,13 +191,15 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
                     log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
                     record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
                 scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
-                write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
+                cv = write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
         except BaseException as raised:
             error = raised
             raise
         finally:
             report_cv_run(cfg, parent, read_run(parent.root).cv, error)
     write_history(read_run(parent.root))
+    log.info("%s: %d of %d folds finished; across folds (%s):\n%s", cfg.run_name, len(cv["folds"]), len(donors),
+             parent.cv_markdown, across_folds_markdown(cv))
     return float(OBJECTIVES[objective]([np.mean(values) for values in scores.values()]))
 
 

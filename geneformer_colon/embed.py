@@ -100,14 +100,19 @@ def umap(obs: pd.DataFrame, embeddings: np.ndarray, seed: int = 0) -> ad.AnnData
 
 def embed(model_path: str | Path, input_path: str | Path | None = None, out_dir: str | Path | None = None,
           colours: Sequence[str] = COLOURS, genes: GeneIds = GeneIds(), layer: str | None = None,
-          batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
-    """UMAPs and silhouette scores of the embeddings (see the module docstring); returns the scores."""
-    model = TrainedClassifier.load(model_path)
+          batch_size: int = 64, device: str = "cpu", fold: str | None = None) -> dict[str, Any]:
+    """UMAPs and silhouette scores of the embeddings (see the module docstring); returns the scores. A CV run:
+    the ensemble's embeddings (its folds' side by side) of the INPUT's cells, or its ``fold``'s."""
+    model = TrainedClassifier.load(model_path, fold)
     if input_path is None:
         if "run_dir" not in model.origin:
-            raise InputError(f"{model_path}: an export holds no cells of its own; give an INPUT.h5ad to embed")
-        obs, embeddings = run_cells(model, Path(model_path), batch_size, device)
-        default_out = RunLayout(Path(model_path)).embeddings / "val-test"
+            what = "a cross-validated run has no one validation and test split" if "folds" in model.origin \
+                else "an export holds no cells of its own"
+            raise InputError(f"{model_path}: {what}; give an INPUT.h5ad to embed (or --fold DONOR for a CV run's "
+                             "fold and its cells)")
+        run_dir = Path(model.origin["run_dir"])
+        obs, embeddings = run_cells(model, run_dir, batch_size, device)
+        default_out = RunLayout(run_dir).embeddings / "val-test"
     else:
         obs, embeddings = file_cells(model, Path(input_path), genes, layer, batch_size, device)
         default_out = Path(input_path).with_name(f"{Path(input_path).stem}_embed")

@@ -11,6 +11,9 @@ OUT_DIR holds:
   gene dictionaries the run tokenized with, and ``tokenizer_settings.json`` (model version, input size);
 - ``README.md``: a model card (data, donors, recipe, the run's metrics).
 
+A cross-validated run exports every finished fold so, in ``folds/<test donor>/``, with ``ensemble.json`` (the
+folds) and a model card listing them: ``predict OUT_DIR`` applies the ensemble (``--fold`` one of them).
+
 ``geneformer-colon predict OUT_DIR ...`` gives the same probabilities as from the run directory.
 """
 
@@ -27,11 +30,13 @@ from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, SETTIN
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, METRICS
-from geneformer_colon.report.history import recipe_rows
-from geneformer_colon.rundir import read_run
+from geneformer_colon.report.history import data_source, recipe_rows
+from geneformer_colon.rundir import RunLayout, read_run
 from geneformer_colon.saved_classifier import (
+    ENSEMBLE_SETTINGS,
     EXPORT_HEAD,
     EXPORT_SETTINGS,
+    FoldEnsemble,
     TrainedClassifier,
 )
 from geneformer_colon.tables import markdown_table
@@ -53,6 +58,7 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
         "dictionaries of this folder.\n",
         "Apply it to an h5ad of raw counts:\n",
         "    geneformer-colon predict <this folder> cells.h5ad --out cells_predicted.h5ad\n",
+        f"- **Data:** {data_source(run)}",
         f"- **Training donors:** {', '.join(run.donors('train')) or '-'}",
         f"- **Best epoch:** {run.metrics.get('best_epoch')} of {len(run.epochs)}",
         f"- **Checkpoint:** `{model.origin['checkpoint']}`\n",
@@ -63,7 +69,7 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
 
 # Every file an export may write (the mapping only for a run that mapped gene ids).
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", EXPORT_HEAD, EXPORT_SETTINGS, TOKEN_FILE, MEDIAN_FILE,
-                          MAPPING_FILE, SETTINGS_FILE, "README.md"})
+                          MAPPING_FILE, SETTINGS_FILE, "README.md", ENSEMBLE_SETTINGS, "folds"})
 
 
 def check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
@@ -81,11 +87,8 @@ def check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool = False) -> None
                          "by an export; give a new folder, move them away, or add --overwrite to replace the folder")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    check_out_dir(run_dir, out_dir, overwrite)
-    model = TrainedClassifier.from_run(run_dir)
+def write_export(model: TrainedClassifier, run_dir: Path, directory: Path) -> None:
+    """One classifier's export files in ``directory`` (see the module docstring); LoRA adapters merged."""
     bert = model.module.encoder.plain_bert()
     bert.config.id2label = dict(enumerate(model.class_names))
     bert.config.label2id = {name: index for index, name in enumerate(model.class_names)}
@@ -93,15 +96,58 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
         "format": 1,
         "classes": model.class_names,
         "pooling": model.module.encoder.pooling,
-        "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"]},
+        "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"],
+                "trained_on": model.origin["trained_on"]},
     }
+    bert.save_pretrained(directory)
+    save_file({name: tensor.contiguous() for name, tensor in model.module.head.state_dict().items()},
+              directory / EXPORT_HEAD)
+    (directory / EXPORT_SETTINGS).write_text(json.dumps(described, indent=2) + "\n")
+    model.dictionaries.save(directory)
+    save_settings(directory, model.settings, model.dictionaries)
+    (directory / "README.md").write_text(model_card(model, run_dir))
+
+
+def ensemble_card(model: FoldEnsemble, run_dir: Path) -> str:
+    """The README.md of a CV run's export: the ensemble, its folds and how each scored on its left-out donor."""
+    run = read_run(run_dir)
+    rows = []
+    for fold in model.origin["folds"]:
+        fold_run = read_run(RunLayout(run_dir).fold(fold).root)
+        rows.append([fold, ", ".join(fold_run.donors("train")), ", ".join(fold_run.donors("val")),
+                     *(fold_run.metrics.get("test", {}).get(m) for m in METRICS)])
+    return "\n".join([
+        "---\nlibrary_name: transformers\ntags: [geneformer, single-cell, cell-classification]\n---\n",
+        f"# {run.name}: an ensemble of {len(rows)} Geneformer cell classifiers ({', '.join(model.class_names)})\n",
+        "A leave-one-donor-out run of geneformer-colon used as one model: `geneformer-colon predict <this folder> "
+        "cells.h5ad --out cells_predicted.h5ad` averages the class probabilities of the folds' best checkpoints "
+        "and writes their embeddings side by side (fold after fold, in the order below); `--fold DONOR` uses one "
+        f"fold. Each fold is a complete export in `folds/<test donor>/` (listed in `{ENSEMBLE_SETTINGS}`).\n",
+        f"- **Data:** {data_source(run)}\n",
+        "## Folds\n",
+        markdown_table(["fold (test donor)", "training donors", "validation donor",
+                        *(f"test {title}" for title in METRICS.values())], rows),
+        "## Recipe\n", markdown_table(["setting", "value"], recipe_rows(run)),
+    ])
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, fold: str | None = None, overwrite: bool = False) -> Path:
+    """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it. A CV run:
+    its ``fold``, or every finished fold (``folds/<test donor>/``) with ``ensemble.json`` and a model card."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_out_dir(run_dir, out_dir, overwrite)
+    model = TrainedClassifier.load(run_dir, fold)
     transformers_logging.disable_progress_bar()
     with atomic_path(out_dir) as tmp:
-        bert.save_pretrained(tmp)
-        save_file({name: tensor.contiguous() for name, tensor in model.module.head.state_dict().items()},
-                  tmp / EXPORT_HEAD)
-        (tmp / EXPORT_SETTINGS).write_text(json.dumps(described, indent=2) + "\n")
-        model.dictionaries.save(tmp)
-        save_settings(tmp, model.settings, model.dictionaries)
-        (tmp / "README.md").write_text(model_card(model, run_dir))
+        if isinstance(model, FoldEnsemble):
+            tmp.mkdir()
+            for name, member in zip(model.origin["folds"], model.members):
+                write_export(member, RunLayout(run_dir).fold(name).root, tmp / "folds" / name)
+            (tmp / ENSEMBLE_SETTINGS).write_text(json.dumps({"format": 1, "folds": model.origin["folds"],
+                                                             "classes": model.class_names}, indent=2) + "\n")
+            (tmp / "README.md").write_text(ensemble_card(model, run_dir))
+        elif "run_dir" in model.origin:
+            write_export(model, Path(model.origin["run_dir"]), tmp)
+        else:
+            raise InputError(f"{run_dir}: an export already; export a run directory (outputs/<run_name>)")
     return out_dir

@@ -1,4 +1,5 @@
-"""The figures a run writes: confusion matrices, and a CV run's test macro F1 per donor."""
+"""The figures a run writes: confusion matrices, per-class ROC and precision-recall curves, the loss by epoch,
+and a CV run's test macro F1 per donor."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
 from geneformer_colon.io import atomic_path
 
@@ -54,4 +56,51 @@ def plot_per_donor(donors: Sequence[str], values: Sequence[float], chance: float
     axis.set_ylim(0, 1)
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    save_figure(figure, path)
+
+
+def plot_class_curves(truth: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str], roc_path: Path,
+                      pr_path: Path, title: str) -> None:
+    """One-vs-rest ROC and precision-recall curves, a curve a class with its area (ROC AUC; average precision,
+    against the class's share as chance). A class with no cell, or only its cells, has no curve."""
+    roc, pr = Figure(figsize=(4.8, 4.2)), Figure(figsize=(4.8, 4.2))
+    roc_axis, pr_axis = roc.subplots(), pr.subplots()
+    for column, name in enumerate(class_names):
+        positive = np.asarray(truth) == name
+        if positive.all() or not positive.any():
+            continue
+        scores = probabilities[:, column]
+        false_positive, true_positive, _ = roc_curve(positive, scores)
+        roc_axis.plot(false_positive, true_positive, label=f"{name} (AUC {auc(false_positive, true_positive):.3f})")
+        precision, recall, _ = precision_recall_curve(positive, scores)
+        line = pr_axis.plot(recall, precision, label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
+        pr_axis.axhline(positive.mean(), color=line[0].get_color(), linestyle=":", linewidth=0.8)
+    roc_axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+    for axis, (x, y), figure, path in ((roc_axis, ("false positive rate", "true positive rate"), roc, roc_path),
+                                       (pr_axis, ("recall", "precision (dotted: the class's share)"), pr, pr_path)):
+        axis.set_xlabel(x)
+        axis.set_ylabel(y)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.set_title(title, fontsize=9)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small", loc="lower right" if axis is roc_axis else "lower left")
+        save_figure(figure, path)
+
+
+def plot_losses(epochs: Sequence[int], train: Sequence[float | None], val: Sequence[float | None], path: Path,
+                title: str) -> None:
+    """Training and validation loss by epoch (counted from 1); missing values are left out."""
+    figure = Figure(figsize=(4.8, 3.6))
+    axis = figure.subplots()
+    for values, label in ((train, "train"), (val, "validation")):
+        points = [(epoch + 1, value) for epoch, value in zip(epochs, values) if value is not None]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_title(title, fontsize=9)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize="small")
     save_figure(figure, path)

@@ -44,6 +44,7 @@ from geneformer_colon.rundir import (
     resume_point,
     run_record,
     start_run,
+    write_loss_plot,
     write_metrics,
 )
 from geneformer_colon.scoring import score_split
@@ -113,7 +114,7 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
 
     def record(status: str, epochs: list[dict[str, Any]], **final: Any) -> dict[str, Any]:
         return run_record(cfg.run_name, kind, status, donors, cells, epochs, init_from=cfg.get("init_from"),
-                          recipe=recipe(), **final)
+                          recipe=recipe(), data=datamodule.source.provenance(), **final)
 
     if rank_zero_only.rank == 0:  # DDP: the first process writes the run directory
         if resume_from is None:
@@ -127,6 +128,8 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
     for logger in trainer.loggers:  # flat keys (loss.focal_gamma, ...) that W&B's run table filters by
         logger.log_hyperparams(flat_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    if trainer.is_global_zero:
+        write_loss_plot(layout, module.epoch_history, cfg.run_name)
     best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
     # the epochs now: evaluating the best checkpoint later reloads its shorter history
     return FittedRun(layout, trainer, module, datamodule, list(module.epoch_history),

@@ -40,11 +40,41 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = temporary_sibling(final)
     try:
         yield tmp
+        share_as_umask_allows(tmp)
         if final.is_dir() and tmp.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         remove(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(path: Path) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the permissions a plain ``open`` or
+    ``mkdir`` would: some writers create files readable by their owner only (safetensors' ``save_file``,
+    ``tempfile``), which colleagues on a shared cluster then cannot read. Execute bits stay as they are."""
+    if not path.exists() or path.is_symlink():
+        return
+    mask = current_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if item.is_symlink():
+            continue
+        wanted = (0o777 if item.is_dir() else 0o666) & ~mask
+        mode = item.stat().st_mode & 0o7777
+        if mode | wanted != mode:
+            os.chmod(item, mode | wanted)
 
 
 def remove(path: Path) -> None:

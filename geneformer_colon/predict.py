@@ -42,10 +42,10 @@ from geneformer_colon.data.h5ad import CHUNK_CELLS, H5adReader, ensembl_ids_of
 from geneformer_colon.data.tokenizer import TokenizedCells, tokenize_chunks
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import FINISHED, TEST
+from geneformer_colon.names import FINISHED, METRICS, TEST
 from geneformer_colon.rundir import RunLayout, run_record, write_metrics
 from geneformer_colon.saved_classifier import TrainedClassifier
-from geneformer_colon.scoring import score_split
+from geneformer_colon.scoring import group_metrics, prediction_table, score_split
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def predict_h5ad(
     if missing:
         log.warning("%s: %d cells have no gene of the model's vocabulary: no prediction", input_path, missing)
     if truth is not None:
-        write_labelled_metrics(metrics_dir(out_path), truth, probabilities, classes, model, input_path)
+        write_labelled_metrics(metrics_dir(out_path), truth, probabilities, classes, model, input_path, donor_key)
     return added
 
 
@@ -230,8 +230,9 @@ def labelled_cells(obs: pd.DataFrame, classes: Sequence[str], label_key: str, do
 
 
 def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str],
-                           model: TrainedClassifier, input_path: Path) -> dict[str, Any]:
-    """The whole file's metrics, each donor's and cell type's, as a run directory has them (cells with a prediction)."""
+                           model: TrainedClassifier, input_path: Path, donor_key: str | None = None) -> dict[str, Any]:
+    """The whole file's metrics, each donor's and cell type's, as a run directory has them (cells with a
+    prediction); with ``donor_key``, the model's held-out and training donors apart (``by_training``)."""
     scored = ~np.isnan(probabilities[:, 0])
     cells = truth[scored]
     title = f"{model.origin.get('run_name', 'model')} on {input_path.name}"
@@ -239,4 +240,28 @@ def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities
     record = run_record(f"predict {input_path.name}", "predict", FINISHED, {TEST: sorted(set(cells["donor"]))},
                         {TEST: int(scored.sum())}, final={TEST: entry},
                         recipe={"input": str(input_path), **{k: str(v) for k, v in model.origin.items()}})
+    if donor_key is not None:
+        table = prediction_table(cells, cells["target"].to_numpy(), probabilities[scored], classes)
+        record["by_training"] = seen_and_held_out(table, classes, model.origin.get("trained_on") or [], input_path)
     return write_metrics(layout, record)
+
+
+def seen_and_held_out(table: pd.DataFrame, classes: Sequence[str], trained_on: Sequence[str], input_path: Path
+                      ) -> dict[str, dict[str, Any]]:
+    """The figures of the donors the model never saw apart from those of its training donors (which flatter
+    it), each logged as a line; a warning names the training donors found in the file."""
+    donors = table["donor"].astype(str)
+    parts = {"held_out": ~donors.isin(trained_on), "seen": donors.isin(trained_on)}
+    result = {}
+    for part, chosen in parts.items():
+        if chosen.any():
+            names = sorted(donors[chosen].unique())
+            result[part] = {"donors": names, **group_metrics(table[chosen], classes)}
+            figures = ", ".join(f"{title} {result[part][key]:.3f}" for key, title in METRICS.items()
+                                if result[part].get(key) is not None)
+            log.info("%s donors %s: %d cells, %s", part.replace("_", "-"), ", ".join(names), result[part]["cells"],
+                     figures)
+    if "seen" in result:
+        log.warning("%s: donors %s were in the model's training data; their figures (seen) overstate how it does on "
+                    "new donors: judge it by the held-out ones", input_path, ", ".join(result["seen"]["donors"]))
+    return result

@@ -122,7 +122,7 @@ def evaluate_run(layout: RunLayout, overrides: Sequence[str], conf_dir: Path, na
     record = run_record(f"{cfg.run_name} on {name}", "eval", FINISHED, {TEST: datamodule.split_donors(TEST)},
                         {TEST: len(datamodule.splits[TEST])}, final={TEST: test},
                         recipe={"run_dir": str(layout.root), "checkpoint": str(checkpoint),
-                                "overrides": list(overrides)})
+                                "overrides": list(overrides)}, data=datamodule.source.provenance())
     record = write_metrics(out, record)
     save_config(out, cfg)
     log_finished_run(cfg, out, "eval", record, module.class_names, save_dir=str(out.root), name=record["run_name"],

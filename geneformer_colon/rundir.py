@@ -8,7 +8,7 @@ through :func:`run_record`, and reads runs through :func:`read_run` / :func:`fin
       metrics.json                what the run did and scored (see run_record)
       checkpoints/best.ckpt       best val macro F1; last.ckpt: the latest state (resume=true)
       predictions/<split>.csv     cell id, donor, cell type, true, predicted, a probability a class
-      plots/confusion_<split>.png
+      plots/confusion_<split>.png, roc_<split>.png, pr_<split>.png, loss.png
       csv/                        Lightning's CSV log
       dictionaries/               the gene dictionaries the run used
       history.md                  the run as a training-log entry
@@ -50,6 +50,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from geneformer_colon.config import plain, recipe_changes
 from geneformer_colon.console import open_run_log
 from geneformer_colon.errors import InputError
+from geneformer_colon.figures import plot_losses
 from geneformer_colon.io import LockHeld, atomic_path, held_lock, read_json, remove, rounded, write_json
 from geneformer_colon.names import EVAL_SPLITS, FAILED, FINISHED, MONITOR, RUNNING, VAL, logged, per_class
 
@@ -83,6 +84,7 @@ class RunLayout:
     cv_json = property(lambda self: self.root / "cv.json")
     cv_markdown = property(lambda self: self.root / "cv.md")
     cv_plot = property(lambda self: self.root / "plots" / "cv_per_donor.png")
+    loss_plot = property(lambda self: self.root / "plots" / "loss.png")
     hf = property(lambda self: self.root / "hf")
     embeddings = property(lambda self: self.root / "embed")
     hydra = property(lambda self: self.root / ".hydra")
@@ -101,6 +103,10 @@ class RunLayout:
 
     def confusion_plot(self, split: str) -> Path:
         return self.plots / f"confusion_{split}.png"
+
+    def curve_plot(self, curve: str, split: str) -> Path:
+        """``curve``: ``roc`` or ``pr`` (precision-recall)."""
+        return self.plots / f"{curve}_{split}.png"
 
     def evaluation(self, name: str) -> RunLayout:
         return RunLayout(self.evaluations / name)
@@ -194,6 +200,7 @@ def run_record(
     success: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | None = None,
     error: str | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``metrics.json``, the one schema every kind of run writes.
 
@@ -203,7 +210,8 @@ def run_record(
     best checkpoint's metrics per split (headline metrics, per-class ``precision/<class>``,
     ``recall/<class>``, ``f1/<class>``, ``loss``, ``confusion_matrix``, ``cells`` and, for a split
     of several donors or cell types, ``by_donor`` / ``by_cell_type``). ``recipe``: the
-    command-line overrides and the config groups chosen, as typed.
+    command-line overrides and the config groups chosen, as typed. ``data``: where the cells came from
+    (``DataSource.provenance``).
     """
     record: dict[str, Any] = {
         "run_name": run_name,
@@ -219,6 +227,8 @@ def run_record(
         "success": dict(success or {}),
         "recipe": dict(recipe or {}),
     }
+    if data is not None:
+        record["data"] = dict(data)
     if error is not None:
         record["error"] = error
     return record
@@ -262,6 +272,30 @@ def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str = MONITOR, mode
 def write_predictions(layout: RunLayout, split: str, table: pd.DataFrame) -> None:
     with atomic_path(layout.prediction_file(split)) as tmp:
         table.to_csv(tmp, index=False)
+
+
+def train_losses(layout: RunLayout) -> dict[int, float]:
+    """Each epoch's training loss from the run's CSV log (a resumed run's later logs win); {} without one."""
+    losses: dict[int, float] = {}
+    for log_file in sorted(layout.csv.glob("*/metrics.csv"), key=lambda path: path.stat().st_mtime_ns):
+        table = pd.read_csv(log_file)
+        column = next((c for c in table.columns if c.startswith("train/") and c.endswith("loss_epoch")), None)
+        if column is not None and "epoch" in table.columns:
+            rows = table.dropna(subset=[column, "epoch"])
+            losses.update(zip(rows["epoch"].astype(int), rows[column].astype(float)))
+    return losses
+
+
+def write_loss_plot(layout: RunLayout, epochs: Sequence[Mapping[str, Any]], run_name: str) -> None:
+    """``plots/loss.png``: training loss (the CSV log's) and validation loss (``epochs``') by epoch."""
+    train = train_losses(layout)
+    val_key = next((key for key in (epochs[0] if epochs else {}) if key.startswith("val/") and key.endswith("loss")),
+                   None)
+    val = {int(epoch["epoch"]): epoch[val_key] for epoch in epochs} if val_key else {}
+    numbers = sorted(set(train) | set(val))
+    if numbers:
+        plot_losses(numbers, [train.get(n) for n in numbers], [val.get(n) for n in numbers], layout.loss_plot,
+                    f"{run_name}: loss by epoch")
 
 
 # ---- starting, resuming ----

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from geneformer_colon.figures import plot_confusion
+from geneformer_colon.figures import plot_class_curves, plot_confusion
 from geneformer_colon.model.metrics import classification_metrics
 from geneformer_colon.names import GROUPINGS, per_class
 from geneformer_colon.rundir import RunLayout, write_predictions
@@ -90,8 +90,9 @@ def score_split(layout: RunLayout, split: str, cells: pd.DataFrame, targets: np.
                 class_names: Sequence[str], title: str,
                 computed: tuple[Mapping[str, Any], Sequence[Sequence[int]]] | None = None,
                 loss: float | None = None, write: bool = True) -> dict[str, Any]:
-    """Score a split and write it: its metrics.json entry; with ``write``, ``predictions/<split>.csv`` and
-    its confusion plot (titled ``title``, the split and its donors) under ``layout``.
+    """Score a split and write it: its metrics.json entry; with ``write``, ``predictions/<split>.csv``, its
+    confusion plot and its per-class ROC and precision-recall curves (titled ``title``, the split and its
+    donors) under ``layout``.
 
     ``computed``: the metrics and confusion matrix already computed (training's, synced across DDP
     ranks); else they are computed here from ``probabilities`` (with ``loss``, when given).
@@ -101,5 +102,8 @@ def score_split(layout: RunLayout, split: str, cells: pd.DataFrame, targets: np.
     if write:
         write_predictions(layout, split, table)
         donors = ", ".join(sorted(table["donor"].astype(str).unique()))
-        plot_confusion(confusion, class_names, layout.confusion_plot(split), f"{title}, {split}: {donors}")
+        heading = f"{title}, {split}: {donors}"
+        plot_confusion(confusion, class_names, layout.confusion_plot(split), heading)
+        plot_class_curves(table["true"].to_numpy(), probabilities, class_names, layout.curve_plot("roc", split),
+                          layout.curve_plot("pr", split), heading)
     return split_entry(table, metrics, confusion, class_names)

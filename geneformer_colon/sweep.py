@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -50,12 +51,22 @@ MAX_DIRNAME_BYTES = 200
 LAUNCHER_ENVIRON = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
+# A number of five or more decimals (an Optuna draw: 0.23456789012345678).
+LONG_NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?:[eE][-+]?\d+)?")
+
+
+def short_numbers(text: str) -> str:
+    """``text`` with every long number rounded to 4 significant digits, for names and summaries."""
+    return LONG_NUMBER.sub(lambda match: f"{float(match.group()):.4g}", text)
+
+
 def job_dirname(num: int, overrides: str) -> str:
-    """``<num>_<overrides>`` as one folder name: ``/`` made ``_``, at most MAX_DIRNAME_BYTES bytes.
+    """``<num>_<overrides>`` as one folder name: ``/`` made ``_``, long numbers rounded to 4 significant
+    digits, at most MAX_DIRNAME_BYTES bytes (the job number keeps names distinct).
 
     A name cut short ends in a hash of the whole name, so two jobs never share a folder.
     """
-    name = f"{num}_{overrides}".replace("/", "_") if overrides else str(num)
+    name = short_numbers(f"{num}_{overrides}".replace("/", "_")) if overrides else str(num)
     if len(name.encode()) <= MAX_DIRNAME_BYTES:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -100,7 +111,10 @@ def run_sweep_job(task: Callable[[DictConfig], float], cfg: DictConfig) -> float
             mark_failed(RunLayout(cfg.paths.run_dir), record["error"])
             record_refused_job(cfg, error)
         value = FAILED_JOB_VALUE
-    save_record(sweep_dir, record)
+    table = save_record(sweep_dir, record)
+    if table is not None:
+        log.info("job %d in %s:\n%s", record["job"], sweep_dir / "summary.md",
+                 table_markdown(table[table["job"] == record["job"]]))
     return value
 
 
@@ -134,10 +148,10 @@ def lightning_ranks_follow_this_job(hydra_cfg: DictConfig) -> Iterator[None]:
 
 
 @rank_zero_only
-def save_record(sweep_dir: Path, record: dict[str, Any]) -> None:
-    """Write a job's record, then rewrite the sweep's summary."""
+def save_record(sweep_dir: Path, record: dict[str, Any]) -> pd.DataFrame:
+    """Write a job's record, then rewrite the sweep's summary; return it."""
     write_json(sweep_dir / RECORDS / f"{record['job']}.json", record)
-    write_summary(sweep_dir)
+    return write_summary(sweep_dir)
 
 
 def varying_overrides(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -172,8 +186,9 @@ def summary_table(sweep_dir: Path) -> pd.DataFrame:
     rows = []
     for record, overrides in zip(records, varying_overrides([r["overrides"] for r in records])):
         run = read_run(record["run_dir"]) if record["status"] == FINISHED else None
-        rows.append({"job": record["job"], "overrides": " ".join(overrides), **run_row(run, record["status"]),
-                     "run_dir": record["run_dir"], "error": record["error"], "note": record.get("note")})
+        rows.append({"job": record["job"], "overrides": short_numbers(" ".join(overrides)),
+                     **run_row(run, record["status"]), "run_dir": record["run_dir"], "error": record["error"],
+                     "note": record.get("note")})
     return runs_frame(rows, COLUMNS, drop_empty=False).astype({"job": "Int64"})
 
 
@@ -195,8 +210,13 @@ def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
         what = "trial" if study else "job"
         lines.append(f"best {column_title(ranking)}: {what} {best['job']} ({best[ranking]:.3f}) {best['overrides']}"
                      + (f" ({best['note']}: {best['run_dir']})" if isinstance(best["note"], str) else ""))
+    return "\n".join(lines) + "\n\n" + table_markdown(table)
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """Rows of the summary as a markdown table (the note column only when a row has a note)."""
     shown = runs_frame(table.to_dict("records"), [c for c in table.columns if c != "note" or table[c].notna().any()])
-    return "\n".join(lines) + "\n\n" + frame_markdown(shown.assign(run_dir=[Path(p).name for p in shown["run_dir"]]))
+    return frame_markdown(shown.assign(run_dir=[Path(path).name for path in shown["run_dir"]]))
 
 
 def write_summary(sweep_dir: Path) -> pd.DataFrame:
@@ -204,14 +224,23 @@ def write_summary(sweep_dir: Path) -> pd.DataFrame:
     with file_lock(sweep_dir / RECORDS / ".lock"):
         table = summary_table(sweep_dir)
         with atomic_path(sweep_dir / "summary.csv") as tmp:
-            table.to_csv(tmp, index=False)
+            table.to_csv(tmp, index=False, float_format="%.4g")
         with atomic_path(sweep_dir / "summary.md") as tmp:
             tmp.write_text(markdown(table, sweep_dir))
     return table
 
 
 class SweepSummary(Callback):
-    """Registered in conf/hydra/default.yaml: as a sweep ends, its summary once more and where it is."""
+    """Registered in conf/hydra/default.yaml: as a sweep ends, its summary once more and where it is; as it
+    starts, Optuna's messages through Python logging (Hydra's log file and console) instead of its own
+    coloured handler, whose colour codes would land in log files."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            import optuna
+
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

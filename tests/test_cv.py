@@ -164,6 +164,8 @@ def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
         assert row.val_macro_f1 == pytest.approx(cv_json["aggregate"]["val"]["macro_f1"]["mean"])
         assert row.test_macro_f1_sd == pytest.approx(cv_json["aggregate"]["test"]["macro_f1"]["sd"])
     assert "test macro F1 sd" in (sweep_dir / "summary.md").read_text()
+    for job in (0, 1):  # each job's row of the summary in its output, as it ends
+        assert f"job {job} in {sweep_dir / 'summary.md'}:\n| job | overrides | status |" in result.stdout
 
 
 def test_seeds_repeat_each_fold_and_the_summary_averages_them(tmp_path, shared_dirs, capsys):

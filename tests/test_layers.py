@@ -15,7 +15,7 @@ PACKAGE = "geneformer_colon"
 ENTRY_SCRIPTS = ("train.py", "eval.py", "baseline.py", "pretrain.py")
 # Lowest first: a module imports its own layer or lower ones only (module names without the package's).
 LAYERS = {
-    "leaf": ("", "errors", "io", "names", "tables", "figures", "console"),
+    "leaf": ("", "errors", "io", "names", "tables", "figures", "console", "cpus"),
     "config": ("config",),
     "rundir": ("rundir",),  # the run directory's files and records: no data, no model
     "data": ("data", "data.*"),

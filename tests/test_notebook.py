@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nbformat
+import pytest
 from conftest import REPO_ROOT
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
@@ -48,3 +52,27 @@ def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, shared
     assert "gfc_label" in text
     assert "mean_delta_Normal" in text and "donor_KUL01" in text  # genes.csv's top genes, by donor
     assert (tmp_path / "comparison" / TABLE_FILE).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [".", "notebooks"])
+def test_the_notebook_runs_with_the_documented_command_from_the_root_and_from_notebooks(trained_runs, tmp_path, where):
+    """`make notebook`'s command (nbconvert), run from the repository root or from notebooks/, with run paths
+    relative to the root (as a user writes them): every cell runs, and no cell prints a warning."""
+    relative = [os.path.relpath(run, REPO_ROOT) for run in trained_runs]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GENEFORMER_COLON_RUNS": os.pathsep.join(relative), "GENEFORMER_COLON_COMPARE_OUT": str(tmp_path / "cmp")}
+    env.pop("GENEFORMER_COLON_PREDICTED", None)
+    notebook = os.path.relpath(NOTEBOOK, REPO_ROOT / where)
+    result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--to", "notebook",
+                             "--execute", notebook, "--KernelManager.transport=ipc", "--output-dir", str(tmp_path),
+                             "--output", "ran", "--ExecutePreprocessor.startup_timeout=600"],  # a busy machine
+                            cwd=REPO_ROOT / where, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = nbformat.read(tmp_path / "ran.ipynb", as_version=4)
+    outputs = [output for cell in ran.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    printed = "\n".join(str(output.get("text", "")) for output in outputs if output.get("name") == "stderr")
+    assert "Warning" not in printed and "Warning" not in result.stderr, printed + result.stderr
+    text = "\n".join(str(output.get("data", {}).get("text/plain", "")) for output in outputs)
+    assert all(run.name in text for run in trained_runs)

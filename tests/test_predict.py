@@ -130,8 +130,9 @@ def test_labelled_cells_get_metrics_by_donor_and_cell_type(trained_runs, tmp_pat
     assert (table["predicted"].to_numpy() == ad.read_h5ad(out).obs["gfc_label"].to_numpy()).all()
 
 
-def test_the_cohort_written_as_h5ad_is_scored_by_the_readmes_command(trained_runs, tmp_path, capsys):
-    """`synth --h5ad` writes the cohort the runs trained on; predict scores each of its donors."""
+def test_the_cohort_written_as_h5ad_is_scored_by_the_readmes_command(trained_runs, tmp_path, capsys, caplog):
+    """`synth --h5ad` writes the cohort the runs trained on; predict scores each of its donors, and the donors
+    the model never saw apart from its training donors, with a warning naming those."""
     cli.main(["synth", str(tmp_path / "demo"), "--cells", "480", "--genes", "300", "--h5ad"])
     cells = ad.read_h5ad(tmp_path / "demo" / "cells.h5ad")
     trained_on = canonical_cells(trained_runs[0])
@@ -142,6 +143,14 @@ def test_the_cohort_written_as_h5ad_is_scored_by_the_readmes_command(trained_run
     metrics = json.loads((tmp_path / "demo" / "predicted_metrics" / "metrics.json").read_text())
     assert set(metrics["test"]["by_donor"]) == set(cells.obs["donor"]) and len(metrics["test"]["by_donor"]) == 6
     assert ad.read_h5ad(out).obs["gfc_label"].isin(CLASSES).all()
+    trained = json.loads((trained_runs[0] / "metrics.json").read_text())["donors"]["train"]
+    held_out, seen = metrics["by_training"]["held_out"], metrics["by_training"]["seen"]
+    assert seen["donors"] == sorted(trained) and held_out["donors"] == ["KUL01", "KUL19"]
+    assert held_out["cells"] + seen["cells"] == metrics["cells"]["test"]
+    assert held_out["macro_f1"] != seen["macro_f1"]
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelname == "WARNING" and record.name == "geneformer_colon.predict"]
+    assert len(warnings) == 1 and ", ".join(sorted(trained)) in warnings[0] and "training data" in warnings[0]
 
 
 def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs, new_cells, tmp_path):

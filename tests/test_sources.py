@@ -88,3 +88,29 @@ def test_h5ad_source_keys_are_part_of_the_cache_key(synthetic, tmp_path):
 def test_missing_geo_files_say_where_to_get_them(tmp_path):
     with pytest.raises(InputError, match=r"GSE144735.*data.source.data_dir"):
         KUL3Source(data_dir=str(tmp_path / "nothing")).canonical(tmp_path / "cache")
+
+
+def test_a_missing_geneformer_clone_names_the_repository_not_the_geo_files(tmp_path):
+    """GEO files in place, no Geneformer clone: one line naming the missing file, the repository and the clone
+    command (the data source's gene map, the model's dictionaries and its checkpoint alike)."""
+    from geneformer_colon.data.dictionaries import load_pickle_dict
+    from geneformer_colon.model.backbone import Vocabulary, pretrained_bert
+
+    geo = tmp_path / "kul3"
+    geo.mkdir()
+    for name in (kul3.MATRIX_FILE, kul3.ANNOTATION_FILE):
+        (geo / name).write_bytes(b"")
+    clone = tmp_path / "Geneformer"
+    gene_map = clone / "geneformer" / "gene_dictionaries_30m" / "gene_name_id_dict_gc30M.pkl"
+    errors = []
+    for attempt in (lambda: KUL3Source(data_dir=str(geo), gene_map=str(gene_map)).canonical(tmp_path / "cache"),
+                    lambda: load_pickle_dict(gene_map),
+                    lambda: pretrained_bert(Vocabulary(10, 0, 16), clone, subfolder="Geneformer-V1-10M")):
+        with pytest.raises(InputError) as error:
+            attempt()
+        errors.append(str(error.value))
+    for message in errors:
+        assert "\n" not in message and "GEO" not in message and "GSE144735" not in message
+        assert "https://huggingface.co/ctheodoris/Geneformer" in message
+        assert f"git clone https://huggingface.co/ctheodoris/Geneformer {clone}" in message
+    assert errors[0].startswith(f"{gene_map}: input file not found")

@@ -88,7 +88,8 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
                                    class_names, cfg.run_name, loss=loss)
     record = run_record(cfg.run_name, "baseline", FINISHED, {split: datamodule.split_donors(split) for split in SPLITS},
                         {split: len(datamodule.splits[split]) for split in SPLITS}, final=final,
-                        success=check_success(cfg.success_criteria, final), recipe=recipe())
+                        success=check_success(cfg.success_criteria, final), recipe=recipe(),
+                        data=datamodule.source.provenance())
     record = write_metrics(layout, record)
     write_history(Run(layout.root, record, OmegaConf.to_container(cfg, resolve=True), {}))
     log_finished_run(cfg, layout, "baseline", record, class_names)  # beside a sweep's runs, same metric names

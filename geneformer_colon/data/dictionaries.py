@@ -30,6 +30,24 @@ if TYPE_CHECKING:
     from geneformer_colon.data.counts import CellCounts
 
 LFS_POINTER_PREFIX = b"version https://git-lfs"
+GENEFORMER_REPOSITORY = "https://huggingface.co/ctheodoris/Geneformer"
+# The folder of a Geneformer clone that holds its gene dictionaries.
+GENEFORMER_PACKAGE = "geneformer"
+
+
+def clone_hint(clone_dir: str | Path) -> str:
+    """How to get Geneformer's files: the repository and the clone command."""
+    return (f"it comes from Geneformer ({GENEFORMER_REPOSITORY}): clone it with `git lfs install && git clone "
+            f"{GENEFORMER_REPOSITORY} {clone_dir}` (or set GENEFORMER_DIR to an existing clone)")
+
+
+def missing_file_hint(path: str | Path) -> str | None:
+    """For a missing file of a Geneformer clone (``<clone>/geneformer/...``): the clone hint, else None."""
+    parts = Path(path).parts
+    if GENEFORMER_PACKAGE not in parts[:-1]:
+        return None
+    clone = Path(*parts[: len(parts) - 1 - parts[::-1].index(GENEFORMER_PACKAGE)] or ".")
+    return clone_hint(clone)
 
 # What a Geneformer dictionary pickle may contain: dicts of str to int/float (numpy scalars).
 _ALLOWED_GLOBALS = {
@@ -58,7 +76,8 @@ def load_pickle_dict(path: str | Path) -> dict[Any, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: dictionary file not found; check the path in the model config")
+        raise InputError(f"{path}: dictionary file not found; "
+                         + (missing_file_hint(path) or "check the path in the model config"))
     with path.open("rb") as handle:
         head = handle.read(len(LFS_POINTER_PREFIX))
         if head == LFS_POINTER_PREFIX:

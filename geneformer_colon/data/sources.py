@@ -13,9 +13,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 from geneformer_colon.data import kul3, synthetic
 from geneformer_colon.data.canonical import write_canonical
+from geneformer_colon.data.dictionaries import missing_file_hint
 from geneformer_colon.data.h5ad import CanonicalCells, H5adKeys
 from geneformer_colon.errors import InputError
 from geneformer_colon.io import build_once, file_fingerprint, text_fingerprint
@@ -29,6 +31,8 @@ _WRITE_CHUNK_CELLS = 10_000
 
 class DataSource(abc.ABC):
     """Gives the cells of its inputs in canonical form, under an identity that changes when they do."""
+
+    kind: ClassVar[str] = "files"  # what provenance() calls the source
 
     @abc.abstractmethod
     def inputs(self) -> list[Path | None]:
@@ -54,18 +58,28 @@ class DataSource(abc.ABC):
         """The identity as a name for cache entries: the source's kind and a hash."""
         return f"{type(self).__name__.lower()}-{text_fingerprint(CANONICAL_FORMAT, self.identity())}"
 
-    def missing_hint(self) -> str:
+    def provenance(self) -> dict[str, Any]:
+        """Where the cells came from, as a run records it (metrics.json ``data``; the model card and history.md
+        name it): the kind of source and each input file's path, size and fingerprint (path, size, time)."""
+        return {"source": self.kind, "inputs": [
+            {"path": str(path), "bytes": path.stat().st_size, "fingerprint": file_fingerprint(path)[:16]}
+            for path in self.inputs() if path is not None and path.is_file()]}
+
+    def missing_hint(self, path: Path) -> str:
+        """What to do about the missing input ``path``."""
         return "check the data config"
 
     def check_inputs(self) -> None:
         for path in self.inputs():
             if path is not None and not path.is_file():
-                raise InputError(f"{path}: input file not found; {self.missing_hint()}")
+                raise InputError(f"{path}: input file not found; {self.missing_hint(path)}")
 
 
 @dataclass
 class KUL3Source(DataSource):
     """The two GEO files of GSE144735 (KUL3), symbols mapped to Ensembl ids by ``gene_map``."""
+
+    kind: ClassVar[str] = "kul3"
 
     data_dir: str
     gene_map: str | None = None
@@ -102,12 +116,12 @@ class KUL3Source(DataSource):
     def describe(self) -> str:
         return str(Path(self.data_dir) / self.matrix_file)
 
-    def missing_hint(self) -> str:
-        return (
-            f"download {self.matrix_file} and {self.annotation_file} from GEO (GSE144735) into "
-            f"{self.data_dir} (data.source.data_dir), and point data.source.gene_map at Geneformer's "
-            "gene_name_id_dict pickle"
-        )
+    def missing_hint(self, path: Path) -> str:
+        if self.gene_map and path == Path(self.gene_map):
+            return missing_file_hint(path) or (
+                "point data.source.gene_map at Geneformer's gene_name_id_dict pickle or a symbol/id TSV")
+        return (f"download {self.matrix_file} and {self.annotation_file} from GEO (GSE144735) into "
+                f"{self.data_dir} (data.source.data_dir)")
 
 
 @dataclass
@@ -152,11 +166,18 @@ class SyntheticKUL3Source(KUL3Source):
     def describe(self) -> str:
         return f"synthetic KUL3 ({self.data_dir})"
 
+    def provenance(self) -> dict[str, Any]:
+        return {"source": "synthetic", "generator_version": synthetic.GENERATOR_VERSION, "n_cells": self.n_cells,
+                "n_genes": self.n_genes, "seed": self.seed, "donor_shift": self.donor_shift,
+                "donor_effects": list(self.donor_effects), "folder": self.data_dir}
+
 
 @dataclass(frozen=True)
 class H5adSource(H5adKeys, DataSource):
     """Any ``.h5ad`` with raw counts, read in place; the keys (:class:`H5adKeys`) say which obs/var columns and
     layer hold the canonical fields."""
+
+    kind: ClassVar[str] = "h5ad"
 
     path: str = field(kw_only=True)
 
@@ -174,5 +195,5 @@ class H5adSource(H5adKeys, DataSource):
     def describe(self) -> str:
         return str(self.path)
 
-    def missing_hint(self) -> str:
+    def missing_hint(self, path: Path) -> str:
         return "set data.source.path to your .h5ad file"

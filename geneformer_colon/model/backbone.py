@@ -29,6 +29,7 @@ from geneformer_colon.data.dictionaries import (
     MEDIAN_FILE,
     TOKEN_FILE,
     GeneDictionaries,
+    clone_hint,
     load_settings,
 )
 from geneformer_colon.errors import InputError
@@ -108,8 +109,10 @@ def bert_from_config(config: dict[str, Any]) -> BertModel:
     return BertModel(BertConfig(**settings, attn_implementation="sdpa"), add_pooling_layer=False)
 
 
-def _unloadable(source: str, error: Exception) -> InputError:
+def _unloadable(source: str, error: Exception, pretrained: str | os.PathLike[str]) -> InputError:
     reason = str(error).strip().splitlines()[0]
+    if Path(pretrained).parent.is_dir() and not Path(pretrained).exists():  # a local clone that is not there
+        return InputError(f"{source}: no such directory; {clone_hint(pretrained)}")
     return InputError(
         f"{source}: cannot load a Geneformer checkpoint ({reason}); give a local directory of a "
         "Geneformer checkout holding config.json and model.safetensors or pytorch_model.bin "
@@ -141,7 +144,7 @@ def pretrained_bert(
     try:
         config = AutoConfig.from_pretrained(pretrained, **hub_kwargs)
     except (OSError, ValueError) as error:  # ValueError: a config.json without a known model_type
-        raise _unloadable(source, error) from None
+        raise _unloadable(source, error, pretrained) from None
     if config.model_type != "bert":
         raise InputError(
             f"{source}: model_type is {config.model_type!r}, not 'bert'; "
@@ -162,7 +165,7 @@ def pretrained_bert(
                 **hub_kwargs,
             )
     except OSError as error:
-        raise _unloadable(source, error) from None
+        raise _unloadable(source, error, pretrained) from None
     encoder_missing = [key for key in info["missing_keys"] if not key.startswith("cls.")]  # a head may start fresh
     if encoder_missing:
         missing = sorted(encoder_missing)
@@ -176,20 +179,26 @@ def pretrained_bert(
     return model.train()  # from_pretrained leaves it in eval mode: dropout would stay off in training
 
 
+QUIET_LOADING_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+
+
 @contextmanager
 def _quiet_loading(hide_progress: bool) -> Iterator[None]:
     """``from_pretrained`` without its load report (a released Geneformer is a masked LM, so loading its
-    encoder always "reports" the unused ``cls.*`` head; the caller checks the loading info itself) and, with
+    encoder always "reports" the unused ``cls.*`` head; the caller checks the loading info itself), without
+    the tensor-parallel plan check a quiet load triggers (a line naming every layer "not sharded") and, with
     ``hide_progress`` (a local directory: nothing to download), without its progress bar."""
-    report = transformers_logging.get_logger("transformers.modeling_utils")
-    level, bar = report.level, transformers_logging.is_progress_bar_enabled()
-    report.setLevel(logging.ERROR)
+    reports = [transformers_logging.get_logger(name) for name in QUIET_LOADING_LOGGERS]
+    levels, bar = [report.level for report in reports], transformers_logging.is_progress_bar_enabled()
+    for report in reports:
+        report.setLevel(logging.ERROR)
     if hide_progress:
         transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        report.setLevel(level)
+        for report, level in zip(reports, levels):
+            report.setLevel(level)
         if bar:
             transformers_logging.enable_progress_bar()
 

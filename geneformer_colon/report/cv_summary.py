@@ -151,19 +151,22 @@ def cv_markdown(cv: Mapping[str, Any]) -> str:
              *([fold["seed_sd"][TEST]["macro_f1"]] if seeds else [])] for fold in cv["folds"]]
     seeded = (f"Each fold ran once a seed ({', '.join(map(str, seeds))}): its figures are the means over the seeds, "
               "and the figures across folds are taken over those per-donor means.\n\n") if seeds else ""
-    summary_rows = []
+    missing = f"\nNot finished: {', '.join(cv['missing'])}.\n" if cv["missing"] else ""
+    return (f"# {cv['run_name']}: leave one donor out ({len(cv['folds'])} of {len(cv['donors'])} folds)\n\n"
+            f"Validation donor of each fold: {cv['val_rule']}.\n\n" + seeded
+            + markdown_table(headers, rows) + "\n## Across folds\n\n" + across_folds_markdown(cv) + missing)
+
+
+def across_folds_markdown(cv: Mapping[str, Any]) -> str:
+    """Each figure's mean, sd, min, max and 95% interval over the folds (what a CV run prints at its end)."""
+    rows = []
     for split in EVAL_SPLITS:
         for key, values in cv["aggregate"][split].items():
             title = METRICS.get(key, key.replace("/", " "))
             interval = "-" if values["ci95"] is None else f"{values['ci95'][0]:.3f} to {values['ci95'][1]:.3f}"
-            summary_rows.append([f"{split} {title}", values["n"], values["mean"], values["sd"], values["min"],
-                                 values["max"], interval])
-    missing = f"\nNot finished: {', '.join(cv['missing'])}.\n" if cv["missing"] else ""
-    return (f"# {cv['run_name']}: leave one donor out ({len(cv['folds'])} of {len(cv['donors'])} folds)\n\n"
-            f"Validation donor of each fold: {cv['val_rule']}.\n\n" + seeded
-            + markdown_table(headers, rows) + "\n## Across folds\n\n"
-            + markdown_table(["figure", "folds", "mean", "sd", "min", "max", "95% CI of the mean"], summary_rows)
-            + missing)
+            rows.append([f"{split} {title}", values["n"], values["mean"], values["sd"], values["min"], values["max"],
+                         interval])
+    return markdown_table(["figure", "folds", "mean", "sd", "min", "max", "95% CI of the mean"], rows)
 
 
 def write_cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],

@@ -53,6 +53,23 @@ def started_from(run: Run) -> str:
     return f"pretrained Geneformer `{pretrained}`" if pretrained else "random init (`model.encoder`)"
 
 
+def data_source(run: Run) -> str:
+    """Where a run's cells came from (metrics.json ``data``; a CV run: its first fold's), in words."""
+    data = run.metrics.get("data")
+    if data is None and run.layout.folds.is_dir():
+        data = next((read_run(fold).metrics.get("data") for fold in sorted(run.layout.folds.iterdir())
+                     if read_run(fold).metrics.get("data")), None)
+    if not data:
+        return "not recorded (a run of an earlier version)"
+    if data.get("source") == "synthetic":
+        return (f"the embedded synthetic KUL3 look-alike, not real cells (generator version "
+                f"{data['generator_version']}, {data['n_cells']} cells x {data['n_genes']} genes, seed {data['seed']}, "
+                f"donor shift {data['donor_shift']:g}; `{data['folder']}`)")
+    files = "; ".join(f"`{item['path']}` ({item['bytes']:,} bytes, fingerprint {item['fingerprint']})"
+                      for item in data.get("inputs", []))
+    return f"{data.get('source', 'files')}: {files}"
+
+
 def figures(run: Run, classes: Sequence[str]) -> list[tuple[str, str]]:
     """(title, metric) of what a run scores: a classifier's headline metrics and recall per class, else
     whatever its validation epochs hold (a pretraining run: masked-gene loss and accuracy)."""
@@ -118,6 +135,7 @@ def history_entry(run: Run, when: datetime.datetime | None = None) -> str:
     parts = [
         f"## {when:%Y-%m-%d %H:%M} · {run.name}\n",
         (f"- **Run directory:** `{run.path}`\n"
+         f"- **Data:** {data_source(run)}\n"
          f"- **Started from:** {started_from(run)}\n"
          f"- **Status:** {run.status}\n"
          f"- **Donors:** val {', '.join(run.donors('val')) or '-'}, test {', '.join(run.donors('test')) or '-'}\n"
