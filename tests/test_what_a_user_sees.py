@@ -144,15 +144,16 @@ def test_a_cv_run_predicts_exports_and_embeds_as_the_ensemble_of_its_folds(share
     assert isinstance(ensemble, FoldEnsemble) and ensemble.origin["folds"] == ["KUL01", "KUL19"]
     both = predicted(ensemble, "ensemble")
     folds = [predicted(TrainedClassifier.load(shared_dictionary_cv, fold), fold) for fold in ("KUL01", "KUL19")]
-    columns = [f"gfc_prob_{name}" for name in ensemble.class_names]
-    np.testing.assert_allclose(both.obs[columns], np.mean([fold.obs[columns] for fold in folds], axis=0), atol=1e-6)
+    probabilities = "gfc_probabilities"
+    np.testing.assert_allclose(both.obsm[probabilities], np.mean([fold.obsm[probabilities] for fold in folds], axis=0),
+                               atol=1e-6)
     np.testing.assert_allclose(both.obsm["X_gfc"], np.hstack([fold.obsm["X_gfc"] for fold in folds]), atol=1e-5)
 
     export = export_run(shared_dictionary_cv, tmp_path / "export")
     card = (export / "README.md").read_text()
     assert "an ensemble of 2" in card and "| KUL01 |" in card and "| KUL19 |" in card
     from_export = predicted(TrainedClassifier.load(export), "from_export")
-    np.testing.assert_allclose(from_export.obs[columns], both.obs[columns], atol=1e-5)
+    np.testing.assert_allclose(from_export.obsm[probabilities], both.obsm[probabilities], atol=1e-5)
     with pytest.raises(InputError, match="no fold 'KUL77'; choose one of KUL01, KUL19"):
         TrainedClassifier.load(shared_dictionary_cv, "KUL77")
 
