@@ -52,11 +52,11 @@ donor-shift-study: $(STAMP)
 	$(BIN)/python bench/donor_shift_study.py
 
 # notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
-# RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH), reached over
-# local sockets (IPC: no unencrypted TCP, and no warning about it).
+# RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH). (Jupyter's IPC
+# transport is not used: run from the repository root its kernel could hang at start.)
 notebook: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter nbconvert --to html --execute notebooks/compare_runs.ipynb \
-		--KernelManager.transport=ipc --output-dir outputs --output compare_runs
+		--output-dir outputs --output compare_runs
 
 clean:
 	rm -rf outputs multirun/*/ .pytest_cache

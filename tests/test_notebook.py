@@ -65,7 +65,7 @@ def test_the_notebook_runs_with_the_documented_command_from_the_root_and_from_no
     env.pop("GENEFORMER_COLON_PREDICTED", None)
     notebook = os.path.relpath(NOTEBOOK, REPO_ROOT / where)
     result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--to", "notebook",
-                             "--execute", notebook, "--KernelManager.transport=ipc", "--output-dir", str(tmp_path),
+                             "--execute", notebook, "--output-dir", str(tmp_path),
                              "--output", "ran", "--ExecutePreprocessor.startup_timeout=600"],  # a busy machine
                             cwd=REPO_ROOT / where, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -140,6 +140,7 @@ def test_hydras_errors_are_one_line_naming_the_closest_key_or_option(config):
                                        "+callbacks.extra._target_=pytorch_lightning.callbacks.LearningRateMonitor"])
 
 
+@pytest.mark.slow  # many processes: run by make test-slow (CI too)
 def test_bad_command_lines_and_a_late_check_write_nothing(tmp_path, shared_dirs):
     outputs = tmp_path / "outputs"
     common = tiny_overrides(outputs, shared_dirs)

@@ -215,6 +215,7 @@ def bad_predict(tmp_path: Path, model: str, adata: ad.AnnData, *options: str):
                       *options)
 
 
+@pytest.mark.slow  # many processes: run by make test-slow (CI too)
 def test_bad_inputs_each_get_one_line_naming_the_file_and_field(trained_runs, new_cells, tmp_path):
     cells = ad.read_h5ad(new_cells)
     export = export_run(trained_runs[0], tmp_path / "export")

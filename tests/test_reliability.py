@@ -161,6 +161,7 @@ IN_THIS_PROCESS = {
 }
 
 
+@pytest.mark.slow  # many processes: run by make test-slow (CI too)
 def test_each_bad_value_or_file_is_one_line_and_exit_2_then_the_fixed_run_works(tmp_path, shared_dirs):
     checkpoints = bad_checkpoints(tmp_path / "files")
     common = tiny_overrides(tmp_path / "outputs", shared_dirs) + ["run_name=same0", "logger=csv"]

@@ -64,6 +64,7 @@ def grid_sweep(tmp_path_factory, shared_dirs):
         process.wait()
 
 
+@pytest.mark.slow  # many processes: run by make test-slow (CI too)
 def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, shared_dirs, grid_sweep):
     assert int(optuna.__version__.split(".")[0]) >= 4
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
