@@ -22,9 +22,11 @@ from geneformer_colon.report.compare import (
     WIDTH,
     compare_runs,
     per_cell_type,
+    plot_epochs,
     print_comparison,
 )
 from geneformer_colon.report.run_tables import METRIC_COLUMNS
+from geneformer_colon.rundir import Run
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -166,3 +168,14 @@ def test_differing_keys_skip_paths_and_names_and_count_absent_keys():
              "data": {"val_donors": ["KUL21"], "cache_dir": "y"}, "loss": {"focal_gamma": 0.0},
              "baseline": {"alpha": 1.0}}
     assert differing_keys([run_a, run_b]) == ["data.val_donors", "baseline.alpha"]
+
+
+def test_a_pretraining_run_beside_a_training_run_draws_only_the_training_curve(tmp_path):
+    """A masked-gene run's epochs hold no val macro F1 (make notebook over outputs/ after pretrain.py)."""
+    pretraining = Run(tmp_path / "pretrain", {"status": "finished", "epochs": [{"epoch": 0, "val/masked_loss": 5.1}]},
+                      {}, {})
+    training = Run(tmp_path / "colon6", {"status": "finished", "epochs": [{"epoch": 0, "val/macro_f1": 0.4},
+                                                                         {"epoch": 1, "val/macro_f1": 0.5}]}, {}, {})
+    assert not plot_epochs([pretraining], ["pretrain"], tmp_path / "none.png")
+    assert plot_epochs([pretraining, training], ["pretrain", "colon6"], tmp_path / "epochs.png")
+    assert (tmp_path / "epochs.png").is_file()

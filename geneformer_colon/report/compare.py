@@ -284,17 +284,19 @@ def plot_epochs(runs: Sequence[Run], labels: Sequence[str], path: Path) -> bool:
     was drawn (no plot written)."""
     figure = Figure(figsize=(7, 4))
     axis = figure.subplots()
-    last_epoch = 0
+    last_epoch, drawn = 0, False
+    key = logged(VAL, PAIRED_METRIC)
     for label, run in zip(labels, runs):
         donors = ", ".join(run.donors(VAL))
         name = f"{label} (val {donors})" if donors else label
-        if run.epochs:
-            epochs = [epoch["epoch"] for epoch in run.epochs]
-            last_epoch = max(last_epoch, *epochs)
-            axis.plot(epochs, [epoch[logged(VAL, PAIRED_METRIC)] for epoch in run.epochs], marker="o", label=name)
-        elif run.finished and not run.is_cv:
+        scored = [epoch for epoch in run.epochs if key in epoch]  # a pretraining run's epochs have no macro F1
+        if scored:
+            epochs = [epoch["epoch"] for epoch in scored]
+            last_epoch, drawn = max(last_epoch, *epochs), True
+            axis.plot(epochs, [epoch[key] for epoch in scored], marker="o", label=name)
+        elif not run.epochs and run.finished and not run.is_cv:
             axis.axhline(run.headline(VAL, PAIRED_METRIC), linestyle="--", color="grey", label=f"{label} (no epochs)")
-    if not any(run.epochs for run in runs):
+    if not drawn:
         return False
     axis.set_xlabel("epoch")
     axis.set_ylabel("val macro F1")
