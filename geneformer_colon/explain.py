@@ -34,7 +34,7 @@ from geneformer_colon.io import write_json
 from geneformer_colon.perturb import choose_columns, default_out
 from geneformer_colon.predict import GeneIds
 from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
-from geneformer_colon.saved_classifier import TrainedClassifier
+from geneformer_colon.saved_classifier import FoldEnsemble, TrainedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
     """Attribute the chosen cells' predicted (or ``target``) class to their genes; write the gene files and
     completeness.json; return the folder and the completeness figures."""
     model = TrainedClassifier.load(model_path)
+    if isinstance(model, FoldEnsemble):  # gradients of one network: an ensemble has several
+        raise InputError(f"{model_path}: a cross-validated run; explain one of its folds, "
+                         f"{model_path}/folds/<test donor> (one of {', '.join(model.origin['folds'])})")
     if target is not None and target not in model.class_names:
         raise InputError(f"--target {target}: not a class of the model {model.class_names}; choose one of those")
     if baseline not in BASELINES:

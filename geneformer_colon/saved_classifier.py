@@ -155,6 +155,7 @@ class TrainedClassifier:
             outputs = module.infer(input_ids.to(device), attention_mask.to(device))
         return outputs.probabilities.cpu().numpy(), outputs.embeddings.float().cpu().numpy()
 
+
 @dataclass
 class FoldEnsemble(TrainedClassifier):
     """A CV run as one model: its finished folds' classifiers (``members``, by test donor). ``apply`` averages
@@ -194,9 +195,10 @@ class FoldEnsemble(TrainedClassifier):
                       checkpoint=", ".join(str(member.origin.get("checkpoint")) for member in members))
         return cls(first.module, first.dictionaries, first.settings, origin, members)
 
-    def apply(self, cells: TokenRows, rows: np.ndarray | None = None, batch_size: int = 64,
-              max_tokens: int | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-        """The folds' mean probabilities, and their embeddings concatenated (fold after fold)."""
-        outputs = [member.apply(cells, rows, batch_size, max_tokens, device) for member in self.members]
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device = "cpu"
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The folds' mean probabilities and their embeddings concatenated (fold after fold), so ``apply`` and
+        perturbation both use the ensemble, never the first fold alone."""
+        outputs = [member.infer(input_ids, attention_mask, device) for member in self.members]
         return np.mean([probabilities for probabilities, _ in outputs], axis=0), np.concatenate(
             [embeddings for _, embeddings in outputs], axis=1)
