@@ -181,16 +181,20 @@ def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
             if not is_location_key(key) and len({display(flat[key]) if key in flat else None for flat in flats}) > 1]
 
 
-def recipe_changes(before: Mapping[str, Any], after: Mapping[str, Any], ignore: Sequence[str] = ()
-                   ) -> dict[str, tuple[str, str]]:
+def recipe_changes(before: Mapping[str, Any], after: Mapping[str, Any], ignore: Sequence[str] = (),
+                   defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[str, str]]:
     """Flat keys whose value differs between two configs (where a run is does not count, nor ``ignore``):
-    key -> (before, after)."""
-    old, new = flatten(before), flatten(after)
+    key -> (before, after). A key ``before`` lacks whose value ``after`` is its value in ``defaults`` (the
+    config composed with no override) is no change: a run started before the key existed ran as its
+    default does."""
+    old, new, default = flatten(before), flatten(after), flatten(defaults or {})
     changes = {}
     for key in dict.fromkeys([*old, *new]):
         if is_location_key(key) or key in ignore:
             continue
         was, now = (display(old[key]) if key in old else "absent"), (display(new[key]) if key in new else "absent")
+        if was == "absent" and key in default and display(default[key]) == now:
+            continue
         if was != now:
             changes[key] = (was, now)
     return changes

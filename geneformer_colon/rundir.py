@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities import rank_zero_only
@@ -327,10 +329,24 @@ def prepare_run_dir(layout: RunLayout, overwrite: bool) -> None:
         remove(path)
 
 
+def default_recipe() -> dict[str, Any]:
+    """The config the running Hydra app composes with no override, each key at its default; empty outside a
+    Hydra app."""
+    if not HydraConfig.initialized():
+        return {}
+    try:
+        return plain(compose(config_name=HydraConfig.get().job.config_name))
+    except (HydraException, OmegaConfBaseException) as error:
+        log.warning("the default config could not be composed (%s); a key a resumed run lacks counts as a change",
+                    error)
+        return {}
+
+
 def allowed_changes(layout: RunLayout, cfg: DictConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[str, str]]:
     """How ``cfg``'s recipe differs from the one the run directory's config.yaml records; refused unless
-    ``allow_resume_changes=true``."""
-    changes = recipe_changes(read_config(layout.config), plain(cfg), ignore)
+    ``allow_resume_changes=true``. A key added since the run started counts only where ``cfg`` sets it to
+    another value than its default."""
+    changes = recipe_changes(read_config(layout.config), plain(cfg), ignore, default_recipe())
     if changes and not cfg.allow_resume_changes:
         listed = "; ".join(f"{key}: {was} -> {now}" for key, (was, now) in changes.items())
         raise InputError(

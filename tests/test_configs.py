@@ -14,7 +14,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from geneformer_colon.builders import build_trainer
-from geneformer_colon.config import check_targets, plain, targets_in
+from geneformer_colon.config import check_targets, plain, recipe_changes, targets_in
 from geneformer_colon.model.backbone import Vocabulary
 
 CONF = REPO_ROOT / "conf"
@@ -100,3 +100,16 @@ def test_debug_presets_are_quick_and_keep_w_and_b_out():
     assert list(quick.logger) == ["csv"] and quick.trainer.limit_train_batches == 5
     assert quick.run_name == "debug-colon6" and quick.overwrite is True
     assert compose_train(["debug=fdr"]).trainer.fast_dev_run is True
+
+
+def test_a_key_added_since_a_run_started_is_a_change_only_away_from_its_default():
+    before = {"optimizer": {"lr": 0.002}}
+    defaults = {"optimizer": {"lr": 0.001}, "robust": {"_target_": "PlainTraining"}, "model": {"lora": {"r": None}}}
+    after = {"optimizer": {"lr": 0.002}, "robust": {"_target_": "PlainTraining"}, "model": {"lora": {"r": None}}}
+    assert recipe_changes(before, after, defaults=defaults) == {}
+    assert recipe_changes(before, after) == {"robust._target_": ("absent", "PlainTraining"),
+                                             "model.lora.r": ("absent", "null")}
+    lora = {**after, "model": {"lora": {"r": 8}}}
+    assert recipe_changes(before, lora, defaults=defaults) == {"model.lora.r": ("absent", "8")}
+    # a key the run had keeps counting, whatever the default
+    assert recipe_changes({"optimizer": {"lr": 0.003}}, after, defaults=defaults)["optimizer.lr"] == ("0.003", "0.002")
