@@ -31,7 +31,7 @@ from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
 from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column
 from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, frame_markdown, run_row, runs_frame
-from geneformer_colon.report.wandb_run import record_refused_job
+from geneformer_colon.report.wandb_run import record_refused_job, report_sweep_run
 from geneformer_colon.rundir import RunDirBusy, RunLayout, mark_failed, read_run
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,10 @@ def write_summary(sweep_dir: Path) -> pd.DataFrame:
 
 
 class SweepSummary(Callback):
-    """Registered in conf/hydra/default.yaml: as a sweep ends, its summary once more and where it is; as it
-    starts, Optuna's messages through Python logging (Hydra's log file and console) instead of its own
-    coloured handler, whose colour codes would land in log files."""
+    """Registered in conf/hydra/default.yaml: as a sweep ends, its summary once more, where it is, and the
+    sweep's own W&B run holding it (:func:`report_sweep_run`); as it starts, Optuna's messages through
+    Python logging (Hydra's log file and console) instead of its own coloured handler, whose colour codes
+    would land in log files."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
@@ -246,6 +247,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not any((sweep_dir / RECORDS).glob("*.json")):  # an app whose jobs do not go through run_sweep_job
             return
-        counts = write_summary(sweep_dir)["status"].value_counts()
+        table = write_summary(sweep_dir)
+        report_sweep_run(config, sweep_dir, table,
+                         [sweep_dir / "summary.csv", sweep_dir / "summary.md", sweep_dir / STUDY_FILE])
+        counts = table[table["note"].isna()]["status"].value_counts()
         log.info("sweep done: %s; summary in %s", ", ".join(f"{n} {status}" for status, n in counts.items()),
                  sweep_dir / "summary.md")

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import compose_train, run_script, tiny_overrides
 from scipy import stats
+from test_wandb import all_offline_runs
 
 from geneformer_colon import cli, donor_cv
 from geneformer_colon.baseline.naive_bayes import run_baseline
@@ -170,8 +171,9 @@ def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
 
 def test_seeds_repeat_each_fold_and_the_summary_averages_them(tmp_path, shared_dirs, capsys):
     """Two folds x two seeds, two validation donors a fold, checkpoints chosen by the worst of them."""
-    overrides = tiny_overrides(tmp_path, shared_dirs) + [
-        "experiment=colon6", *FOLDS, "trainer.limit_train_batches=2", "cv.seeds=[0,1]", "cv.objective=worst",
+    overrides = tiny_overrides(tmp_path, shared_dirs) + [  # W&B offline too (logger=default)
+        "experiment=colon6", *[o for o in FOLDS if o != "logger=csv"], "trainer.limit_train_batches=2",
+        "cv.seeds=[0,1]", "cv.objective=worst",
         "cv.val_donors=2", "callbacks.model_checkpoint.monitor=val/worst_donor_macro_f1"]
     objective = donor_cv.run(train, compose_train(overrides))
     run_dir = tmp_path / "colon6"
@@ -199,6 +201,27 @@ def test_seeds_repeat_each_fold_and_the_summary_averages_them(tmp_path, shared_d
     val = [np.mean([runs[(donor, seed)]["val"]["macro_f1"] for seed in (0, 1)]) for donor in ("KUL01", "KUL19")]
     assert objective == pytest.approx(min(val))
     assert "test macro F1 seed sd" in (run_dir / "cv.md").read_text()
+
+    # W&B, read back: one cv run with the seed-averaged figures of each donor and their seed sd; a fold run
+    # a donor and seed, in the folds' group, its donor and seed in its config
+    wandb_runs = all_offline_runs(run_dir)
+    (cv_run,) = [run for run in wandb_runs if run.job_type == "cv"]
+    folds = sorted((run for run in wandb_runs if run.job_type == "fold"), key=lambda run: run.name)
+    assert len(wandb_runs) == 5 and {run.exit_code for run in wandb_runs} == {0}
+    assert [run.name for run in folds] == [f"colon6/{donor}/seed{seed}" for donor, seed in runs]
+    assert [(run.config["cv.test_donor"], run.config["cv.seed"], run.config["seed"]) for run in folds] == [
+        (donor, seed, seed) for donor, seed in runs]
+    assert {run.group for run in folds} == {"colon6 folds"}
+    for run, metrics in zip(folds, runs.values()):
+        assert run.summary["test/macro_f1"] == pytest.approx(metrics["test"]["macro_f1"], abs=1e-4)
+    assert cv_run.config["cv.seeds"] == [0, 1] and cv_run.summary["seeds"] == 2
+    assert cv_run.summary["test/macro_f1"] == pytest.approx(summary["aggregate"]["test"]["macro_f1"]["mean"],
+                                                            abs=1e-4)
+    for row in summary["folds"]:
+        donor = row["test_donor"]
+        assert cv_run.summary[f"test/macro_f1/{donor}"] == pytest.approx(row["test"]["macro_f1"], abs=1e-4)
+        assert cv_run.summary[f"test/macro_f1/{donor}/seed_sd"] == pytest.approx(
+            row["seed_sd"]["test"]["macro_f1"], abs=1e-4)
 
     # compare pairs two seeded CV runs by donor and weighs the difference against seed noise
     other = tmp_path / "colon6-other"

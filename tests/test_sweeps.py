@@ -105,6 +105,16 @@ def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, sh
     # W&B: one group, the study; a run a trial (the failed ones too), trial number and study in its config
     runs = all_offline_runs(tmp_path / "first") + all_offline_runs(tmp_path / "second")
     assert {run.group for run in runs} == {"study"}
+    # each invocation's own run (job type sweep) holds its summary.csv: the second's names the study's best
+    invocations = [run for run in runs if run.job_type == "sweep"]
+    assert [run.directory.parents[1].name for run in invocations] == ["first", "second"]
+    for run in invocations:
+        kept = (run.directory / "files" / "summary.csv").read_text()
+        assert kept == (run.directory.parents[1] / "summary.csv").read_text()
+        assert (run.directory / "files" / "study.json").is_file()
+    assert STUDY_BEST in (invocations[1].directory / "files" / "summary.csv").read_text()
+    assert invocations[1].summary["best/job"] == best.number and invocations[1].summary["jobs/failed"] == 3
+    runs = [run for run in runs if run.job_type != "sweep"]
     assert sorted(run.config["sweep.trial"] for run in runs) == [0, 1, 2, 3, 4, 5]
     assert {run.config["sweep.study"] for run in runs} == {"study"}
     assert [run.exit_code for run in sorted(runs, key=lambda run: run.config["sweep.trial"])] == [0] * 3 + [1] * 3

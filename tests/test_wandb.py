@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import wandb
@@ -215,8 +216,16 @@ def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dir
                       "loss.focal_gamma=0,1.5", "trainer.limit_train_batches=3")
     runs = all_offline_runs(sweep_dir)
     group = "colon6/2026-11-24/10-00-00"
-    # the sweep's group: one CV run a job, with the swept key and cv.* in its config
-    cv_runs = sorted((run for run in runs if run.group == group), key=lambda run: run.name)
+    # the sweep's group: one CV run a job, with the swept key and cv.* in its config, and the sweep's own run
+    (sweep_run,) = [run for run in runs if run.job_type == "sweep"]
+    assert (sweep_run.group, sweep_run.exit_code) == (group, 0)
+    assert (sweep_run.directory / "files" / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
+    assert sweep_run.config["sweep.overrides"][-2:] == ["loss.focal_gamma=0,1.5", "trainer.limit_train_batches=3"]
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert (sweep_run.summary["jobs"], sweep_run.summary["jobs/finished"]) == (2, 2)
+    assert sweep_run.summary["best/val/macro_f1"] == pytest.approx(summary["val_macro_f1"].max(), abs=1e-4)
+    assert [row[0] for row in media_table(sweep_run, "jobs_table")["data"]] == [0, 1]
+    cv_runs = sorted((run for run in runs if run.group == group and run.job_type == "cv"), key=lambda run: run.name)
     assert [(run.job_type, run.name) for run in cv_runs] == [("cv", "colon6 #0: focal_gamma=0"),
                                                             ("cv", "colon6 #1: focal_gamma=1.5")]
     assert [run.config["loss.focal_gamma"] for run in cv_runs] == [0.0, 1.5]
@@ -246,7 +255,7 @@ def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dir
         assert [(fold.config["cv.test_donor"], fold.config["cv.val_donor"]) for fold in folds] == [
             (donor, rows[donor]["val_donor"]) for donor in ("KUL01", "KUL19")]
         assert folds[0].summary["test/macro_f1"] == pytest.approx(rows["KUL01"]["test"]["macro_f1"], abs=1e-4)
-    assert len(runs) == 6
+    assert len(runs) == 7
 
 
 def test_a_nan_stopped_run_keeps_its_history_and_says_where_it_stopped(tmp_path, shared_dirs):

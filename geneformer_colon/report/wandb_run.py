@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -33,21 +34,20 @@ from pytorch_lightning.utilities import rank_zero_only
 from geneformer_colon.config import flatten, is_location_key
 from geneformer_colon.errors import Interrupted, input_error_in
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
+from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, column, logged, per_class
 from geneformer_colon.rundir import RunLayout
 
 
-def sweep_id() -> str | None:
-    """In a Hydra multirun, the sweep's ``<date>/<time>`` (the last two parts of its directory)."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return "/".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+def sweep_id(sweep_dir: Path) -> str:
+    """A sweep's ``<date>/<time>`` (the last two parts of its directory)."""
+    return "/".join(Path(sweep_dir).parts[-2:])
 
 
 def default_group(experiment_name: str) -> str:
     """``<experiment>/<sweep date-time>`` in a multirun, else the experiment's name."""
-    sweep = sweep_id()
-    return f"{experiment_name}/{sweep}" if sweep else experiment_name
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return experiment_name
+    return f"{experiment_name}/{sweep_id(HydraConfig.get().sweep.dir)}"
 
 
 def option_tags() -> list[str]:
@@ -127,17 +127,18 @@ def wandb_logger(
 ) -> WandbLogger:
     """A WandbLogger writing under ``save_dir``; ``init_kwargs`` go to ``wandb.init`` (mode, project, ...).
 
-    ``job_type``: train, fold, cv, pretrain, eval or baseline (null: the kind of run, set as it
-    starts: :func:`start_runs`). A fold's ``name`` and ``group`` are
-    its CV run's choice (``donor_cv.fold_config``) and are kept; any other run's ``name`` gets the
-    job's number and swept values in a sweep, and ``group`` defaults to :func:`default_group`.
+    ``job_type``: train, fold, cv, pretrain, eval, baseline or sweep (null: the kind of run, set as it
+    starts: :func:`start_runs`). A fold's ``name`` and ``group`` are its CV run's choice
+    (``donor_cv.fold_config``) and a sweep run's its sweep's (:func:`report_sweep_run`), and are kept;
+    any other run's ``name`` gets the job's number and swept values in a sweep, and ``group`` defaults to
+    :func:`default_group`.
     The tags are the experiment, the data and model options, then ``tags``. ``log_model``: ``best``
     uploads the best checkpoint as a model artifact at the end of training, ``false`` does not,
     null: ``best`` when online. W&B's console output is kept to errors.
     """
     import wandb
 
-    if job_type != "fold":
+    if job_type not in ("fold", "sweep"):
         name, group = sweep_job_name(name), group or default_group(experiment_name)
     if log_model is None:
         log_model = "best" if init_kwargs.get("mode") == "online" else False
@@ -323,9 +324,10 @@ def log_finished_run(cfg: DictConfig, layout: RunLayout, job_type: str, record: 
 def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
     """A CV run's summary from its cv.json: for each figure its mean (``val/macro_f1``), ``/sd``,
     ``/ci95_low``, ``/ci95_high``, ``/worst`` and ``/worst_donor``; the test macro F1 of each donor
-    (``test/macro_f1/<donor>``, a mean over its folds where it has several)."""
+    (``test/macro_f1/<donor>``, a mean over its folds where it has several) and, with ``cv.seeds``, the
+    standard deviation of its seeds (``test/macro_f1/<donor>/seed_sd``)."""
     folds = cv["folds"]
-    values: dict[str, Any] = {"folds": len(folds), "cv_status": cv["status"]}
+    values: dict[str, Any] = {"folds": len(folds), "cv_status": cv["status"], "seeds": len(cv.get("seeds") or [0])}
     for split, figures in cv["aggregate"].items():
         for key, spread in figures.items():
             name = logged(split, key)
@@ -340,6 +342,10 @@ def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
     for donor in dict.fromkeys(fold["test_donor"] for fold in folds):
         scores = [fold[TEST]["macro_f1"] for fold in folds if fold["test_donor"] == donor]
         values[f"{logged(TEST, 'macro_f1')}/{donor}"] = float(np.mean(scores))
+    for fold in folds:
+        seed_sd = fold.get("seed_sd", {}).get(TEST, {}).get("macro_f1")
+        if seed_sd is not None:
+            values[f"{logged(TEST, 'macro_f1')}/{fold['test_donor']}/seed_sd"] = seed_sd
     return values
 
 
@@ -368,6 +374,37 @@ def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], err
         if path.is_file():
             run.save(str(path), base_path=str(parent.root), policy="now")
     finish(run, error)
+
+
+def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, files: Sequence[Path]) -> None:
+    """A sweep's own W&B run (job type ``sweep``), made as the sweep ends, in the group of its jobs: the
+    command line as config, its summary table as a W&B table, the jobs' counts and the best job's
+    validation macro F1 as summary, and ``files`` (summary.csv, summary.md; an Optuna study's study.json)
+    as files of the run. Each invocation of an Optuna study has a sweep directory, so a run, of its own."""
+    import wandb
+
+    wandb_cfg = cfg.get("logger", {}).get("wandb")
+    if wandb_cfg is None:
+        return
+    group = wandb_cfg.get("group") or f"{cfg.experiment_name}/{sweep_id(sweep_dir)}"
+    run = instantiate(wandb_cfg, save_dir=str(sweep_dir), name=f"{group} sweep {sweep_id(sweep_dir)}",
+                      group=group, job_type="sweep", resume=False, log_model=False).experiment
+    run.config.update({"sweep.overrides": list(cfg.hydra.overrides.task)})
+    run.notes = f"sweep dir: {sweep_dir}"
+    jobs = table[table["note"].isna()]
+    run.summary["jobs_table"] = wandb.Table(dataframe=table.astype(object).where(table.notna(), None))
+    run.summary.update({"jobs": len(jobs), **{f"jobs/{status}": int(n) for status, n in
+                                              jobs["status"].value_counts().items()}})
+    ranking = column(VAL, "macro_f1")
+    scored = table.dropna(subset=[ranking]) if ranking in table else table.iloc[:0]
+    if len(scored):  # best/...: the sweep run's figure is not one more run's val/macro_f1 in the runs table
+        best = scored.loc[scored[ranking].idxmax()]
+        run.summary.update({"best/job": int(best["job"]), "best/overrides": best["overrides"],
+                            f"best/{logged(VAL, 'macro_f1')}": float(best[ranking])})
+    for path in files:
+        if path.is_file():
+            run.save(str(path), base_path=str(sweep_dir), policy="now")
+    finish(run)
 
 
 def fold_group(cfg: DictConfig) -> str:
