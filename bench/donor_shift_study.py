@@ -1,16 +1,18 @@
 """The donor-shift study: colon6 under ``cv=lodo`` with several seeds, alone and with each donor-robust
 strategy, on the embedded cohort at two kinds of donor shift; one table (``make donor-shift-study``).
 
-    python bench/donor_shift_study.py [--seeds 0 1 2] [--jobs 2] [--out outputs/donor-shift-study]
+    python bench/donor_shift_study.py [--seeds 0 1 2] [--jobs 2] [--out outputs/donor-shift-study] [-- key=value ...]
 
 Settings: ``shift1`` is the embedded cohort at ``donor_shift`` 1 (KUL19 shifted on every axis,
 its tumour programme mostly its own); ``technical`` keeps only the batch effects and depth
 (``data.source.donor_effects=[batch_sigma,depth,marker_batch]``: no field effect, no private
-tumour programme), a shift a robust method should be able to correct. LoRA fine-tunes a checkpoint
-``pretrain.py`` made on each setting's cells (every donor but KUL19, no labels). Each recipe runs as
+tumour programme), a shift a robust method should be able to correct. ``pretrained`` (all weights) and
+``lora`` (adapters) fine-tune a checkpoint ``pretrain.py`` made on each setting's cells (every donor but
+KUL19, no labels). Each recipe runs as
 one ``train.py`` process with one thread (``--jobs`` of them at a time); the table goes to
 ``<out>/study.md`` and the console. Run again, it goes on where it stopped (``resume=true``: finished
-folds are kept, an interrupted one resumes); remove ``<out>`` to start afresh.
+folds are kept, an interrupted one resumes); remove ``<out>`` to start afresh. Overrides after ``--`` go
+to every ``train.py`` and ``pretrain.py`` run (last, so they win: ``paths.data_dir=...``, a smaller model).
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ RECIPES = {
     "colon6": [],
     "group_dro": ["robust=group_dro", "robust.step_size=0.1"],
     "donor_adversary": ["robust=donor_adversary", "robust.weight=0.1"],
-    "coral": ["robust=coral", "robust.weight=1.0"],
+    "coral": ["robust=coral", "robust.weight=0.01"],
     "mixup_across_donors": ["augment.mixup_prob=0.3", "augment.mixup_across_donors=true"],
-    "lora": ["model=pretrained", "model.lora.r=8", "model.lora.alpha=16", "optimizer.lr=3e-3"],
+    "pretrained": ["model=pretrained"],
+    "lora": ["model=pretrained", "model.lora.r=8", "model.lora.alpha=16"],
 }
-PRETRAINED = {"lora"}
+PRETRAINED = {"pretrained", "lora"}
 
 
 def command(script: str, *overrides: str) -> list[str]:
@@ -73,13 +76,13 @@ def run_logged(arguments: list[str], log: Path) -> float:
     return time.monotonic() - start
 
 
-def pretrain(out: Path, setting: str, sized: list[str]) -> Path:
+def pretrain(out: Path, setting: str, sized: list[str], tail: list[str]) -> Path:
     """A tiny masked-gene checkpoint of the setting's cohort: <out>/<setting>/pretrain/hf (kept when there)."""
     run_name = f"{setting}/pretrain"
     if (out / run_name / "hf" / "config.json").is_file():
         return out / run_name / "hf"
     run_logged(command("pretrain.py", f"paths.output_dir={out}", f"run_name={run_name}", "overwrite=true",
-                       *[o for o in sized if not o.startswith("optimizer.")], *SETTINGS[setting]),
+                       *[o for o in sized if not o.startswith("optimizer.")], *SETTINGS[setting], *tail),
                out / "logs" / f"{setting}-pretrain.log")
     return out / run_name / "hf"
 
@@ -88,13 +91,14 @@ def seconds_file(out: Path, setting: str, recipe: str) -> Path:
     return out / "logs" / f"{setting}-{recipe}.seconds"
 
 
-def train_recipe(out: Path, setting: str, recipe: str, seeds: list[int], checkpoint: Path | None, sized: list[str]
-                 ) -> None:
-    """One recipe under cv=lodo (``sized`` may name some folds: cv.folds) with the seeds; its wall time kept."""
+def train_recipe(out: Path, setting: str, recipe: str, seeds: list[int], checkpoint: Path | None, sized: list[str],
+                 tail: list[str]) -> None:
+    """One recipe under cv=lodo (``sized`` may name some folds: cv.folds) with the seeds, ``tail`` last; its wall
+    time kept."""
     extra = [f"model.encoder.pretrained={checkpoint}"] if recipe in PRETRAINED else []
     seconds = run_logged(command("train.py", "experiment=colon6", "cv=lodo", f"cv.seeds=[{','.join(map(str, seeds))}]",
                               f"paths.output_dir={out}", f"run_name={setting}/{recipe}", "resume=true", *sized,
-                              *SETTINGS[setting], *RECIPES[recipe], *extra),
+                              *SETTINGS[setting], *RECIPES[recipe], *extra, *tail),
                          out / "logs" / f"{setting}-{recipe}.log")
     seconds_file(out, setting, recipe).write_text(f"{seconds:.0f}\n")
 
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--folds", nargs="+", help="only these test donors (default: every donor)")
     parser.add_argument("--table-only", action="store_true", help="no training: the table of the recipes done")
+    parser.add_argument("overrides", nargs="*", help="after --: more overrides for every train.py and pretrain.py")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     sized = size(args.cells, args.epochs)
@@ -141,10 +146,11 @@ def main() -> None:
     start = time.monotonic()
     tasks = [(setting, recipe) for recipe in recipes for setting in args.settings]
     if not args.table_only:
-        checkpoints = {setting: pretrain(out, setting, sized) if PRETRAINED & set(recipes) else None
+        checkpoints = {setting: pretrain(out, setting, sized, args.overrides) if PRETRAINED & set(recipes) else None
                        for setting in args.settings}
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda task: train_recipe(out, *task, args.seeds, checkpoints[task[0]], sized + folds),
+            list(pool.map(lambda task: train_recipe(out, *task, args.seeds, checkpoints[task[0]], sized + folds,
+                                                       args.overrides),
                           tasks))
     rows = [recipe_row(out, setting, recipe) for setting, recipe in tasks
             if read_run(out / setting / recipe).cv.get("folds") and read_run(out / setting / "colon6").cv]
@@ -153,7 +159,8 @@ def main() -> None:
                "wall time"]
     total = "" if args.table_only else f", {(time.monotonic() - start) / 60:.1f} min in all"
     table = (f"# Donor-shift study: {args.cells} cells, {args.epochs} epochs, seeds {args.seeds}, test donors "
-             f"{', '.join(args.folds or ['all'])}, {args.jobs} jobs at a time{total}\n\n"
+             f"{', '.join(args.folds or ['all'])}, {args.jobs} jobs at a time{total}"
+             + (f"; overrides {' '.join(args.overrides)}" if args.overrides else "") + "\n\n"
              + markdown_table(headers, rows))
     (out / "study.md").write_text(table)
     print(table)

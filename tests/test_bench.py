@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -37,3 +38,34 @@ def test_the_perturbation_speed_benchmark_prints_both_ways_for_both_shapes():
     assert all(float(speed) > 0 for _, speed, _ in rows)
     differences = re.findall(r"largest difference of a probability change between the two: (\S+)", result.stdout)
     assert len(differences) == 2 and all(float(value) < 1e-5 for value in differences)
+
+
+@pytest.mark.slow
+def test_the_donor_shift_study_tables_its_recipes_and_goes_on_where_it_stopped(tmp_path, shared_dirs):
+    out = tmp_path / "study"
+    arguments = ["--out", str(out), "--seeds", "0", "1", "--folds", "KUL01", "KUL19", "--recipes", "group_dro",
+                 "--settings", "shift1", "--cells", "480", "--epochs", "1", "--",
+                 f"paths.data_dir={shared_dirs['data']}", f"paths.cache_dir={shared_dirs['cache']}",
+                 "data.source.n_genes=300", "model.tokenizer.input_size=128", "model.encoder.hidden_size=32",
+                 "model.encoder.intermediate_size=64", "model.encoder.num_attention_heads=2"]
+    result = run_script("bench/donor_shift_study.py", *arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "study.md").read_text()
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| shift1 |")]
+    assert [row[1] for row in rows] == ["colon6", "group_dro"]
+    folds = sorted(out.glob("shift1/*/folds/*/seed*/metrics.json"))
+    assert len(folds) == 8  # two recipes x two test donors x two seeds
+    for row in rows:  # KUL19's figure is the mean of its seeds' own test macro F1
+        donor = out / "shift1" / row[1] / "folds" / "KUL19"
+        seeds = [json.loads((donor / f"seed{seed}" / "metrics.json").read_text()) for seed in (0, 1)]
+        assert float(row[4]) == pytest.approx(sum(m["test"]["macro_f1"] for m in seeds) / 2, abs=2e-3)
+        config = (donor / "seed0" / "config.yaml").read_text()
+        assert "hidden_size: 32" in config and ("step_size: 0.1" in config) == (row[1] == "group_dro")
+
+    # run again: every fold is kept as it was, and the table is the same but for the wall times
+    written = {path: path.stat().st_mtime_ns for path in folds}
+    again = run_script("bench/donor_shift_study.py", *arguments)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in folds} == written
+    assert [line.strip("| ").split(" | ")[:7] for line in (out / "study.md").read_text().splitlines()
+            if line.startswith("| shift1 |")] == [row[:7] for row in rows]

@@ -184,7 +184,7 @@ class CoralAlignment(DonorStrategy):
     must hold several donors: ``data.balance_strategy=class_donor`` gives that). It has no parameters:
     its gradient reaches the encoder only, never the classifier head."""
 
-    def __init__(self, donors: Sequence[str], hidden_size: int, weight: float = 1.0) -> None:
+    def __init__(self, donors: Sequence[str], hidden_size: int, weight: float = 0.01) -> None:
         super().__init__(donors, hidden_size)
         self.weight = _checked(weight, "weight", "a number >= 0", lambda v: v >= 0)
 
