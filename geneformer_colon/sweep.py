@@ -249,7 +249,8 @@ class SweepSummary(Callback):
             return
         table = write_summary(sweep_dir)
         report_sweep_run(config, sweep_dir, table,
-                         [sweep_dir / "summary.csv", sweep_dir / "summary.md", sweep_dir / STUDY_FILE])
+                         [sweep_dir / "summary.csv", sweep_dir / "summary.md", sweep_dir / STUDY_FILE],
+                         study=read_study(sweep_dir).get("study"))
         counts = table[table["note"].isna()]["status"].value_counts()
         log.info("sweep done: %s; summary in %s", ", ".join(f"{n} {status}" for status, n in counts.items()),
                  sweep_dir / "summary.md")

@@ -376,8 +376,10 @@ def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], err
     finish(run, error)
 
 
-def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, files: Sequence[Path]) -> None:
-    """A sweep's own W&B run (job type ``sweep``), made as the sweep ends, in the group of its jobs: the
+def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, files: Sequence[Path],
+                     study: str | None = None) -> None:
+    """A sweep's own W&B run (job type ``sweep``), made as the sweep ends, in the group of its jobs (an Optuna
+    ``study``'s name, as its trials': the sweep's config does not hold a trial's ``sweep.study``): the
     command line as config, its summary table as a W&B table, the jobs' counts and the best job's
     validation macro F1 as summary, and ``files`` (summary.csv, summary.md; an Optuna study's study.json)
     as files of the run. Each invocation of an Optuna study has a sweep directory, so a run, of its own."""
@@ -386,7 +388,7 @@ def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, file
     wandb_cfg = cfg.get("logger", {}).get("wandb")
     if wandb_cfg is None:
         return
-    group = wandb_cfg.get("group") or f"{cfg.experiment_name}/{sweep_id(sweep_dir)}"
+    group = wandb_cfg.get("group") or study or f"{cfg.experiment_name}/{sweep_id(sweep_dir)}"
     run = instantiate(wandb_cfg, save_dir=str(sweep_dir), name=f"{group} sweep {sweep_id(sweep_dir)}",
                       group=group, job_type="sweep", resume=False, log_model=False).experiment
     run.config.update({"sweep.overrides": list(cfg.hydra.overrides.task)})
