@@ -1,15 +1,14 @@
 """DDP with two CPU processes (gloo) for one epoch: one run directory, written by rank 0 alone,
-with metrics and predictions over the whole validation and test sets, not one rank's share."""
+with metrics and predictions over the whole validation and test sets, not one rank's share; group DRO
+and mixup across donors train under it, the ranks keeping one set of donor weights."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, compose_train, tiny_overrides
+from conftest import compose_train, run_script, tiny_overrides
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from geneformer_colon.builders import build_datamodule
@@ -18,15 +17,18 @@ from geneformer_colon.data.samplers import EvalBatchSampler
 CLASSES = ["Normal", "Border", "Tumor"]
 # Small evaluation batches: the ranks get unequal numbers of cells to evaluate.
 SETTINGS = ["run_name=ddp", "logger=csv", "data.eval_batch_size=16", "trainer.max_epochs=1"]
+ROBUST = ["robust=group_dro", "robust.step_size=0.5", "augment.mixup_prob=0.5", "augment.mixup_across_donors=true"]
 
 
-def test_two_process_ddp_evaluates_every_cell_once(tmp_path, shared_dirs):
-    overrides = tiny_overrides(tmp_path / "outputs", shared_dirs) + SETTINGS
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
-    )
+def test_two_process_ddp_evaluates_every_cell_once_and_keeps_one_set_of_donor_weights(tmp_path, shared_dirs):
+    overrides = tiny_overrides(tmp_path / "outputs", shared_dirs) + SETTINGS + ROBUST
+    result = run_script("train.py", *overrides, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                        "+callbacks.donor_weights._target_=donor_weights.SaveDonorWeights",
+                        f"+callbacks.donor_weights.directory={tmp_path / 'weights'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # group DRO sums the donors' losses over the ranks: both end with the same weights, moved from equal
+    weights = [json.loads((tmp_path / "weights" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert weights[0] == weights[1] and len(set(weights[0])) == len(weights[0])
     run_dir = tmp_path / "outputs" / "ddp"
     # both ranks ran in the one run directory (rank 1 logs there too); no second run anywhere
     assert (run_dir / "train_ddp_process_1.log").is_file()
