@@ -129,14 +129,17 @@ def media_table(run: OfflineRun, key: str) -> dict:
 
 
 def sweep(tmp_path: Path, shared: dict, *overrides: str) -> Path:
-    """``train.py -m`` in a subprocess (jobs run one after another in one process); the sweep's directory."""
+    """``train.py -m`` in a subprocess (jobs run one after another in one process) with W&B's console output
+    as a user has it (not silenced); the sweep's directory."""
     sweep_dir = tmp_path / "multirun" / "2026-11-24" / "10-00-00"
     result = subprocess.run(
         [sys.executable, "train.py", "-m", *tiny_overrides(tmp_path / "outputs", shared), *overrides,
          f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={name: value for name, value in os.environ.items() if name != "WANDB_SILENT"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb:" not in result.stdout + result.stderr  # W&B's console output is kept to errors
     return sweep_dir
 
 

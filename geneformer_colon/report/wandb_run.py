@@ -14,6 +14,7 @@ continues the same W&B run.
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -252,12 +253,21 @@ def define_epoch_metrics(run: Any, names: Sequence[str]) -> None:
         run.define_metric(name, step_metric="epoch", summary="min" if "loss" in name else "max")
 
 
+def keep_file(run: Any, path: Path, root: Path) -> None:
+    """``path`` as a file of the W&B run, at its place under ``root``: a copy in the run's files folder, which
+    W&B uploads as the run ends (``wandb sync`` for an offline run). A copy, not ``run.save``: that links the
+    file and prints a warning to the console for each file."""
+    target = Path(run.dir) / path.relative_to(root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+
+
 def describe_run(run: Any, cfg: DictConfig, layout: RunLayout) -> None:
     """A W&B run's flat config, its locations as notes and ``config.yaml`` as a file."""
     run.config.update(flat_config(cfg), allow_val_change=True)
     run.notes = location_notes(cfg)
     if layout.config.is_file():
-        run.save(str(layout.config), base_path=str(layout.root), policy="now")
+        keep_file(run, layout.config, layout.root)
 
 
 @rank_zero_only
@@ -372,7 +382,7 @@ def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], err
         run.summary.update(cv_summary_values(cv))
     for path in (parent.cv_json, parent.cv_markdown):
         if path.is_file():
-            run.save(str(path), base_path=str(parent.root), policy="now")
+            keep_file(run, path, parent.root)
     finish(run, error)
 
 
@@ -405,7 +415,7 @@ def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, file
                             f"best/{logged(VAL, 'macro_f1')}": float(best[ranking])})
     for path in files:
         if path.is_file():
-            run.save(str(path), base_path=str(sweep_dir), policy="now")
+            keep_file(run, path, sweep_dir)
     finish(run)
 
 
