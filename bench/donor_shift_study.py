@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 
 from geneformer_colon.names import TEST  # noqa: E402
 from geneformer_colon.report.compare import paired_comparisons  # noqa: E402
+from geneformer_colon.report.cv_summary import seed_sd  # noqa: E402
 from geneformer_colon.rundir import read_run  # noqa: E402
 from geneformer_colon.tables import markdown_table  # noqa: E402
 
@@ -94,13 +95,15 @@ def seconds_file(out: Path, setting: str, recipe: str) -> Path:
 def train_recipe(out: Path, setting: str, recipe: str, seeds: list[int], checkpoint: Path | None, sized: list[str],
                  tail: list[str]) -> None:
     """One recipe under cv=lodo (``sized`` may name some folds: cv.folds) with the seeds, ``tail`` last; its wall
-    time kept."""
+    time added to the time its earlier invocations took."""
     extra = [f"model.encoder.pretrained={checkpoint}"] if recipe in PRETRAINED else []
     seconds = run_logged(command("train.py", "experiment=colon6", "cv=lodo", f"cv.seeds=[{','.join(map(str, seeds))}]",
                               f"paths.output_dir={out}", f"run_name={setting}/{recipe}", "resume=true", *sized,
                               *SETTINGS[setting], *RECIPES[recipe], *extra, *tail),
                          out / "logs" / f"{setting}-{recipe}.log")
-    seconds_file(out, setting, recipe).write_text(f"{seconds:.0f}\n")
+    timed = seconds_file(out, setting, recipe)
+    earlier = float(timed.read_text()) if timed.is_file() else 0.0
+    timed.write_text(f"{earlier + seconds:.0f}\n")
 
 
 def recipe_row(out: Path, setting: str, recipe: str) -> list[object]:
@@ -110,7 +113,7 @@ def recipe_row(out: Path, setting: str, recipe: str) -> list[object]:
     aggregate = run.cv["aggregate"][TEST]["macro_f1"]
     folds = {fold["test_donor"]: fold for fold in run.cv["folds"]}
     worst = min(folds.values(), key=lambda fold: fold[TEST]["macro_f1"])
-    sd = worst.get("seed_sd", {}).get(TEST, {}).get("macro_f1")
+    sd = seed_sd(worst)
     interval = f"[{aggregate['ci95'][0]:.3f}, {aggregate['ci95'][1]:.3f}]" if aggregate["ci95"] else "-"
     hard = folds.get(HARD_DONOR, {}).get(TEST, {})
     paired = "-"

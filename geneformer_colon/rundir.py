@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -332,7 +333,7 @@ def prepare_run_dir(layout: RunLayout, overwrite: bool) -> None:
 def default_recipe() -> dict[str, Any]:
     """The config the running Hydra app composes with no override, each key at its default; empty outside a
     Hydra app."""
-    if not HydraConfig.initialized():
+    if not (HydraConfig.initialized() and GlobalHydra.instance().is_initialized()):
         return {}
     try:
         return plain(compose(config_name=HydraConfig.get().job.config_name))

@@ -29,7 +29,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.errors import input_error_in
 from geneformer_colon.io import atomic_path, file_lock, read_json, write_json
-from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column
+from geneformer_colon.names import FAILED, FINISHED, RUNNING, VAL, column, logged
 from geneformer_colon.report.run_tables import RUN_COLUMNS, column_title, frame_markdown, run_row, runs_frame
 from geneformer_colon.report.wandb_run import record_refused_job, report_sweep_run
 from geneformer_colon.rundir import RunDirBusy, RunLayout, mark_failed, read_run
@@ -42,6 +42,8 @@ COLUMNS = ["job", "overrides", *RUN_COLUMNS, "run_dir", "error", "note"]
 STUDY_BEST = "the study's best trial, run by another invocation"
 # In the sweep root of sweep=optuna: the study as this invocation left it (geneformer_colon.study.save_study).
 STUDY_FILE = "study.json"
+# What the summary ranks jobs by.
+RANKING = column(VAL, "macro_f1")
 # What a failed job returns: a maximising optimiser ranks it last; sweep=optuna makes it a failed trial.
 FAILED_JOB_VALUE = float("-inf")
 # Job folder names are cut to this many bytes (file systems allow 255): Optuna's long floats
@@ -192,25 +194,47 @@ def summary_table(sweep_dir: Path) -> pd.DataFrame:
     return runs_frame(rows, COLUMNS, drop_empty=False).astype({"job": "Int64"})
 
 
+def job_counts(table: pd.DataFrame) -> dict[str, int]:
+    """How many of this sweep's own jobs (not the study's best trial run by another invocation) are finished,
+    failed, running."""
+    counts = table[table["note"].isna()]["status"].value_counts()
+    return {status: int(counts.get(status, 0)) for status in (FINISHED, FAILED, RUNNING)}
+
+
+def best_row(table: pd.DataFrame) -> pd.Series | None:
+    """The row of the best val macro F1 (in an Optuna study, over every invocation); None while none has one."""
+    scored = table.dropna(subset=[RANKING])
+    return scored.loc[scored[RANKING].idxmax()] if len(scored) else None
+
+
 def markdown(table: pd.DataFrame, sweep_dir: Path) -> str:
     """The summary as a markdown page: counts, the best job by val macro F1 (in an Optuna study, the
     study's best trial over every invocation), the table."""
-    jobs = table[table["note"].isna()]
-    counts = jobs["status"].value_counts()
+    counts = job_counts(table)
     lines = [f"# Sweep {sweep_dir}", "",
-             f"{len(jobs)} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in (FINISHED, FAILED, RUNNING))]
+             f"{sum(counts.values())} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items())]
     study = read_study(sweep_dir)
     if study:
         trials = ", ".join(f"{n} {state}" for state, n in study["trials"].items())
         lines.append(f"Optuna study {study['study']}: {sum(study['trials'].values())} trials ({trials})")
-    ranking = column(VAL, "macro_f1")
-    scored = table.dropna(subset=[ranking])
-    if len(scored):
-        best = scored.loc[scored[ranking].idxmax()]
+    best = best_row(table)
+    if best is not None:
         what = "trial" if study else "job"
-        lines.append(f"best {column_title(ranking)}: {what} {best['job']} ({best[ranking]:.3f}) {best['overrides']}"
+        lines.append(f"best {column_title(RANKING)}: {what} {best['job']} ({best[RANKING]:.3f}) {best['overrides']}"
                      + (f" ({best['note']}: {best['run_dir']})" if isinstance(best["note"], str) else ""))
     return "\n".join(lines) + "\n\n" + table_markdown(table)
+
+
+def sweep_figures(table: pd.DataFrame) -> dict[str, Any]:
+    """The sweep's W&B summary: its jobs' counts (``jobs``, ``jobs/<status>``) and the best job's number,
+    overrides and val macro F1 under ``best/`` (so the sweep's run is no other run's ``val/macro_f1``)."""
+    counts = job_counts(table)
+    figures: dict[str, Any] = {"jobs": sum(counts.values()), **{f"jobs/{status}": n for status, n in counts.items()}}
+    best = best_row(table)
+    if best is not None:
+        figures.update({"best/job": int(best["job"]), "best/overrides": best["overrides"],
+                        f"best/{logged(VAL, 'macro_f1')}": float(best[RANKING])})
+    return figures
 
 
 def table_markdown(table: pd.DataFrame) -> str:
@@ -248,9 +272,12 @@ class SweepSummary(Callback):
         if not any((sweep_dir / RECORDS).glob("*.json")):  # an app whose jobs do not go through run_sweep_job
             return
         table = write_summary(sweep_dir)
-        report_sweep_run(config, sweep_dir, table,
-                         [sweep_dir / "summary.csv", sweep_dir / "summary.md", sweep_dir / STUDY_FILE],
-                         study=read_study(sweep_dir).get("study"))
-        counts = table[table["note"].isna()]["status"].value_counts()
-        log.info("sweep done: %s; summary in %s", ", ".join(f"{n} {status}" for status, n in counts.items()),
+        log.info("sweep done: %s; summary in %s", ", ".join(f"{n} {status}" for status, n in job_counts(table).items()),
                  sweep_dir / "summary.md")
+        try:
+            report_sweep_run(config, sweep_dir, table, sweep_figures(table),
+                             [sweep_dir / "summary.csv", sweep_dir / "summary.md", sweep_dir / STUDY_FILE],
+                             study=read_study(sweep_dir).get("study"))
+        except Exception as error:  # every job is done and recorded: W&B failing (online, no network) fails none
+            log.warning("the sweep's own W&B run could not be made (%s); its summary is in %s", error,
+                        sweep_dir / "summary.md")

@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from wandb.proto import wandb_internal_pb2
 
 from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.fine_tune import train as run_training
+from geneformer_colon.report.wandb_run import keep_file
 from geneformer_colon.retest import run_evaluation
 
 BLOCK_SIZE = 32768  # a .wandb file is a LevelDB-style log: 7-byte file header, then 32 KiB blocks
@@ -225,7 +227,8 @@ def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dir
     assert (sweep_run.directory / "files" / "summary.csv").read_text() == (sweep_dir / "summary.csv").read_text()
     assert sweep_run.config["sweep.overrides"][-2:] == ["loss.focal_gamma=0,1.5", "trainer.limit_train_batches=3"]
     summary = pd.read_csv(sweep_dir / "summary.csv")
-    assert (sweep_run.summary["jobs"], sweep_run.summary["jobs/finished"]) == (2, 2)
+    assert sweep_run.name == f"{group} sweep"
+    assert [sweep_run.summary[key] for key in ("jobs", "jobs/finished", "jobs/failed", "jobs/running")] == [2, 2, 0, 0]
     assert sweep_run.summary["best/val/macro_f1"] == pytest.approx(summary["val_macro_f1"].max(), abs=1e-4)
     assert [row[0] for row in media_table(sweep_run, "jobs_table")["data"]] == [0, 1]
     cv_runs = sorted((run for run in runs if run.group == group and run.job_type == "cv"), key=lambda run: run.name)
@@ -345,3 +348,15 @@ def test_csv_logger_alone_writes_no_wandb_files(tmp_path, shared_dirs):
     csv_only = train(tmp_path, shared_dirs, "run_name=csv_only", "logger=csv", "trainer.fast_dev_run=true")
     assert (with_wandb / "wandb" / "run_id").is_file()
     assert not (csv_only / "wandb").exists()
+
+
+def test_a_disabled_wandb_run_keeps_no_copy_of_a_file(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled: W&B's no-op run has a folder in the temporary directory, which nobody syncs."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    run = wandb.init(mode="disabled")
+    assert Path(run.dir).is_relative_to(tmp_path / "tmp")
+    keep_file(run, tmp_path / "config.yaml", tmp_path)
+    run.finish()
+    assert not list((tmp_path / "tmp").rglob("config.yaml"))

@@ -29,6 +29,7 @@ from geneformer_colon.config import differing_keys, display, flatten
 from geneformer_colon.figures import save_figure
 from geneformer_colon.io import atomic_path
 from geneformer_colon.names import EVAL_SPLITS, GROUPINGS, TEST, VAL, column, logged, per_class
+from geneformer_colon.report.cv_summary import seed_sd
 from geneformer_colon.report.run_tables import (
     METRIC_COLUMNS,
     RUN_COLUMNS,
@@ -135,8 +136,8 @@ def seed_errors(run: Run, metric: str = PAIRED_METRIC) -> dict[str, float]:
     seeds = run.cv.get("seeds") if run.is_cv else None
     if not seeds:
         return {}
-    return {fold["test_donor"]: fold["seed_sd"][TEST][metric] / np.sqrt(len(seeds)) for fold in run.cv["folds"]
-            if fold.get("seed_sd", {}).get(TEST, {}).get(metric) is not None}
+    return {fold["test_donor"]: sd / np.sqrt(len(seeds)) for fold in run.cv["folds"]
+            if (sd := seed_sd(fold, TEST, metric)) is not None}
 
 
 def breakdown_table(runs: Sequence[Run], name: str, per_group: Callable[[Run], dict[str, float]]

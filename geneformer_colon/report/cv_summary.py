@@ -74,6 +74,11 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def seed_sd(fold: Mapping[str, Any], split: str = TEST, metric: str = "macro_f1") -> float | None:
+    """A fold's standard deviation of ``split``'s ``metric`` over its seeds (``cv.seeds``); None for one seed."""
+    return fold.get("seed_sd", {}).get(split, {}).get(metric)
+
+
 def seeded_row(parent: RunLayout, donor: str, seeds: Sequence[int], class_names: Sequence[str]
                ) -> dict[str, Any] | None:
     """A fold run once a seed: its figures' means over the seeds, their standard deviation (``seed_sd``) and

@@ -35,7 +35,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from geneformer_colon.config import flatten, is_location_key
 from geneformer_colon.errors import Interrupted, input_error_in
 from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, column, logged, per_class
+from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
+from geneformer_colon.report.cv_summary import seed_sd
 from geneformer_colon.rundir import RunLayout
 
 
@@ -44,11 +45,16 @@ def sweep_id(sweep_dir: Path) -> str:
     return "/".join(Path(sweep_dir).parts[-2:])
 
 
+def sweep_group(experiment_name: str, sweep_dir: Path) -> str:
+    """A sweep's W&B group: ``<experiment>/<sweep date-time>``."""
+    return f"{experiment_name}/{sweep_id(sweep_dir)}"
+
+
 def default_group(experiment_name: str) -> str:
-    """``<experiment>/<sweep date-time>`` in a multirun, else the experiment's name."""
+    """:func:`sweep_group` in a multirun, else the experiment's name."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return experiment_name
-    return f"{experiment_name}/{sweep_id(HydraConfig.get().sweep.dir)}"
+    return sweep_group(experiment_name, HydraConfig.get().sweep.dir)
 
 
 def option_tags() -> list[str]:
@@ -257,6 +263,8 @@ def keep_file(run: Any, path: Path, root: Path) -> None:
     """``path`` as a file of the W&B run, at its place under ``root``: a copy in the run's files folder, which
     W&B uploads as the run ends (``wandb sync`` for an offline run). A copy, not ``run.save``: that links the
     file and prints a warning to the console for each file."""
+    if run.disabled:  # WANDB_MODE=disabled: its folder is a temporary one nobody syncs
+        return
     target = Path(run.dir) / path.relative_to(root)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
@@ -337,7 +345,7 @@ def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
     (``test/macro_f1/<donor>``, a mean over its folds where it has several) and, with ``cv.seeds``, the
     standard deviation of its seeds (``test/macro_f1/<donor>/seed_sd``)."""
     folds = cv["folds"]
-    values: dict[str, Any] = {"folds": len(folds), "cv_status": cv["status"], "seeds": len(cv.get("seeds") or [0])}
+    values: dict[str, Any] = {"folds": len(folds), "cv_status": cv["status"], "seeds": len(cv.get("seeds") or []) or 1}
     for split, figures in cv["aggregate"].items():
         for key, spread in figures.items():
             name = logged(split, key)
@@ -353,9 +361,8 @@ def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
         scores = [fold[TEST]["macro_f1"] for fold in folds if fold["test_donor"] == donor]
         values[f"{logged(TEST, 'macro_f1')}/{donor}"] = float(np.mean(scores))
     for fold in folds:
-        seed_sd = fold.get("seed_sd", {}).get(TEST, {}).get("macro_f1")
-        if seed_sd is not None:
-            values[f"{logged(TEST, 'macro_f1')}/{fold['test_donor']}/seed_sd"] = seed_sd
+        if (sd := seed_sd(fold)) is not None:
+            values[f"{logged(TEST, 'macro_f1')}/{fold['test_donor']}/seed_sd"] = sd
     return values
 
 
@@ -386,33 +393,27 @@ def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], err
     finish(run, error)
 
 
-def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, files: Sequence[Path],
-                     study: str | None = None) -> None:
+@rank_zero_only
+def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, figures: Mapping[str, Any],
+                     files: Sequence[Path], study: str | None = None) -> None:
     """A sweep's own W&B run (job type ``sweep``), made as the sweep ends, in the group of its jobs (an Optuna
     ``study``'s name, as its trials': the sweep's config does not hold a trial's ``sweep.study``): the
-    command line as config, its summary table as a W&B table, the jobs' counts and the best job's
-    validation macro F1 as summary, and ``files`` (summary.csv, summary.md; an Optuna study's study.json)
-    as files of the run. Each invocation of an Optuna study has a sweep directory, so a run, of its own."""
+    command line as config, its summary ``table`` as a W&B table, ``figures`` as summary, ``files``
+    (summary.csv, summary.md; an Optuna study's study.json) as files of the run. Each invocation of an
+    Optuna study has a sweep directory, so a run, of its own."""
     import wandb
 
     wandb_cfg = cfg.get("logger", {}).get("wandb")
     if wandb_cfg is None:
         return
-    group = wandb_cfg.get("group") or study or f"{cfg.experiment_name}/{sweep_id(sweep_dir)}"
-    run = instantiate(wandb_cfg, save_dir=str(sweep_dir), name=f"{group} sweep {sweep_id(sweep_dir)}",
-                      group=group, job_type="sweep", resume=False, log_model=False).experiment
+    group = wandb_cfg.get("group") or study or sweep_group(cfg.experiment_name, sweep_dir)
+    name = f"{group} sweep" + (f" {sweep_id(sweep_dir)}" if study else "")  # a grid's group names its date-time
+    run = instantiate(wandb_cfg, save_dir=str(sweep_dir), name=name, group=group, job_type="sweep", resume=False,
+                      log_model=False).experiment
     run.config.update({"sweep.overrides": list(cfg.hydra.overrides.task)})
     run.notes = f"sweep dir: {sweep_dir}"
-    jobs = table[table["note"].isna()]
     run.summary["jobs_table"] = wandb.Table(dataframe=table.astype(object).where(table.notna(), None))
-    run.summary.update({"jobs": len(jobs), **{f"jobs/{status}": int(n) for status, n in
-                                              jobs["status"].value_counts().items()}})
-    ranking = column(VAL, "macro_f1")
-    scored = table.dropna(subset=[ranking]) if ranking in table else table.iloc[:0]
-    if len(scored):  # best/...: the sweep run's figure is not one more run's val/macro_f1 in the runs table
-        best = scored.loc[scored[ranking].idxmax()]
-        run.summary.update({"best/job": int(best["job"]), "best/overrides": best["overrides"],
-                            f"best/{logged(VAL, 'macro_f1')}": float(best[ranking])})
+    run.summary.update(dict(figures))
     for path in files:
         if path.is_file():
             keep_file(run, path, sweep_dir)
