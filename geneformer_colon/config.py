@@ -193,7 +193,7 @@ def recipe_changes(before: Mapping[str, Any], after: Mapping[str, Any], ignore: 
         if is_location_key(key) or key in ignore:
             continue
         was, now = (display(old[key]) if key in old else "absent"), (display(new[key]) if key in new else "absent")
-        if was == "absent" and key in default and display(default[key]) == now:
+        if key not in old and key in default and display(default[key]) == now:
             continue
         if was != now:
             changes[key] = (was, now)

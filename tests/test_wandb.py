@@ -23,7 +23,7 @@ from wandb.proto import wandb_internal_pb2
 
 from geneformer_colon.errors import InputError, Interrupted
 from geneformer_colon.fine_tune import train as run_training
-from geneformer_colon.report.wandb_run import keep_file
+from geneformer_colon.report.wandb_run import keep_files
 from geneformer_colon.retest import run_evaluation
 
 BLOCK_SIZE = 32768  # a .wandb file is a LevelDB-style log: 7-byte file header, then 32 KiB blocks
@@ -357,6 +357,6 @@ def test_a_disabled_wandb_run_keeps_no_copy_of_a_file(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     run = wandb.init(mode="disabled")
     assert Path(run.dir).is_relative_to(tmp_path / "tmp")
-    keep_file(run, tmp_path / "config.yaml", tmp_path)
+    keep_files(run, [tmp_path / "config.yaml"], tmp_path)
     run.finish()
     assert not list((tmp_path / "tmp").rglob("config.yaml"))

@@ -17,7 +17,7 @@ import functools
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -259,23 +259,24 @@ def define_epoch_metrics(run: Any, names: Sequence[str]) -> None:
         run.define_metric(name, step_metric="epoch", summary="min" if "loss" in name else "max")
 
 
-def keep_file(run: Any, path: Path, root: Path) -> None:
-    """``path`` as a file of the W&B run, at its place under ``root``: a copy in the run's files folder, which
-    W&B uploads as the run ends (``wandb sync`` for an offline run). A copy, not ``run.save``: that links the
-    file and prints a warning to the console for each file."""
+def keep_files(run: Any, paths: Iterable[Path], root: Path) -> None:
+    """Each of ``paths`` that exists as a file of the W&B run, at its place under ``root``: a copy in the run's
+    files folder, which W&B uploads as the run ends (``wandb sync`` for an offline run). A copy, not
+    ``run.save``: that links the file and prints a warning to the console for each file."""
     if run.disabled:  # WANDB_MODE=disabled: its folder is a temporary one nobody syncs
         return
-    target = Path(run.dir) / path.relative_to(root)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, target)
+    for path in paths:
+        if path.is_file():
+            target = Path(run.dir) / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def describe_run(run: Any, cfg: DictConfig, layout: RunLayout) -> None:
     """A W&B run's flat config, its locations as notes and ``config.yaml`` as a file."""
     run.config.update(flat_config(cfg), allow_val_change=True)
     run.notes = location_notes(cfg)
-    if layout.config.is_file():
-        keep_file(run, layout.config, layout.root)
+    keep_files(run, [layout.config], layout.root)
 
 
 @rank_zero_only
@@ -387,9 +388,7 @@ def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], err
     if cv.get("folds"):
         run.summary["fold_table"] = fold_table(cv)
         run.summary.update(cv_summary_values(cv))
-    for path in (parent.cv_json, parent.cv_markdown):
-        if path.is_file():
-            keep_file(run, path, parent.root)
+    keep_files(run, [parent.cv_json, parent.cv_markdown], parent.root)
     finish(run, error)
 
 
@@ -414,9 +413,7 @@ def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, figu
     run.notes = f"sweep dir: {sweep_dir}"
     run.summary["jobs_table"] = wandb.Table(dataframe=table.astype(object).where(table.notna(), None))
     run.summary.update(dict(figures))
-    for path in files:
-        if path.is_file():
-            keep_file(run, path, sweep_dir)
+    keep_files(run, files, sweep_dir)
     finish(run)
 
 
