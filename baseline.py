@@ -1,24 +1,6 @@
-"""Naive Bayes on the same split and metrics as training: `python baseline.py experiment=colon6 [overrides]`.
+"""`python baseline.py ...` from a clone of the repository: the same as `geneformer-colon-baseline ...`."""
 
-With `cv=lodo` every donor is the test donor once; with `-m` (a sweep), a job that fails is
-recorded in the sweep's summary and the sweep goes on.
-"""
-
-from __future__ import annotations
-
-from omegaconf import DictConfig
-
-from geneformer_colon.baseline.naive_bayes import run_baseline
-from geneformer_colon.command_line import hydra_entry
-from geneformer_colon.console import report_input_errors
-from geneformer_colon.entry import run_job
-
-
-@hydra_entry("baseline")
-@report_input_errors
-def main(cfg: DictConfig) -> float:
-    return run_job(run_baseline, cfg)
-
+from geneformer_colon.cli.baseline import main
 
 if __name__ == "__main__":
     main()

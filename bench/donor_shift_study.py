@@ -29,11 +29,11 @@ import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from geneformer_colon.names import TEST  # noqa: E402
+from geneformer_colon.common.names import TEST  # noqa: E402
+from geneformer_colon.common.text_tables import markdown_table  # noqa: E402
 from geneformer_colon.report.compare import paired_comparisons  # noqa: E402
 from geneformer_colon.report.cv_summary import seed_sd  # noqa: E402
-from geneformer_colon.rundir import read_run  # noqa: E402
-from geneformer_colon.tables import markdown_table  # noqa: E402
+from geneformer_colon.runs.reading import read_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HARD_DONOR = "KUL19"

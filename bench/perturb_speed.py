@@ -13,7 +13,7 @@ the same ``--genes`` genes at random ranks; every one of them is deleted in ever
 Two ways, same cells, same perturbations, same threads (``torch.set_num_threads``):
 
 - ``one at a time``: each perturbed cell through the model alone (the unperturbed pass once a cell);
-- ``batched``: ``geneformer_colon.perturb.Perturber`` (a cell's variants built by one gather,
+- ``batched``: ``geneformer_colon.jobs.perturb.Perturber`` (a cell's variants built by one gather,
   stacked without padding, ``--batch-size`` variants a forward pass, cells by length).
 
 Prints perturbations per second and the ratio, and checks that both give the same probability changes.
@@ -33,13 +33,13 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from geneformer_colon.cell_choice import CellSet  # noqa: E402
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier  # noqa: E402
 from geneformer_colon.data.dictionaries import GeneDictionaries, TokenizerSettings  # noqa: E402
 from geneformer_colon.data.tokenizer import TokenizedCells  # noqa: E402
+from geneformer_colon.jobs.cell_choice import CellSet  # noqa: E402
+from geneformer_colon.jobs.perturb import Columns, Perturber, perturbed_tokens  # noqa: E402
 from geneformer_colon.model.backbone import Vocabulary, new_bert  # noqa: E402
 from geneformer_colon.model.module import CellClassifier  # noqa: E402
-from geneformer_colon.perturb import Columns, Perturber, perturbed_tokens  # noqa: E402
-from geneformer_colon.saved_classifier import TrainedClassifier  # noqa: E402
 
 SHAPES = {"v1": {"layers": 6, "hidden": 256, "heads": 4, "ffn": 512},
           "tiny": {"layers": 2, "hidden": 64, "heads": 2, "ffn": 128}}

@@ -44,8 +44,8 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from geneformer_colon.builders import build_datamodule, build_module, resolve_precision  # noqa: E402
-from geneformer_colon.console import quiet_libraries  # noqa: E402
+from geneformer_colon.assembly.builders import build_datamodule, build_module, resolve_precision  # noqa: E402
+from geneformer_colon.common.console import quiet_libraries  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 BATCH = 12  # Geneformer's classifier default

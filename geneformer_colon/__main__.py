@@ -1,5 +1,5 @@
 """`python -m geneformer_colon ...`: the `geneformer-colon` command."""
 
-from geneformer_colon.cli import main
+from geneformer_colon.cli.verbs import main
 
 main()

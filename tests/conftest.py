@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from geneformer_colon.runs.config import CONF_DIR
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,7 +61,7 @@ def tiny_overrides(output_dir: Path, shared: dict[str, Path]) -> list[str]:
 
 def train_tiny(tmp_path: Path, shared: dict[str, Path], *overrides: str) -> dict:
     """A tiny training run under ``tmp_path/outputs`` (fine_tune.train); its metrics.json record."""
-    from geneformer_colon.fine_tune import train
+    from geneformer_colon.jobs.train import train
 
     return train(compose_train(tiny_overrides(tmp_path / "outputs", shared) + list(overrides)))
 
@@ -109,7 +111,7 @@ def compose_train(overrides: list[str], config_name: str = "train"):
     """The train config as Hydra composes it for the command line."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=overrides)
 
 
@@ -125,7 +127,7 @@ SWEEP = Path("multirun") / "2026-11-24" / "10-00-00"
 def trained_runs_fixture(tmp_path_factory, shared_dirs) -> list[Path]:
     """Two finished 2-epoch tiny runs in a sweep-like folder <base>/multirun/<date>/<time>/<job>/."""
     sweep = tmp_path_factory.getbasetemp() / "trained_runs" / SWEEP
-    from geneformer_colon.fine_tune import train
+    from geneformer_colon.jobs.train import train
 
     runs = [sweep / job for job in JOBS]
     for run_dir, overrides in zip(runs, JOBS.values()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.model.augment import BatchAugment, mask_tokens, mixup
 
 PAD, MASK, CLS, EOS = 0, 1, 2, 3

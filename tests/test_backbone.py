@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.dictionaries import GeneDictionaries
-from geneformer_colon.errors import InputError
 from geneformer_colon.model.backbone import (
     CellEncoder,
     ClassifierHead,

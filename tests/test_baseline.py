@@ -20,7 +20,7 @@ from sklearn.metrics import (
 )
 from sklearn.naive_bayes import MultinomialNB
 
-from geneformer_colon.baseline.naive_bayes import run_baseline
+from geneformer_colon.jobs.baseline import run_baseline
 from geneformer_colon.report.compare import compare_runs
 from geneformer_colon.report.history import run_history
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 from conftest import compose_train, run_metrics, tiny_overrides, train_tiny
 
-from geneformer_colon.builders import build_datamodule, build_module, load_weights, resolve_precision, start_from
-from geneformer_colon.errors import InputError
+from geneformer_colon.assembly.builders import (
+    build_datamodule,
+    build_module,
+    load_weights,
+    resolve_precision,
+    start_from,
+)
+from geneformer_colon.common.errors import InputError
 
 
 def test_experiments_from_colon3_start_from_its_best_weights(tmp_path, shared_dirs):

@@ -13,8 +13,7 @@ import pytest
 from conftest import JOBS, SWEEP
 from rich.console import Console
 
-from geneformer_colon import cli
-from geneformer_colon.config import differing_keys
+from geneformer_colon.cli import verbs as cli
 from geneformer_colon.report.compare import (
     EPOCH_PLOT,
     RECALL_PLOT,
@@ -26,7 +25,8 @@ from geneformer_colon.report.compare import (
     print_comparison,
 )
 from geneformer_colon.report.run_tables import METRIC_COLUMNS
-from geneformer_colon.rundir import Run
+from geneformer_colon.runs.config import differing_keys
+from geneformer_colon.runs.reading import Run
 
 
 def metrics_of(run_dir: Path) -> dict:

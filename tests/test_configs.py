@@ -9,15 +9,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import REPO_ROOT, compose_train
+from conftest import compose_train
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
-from geneformer_colon.builders import build_trainer
-from geneformer_colon.config import check_targets, plain, recipe_changes, targets_in
+from geneformer_colon.assembly.builders import build_trainer
 from geneformer_colon.model.backbone import Vocabulary
+from geneformer_colon.runs.config import CONF_DIR, check_targets, plain, recipe_changes, targets_in
 
-CONF = REPO_ROOT / "conf"
+CONF = CONF_DIR
 GROUPS = sorted(path.name for path in CONF.iterdir() if path.is_dir() and path.name != "hydra")
 # What an option needs to compose without a file that only a user has.
 NEEDS = {("model", "pretrained"): ["model.encoder.pretrained=/nowhere/hf"]}

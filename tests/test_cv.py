@@ -12,10 +12,11 @@ from conftest import compose_train, run_script, tiny_overrides
 from scipy import stats
 from test_wandb import all_offline_runs
 
-from geneformer_colon import cli, donor_cv
-from geneformer_colon.baseline.naive_bayes import run_baseline
-from geneformer_colon.errors import InputError
-from geneformer_colon.fine_tune import train
+from geneformer_colon.cli import verbs as cli
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.jobs import donor_cv
+from geneformer_colon.jobs.baseline import run_baseline
+from geneformer_colon.jobs.train import train
 from geneformer_colon.report.compare import DONOR_PLOT, EPOCH_PLOT, compare_runs
 
 FOLDS = ["cv=lodo", "cv.folds=[KUL01,KUL19]", "logger=csv", "trainer.limit_train_batches=4"]

@@ -11,8 +11,8 @@ import scipy.sparse as sp
 from conftest import compose_train, tiny_overrides
 from hydra.utils import instantiate
 
-from geneformer_colon.config import plain
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.runs.config import plain
 
 
 def datamodule(tmp_path, shared, *overrides):

@@ -11,7 +11,7 @@ import pytest
 from conftest import compose_train, run_script, tiny_overrides
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from geneformer_colon.builders import build_datamodule
+from geneformer_colon.assembly.builders import build_datamodule
 from geneformer_colon.data.samplers import EvalBatchSampler
 
 CLASSES = ["Normal", "Border", "Tumor"]

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import (
     GeneDictionaries,
@@ -19,7 +20,6 @@ from geneformer_colon.data.dictionaries import (
     load_pickle_dict,
     special_token_ids,
 )
-from geneformer_colon.errors import InputError
 
 
 class _RunsACommand:

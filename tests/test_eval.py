@@ -10,14 +10,15 @@ import anndata as ad
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, run_script
+from conftest import run_script
 from sklearn.metrics import accuracy_score, f1_score
 
-from geneformer_colon.errors import InputError
-from geneformer_colon.retest import run_evaluation
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.jobs.evaluate import run_evaluation
+from geneformer_colon.runs.config import CONF_DIR
 
 CLASSES = ["Normal", "Border", "Tumor"]
-CONF = REPO_ROOT / "conf"
+CONF = CONF_DIR
 
 
 @pytest.fixture
@@ -98,8 +99,8 @@ def test_a_crafted_config_is_refused_and_nothing_is_written(run_dir, tmp_path):
             if overrides:
                 run_evaluation(run_dir, overrides[:1], CONF, allow_training_donors=True)
             else:
-                from geneformer_colon.retest import run_config
-                from geneformer_colon.rundir import RunLayout
+                from geneformer_colon.jobs.evaluate import run_config
+                from geneformer_colon.runs.layout import RunLayout
 
                 run_config(RunLayout(run_dir))
     assert not (tmp_path / "written").exists()
@@ -108,7 +109,7 @@ def test_a_crafted_config_is_refused_and_nothing_is_written(run_dir, tmp_path):
 def test_a_checkpoint_whose_settings_name_a_foreign_target_is_not_loaded(run_dir, tmp_path):
     import torch
 
-    from geneformer_colon.builders import classifier_from_checkpoint
+    from geneformer_colon.assembly.builders import classifier_from_checkpoint
     from geneformer_colon.model.module import CellClassifier
 
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)

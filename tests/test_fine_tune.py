@@ -12,8 +12,8 @@ import torch
 from conftest import REPO_ROOT, compose_train, run_metrics, tiny_overrides, train_tiny
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from geneformer_colon.builders import build_datamodule, build_module
-from geneformer_colon.fine_tune import train
+from geneformer_colon.assembly.builders import build_datamodule, build_module
+from geneformer_colon.jobs.train import train
 from geneformer_colon.model.module import CellClassifier
 
 CLASSES = ["Normal", "Border", "Tumor"]

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.h5ad import CanonicalCells, H5adKeys
-from geneformer_colon.errors import InputError
 
 KEYS = dict(donor_key="patient", label_key="region", cell_type_key="celltype")  # the test h5ad's
 

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from geneformer_colon import cli
+from geneformer_colon.cli import verbs as cli
 from geneformer_colon.report.history import run_history
-from geneformer_colon.rundir import read_run
+from geneformer_colon.runs.reading import read_run
 
 
 def tables(entry: str) -> list[list[list[str]]]:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from geneformer_colon.io import (
+from geneformer_colon.common.io import (
     TEMPORARY_MARK,
     atomic_path,
     build_once,

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.dictionaries import read_gene_name_map
 from geneformer_colon.data.kul3 import read_kul3
 from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
-from geneformer_colon.errors import InputError
 
 N_CELLS, N_GENES, SEED = 300, 400, 3
 

@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+from geneformer_colon.runs.config import CONF_DIR
+
 PACKAGE = "geneformer_colon"
 ENTRY_SCRIPTS = ("train.py", "eval.py", "baseline.py", "pretrain.py")
-# Lowest first: a module imports its own layer or lower ones only (module names without the package's).
+# Lowest first, one layer a folder of the package: a module imports its own layer or lower ones only.
 LAYERS = {
-    "leaf": ("", "errors", "io", "names", "tables", "figures", "console", "cpus"),
-    "config": ("config",),
-    "rundir": ("rundir",),  # the run directory's files and records: no data, no model
+    "common": ("", "common", "common.*"),  # with the package root, which holds nothing but its __init__
+    "runs": ("runs", "runs.*"),  # a run's config and directory: no data, no model
     "data": ("data", "data.*"),
-    "model": ("model", "model.*", "callbacks"),
-    "assembly": ("scoring", "builders", "saved_classifier"),
+    "model": ("model", "model.*"),
+    "assembly": ("assembly", "assembly.*"),
     "report": ("report", "report.*"),
-    "jobs": ("fine_tune", "masked_gene_run", "retest", "donor_cv", "sweep", "predict", "embed", "export",
-             "cell_choice", "perturb", "explain", "baseline", "baseline.*", "study"),
-    "entry": ("cli", "entry", "command_line", "__main__"),
+    "jobs": ("jobs", "jobs.*"),
+    "cli": ("__main__", "cli", "cli.*"),
 }
 
 
@@ -57,7 +57,7 @@ def path_module(path: Path) -> str:
 
 def config_targets(modules: set[str]) -> set[str]:
     """The modules Hydra configs instantiate from (``_target_: geneformer_colon.<module>.<name>``)."""
-    named = {match for path in (REPO_ROOT / "conf").rglob("*.yaml")
+    named = {match for path in (CONF_DIR).rglob("*.yaml")
              for match in re.findall(rf"\b{PACKAGE}(?:\.\w+)+", path.read_text())}
     return {max((m for m in modules if name.startswith(m + ".")), key=len) for name in named}
 
@@ -119,7 +119,17 @@ def test_the_import_graph_has_no_cycle(graph):
 def test_a_cycle_and_the_layers_order_would_be_seen():
     assert first_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert first_cycle({"a": {"b"}, "b": set()}) == []
-    assert layer_of(f"{PACKAGE}.names") < layer_of(f"{PACKAGE}.rundir") < layer_of(f"{PACKAGE}.data.datamodule")
-    assert layer_of(f"{PACKAGE}.rundir") < layer_of(f"{PACKAGE}.model.metrics")  # scoring holds the breakdowns
-    assert layer_of(f"{PACKAGE}.model.metrics") < layer_of(f"{PACKAGE}.scoring") < layer_of(f"{PACKAGE}.report.compare")
-    assert layer_of(f"{PACKAGE}.fine_tune") < layer_of(f"{PACKAGE}.cli")
+    assert layer_of(f"{PACKAGE}.common.names") < layer_of(f"{PACKAGE}.runs.layout") \
+        < layer_of(f"{PACKAGE}.data.datamodule")
+    assert layer_of(f"{PACKAGE}.runs.record") < layer_of(f"{PACKAGE}.model.metrics")  # scoring holds the breakdowns
+    assert layer_of(f"{PACKAGE}.model.metrics") < layer_of(f"{PACKAGE}.assembly.scoring") \
+        < layer_of(f"{PACKAGE}.report.compare")
+    assert layer_of(f"{PACKAGE}.jobs.train") < layer_of(f"{PACKAGE}.cli.verbs")
+
+
+def test_the_package_root_holds_only_folders_of_layers():
+    """Every module lives in its layer's folder: at the root only the package's __init__ and __main__."""
+    root = sorted(path.name for path in (REPO_ROOT / PACKAGE).glob("*.py"))
+    assert root == ["__init__.py", "__main__.py"]
+    folders = {path.name for path in (REPO_ROOT / PACKAGE).iterdir() if (path / "__init__.py").is_file()}
+    assert folders == {patterns[-2] for patterns in LAYERS.values()}

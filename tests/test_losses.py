@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.model.losses import FocalLoss
 
 CLASSES = ["Normal", "Border", "Tumor"]

@@ -13,11 +13,11 @@ import torch
 from conftest import compose_train, tiny_overrides
 from transformers import BertForMaskedLM
 
-from geneformer_colon.builders import build_datamodule, build_module
+from geneformer_colon.assembly.builders import build_datamodule, build_module
+from geneformer_colon.common.errors import InputError, Interrupted
 from geneformer_colon.data.dictionaries import GeneDictionaries
-from geneformer_colon.errors import InputError, Interrupted
-from geneformer_colon.fine_tune import train
-from geneformer_colon.masked_gene_run import pretrain
+from geneformer_colon.jobs.pretrain import pretrain
+from geneformer_colon.jobs.train import train
 from geneformer_colon.model.masked_genes import IGNORED, MaskingRates, mask_genes
 
 
@@ -112,7 +112,7 @@ class SignalAtStep(pl.Callback):
 
 
 def test_an_interrupted_pretraining_resumes(tmp_path, shared_dirs, monkeypatch):
-    import geneformer_colon.fine_tune as fine_tune
+    import geneformer_colon.jobs.train as fine_tune
 
     overrides = pretrain_overrides(tmp_path, shared_dirs, "run_name=paused")
     real = fine_tune.build_trainer

@@ -13,10 +13,10 @@ from conftest import REPO_ROOT
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
-from geneformer_colon.perturb import perturb
-from geneformer_colon.predict import GeneIds, predict_h5ad
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.jobs.perturb import perturb
+from geneformer_colon.jobs.predict import GeneIds, predict_h5ad
 from geneformer_colon.report.compare import TABLE_FILE
-from geneformer_colon.saved_classifier import TrainedClassifier
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "geneformer-colon-tests"

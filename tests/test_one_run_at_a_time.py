@@ -10,18 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, compose_train, fingerprints, run_script, tiny_overrides
+from conftest import compose_train, fingerprints, run_script, tiny_overrides
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from geneformer_colon import donor_cv
-from geneformer_colon.baseline.naive_bayes import run_baseline
-from geneformer_colon.command_line import check_command_line
-from geneformer_colon.errors import InputError, Interrupted
-from geneformer_colon.fine_tune import train
-from geneformer_colon.retest import run_evaluation
-from geneformer_colon.rundir import RunDirBusy
+from geneformer_colon.cli.override_checks import check_command_line
+from geneformer_colon.common.errors import InputError, Interrupted
+from geneformer_colon.jobs import donor_cv
+from geneformer_colon.jobs.baseline import run_baseline
+from geneformer_colon.jobs.evaluate import run_evaluation
+from geneformer_colon.jobs.train import train
+from geneformer_colon.runs.config import CONF_DIR
+from geneformer_colon.runs.lock import RunDirBusy
 
-CONF = REPO_ROOT / "conf"
+CONF = CONF_DIR
 
 
 def one_error_line(output: str) -> str:

@@ -14,12 +14,13 @@ import pytest
 import scipy.stats
 from sklearn.metrics import roc_auc_score
 
-from geneformer_colon import cli
-from geneformer_colon.cell_choice import select_cells
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.cli import verbs as cli
 from geneformer_colon.data.synthetic import programme_genes
 from geneformer_colon.data.tokenizer import TokenizedCells
-from geneformer_colon.explain import explain
-from geneformer_colon.perturb import (
+from geneformer_colon.jobs.cell_choice import select_cells
+from geneformer_colon.jobs.explain import explain
+from geneformer_colon.jobs.perturb import (
     Perturber,
     choose_columns,
     inserted_variants,
@@ -27,8 +28,7 @@ from geneformer_colon.perturb import (
     perturbed_tokens,
     single_gene_variants,
 )
-from geneformer_colon.predict import GeneIds
-from geneformer_colon.saved_classifier import TrainedClassifier
+from geneformer_colon.jobs.predict import GeneIds
 
 CLS, EOS = 2, 3
 
@@ -166,7 +166,7 @@ def programme_run(tmp_path_factory, shared_dirs) -> Path:
     """A tiny run that learns the Tumor programme: more cells, genes and steps than the shared runs."""
     from conftest import compose_train, tiny_overrides
 
-    from geneformer_colon.fine_tune import train
+    from geneformer_colon.jobs.train import train
 
     run_dir = tmp_path_factory.mktemp("programme") / "run"
     cohort = [f"data.source.{key}={value}" for key, value in PROGRAMME_COHORT.items()]

@@ -17,12 +17,12 @@ import yaml
 from conftest import run_script
 from transformers import BertModel
 
-from geneformer_colon import cli
-from geneformer_colon.errors import InputError
-from geneformer_colon.export import export_run
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.cli import verbs as cli
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.jobs.export import export_run
+from geneformer_colon.jobs.predict import GeneIds, predict_h5ad
 from geneformer_colon.model.module import CellClassifier
-from geneformer_colon.predict import GeneIds, predict_h5ad
-from geneformer_colon.saved_classifier import TrainedClassifier
 
 CLASSES = ["Normal", "Border", "Tumor"]
 
@@ -149,7 +149,7 @@ def test_the_cohort_written_as_h5ad_is_scored_by_the_readmes_command(trained_run
     assert held_out["cells"] + seen["cells"] == metrics["cells"]["test"]
     assert held_out["macro_f1"] != seen["macro_f1"]
     warnings = [record.getMessage() for record in caplog.records
-                if record.levelname == "WARNING" and record.name == "geneformer_colon.predict"]
+                if record.levelname == "WARNING" and record.name == "geneformer_colon.jobs.predict"]
     assert len(warnings) == 1 and ", ".join(sorted(trained)) in warnings[0] and "training data" in warnings[0]
 
 
@@ -202,7 +202,7 @@ def test_embed_draws_the_donor_shift_and_scores_it(trained_runs, new_cells, tmp_
     embedded = ad.read_h5ad(tmp_path / "embed" / "embedding.h5ad")
     assert set(embedded.obs["donor"]) == {"KUL19", "KUL01"} and embedded.obsm["X_umap"].shape[1] == 2
 
-    from geneformer_colon.embed import embed
+    from geneformer_colon.jobs.embed import embed
 
     of_file = embed(trained_runs[0], new_cells, tmp_path / "file", colours=["predicted", "batch"], layer="counts")
     assert of_file["cells"] == ad.read_h5ad(new_cells).n_obs and (tmp_path / "file" / "umap_batch.png").is_file()

@@ -16,7 +16,7 @@ from conftest import compose_train, tiny_overrides
 from geneformer_colon.data.dictionaries import load_pickle_dict
 from geneformer_colon.data.kul3 import write_geo_matrix
 from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
-from geneformer_colon.fine_tune import train
+from geneformer_colon.jobs.train import train
 
 
 @pytest.fixture

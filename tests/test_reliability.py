@@ -17,9 +17,9 @@ import torch
 from conftest import bad_checkpoints, compose_train, fingerprints, run_script, tiny_overrides
 from omegaconf import OmegaConf
 
-from geneformer_colon.builders import read_checkpoint
-from geneformer_colon.errors import Interrupted, input_error_in
-from geneformer_colon.fine_tune import train
+from geneformer_colon.assembly.builders import read_checkpoint
+from geneformer_colon.common.errors import Interrupted, input_error_in
+from geneformer_colon.jobs.train import train
 
 # Every random stream of a training step in use (masking, mixup, dropout), gradient accumulation,
 # and the class-donor sampler; three epochs.
@@ -127,7 +127,7 @@ class SignalAt(pl.Callback):
 def test_a_pause_at_an_epochs_end_loses_no_validation_and_adds_no_epoch(tmp_path, shared_dirs, monkeypatch, where):
     """Ctrl-C in an epoch's last accumulation window: the epoch is validated before the run stops. Ctrl-C in
     the epoch where early stopping ends training: the run finishes, and a resume trains no other epoch."""
-    import geneformer_colon.fine_tune as fine_tune
+    import geneformer_colon.jobs.train as fine_tune
 
     stop = ["callbacks.early_stopping.patience=0", "+callbacks.early_stopping.min_delta=1"] \
         if where == "early_stop" else ["callbacks.early_stopping=null"]

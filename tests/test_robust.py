@@ -9,10 +9,11 @@ from conftest import compose_train, tiny_overrides
 from safetensors.torch import load_file
 from transformers import BertModel
 
-from geneformer_colon.builders import build_datamodule, build_module, read_checkpoint
-from geneformer_colon.errors import InputError
-from geneformer_colon.export import export_run
-from geneformer_colon.fine_tune import train
+from geneformer_colon.assembly.builders import build_datamodule, build_module, read_checkpoint
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.jobs.export import export_run
+from geneformer_colon.jobs.train import train
 from geneformer_colon.model.augment import BatchAugment
 from geneformer_colon.model.losses import FocalLoss
 from geneformer_colon.model.robust import (
@@ -23,7 +24,6 @@ from geneformer_colon.model.robust import (
     coral_penalty,
     reverse_gradient,
 )
-from geneformer_colon.saved_classifier import TrainedClassifier
 
 CLASSES = ["Normal", "Border", "Tumor"]
 DONORS = ["A", "B", "C"]

@@ -10,18 +10,13 @@ import pytest
 import torch
 from conftest import bad_checkpoints, compose_train, run_metrics, tiny_overrides, train_tiny
 
-from geneformer_colon.errors import InputError
-from geneformer_colon.fine_tune import train
-from geneformer_colon.rundir import (
-    Run,
-    RunLayout,
-    best_epoch,
-    check_success,
-    find_runs,
-    prepare_run_dir,
-    read_checkpoint,
-    resolve_checkpoint,
-)
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.jobs.train import train
+from geneformer_colon.runs.checkpoints import read_checkpoint, resolve_checkpoint
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.reading import Run, find_runs
+from geneformer_colon.runs.record import best_epoch, check_success
+from geneformer_colon.runs.start import prepare_run_dir
 
 
 def test_a_finished_run_is_not_overwritten_by_accident(tmp_path, shared_dirs):
@@ -53,7 +48,7 @@ def test_resume_refuses_a_changed_recipe_unless_allowed_and_then_records_it(tmp_
 
     # a cross-validated run: a new recipe is refused for its folds too, and a plain run is no CV run's home
     cv = common + ["cv=lodo", "cv.folds=[KUL01]", "run_name=cv", "trainer.limit_train_batches=2"]
-    from geneformer_colon import donor_cv as cross_validation
+    from geneformer_colon.jobs import donor_cv as cross_validation
 
     cross_validation.run(train, compose_train(cv))
     with pytest.raises(InputError, match=r"optimizer.lr: 0.002 -> 0.001"):

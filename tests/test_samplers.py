@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
-from geneformer_colon.errors import InputError
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data import kul3
 from geneformer_colon.data.sources import H5adSource, KUL3Source, SyntheticKUL3Source
 from geneformer_colon.data.synthetic import GENE_TABLE_FILE, GENERATOR_VERSION
-from geneformer_colon.errors import InputError
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_wandb import all_offline_runs
 
-from geneformer_colon.sweep import MAX_DIRNAME_BYTES, STUDY_BEST, job_dirname, short_numbers
+from geneformer_colon.jobs.sweep import MAX_DIRNAME_BYTES, STUDY_BEST, job_dirname, short_numbers
+from geneformer_colon.runs.config import CONF_DIR
 
 GRID = ["optimizer.lr=1e-3,3e-3,1e-2,1e6"]  # 1e6: the loss is NaN by the second step
 
@@ -126,8 +127,8 @@ def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, sh
 
 
 def test_the_median_pruner_stops_a_trial_below_the_median_of_earlier_ones(tmp_path, shared_dirs):
-    from geneformer_colon.fine_tune import train
-    from geneformer_colon.study import PRUNED_AT, outcome
+    from geneformer_colon.jobs.study import PRUNED_AT, outcome
+    from geneformer_colon.jobs.train import train
 
     storage = f"sqlite:///{tmp_path / 'prune.db'}"
     study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
@@ -196,7 +197,7 @@ def test_job_folder_names_stay_short_and_distinct():
 
 
 def test_presets_and_the_slurm_launcher_compose():
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         grid = compose("train", overrides=["sweep=mixup_focal"], return_hydra_config=True)
         optuna_cfg = compose("train", overrides=["experiment=colon6", "sweep=optuna"], return_hydra_config=True)
         slurm = compose("train", return_hydra_config=True, overrides=[

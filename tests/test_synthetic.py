@@ -13,11 +13,11 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data import synthetic
 from geneformer_colon.data.kernels.negative_binomial import nb_inverse_cdf
 from geneformer_colon.data.kul3 import ANNOTATION_COLUMNS, ANNOTATION_FILE, CELL_TYPES, CLASSES, DONORS, MATRIX_FILE
 from geneformer_colon.data.synthetic import GENE_TABLE_FILE, generate_counts, write_synthetic_kul3
-from geneformer_colon.errors import InputError
 
 CELL_ID = re.compile(r"^(KUL\d\d)-([NBT])_[ACGT]{16}$")
 

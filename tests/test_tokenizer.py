@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import GeneDictionaries, derive_dictionaries
 from geneformer_colon.data.tokenizer import (
@@ -18,7 +19,6 @@ from geneformer_colon.data.tokenizer import (
     tokenize_anndata,
     tokenize_cells,
 )
-from geneformer_colon.errors import InputError
 
 V1_FILES = ("token_dictionary_gc30M.pkl", "gene_median_dictionary_gc30M.pkl")
 V2_FILES = ("token_dictionary_gc104M.pkl", "gene_median_dictionary_gc104M.pkl", "ensembl_mapping_dict_gc104M.pkl")

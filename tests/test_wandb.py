@@ -21,10 +21,11 @@ import wandb
 from conftest import REPO_ROOT, compose_train, tiny_overrides
 from wandb.proto import wandb_internal_pb2
 
-from geneformer_colon.errors import InputError, Interrupted
-from geneformer_colon.fine_tune import train as run_training
+from geneformer_colon.common.errors import InputError, Interrupted
+from geneformer_colon.jobs.evaluate import run_evaluation
+from geneformer_colon.jobs.train import train as run_training
 from geneformer_colon.report.wandb_run import keep_files
-from geneformer_colon.retest import run_evaluation
+from geneformer_colon.runs.config import CONF_DIR
 
 BLOCK_SIZE = 32768  # a .wandb file is a LevelDB-style log: 7-byte file header, then 32 KiB blocks
 RECORD_HEADER = struct.Struct("<IHB")  # crc32c, length, chunk type (1 full, 2 first, 3 middle, 4 last)
@@ -284,7 +285,7 @@ class PauseAfterFirstEpoch(pl.Callback):
 
 
 def test_a_paused_and_resumed_run_is_one_wandb_run(tmp_path, shared_dirs, monkeypatch):
-    from geneformer_colon import fine_tune
+    from geneformer_colon.jobs import train as fine_tune
 
     real_build_trainer = fine_tune.build_trainer
     monkeypatch.setattr(fine_tune, "build_trainer",
@@ -305,7 +306,7 @@ def test_a_paused_and_resumed_run_is_one_wandb_run(tmp_path, shared_dirs, monkey
     assert resumed.summary["best_epoch"] == metrics_of(run_dir)["best_epoch"]
 
     # eval.py on the run: a W&B run of its own, job type eval, its test figures as summary
-    record = run_evaluation(run_dir, ["data.test_donors=[KUL21]"], REPO_ROOT / "conf", allow_training_donors=True)
+    record = run_evaluation(run_dir, ["data.test_donors=[KUL21]"], CONF_DIR, allow_training_donors=True)
     (evaluation,) = offline_runs(run_dir / "eval" / "test-KUL21")
     assert (evaluation.job_type, evaluation.name, evaluation.exit_code) == ("eval", "paused on test-KUL21", 0)
     assert evaluation.summary["test/macro_f1"] == pytest.approx(record["test"]["macro_f1"], abs=1e-4)
@@ -316,7 +317,7 @@ def test_a_paused_and_resumed_run_is_one_wandb_run(tmp_path, shared_dirs, monkey
 
 
 def test_the_baseline_is_a_wandb_run_beside_the_sweeps(tmp_path, shared_dirs):
-    from geneformer_colon.baseline.naive_bayes import run_baseline
+    from geneformer_colon.jobs.baseline import run_baseline
 
     cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared_dirs) + ["experiment=colon6"], "baseline")
     record = run_baseline(cfg)
@@ -329,7 +330,7 @@ def test_the_baseline_is_a_wandb_run_beside_the_sweeps(tmp_path, shared_dirs):
 def test_log_model_uploads_the_best_checkpoint_online_only_by_default(tmp_path):
     from hydra.utils import instantiate
 
-    from geneformer_colon.config import check_values
+    from geneformer_colon.runs.config import check_values
 
     def logger(*overrides: str):
         cfg = compose_train([f"paths.output_dir={tmp_path}", *overrides])

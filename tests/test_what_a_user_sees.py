@@ -16,17 +16,18 @@ import numpy as np
 import pytest
 from conftest import compose_train, run_script, tiny_overrides
 
-from geneformer_colon import donor_cv
-from geneformer_colon.callbacks import EpochProgressBar
-from geneformer_colon.cpus import THREADS_ENV, chosen_threads
+from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
+from geneformer_colon.common.cpus import THREADS_ENV, chosen_threads
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.names import EVAL_SPLITS as SPLITS
 from geneformer_colon.data.dictionaries import MEDIAN_FILE, TOKEN_FILE, GeneDictionaries
-from geneformer_colon.errors import InputError
-from geneformer_colon.export import export_run
-from geneformer_colon.fine_tune import train
-from geneformer_colon.names import EVAL_SPLITS as SPLITS
-from geneformer_colon.predict import GeneIds, predict_h5ad
-from geneformer_colon.rundir import RunLayout, train_losses
-from geneformer_colon.saved_classifier import FoldEnsemble, TrainedClassifier
+from geneformer_colon.jobs import donor_cv
+from geneformer_colon.jobs.export import export_run
+from geneformer_colon.jobs.predict import GeneIds, predict_h5ad
+from geneformer_colon.jobs.train import train
+from geneformer_colon.model.callbacks import EpochProgressBar
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.record import train_losses
 
 CV = ["experiment=colon6", "cv=lodo", "cv.folds=[KUL01]", "logger=csv", "trainer.limit_train_batches=4",
       "trainer.max_epochs=2"]

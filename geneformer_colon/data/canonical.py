@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import atomic_path
+from geneformer_colon.common.names import SPLITS, TEST, TRAIN, VAL
 from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.data.h5ad import CanonicalCells
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
@@ -21,9 +24,6 @@ from geneformer_colon.data.store import TokenStore, open_or_build_store
 from geneformer_colon.data.token_rows import pad_tokens
 from geneformer_colon.data.tokenizer import TokenizerSettings
 from geneformer_colon.data.vocabulary import run_dictionaries
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
-from geneformer_colon.names import SPLITS, TEST, TRAIN, VAL
 
 log = logging.getLogger(__name__)
 

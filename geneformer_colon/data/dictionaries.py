@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import atomic_path, open_text
 from geneformer_colon.data.medians import nonzero_medians
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, open_text
 
 if TYPE_CHECKING:
     from geneformer_colon.data.counts import CellCounts

@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.canonical import (
     OBS_COLUMNS,
     UNKNOWN_CELL_TYPE,
@@ -37,7 +38,6 @@ from geneformer_colon.data.canonical import (
     var_gene_ids,
 )
 from geneformer_colon.data.counts import CHUNK_CELLS, CellCounts, Chunk
-from geneformer_colon.errors import InputError
 
 
 class H5adReader:

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import atomic_path, open_text
 from geneformer_colon.data.canonical import (
     OBS_COLUMNS,
     canonical_obs,
@@ -37,8 +39,6 @@ from geneformer_colon.data.canonical import (
 )
 from geneformer_colon.data.dictionaries import read_gene_name_map
 from geneformer_colon.data.kernels.geo_text import format_rows, parse_rows
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path, open_text
 
 logger = logging.getLogger(__name__)
 

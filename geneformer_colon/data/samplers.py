@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 
 BALANCE_STRATEGIES = ("none", "class", "class_donor")
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import build_once, file_fingerprint, text_fingerprint
 from geneformer_colon.data import kul3, synthetic
 from geneformer_colon.data.canonical import write_canonical
 from geneformer_colon.data.dictionaries import missing_file_hint
 from geneformer_colon.data.h5ad import CanonicalCells, H5adKeys
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import build_once, file_fingerprint, text_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geneformer_colon.common.io import build_once
 from geneformer_colon.data.canonical import OBS_COLUMNS
 from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.data.h5ad import CHUNK_CELLS, CanonicalCells
 from geneformer_colon.data.token_rows import TokenRows
 from geneformer_colon.data.tokenizer import TokenizerSettings, tokenize_chunks
-from geneformer_colon.io import build_once
 
 log = logging.getLogger(__name__)
 

@@ -54,10 +54,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import atomic_path
 from geneformer_colon.data.kernels.negative_binomial import nb_counts
 from geneformer_colon.data.kul3 import CELL_TYPES, CLASSES, DONORS, write_kul3
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
 
 # Bump when the generator's output changes for the same settings (it is part of cache keys).
 GENERATOR_VERSION = 3

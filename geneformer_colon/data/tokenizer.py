@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import (
     FRAME_TOKENS,
@@ -37,7 +38,6 @@ from geneformer_colon.data.dictionaries import (
 )
 from geneformer_colon.data.kernels.ranking import CellRows, Frame, GeneTable, TokenSlots, compact, rank_cells
 from geneformer_colon.data.token_rows import TokenRows
-from geneformer_colon.errors import InputError
 
 log = logging.getLogger(__name__)
 

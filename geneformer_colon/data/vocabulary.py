@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import build_once, text_fingerprint
 from geneformer_colon.data.dictionaries import TOKEN_FILE, GeneDictionaries, derive_dictionaries
 from geneformer_colon.data.h5ad import CanonicalCells
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import build_once, text_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 
 
 def _draw_device(generator: torch.Generator | None, data: torch.Tensor) -> torch.device:

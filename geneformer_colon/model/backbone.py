@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertModel, PretrainedConfig
 from transformers.utils import logging as transformers_logging
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.dictionaries import (
     MAPPING_FILE,
     MEDIAN_FILE,
@@ -32,7 +33,6 @@ from geneformer_colon.data.dictionaries import (
     clone_hint,
     load_settings,
 )
-from geneformer_colon.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 
 
 class FocalLoss(nn.Module):

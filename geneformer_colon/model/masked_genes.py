@@ -19,10 +19,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import BertForMaskedLM, BertModel
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.names import VAL
 from geneformer_colon.model.backbone import bert_from_config, with_masked_lm_head
 from geneformer_colon.model.module import SeededModule, step_seed
-from geneformer_colon.names import VAL
 
 IGNORED = -100  # the label of a position the loss leaves out
 VALIDATION_STREAM = 2**31  # in place of the epoch: validation masks are the same every epoch

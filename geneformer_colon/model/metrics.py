@@ -1,6 +1,6 @@
 """Classification metrics of a split (torchmetrics, synced across DDP ranks): while training, and of any
 class probabilities in hand (the baseline, predict). Each donor's and cell type's figures are
-:mod:`geneformer_colon.scoring`'s."""
+:mod:`geneformer_colon.assembly.scoring`'s."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from geneformer_colon.names import per_class
+from geneformer_colon.common.names import per_class
 
 
 class ClassificationMetrics(nn.Module):

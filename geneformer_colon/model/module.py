@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel
 
-from geneformer_colon.config import instantiate_trusted
+from geneformer_colon.common.names import EVAL_SPLITS, VAL, logged
 from geneformer_colon.model.augment import BatchAugment
 from geneformer_colon.model.backbone import (
     CellEncoder,
@@ -32,7 +32,7 @@ from geneformer_colon.model.backbone import (
 from geneformer_colon.model.losses import FocalLoss
 from geneformer_colon.model.metrics import ClassificationMetrics, worst_group_macro_f1
 from geneformer_colon.model.robust import DonorStrategy, PlainTraining, TrainingBatch
-from geneformer_colon.names import EVAL_SPLITS, VAL, logged
+from geneformer_colon.runs.config import instantiate_trusted
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 5.0e-5, "weight_decay": 0.01}
 DEFAULT_SCHEDULER = {"_target_": "geneformer_colon.model.schedules.warmup_schedule", "name": "linear",

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from geneformer_colon.errors import InputError
+from geneformer_colon.common.errors import InputError
 
 LossFunction = Callable[..., torch.Tensor]  # (logits, targets, sample_weight=None) -> the batch's loss
 

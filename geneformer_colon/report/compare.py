@@ -1,6 +1,6 @@
 """Runs side by side: their metrics and the config that differs, per-donor figures, a paired test, plots.
 
-Runs are read through :mod:`geneformer_colon.rundir`: a run directory, a cross-validated run
+Runs are read through :mod:`geneformer_colon.runs.reading`: a run directory, a cross-validated run
 (its figures are the means over its folds, with their standard deviation), or a sweep root
 holding runs at any depth. Nothing here needs W&B. Each table is built once (:class:`TextTable`)
 and written to comparison.md and printed alike, narrow enough for 100 columns: a run is labelled
@@ -25,10 +25,10 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from scipy.stats import wilcoxon
 
-from geneformer_colon.config import differing_keys, display, flatten
-from geneformer_colon.figures import save_figure
-from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, GROUPINGS, TEST, VAL, column, logged, per_class
+from geneformer_colon.common.figures import save_figure
+from geneformer_colon.common.io import atomic_path
+from geneformer_colon.common.names import EVAL_SPLITS, GROUPINGS, TEST, VAL, column, logged, per_class
+from geneformer_colon.common.text_tables import TextTable
 from geneformer_colon.report.cv_summary import seed_sd
 from geneformer_colon.report.run_tables import (
     METRIC_COLUMNS,
@@ -38,8 +38,8 @@ from geneformer_colon.report.run_tables import (
     run_row,
     runs_frame,
 )
-from geneformer_colon.rundir import Run, find_runs, read_run
-from geneformer_colon.tables import TextTable
+from geneformer_colon.runs.config import differing_keys, display, flatten
+from geneformer_colon.runs.reading import Run, find_runs, read_run
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from geneformer_colon.errors import InputError
-from geneformer_colon.figures import plot_per_donor
-from geneformer_colon.io import atomic_path, file_lock, read_json, rounded, write_json
-from geneformer_colon.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, TEST, TRAIN, VAL, column, per_class
-from geneformer_colon.rundir import DIGITS, RunLayout, read_config, read_run
-from geneformer_colon.tables import markdown_table
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.figures import plot_per_donor
+from geneformer_colon.common.io import atomic_path, file_lock, read_json, rounded, write_json
+from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, TEST, TRAIN, VAL, column, per_class
+from geneformer_colon.common.text_tables import markdown_table
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.reading import read_config, read_run
+from geneformer_colon.runs.record import DIGITS
 
 CONFIDENCE = 0.95
 PARTIAL = "partial"

@@ -39,9 +39,9 @@ import scipy.sparse as sp
 from matplotlib.figure import Figure
 from scipy import stats
 
-from geneformer_colon.figures import save_figure
-from geneformer_colon.io import atomic_path, write_json
-from geneformer_colon.tables import markdown_table
+from geneformer_colon.common.figures import save_figure
+from geneformer_colon.common.io import atomic_path, write_json
+from geneformer_colon.common.text_tables import markdown_table
 
 RANK_BINS = 20
 TOP = 30

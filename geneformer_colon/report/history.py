@@ -11,14 +11,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from geneformer_colon.config import display, flatten
-from geneformer_colon.errors import InputError
-from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, VAL, logged, per_class
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.io import atomic_path
+from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, VAL, logged, per_class
+from geneformer_colon.common.text_tables import markdown_table
 from geneformer_colon.report.cv_summary import cv_markdown
 from geneformer_colon.report.run_tables import RUN_COLUMNS, frame_markdown, group_rows, run_row, runs_frame
-from geneformer_colon.rundir import Run, is_run_dir, read_run
-from geneformer_colon.tables import markdown_table
+from geneformer_colon.runs.config import display, flatten
+from geneformer_colon.runs.reading import Run, is_run_dir, read_run
 
 # The settings the team's log records for every run, in its column order.
 RECIPE_KEYS = (

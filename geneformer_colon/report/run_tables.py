@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geneformer_colon.names import EVAL_SPLITS, METRICS, column
-from geneformer_colon.rundir import Run
-from geneformer_colon.tables import markdown_table
+from geneformer_colon.common.names import EVAL_SPLITS, METRICS, column
+from geneformer_colon.common.text_tables import markdown_table
+from geneformer_colon.runs.reading import Run
 
 SPREAD = "sd"  # the qualifier of a CV run's standard deviation over its folds
 SPREAD_METRIC = "macro_f1"

@@ -9,9 +9,9 @@ from typing import Any
 
 from rich.console import Console
 
-from geneformer_colon.names import EVAL_SPLITS, GROUPINGS, METRICS, per_class
+from geneformer_colon.common.names import EVAL_SPLITS, GROUPINGS, METRICS, per_class
+from geneformer_colon.common.text_tables import print_table
 from geneformer_colon.report.run_tables import group_rows
-from geneformer_colon.tables import print_table
 
 
 def print_summary(record: Mapping[str, Any], class_names: Sequence[str], run_dir: Path,

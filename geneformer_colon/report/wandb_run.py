@@ -32,12 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from geneformer_colon.config import flatten, is_location_key
-from geneformer_colon.errors import Interrupted, input_error_in
-from geneformer_colon.io import atomic_path
-from geneformer_colon.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
+from geneformer_colon.common.errors import Interrupted, input_error_in
+from geneformer_colon.common.io import atomic_path
+from geneformer_colon.common.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
 from geneformer_colon.report.cv_summary import seed_sd
-from geneformer_colon.rundir import RunLayout
+from geneformer_colon.runs.config import flatten, is_location_key
+from geneformer_colon.runs.layout import RunLayout
 
 
 def sweep_id(sweep_dir: Path) -> str:
@@ -135,7 +135,7 @@ def wandb_logger(
     """A WandbLogger writing under ``save_dir``; ``init_kwargs`` go to ``wandb.init`` (mode, project, ...).
 
     ``job_type``: train, fold, cv, pretrain, eval, baseline or sweep (null: the kind of run, set as it
-    starts: :func:`start_runs`). A fold's ``name`` and ``group`` are its CV run's choice
+    starts: :func:`describe_logger_runs`). A fold's ``name`` and ``group`` are its CV run's choice
     (``donor_cv.fold_config``) and a sweep run's its sweep's (:func:`report_sweep_run`), and are kept;
     any other run's ``name`` gets the job's number and swept values in a sweep, and ``group`` defaults to
     :func:`default_group`.
@@ -280,7 +280,7 @@ def describe_run(run: Any, cfg: DictConfig, layout: RunLayout) -> None:
 
 
 @rank_zero_only
-def start_runs(loggers: Sequence[Logger], cfg: DictConfig, layout: RunLayout, job_type: str) -> None:
+def describe_logger_runs(loggers: Sequence[Logger], cfg: DictConfig, layout: RunLayout, job_type: str) -> None:
     """Each W&B logger's run as it starts: ``job_type`` (unless the config sets one: a fold), the
     description, and its epoch-level figures declared."""
     for logger in wandb_loggers(loggers):
@@ -290,7 +290,7 @@ def start_runs(loggers: Sequence[Logger], cfg: DictConfig, layout: RunLayout, jo
         define_epoch_metrics(logger.experiment, epoch_metrics(job_type, cfg.data.get("labels") or []))
 
 
-def start_run(cfg: DictConfig, layout: RunLayout, job_type: str, **overrides: Any) -> Any:
+def open_wandb_run(cfg: DictConfig, layout: RunLayout, job_type: str, **overrides: Any) -> Any:
     """A W&B run of ``cfg.logger.wandb`` started outside training (a CV run, a baseline, a refused job),
     described; ``job_type`` unless the config sets one (a fold's); None where the config logs no W&B."""
     wandb_cfg = cfg.get("logger", {}).get("wandb")
@@ -334,7 +334,7 @@ def log_finished_run(cfg: DictConfig, layout: RunLayout, job_type: str, record: 
                      class_names: Sequence[str], **overrides: Any) -> None:
     """A run made without a Lightning logger (a baseline, an evaluation) as a W&B run of its own, once
     it is written: its config, and its metrics.json ``record`` as summary, as a training run's."""
-    run = start_run(cfg, layout, job_type, **overrides)
+    run = open_wandb_run(cfg, layout, job_type, **overrides)
     if run is not None:
         report_final(run, record, class_names, layout)
         finish(run)
@@ -382,7 +382,7 @@ def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], err
     """The CV run's own W&B run (job type ``cv``), made as its folds end (they are runs of their own:
     one W&B run is open at a time): its config (``cv.*`` included), a table of its folds, the aggregate
     of ``cv`` (cv.json) as summary, cv.json and cv.md as files; failed with the error line when ``error``."""
-    run = start_run(cfg, parent, "cv", resume=bool(cfg.resume))
+    run = open_wandb_run(cfg, parent, "cv", resume=bool(cfg.resume))
     if run is None:
         return
     if cv.get("folds"):
@@ -433,7 +433,7 @@ def record_refused_job(cfg: DictConfig, error: BaseException) -> None:
     if layout.wandb_run_id.is_file():  # a W&B run was started, and finished, for this job
         return
     cv = cfg.get("cv", {}).get("strategy", "none") != "none"
-    run = start_run(cfg, layout, "cv" if cv else "baseline" if "baseline" in cfg else "train")
+    run = open_wandb_run(cfg, layout, "cv" if cv else "baseline" if "baseline" in cfg else "train")
     if run is not None:
         finish(run, error)
 

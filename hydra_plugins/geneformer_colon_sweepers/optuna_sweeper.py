@@ -1,7 +1,7 @@
 """``hydra/sweeper=optuna``: an Optuna study (current Optuna) run through Hydra's launcher, one job a trial.
 
 The released hydra-optuna-sweeper pins optuna<3; this one is small and leaves the study to
-``geneformer_colon.study``. Trials are asked ``n_jobs`` at a time and handed to the launcher together
+``geneformer_colon.jobs.study``. Trials are asked ``n_jobs`` at a time and handed to the launcher together
 (the basic launcher runs them one after another, submitit as SLURM jobs at once); each job's number
 is its trial's number, so the jobs of several invocations of one study never share a number.
 """
@@ -19,7 +19,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from geneformer_colon import study as studies
+from geneformer_colon.jobs import study as studies
 
 log = logging.getLogger(__name__)
 

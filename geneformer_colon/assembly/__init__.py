@@ -1,0 +1,1 @@
+"""The pieces put together from a config: datamodule, classifier, trainer; a split scored; a trained classifier loaded."""

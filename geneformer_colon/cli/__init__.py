@@ -1,0 +1,1 @@
+"""The commands: the Hydra entry points (train, evaluate, baseline, pretrain) and the `geneformer-colon` verbs."""

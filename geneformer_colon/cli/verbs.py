@@ -1,0 +1,264 @@
+"""The `geneformer-colon` command: utilities around runs and data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from geneformer_colon.common.console import report_input_errors
+from geneformer_colon.common.errors import InputError
+
+if TYPE_CHECKING:
+    from geneformer_colon.jobs.predict import GeneIds
+
+SYNTHETIC_H5AD = "cells.h5ad"
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from geneformer_colon.data.synthetic import write_synthetic_kul3
+
+    paths = write_synthetic_kul3(args.out_dir, n_cells=args.cells, n_genes=args.genes, seed=args.seed,
+                                 donor_shift=args.donor_shift)
+    if args.h5ad:
+        from geneformer_colon.common.io import atomic_path
+        from geneformer_colon.data.sources import KUL3Source
+
+        paths["h5ad"] = Path(args.out_dir) / SYNTHETIC_H5AD
+        with atomic_path(paths["h5ad"]) as tmp:
+            KUL3Source(args.out_dir, gene_map=str(paths["gene_table"])).write_canonical(tmp)
+    for path in paths.values():
+        print(path)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from geneformer_colon.report.compare import compare_runs, print_comparison
+
+    print_comparison(compare_runs(args.paths, args.out))
+
+
+def _history(args: argparse.Namespace) -> None:
+    from geneformer_colon.report.history import append_history, run_history
+
+    entry = run_history(args.run_dir)
+    print(entry)
+    if args.append:
+        print(f"appended to {append_history(entry, args.append)}")
+
+
+def _genes(args: argparse.Namespace) -> GeneIds:
+    from geneformer_colon.jobs.predict import GeneIds
+
+    return GeneIds(ensembl_key=args.ensembl_key, gene_names=args.gene_names, symbol_key=args.symbol_key)
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    """Counts (cells a chunk, a batch) are integers >= 1: one line otherwise."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} is {getattr(args, name)}; give an integer >= 1")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+    from geneformer_colon.jobs.predict import metrics_dir, predict_h5ad
+
+    _positive(args, "chunk_cells", "batch_size")
+    added = predict_h5ad(TrainedClassifier.load(args.model, args.fold), args.input, args.out, prefix=args.prefix,
+                         layer=args.layer, genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
+                         cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
+                         device=args.device)
+    counts = added[f"{args.prefix}_label"].value_counts()
+    print(f"{args.out}: {len(added)} cells; predicted " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    if args.label_key:
+        print(f"metrics: {metrics_dir(args.out).root}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from geneformer_colon.jobs.embed import embed
+
+    _positive(args, "batch_size")
+    scores = embed(args.model, args.input, args.out, colours=args.color.split(","), genes=_genes(args),
+                   layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold)
+    print(f"{scores['cells']} cells; silhouette " + ", ".join(
+        f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
+
+
+def _perturb(args: argparse.Namespace) -> None:
+    from geneformer_colon.jobs.perturb import perturb
+
+    genes = args.genes if args.genes is not None else (None if args.gene_set else "all")
+    out = perturb(args.model, args.goal, args.input, kind=args.perturb, where=args.where, genes=genes,
+                  gene_sets=args.gene_set, min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed,
+                  out_dir=args.out, name=args.name, label_key=args.label_key, gene_ids=_genes(args), layer=args.layer,
+                  batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty())
+    print(f"{out}: genes.csv, genes.md, shifts.h5ad, plots/")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from geneformer_colon.jobs.explain import explain
+
+    out, completeness = explain(args.model, args.input, target=args.target, where=args.where, genes=args.genes,
+                                min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed, steps=args.steps,
+                                baseline=args.baseline, out_dir=args.out, name=args.name, gene_ids=_genes(args),
+                                layer=args.layer, batch_size=args.batch_size, device=args.device)
+    print(f"{out}: genes.csv, genes.md, attributions.h5ad, plots/; completeness: mean |sum - logit difference| "
+          f"{completeness['mean_abs_delta']:.3g} (relative {completeness['relative_mean_abs_delta']:.3g})")
+
+
+def _cell_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a run directory or an export")
+    parser.add_argument("input", nargs="?", help="an .h5ad of raw counts, read as predict reads it (default: the "
+                                                 "run's validation and test cells)")
+    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="keep cells whose obs COLUMN is VALUE (repeat: one column's values are alternatives, "
+                             "columns must all match), e.g. --where label=Tumor --where donor=KUL01")
+    parser.add_argument("--max-cells", type=int, help="at most this many of the chosen cells, drawn with --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--genes", help="'all' (every gene expressed in --min-cells of the chosen cells), a "
+                                        "comma-separated list or a file of Ensembl ids or symbols (default all)")
+    parser.add_argument("--min-cells", type=int, default=10, help="with --genes all (default 10)")
+    parser.add_argument("--out", help="the output folder (default <run dir>/<verb>/<name>, or beside INPUT.h5ad)")
+    parser.add_argument("--name", help="the output folder's name under the default place")
+    _gene_options(parser)
+
+
+def _cv(args: argparse.Namespace) -> None:
+    from geneformer_colon.report.cv_summary import gather
+
+    summary = gather(args.run_dir)
+    test = summary["aggregate"]["test"]["macro_f1"]
+    print(f"{len(summary['folds'])} of {len(summary['donors'])} folds; test macro F1 mean {test['mean']:.3f} "
+          f"(sd {test['sd'] if test['sd'] is not None else float('nan'):.3f}); {args.run_dir}/cv.md")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from geneformer_colon.jobs.export import export_run
+
+    print(export_run(args.run_dir, args.out_dir, args.fold, overwrite=args.overwrite))
+
+
+def _gene_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layer", help="counts from layers[LAYER] (default: X)")
+    parser.add_argument("--ensembl-key", help="the var column of Ensembl ids (default: the var index)")
+    parser.add_argument("--gene-names", help="map gene symbols to Ensembl ids with this gene_name_id_dict .pkl or "
+                                             "symbol/id .tsv")
+    parser.add_argument("--symbol-key", help="with --gene-names: the var column of symbols (default: the var index)")
+    parser.add_argument("--batch-size", type=int, default=64, help="cells a forward pass (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    _fold_option(parser)
+
+
+def _fold_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fold", metavar="DONOR", help="a cv=lodo run: use its fold of this test donor (default: "
+                                                        "the ensemble of its finished folds)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geneformer-colon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser(
+        "synth", help="write a synthetic KUL3 look-alike in the GEO file format (27414 x 33694 is full size)"
+    )
+    synth.add_argument("out_dir")
+    synth.add_argument("--cells", type=int, default=3000)
+    synth.add_argument("--genes", type=int, default=2000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--donor-shift", type=float, default=1.0,
+                       help="0: no donor-specific shift; 1: the default story (KUL19 hardest); more: harsher")
+    synth.add_argument("--h5ad", action="store_true",
+                       help=f"also write the cells as {SYNTHETIC_H5AD} (raw counts, Ensembl ids, obs donor/label/"
+                            "cell_type), an input for predict, embed and data=h5ad")
+    synth.set_defaults(run=_synth)
+
+    compare = commands.add_parser(
+        "compare", help="runs side by side (run directories or sweep roots): table, comparison.md, plots"
+    )
+    compare.add_argument("paths", nargs="+", metavar="PATH", help="a run directory or a folder holding runs")
+    compare.add_argument("--out", help="where comparison.md and the plots go (default: a new folder beside the "
+                                       "runs, comparison_<a>_vs_<b>; an earlier comparison is never replaced)")
+    compare.set_defaults(run=_compare)
+
+    history = commands.add_parser("history", help="a run as a markdown entry of the training log")
+    history.add_argument("run_dir")
+    history.add_argument("--append", metavar="FILE", help="also append the entry to FILE (e.g. TRAINING_HISTORY.md)")
+    history.set_defaults(run=_history)
+
+    predict = commands.add_parser("predict", help="classify the cells of any h5ad of raw counts into a copy of it")
+    predict.add_argument("model", help="a run directory (its best checkpoint) or an export (geneformer-colon export)")
+    predict.add_argument("input", help="an .h5ad of raw counts (never written to)")
+    predict.add_argument("--out", required=True, help="the .h5ad to write: the input with predictions and embeddings")
+    predict.add_argument("--prefix", default="gfc", help="names of the new obs/obsm/uns entries (default gfc)")
+    predict.add_argument("--label-key", help="obs column of true classes: also write metrics next to --out")
+    predict.add_argument("--donor-key", help="with --label-key: obs column of donors (metrics by donor)")
+    predict.add_argument("--cell-type-key", help="with --label-key: obs column of cell types (metrics by cell type)")
+    predict.add_argument("--chunk-cells", type=int, default=10_000, help="cells read at a time (default 10000)")
+    _gene_options(predict)
+    predict.set_defaults(run=_predict)
+
+    embed = commands.add_parser("embed", help="UMAPs and silhouette scores of cell embeddings (the donor shift)")
+    embed.add_argument("model", help="a run directory or an export")
+    embed.add_argument("input", nargs="?", help="an .h5ad of raw counts (default: the run's val and test cells)")
+    embed.add_argument("--color", default="donor,label,predicted,cell_type",
+                       help="obs columns to colour by, comma-separated (default donor,label,predicted,cell_type)")
+    embed.add_argument("--out", help="folder for the PNGs, silhouette.json and embedding.h5ad")
+    _gene_options(embed)
+    embed.set_defaults(run=_embed)
+
+    perturb = commands.add_parser("perturb", help="in-silico perturbation: which genes move cells toward a class")
+    _cell_options(perturb)
+    perturb.add_argument("--goal", required=True, help="the class the cells should move toward, e.g. Normal")
+    perturb.add_argument("--perturb", choices=("delete", "overexpress"), default="delete",
+                         help="delete the gene's token, or move it to the front (default delete)")
+    perturb.add_argument("--gene-set", action="append", default=[], metavar="FILE",
+                         help="perturb this file's genes at once, reported as one row (repeatable)")
+    perturb.add_argument("--label-key", default="label",
+                         help="obs column of classes, for the goal centroid (default label)")
+    perturb.set_defaults(run=_perturb)
+
+    explain = commands.add_parser("explain", help="integrated-gradients attributions of genes to a class (captum)")
+    _cell_options(explain)
+    explain.add_argument("--target", help="the class to explain (default: each cell's predicted class)")
+    explain.add_argument("--steps", type=int, default=32, help="integration steps (default 32)")
+    explain.add_argument("--baseline", choices=("pad", "mask"), default="pad",
+                         help="every gene token replaced by <pad> or <mask> in the baseline (default pad)")
+    explain.set_defaults(run=_explain)
+
+    cross = commands.add_parser("cv", help="rewrite a cv=lodo run's cv.json, cv.md and plot from its folds")
+    cross.add_argument("run_dir")
+    cross.set_defaults(run=_cv)
+
+    export = commands.add_parser("export", help="a run's classifier as a Hugging Face directory with its dictionaries")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir", help="a new folder, or an earlier export (replaced)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR even when it holds files an export does not write")
+    _fold_option(export)
+    export.set_defaults(run=_export)
+    return parser
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds: what a command was writing is removed, as on Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        report_input_errors(args.run)(args)
+    except BrokenPipeError:  # the reader of a pipe stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

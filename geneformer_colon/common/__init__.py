@@ -1,0 +1,1 @@
+"""Small modules every layer shares: errors, files, names, tables, figures, the console, CPUs."""

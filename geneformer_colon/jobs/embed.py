@@ -1,0 +1,137 @@
+"""Cell embeddings and the donor-shift picture: ``geneformer-colon embed RUN_DIR [INPUT.h5ad]``.
+
+The pooled embedding the classifier head sees, of the run's validation and test cells (or of
+every cell of INPUT.h5ad), laid out by UMAP (scanpy: ``pp.neighbors`` on the embedding,
+``tl.umap``) and drawn once a colouring (donor, label, predicted class, cell type). The silhouette
+score of the embedding by label and by donor puts a number on the picture: a model that has
+learnt the classes and not the donors scores high by label and low by donor.
+
+Written to ``<run dir>/embed/<name>/``: ``umap_<colour>.png``, ``silhouette.json`` and
+``embedding.h5ad`` (obs, ``obsm["X_gfc"]``, ``obsm["X_umap"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scanpy as sc  # noqa: E402
+from sklearn.metrics import silhouette_score  # noqa: E402
+
+from geneformer_colon.assembly.builders import build_datamodule  # noqa: E402
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier  # noqa: E402
+from geneformer_colon.common.errors import InputError  # noqa: E402
+from geneformer_colon.common.figures import save_figure  # noqa: E402
+from geneformer_colon.common.io import atomic_path, write_json  # noqa: E402
+from geneformer_colon.common.names import EVAL_SPLITS
+from geneformer_colon.data.h5ad import H5adReader  # noqa: E402
+from geneformer_colon.jobs.evaluate import run_config  # noqa: E402
+from geneformer_colon.jobs.predict import PREFIX, GeneIds, predicted_chunks  # noqa: E402
+from geneformer_colon.runs.layout import RunLayout  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+COLOURS = ("donor", "label", "predicted", "cell_type")
+SILHOUETTE_BY = ("label", "donor")
+# Silhouette scores are quadratic in the cells: at most this many, drawn at random (seeded).
+SILHOUETTE_CELLS = 5000
+
+
+def run_cells(model: TrainedClassifier, run_dir: Path, batch_size: int, device: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The run's validation and test cells from its token store: their obs and embeddings."""
+    datamodule = build_datamodule(run_config(RunLayout(run_dir)))
+    frames, embeddings = [], []
+    for split in EVAL_SPLITS:
+        cells = datamodule.split_cells(split)
+        probabilities, embedded = model.apply(datamodule.store, datamodule.splits[split].positions, batch_size,
+                                              device=device)
+        frames.append(cells.set_index("cell_id")[["donor", "label", "cell_type"]].assign(
+            split=split, predicted=np.asarray(model.class_names)[probabilities.argmax(1)]))
+        embeddings.append(embedded)
+    return pd.concat(frames), np.concatenate(embeddings)
+
+
+def file_cells(model: TrainedClassifier, path: Path, genes: GeneIds, layer: str | None, batch_size: int, device: str
+               ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Every cell of an h5ad: its obs (with the predicted class) and embeddings (cells without a gene dropped)."""
+    with H5adReader(path, layer, layer_setting="--layer") as source:
+        obs = source.obs.copy()
+        embeddings = np.zeros((source.shape[0], model.hidden_size), dtype=np.float32)
+        predicted = np.full(source.shape[0], "", dtype=object)
+        for rows, probabilities, embedded in predicted_chunks(model, source, genes, batch_size=batch_size,
+                                                              device=device):
+            embeddings[rows] = embedded
+            assigned = ~np.isnan(probabilities[:, 0])
+            predicted[rows][assigned] = np.asarray(model.class_names)[probabilities[assigned].argmax(1)]
+    kept = predicted != ""
+    return obs.assign(predicted=predicted)[kept], embeddings[kept]
+
+
+def silhouettes(embeddings: np.ndarray, obs: pd.DataFrame, seed: int = 0) -> dict[str, float | None]:
+    """The silhouette of the embedding by each grouping there is (None: fewer than two groups)."""
+    scores: dict[str, float | None] = {}
+    for column in SILHOUETTE_BY:
+        if column not in obs:
+            continue
+        groups = obs[column].astype(str).to_numpy()
+        usable = 1 < len(set(groups)) < len(groups)
+        scores[column] = float(silhouette_score(embeddings, groups, sample_size=min(len(groups), SILHOUETTE_CELLS),
+                                                random_state=seed)) if usable else None
+    return scores
+
+
+def umap(obs: pd.DataFrame, embeddings: np.ndarray, seed: int = 0) -> ad.AnnData:
+    adata = ad.AnnData(obs=obs.astype({c: "category" for c in obs.columns if obs[c].dtype == object}),
+                       obsm={f"X_{PREFIX}": embeddings})
+    adata.obs_names = adata.obs_names.astype(str)
+    sc.pp.neighbors(adata, use_rep=f"X_{PREFIX}", n_neighbors=min(15, adata.n_obs - 1), random_state=seed)
+    sc.tl.umap(adata, random_state=seed)
+    return adata
+
+
+def embed(model_path: str | Path, input_path: str | Path | None = None, out_dir: str | Path | None = None,
+          colours: Sequence[str] = COLOURS, genes: GeneIds = GeneIds(), layer: str | None = None,
+          batch_size: int = 64, device: str = "cpu", fold: str | None = None) -> dict[str, Any]:
+    """UMAPs and silhouette scores of the embeddings (see the module docstring); returns the scores. A CV run:
+    the ensemble's embeddings (its folds' side by side) of the INPUT's cells, or its ``fold``'s."""
+    model = TrainedClassifier.load(model_path, fold)
+    if input_path is None:
+        if "run_dir" not in model.origin:
+            what = "a cross-validated run has no one validation and test split" if "folds" in model.origin \
+                else "an export holds no cells of its own"
+            raise InputError(f"{model_path}: {what}; give an INPUT.h5ad to embed (or --fold DONOR for a CV run's "
+                             "fold and its cells)")
+        run_dir = Path(model.origin["run_dir"])
+        obs, embeddings = run_cells(model, run_dir, batch_size, device)
+        default_out = RunLayout(run_dir).embeddings / "val-test"
+    else:
+        obs, embeddings = file_cells(model, Path(input_path), genes, layer, batch_size, device)
+        default_out = Path(input_path).with_name(f"{Path(input_path).stem}_embed")
+    if len(obs) < 3:
+        raise InputError(f"{input_path or model_path}: {len(obs)} cells with a prediction; it takes 3 or more")
+    out = Path(out_dir) if out_dir is not None else default_out
+    missing = [colour for colour in colours if colour not in obs]
+    if missing:
+        raise InputError(f"--color {', '.join(missing)}: no such obs column (columns: {', '.join(obs.columns)}); "
+                         "choose among those")
+    adata = umap(obs, embeddings)
+    scores = {"cells": int(adata.n_obs), "silhouette": silhouettes(embeddings, obs)}
+    for colour in colours:
+        figure = sc.pl.umap(adata, color=colour, return_fig=True, show=False,
+                            title=f"{model.origin.get('run_name', Path(model_path).name)}: {colour}")
+        save_figure(figure, out / f"umap_{colour}.png")
+        plt.close(figure)
+    write_json(out / "silhouette.json", scores)
+    with atomic_path(out / "embedding.h5ad") as tmp:
+        adata.write_h5ad(tmp)
+    log.info("UMAPs, silhouette.json and embedding.h5ad written to %s", out)
+    return scores

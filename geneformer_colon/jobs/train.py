@@ -1,0 +1,160 @@
+"""One training run, start to finish: fit, pick the best epoch, test it, write the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from geneformer_colon.assembly.builders import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    start_from,
+)
+from geneformer_colon.assembly.scoring import score_split
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, MONITOR, RUNNING, SPLITS, VAL, WORST_DONOR
+from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.model.callbacks import BestCheckpoint, LastCheckpoint, RecordEpochs
+from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.report.history import write_history
+from geneformer_colon.report.summary import print_summary
+from geneformer_colon.report.wandb_run import (
+    describe_logger_runs,
+    finishing_wandb_run,
+    flat_config,
+    report_run,
+)
+from geneformer_colon.runs.config import check_values
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.reading import Run
+from geneformer_colon.runs.record import best_epoch, check_success, run_record, write_loss_plot, write_metrics
+from geneformer_colon.runs.start import accept_start, prepare_run_dir, recipe, record_changes, resume_point
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def unlogged(trainer: pl.Trainer) -> Iterator[None]:
+    """Evaluate without the loggers: a checkpoint re-evaluated after training is no new point on the
+    epoch curves (its figures go to the run's summary)."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
+
+
+def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellDataModule, best_path: str | None,
+                  layout: RunLayout, run_name: str) -> dict[str, dict[str, Any]]:
+    """The best checkpoint on the val and test donors: each split's files and metrics.json entry."""
+    final = {}
+    for split, evaluate in zip(EVAL_SPLITS, (trainer.validate, trainer.test)):
+        with unlogged(trainer):
+            evaluate(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True, verbose=False)
+        result = module.results[split]
+        # under DDP every rank holds the gathered results: one writes them
+        final[split] = score_split(layout, split, datamodule.store.cells.iloc[result["index"]], result["targets"],
+                                   result["probabilities"], module.class_names, run_name,
+                                   (result["metrics"], result["confusion_matrix"]), write=trainer.is_global_zero)
+    return final
+
+
+@dataclass
+class FittedRun:
+    """What fitting left: the run's files' layout, the trainer and module (its last state), the data,
+    every epoch's validation metrics, the best checkpoint, and how to build its metrics.json record."""
+
+    layout: RunLayout
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    datamodule: CellDataModule
+    epochs: list[dict[str, Any]]
+    best_path: str
+    record: Callable[..., dict[str, Any]]
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        return os.path.relpath(self.best_path, self.layout.root) if self.best_path else None
+
+
+def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellDataModule, bool], pl.LightningModule]
+            ) -> FittedRun:
+    """What every training run does: check everything that can be checked (values, data, model, a resume's
+    checkpoint and recipe) before writing anything, prepare the run directory, and fit with the run's
+    checkpoints and records. ``make_module(cfg, datamodule, fresh)``: ``fresh`` unless resuming."""
+    layout = RunLayout(cfg.paths.run_dir)
+    check_values(cfg)
+    resume_from, changes = resume_point(layout, cfg) if cfg.resume else (None, {})
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    check_monitors(cfg, datamodule)
+    module = make_module(cfg, datamodule, resume_from is None)
+    donors = {split: datamodule.split_donors(split) for split in SPLITS if len(datamodule.splits[split])}
+    cells = {split: len(datamodule.splits[split]) for split in donors}
+
+    def record(status: str, epochs: list[dict[str, Any]], **final: Any) -> dict[str, Any]:
+        return run_record(cfg.run_name, kind, status, donors, cells, epochs, init_from=cfg.get("init_from"),
+                          recipe=recipe(), data=datamodule.source.provenance(), **final)
+
+    if rank_zero_only.rank == 0:  # DDP: the first process writes the run directory
+        if resume_from is None:
+            prepare_run_dir(layout, cfg.overwrite)
+        record_changes(cfg, layout, changes)
+        accept_start(layout, cfg)
+        datamodule.save_dictionaries(layout.dictionaries)
+    trainer = build_trainer(cfg, [LastCheckpoint(layout.checkpoint("last")),
+                                  RecordEpochs(lambda epochs: write_metrics(layout, record(RUNNING, epochs)))])
+    describe_logger_runs(trainer.loggers, cfg, layout, kind)  # W&B: its job type, notes, config.yaml, epoch axis
+    for logger in trainer.loggers:  # flat keys (loss.focal_gamma, ...) that W&B's run table filters by
+        logger.log_hyperparams(flat_config(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    if trainer.is_global_zero:
+        write_loss_plot(layout, module.epoch_history, cfg.run_name)
+    best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
+    # the epochs now: evaluating the best checkpoint later reloads its shorter history
+    return FittedRun(layout, trainer, module, datamodule, list(module.epoch_history),
+                     best.best_model_path if best is not None else "", record)
+
+
+def check_monitors(cfg: DictConfig, datamodule: CellDataModule) -> None:
+    """A checkpoint or early stopping that selects by the worst validation donor needs two of them."""
+    for name in ("model_checkpoint", "early_stopping"):
+        monitor = (cfg.callbacks.get(name) or {}).get("monitor")
+        if monitor == WORST_DONOR and len(datamodule.split_donors(VAL)) < 2:
+            raise InputError(f"callbacks.{name}.monitor is {monitor}, but the validation split has one donor "
+                             f"({datamodule.split_donors(VAL)}); give data.val_donors two or more donors "
+                             "(cv.val_donors in cv=lodo) or monitor val/macro_f1")
+
+
+def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> CellClassifier:
+    module = build_module(cfg, datamodule)
+    if cfg.init_from and fresh:
+        log.info("starting from the weights of %s", start_from(module, cfg.init_from, cfg.model.reinit_head))
+    return module
+
+
+@finishing_wandb_run
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train, test the best checkpoint, write every file of the run; return its metrics.json record."""
+    run = fit_run(cfg, "train", classifier_for)
+    final = evaluate_best(run.trainer, run.module, run.datamodule, run.best_path, run.layout, cfg.run_name)
+    selection = cfg.callbacks.get("model_checkpoint") or {}
+    chosen = best_epoch(run.epochs, selection.get("monitor", MONITOR), selection.get("mode", "max"))
+    summary = run.record(FINISHED, run.epochs, final=final, best_epoch=chosen,
+                         best_checkpoint=run.best_checkpoint, success=check_success(cfg.success_criteria, final))
+    if run.trainer.is_global_zero:
+        summary = write_metrics(run.layout, summary)
+        report_run(run.trainer.loggers, summary, run.module.class_names, run.layout)
+        write_history(Run(run.layout.root, summary, OmegaConf.to_container(cfg, resolve=True), {}))
+        print_summary(summary, run.module.class_names, run.layout.root)
+    return summary
