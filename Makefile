@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow bench bench-speed pretrain-demo donor-shift-study notebook clean
+.PHONY: install train test test-slow docs bench bench-speed pretrain-demo donor-shift-study notebook clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The docs site (docs/ and the API reference from the docstrings) into site/; --strict: a broken link,
+# a missing page or an unresolved reference fails the build (not --quiet: it would hide them and pass).
+# NO_MKDOCS_2_WARNING: mkdocs-material's notice about its successor.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py
@@ -59,4 +65,4 @@ notebook: $(STAMP)
 		--output-dir outputs --output compare_runs
 
 clean:
-	rm -rf outputs multirun/*/ .pytest_cache
+	rm -rf outputs multirun/*/ .pytest_cache site

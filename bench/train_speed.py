@@ -46,8 +46,8 @@ from transformers import (  # noqa: E402
 
 from geneformer_colon.assembly.builders import build_datamodule, build_module, resolve_precision  # noqa: E402
 from geneformer_colon.common.console import quiet_libraries  # noqa: E402
+from geneformer_colon.runs.config import CONF_DIR  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 BATCH = 12  # Geneformer's classifier default
 
 
@@ -165,7 +165,7 @@ def loop_configs(args: argparse.Namespace, work: Path) -> dict:
               f"model.encoder.hidden_size={args.hidden}", f"model.encoder.num_attention_heads={args.heads}",
               f"model.encoder.intermediate_size={args.ffn or 2 * args.hidden}",
               f"data.batch_size={BATCH}", "data.mega_batch_factor=50"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return {name: compose("train", overrides=common + extra) for name, extra in (
             ("none", ["data.balance_strategy=none"]),
             ("class", ["data.balance_strategy=class"]),

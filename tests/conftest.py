@@ -1,29 +1,34 @@
-"""Shared fixtures: the real Geneformer dictionaries (when ../shared is there) and offline W&B."""
+"""The tests' fixtures; the helpers they import are modules of tests/helpers/ (``from helpers.tiny import ...``).
+
+- ``tiny_cfg(*overrides)``: the train config with the tiny settings, outputs under the test's ``tmp_path/outputs``.
+- ``cohort(run_dir or cfg)``: the canonical .h5ad of the cells that run (or config) reads.
+- ``shared_dirs``: the synthetic GEO files and caches every test shares (each entry keyed by its inputs).
+- ``trained_runs``: two finished tiny runs in a sweep-like folder; ``new_cells``: their test donor's cells as
+  another lab hands them in; ``logged_cv_run``: a one-fold CV run made by ``train.py`` with its console in a file;
+  ``programme_run``: a run that learnt the synthetic Tumor programme (slow tests only).
+- ``geneformer_dicts``: the real Geneformer dictionaries, or the test is skipped.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.paths import GENEFORMER_DICTS, REPO_ROOT  # noqa: F401  (REPO_ROOT: test_readme.py imports it here)
+from helpers.processes import run_script
+from helpers.runs import JOBS, PROGRAMME_COHORT, SWEEP, canonical_h5ad
+from helpers.tiny import compose_tiny, tiny_overrides
 
-from geneformer_colon.runs.config import CONF_DIR
-
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
+# Forced, not defaults: a shell's WANDB_MODE=online must not send the tests' runs to W&B.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread a process: the tests' models are tiny, and two threads on two cores shared with wandb-core
 # and the tests' own subprocesses spend most of their time waiting for each other (a run is 10x slower).
 # Numba too: its parallel synthetic generator would set OpenMP, and so torch, back to a thread a core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GENEFORMER_DICTS = REPO_ROOT.parent / "shared" / "geneformer"
 
 
 @pytest.fixture(scope="session")
@@ -41,86 +46,22 @@ def shared_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"data": root / "data", "cache": root / "cache"}
 
 
-def tiny_overrides(output_dir: Path, shared: dict[str, Path]) -> list[str]:
-    """Settings that make a whole run take seconds on two CPU cores."""
-    return [
-        f"paths.output_dir={output_dir}",
-        f"paths.data_dir={shared['data']}",
-        f"paths.cache_dir={shared['cache']}",
-        "data.source.n_cells=480",
-        "data.source.n_genes=300",
-        "data.batch_size=32",
-        "model.tokenizer.input_size=128",
-        "model.encoder.hidden_size=32",
-        "model.encoder.intermediate_size=64",
-        "model.encoder.num_attention_heads=2",
-        "trainer.max_epochs=1",
-        "callbacks.progress_bar=null",
-    ]
+@pytest.fixture
+def tiny_cfg(tmp_path, shared_dirs):
+    """``tiny_cfg(*overrides, config_name="train")``: the config composed as the command line composes it, with the
+    tiny settings (helpers.tiny), its runs under ``tmp_path/outputs``, data and caches in ``shared_dirs``."""
+
+    def compose(*overrides: str, config_name: str = "train"):
+        return compose_tiny(tmp_path / "outputs", shared_dirs, *overrides, config_name=config_name)
+
+    return compose
 
 
-def train_tiny(tmp_path: Path, shared: dict[str, Path], *overrides: str) -> dict:
-    """A tiny training run under ``tmp_path/outputs`` (fine_tune.train); its metrics.json record."""
-    from geneformer_colon.jobs.train import train
-
-    return train(compose_train(tiny_overrides(tmp_path / "outputs", shared) + list(overrides)))
-
-
-def run_metrics(tmp_path: Path, run_name: str) -> dict:
-    """metrics.json of the run ``run_name`` under ``tmp_path/outputs``."""
-    return json.loads((tmp_path / "outputs" / run_name / "metrics.json").read_text())
-
-
-def bad_checkpoints(folder: Path) -> dict[str, Path]:
-    """A text file named .ckpt, and a checkpoint holding code that must never run."""
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    text = folder / "notes.ckpt"
-    text.write_text("not a checkpoint at all")
-
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
-    with_code = folder / "code.ckpt"
-    torch.save({"state_dict": {}, "payload": Payload()}, with_code)
-    return {"text": text, "code": with_code}
-
-
-def fingerprints(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (relative path) to the sha256 of its bytes."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def run_script(script: str, *arguments: str, wait: bool = True, timeout: int = 600, **kwargs):
-    """``python <script> <arguments>`` in the repository, with tests/helpers importable (for test callbacks).
-
-    ``wait``: the finished process (output captured), else the running Popen (output to a log file).
-    """
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "tests" / "helpers")}
-    command = [sys.executable, script, *arguments]
-    if wait:
-        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False, **kwargs)
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, **kwargs)
-
-
-def compose_train(overrides: list[str], config_name: str = "train"):
-    """The train config as Hydra composes it for the command line."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
-
-
-# Hydra-style job folders of a sweep over these overrides (on top of experiment=colon6).
-JOBS = {
-    "0_loss.focal_gamma=0": ["loss.focal_gamma=0"],
-    "1_augment.mixup_prob=0.3,loss.focal_gamma=1.5": ["augment.mixup_prob=0.3", "loss.focal_gamma=1.5"],
-}
-SWEEP = Path("multirun") / "2026-11-24" / "10-00-00"
+@pytest.fixture(scope="session")
+def cohort():
+    """``cohort(run_dir or cfg)``: the path of the canonical .h5ad of the cohort that run read (or that config
+    reads), the one file of its settings among the several cohorts a shared cache holds."""
+    return canonical_h5ad
 
 
 @pytest.fixture(scope="session", name="trained_runs")
@@ -131,6 +72,62 @@ def trained_runs_fixture(tmp_path_factory, shared_dirs) -> list[Path]:
 
     runs = [sweep / job for job in JOBS]
     for run_dir, overrides in zip(runs, JOBS.values()):
-        train(compose_train(tiny_overrides(sweep / "outputs", shared_dirs) + [
-            "experiment=colon6", "logger=csv", "trainer.max_epochs=2", f"paths.run_dir='{run_dir}'", *overrides]))
+        train(compose_tiny(sweep / "outputs", shared_dirs, "experiment=colon6", "logger=csv", "trainer.max_epochs=2",
+                           f"paths.run_dir='{run_dir}'", *overrides))
     return runs
+
+
+@pytest.fixture(scope="session")
+def new_cells(trained_runs, cohort, tmp_path_factory) -> Path:
+    """The held-out test donor's cells as another lab would hand them in: genes in another order, indexed by
+    Ensembl id, raw counts in a layer and log-normalised values in X, no label or donor column."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    cells = ad.read_h5ad(cohort(trained_runs[0]))
+    cells = cells[cells.obs["donor"] == "KUL01"].copy()
+    cells = cells[:, cells.var["ensembl_id"] != ""].copy()
+    cells = cells[:, cells.var_names[::-1]].copy()
+    counts = sp.csr_matrix(cells.X)
+    normalised = counts.multiply(1e4 / np.asarray(counts.sum(1))).tocsr().log1p().astype(np.float32)
+    adata = ad.AnnData(X=normalised, layers={"counts": counts},
+                       obs=pd.DataFrame({"batch": "lab2", "n_counts": cells.obs["n_counts"]}, index=cells.obs_names),
+                       var=pd.DataFrame(index=cells.var["ensembl_id"].astype(str).to_numpy()))
+    path = tmp_path_factory.mktemp("new") / "new_cells.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+# A CV run of one fold, two epochs a fold, as train.py makes it.
+LOGGED_CV = ["experiment=colon6", "cv=lodo", "cv.folds=[KUL01]", "logger=csv", "trainer.limit_train_batches=4",
+             "trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def logged_cv_run(tmp_path_factory, shared_dirs) -> tuple[Path, str]:
+    """A one-fold CV run of two epochs a fold (``LOGGED_CV``), its stdout and stderr redirected to a file, umask
+    022; its progress bar configured (the default), to show that it stays out of a file. Its run directory and
+    its console output."""
+    out = tmp_path_factory.mktemp("user_view")
+    log_file = out / "train.out"
+    overrides = [o for o in tiny_overrides(out, shared_dirs) if not o.startswith("callbacks.progress_bar")]
+    with log_file.open("w") as handle:
+        result = run_script("train.py", *overrides, *LOGGED_CV, "run_name=cv", wait=False,
+                            stdout=handle, stderr=handle, umask=0o022)
+        assert result.wait(timeout=600) == 0, log_file.read_text()[-3000:]
+    return out / "cv", log_file.read_text()
+
+
+@pytest.fixture(scope="session")
+def programme_run(tmp_path_factory, shared_dirs) -> Path:
+    """A tiny run that learns the Tumor programme of ``PROGRAMME_COHORT``: more cells, genes and steps than the
+    shared runs (minutes: for slow tests)."""
+    from geneformer_colon.jobs.train import train
+
+    run_dir = tmp_path_factory.mktemp("programme") / "run"
+    cohort_settings = [f"data.source.{key}={value}" for key, value in PROGRAMME_COHORT.items()]
+    train(compose_tiny(run_dir.parent / "outputs", shared_dirs, "experiment=colon6", "logger=csv",
+                       f"paths.run_dir='{run_dir}'", "trainer.max_epochs=4", "optimizer.lr=5e-3", *cohort_settings))
+    return run_dir

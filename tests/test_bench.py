@@ -6,7 +6,8 @@ import json
 import re
 
 import pytest
-from conftest import run_script
+from helpers.processes import run_script
+from helpers.tiny import TINY_ENCODER
 
 
 @pytest.mark.slow
@@ -46,8 +47,7 @@ def test_the_donor_shift_study_tables_its_recipes_and_goes_on_where_it_stopped(t
     arguments = ["--out", str(out), "--seeds", "0", "1", "--folds", "KUL01", "KUL19", "--recipes", "group_dro",
                  "--settings", "shift1", "--cells", "480", "--epochs", "1", "--",
                  f"paths.data_dir={shared_dirs['data']}", f"paths.cache_dir={shared_dirs['cache']}",
-                 "data.source.n_genes=300", "model.tokenizer.input_size=128", "model.encoder.hidden_size=32",
-                 "model.encoder.intermediate_size=64", "model.encoder.num_attention_heads=2"]
+                 "data.source.n_genes=300", "model.tokenizer.input_size=128", *TINY_ENCODER]
     result = run_script("bench/donor_shift_study.py", *arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (out / "study.md").read_text()

@@ -1,4 +1,5 @@
-"""Every option of every config group composes, and what can be built offline is built from it."""
+"""The shipped configs: every option of every config group composes, what can be built offline is built from it,
+and the sweep presets and the SLURM launcher compose."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import compose_train
+from helpers.tiny import compose_train
+from hydra import compose, initialize_config_dir
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from geneformer_colon.assembly.builders import build_trainer
 from geneformer_colon.model.backbone import Vocabulary
-from geneformer_colon.runs.config import CONF_DIR, check_targets, plain, recipe_changes, targets_in
+from geneformer_colon.runs.config import CONF_DIR, check_targets, plain, targets_in
 
 CONF = CONF_DIR
 GROUPS = sorted(path.name for path in CONF.iterdir() if path.is_dir() and path.name != "hydra")
@@ -102,14 +104,24 @@ def test_debug_presets_are_quick_and_keep_w_and_b_out():
     assert compose_train(["debug=fdr"]).trainer.fast_dev_run is True
 
 
-def test_a_key_added_since_a_run_started_is_a_change_only_away_from_its_default():
-    before = {"optimizer": {"lr": 0.002}}
-    defaults = {"optimizer": {"lr": 0.001}, "robust": {"_target_": "PlainTraining"}, "model": {"lora": {"r": None}}}
-    after = {"optimizer": {"lr": 0.002}, "robust": {"_target_": "PlainTraining"}, "model": {"lora": {"r": None}}}
-    assert recipe_changes(before, after, defaults=defaults) == {}
-    assert recipe_changes(before, after) == {"robust._target_": ("absent", "PlainTraining"),
-                                             "model.lora.r": ("absent", "null")}
-    lora = {**after, "model": {"lora": {"r": 8}}}
-    assert recipe_changes(before, lora, defaults=defaults) == {"model.lora.r": ("absent", "8")}
-    # a key the run had keeps counting, whatever the default
-    assert recipe_changes({"optimizer": {"lr": 0.003}}, after, defaults=defaults)["optimizer.lr"] == ("0.003", "0.002")
+def test_presets_and_the_slurm_launcher_compose():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        grid = compose("train", overrides=["sweep=mixup_focal"], return_hydra_config=True)
+        optuna_cfg = compose("train", overrides=["experiment=colon6", "sweep=optuna"], return_hydra_config=True)
+        slurm = compose("train", return_hydra_config=True, overrides=[
+            "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4",
+            "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=240"])
+    assert grid.hydra.mode.name == "MULTIRUN"
+    assert dict(grid.hydra.sweeper.params) == {"augment.mixup_prob": "0,0.15,0.3", "loss.focal_gamma": "0,1.5"}
+    sweeper = optuna_cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert optuna_cfg.sweep.pruner == "median" and optuna_cfg.callbacks.prune_hopeless_trial.trial is None
+    assert sweeper.study_name == "colon6" and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sweeper.params["optimizer.lr"] == "tag(log, interval(1e-5, 3e-3))"
+    assert dict(optuna_cfg.loss.class_weights) == {"Normal": 1.0, "Border": 1.4, "Tumor": 2.2}
+    launcher = slurm.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes,
+            launcher.timeout_min) == ("gpu", 4, 4, 2, 240)
+    assert (slurm.trainer.strategy, slurm.trainer.devices, slurm.trainer.num_nodes) == ("ddp", 4, 2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO_ROOT
+from helpers.paths import REPO_ROOT
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
@@ -22,8 +22,8 @@ NOTEBOOK = REPO_ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "geneformer-colon-tests"
 
 
-def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, shared_dirs, tmp_path, monkeypatch):
-    canonical = next((shared_dirs["cache"] / "ingest").glob("*.h5ad"))
+def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, cohort, tmp_path, monkeypatch):
+    canonical = cohort(trained_runs[0])
     predicted = tmp_path / "predicted.h5ad"
     predict_h5ad(TrainedClassifier.load(trained_runs[0]), canonical, predicted, genes=GeneIds("ensembl_id"))
     monkeypatch.setenv("GENEFORMER_COLON_PREDICTED", str(predicted))

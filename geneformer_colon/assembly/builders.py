@@ -19,9 +19,10 @@ from geneformer_colon.runs.checkpoints import read_checkpoint, resolve_checkpoin
 from geneformer_colon.runs.config import plain
 
 
-def build_datamodule(cfg: DictConfig, stage: str | None = None) -> CellDataModule:
-    """The data of a composed config (a config from a run directory is checked when it is read)."""
-    datamodule = instantiate(cfg.data, tokenizer=plain(cfg.model.tokenizer))
+def build_datamodule(cfg: DictConfig, stage: str | None = None, labelled: bool = True) -> CellDataModule:
+    """The data of a composed config (a config from a run directory is checked when it is read); ``labelled``:
+    False reads no label (pretraining, whatever ``data.labels`` says)."""
+    datamodule = instantiate(cfg.data, tokenizer=plain(cfg.model.tokenizer), use_labels=labelled)
     datamodule.prepare_data()
     datamodule.setup(stage)
     return datamodule

@@ -95,7 +95,7 @@ class TrainedClassifier:
         settings = TokenizerSettings(**module.hparams.tokenizer)
         run = read_run(run_dir)
         origin = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "run_name": run.name,
-                  "trained_on": run.donors("train")}
+                  "trained_on": run.donors("train"), "validated_on": run.donors("val")}
         return cls(module, GeneDictionaries.load_directory(layout.dictionaries), settings, origin)
 
     @classmethod
@@ -192,7 +192,9 @@ class FoldEnsemble(TrainedClassifier):
                              "averaged; "
                              f"use one fold with --fold (one of {', '.join(folds)})")
         trained_on = sorted({donor for member in members for donor in member.origin.get("trained_on", [])})
-        origin.update(folds=folds, trained_on=trained_on,
+        validated_on = sorted({donor for member in members for donor in member.origin.get("validated_on", [])}
+                              - set(trained_on))
+        origin.update(folds=folds, trained_on=trained_on, validated_on=validated_on,
                       checkpoint=", ".join(str(member.origin.get("checkpoint")) for member in members))
         return cls(first.module, first.dictionaries, first.settings, origin, members)
 

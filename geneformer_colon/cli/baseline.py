@@ -10,13 +10,13 @@ from omegaconf import DictConfig
 
 from geneformer_colon.cli.hydra_app import hydra_entry, run_job
 from geneformer_colon.common.console import report_input_errors
-from geneformer_colon.jobs.baseline import run_baseline
+from geneformer_colon.jobs.baseline import baseline_config, run_baseline
 
 
 @hydra_entry("baseline")
 @report_input_errors
 def main(cfg: DictConfig) -> float:
-    return run_job(run_baseline, cfg)
+    return run_job(run_baseline, baseline_config(cfg))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def _perturb(args: argparse.Namespace) -> None:
     out = perturb(args.model, args.goal, args.input, kind=args.perturb, where=args.where, genes=genes,
                   gene_sets=args.gene_set, min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed,
                   out_dir=args.out, name=args.name, label_key=args.label_key, gene_ids=_genes(args), layer=args.layer,
-                  batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty())
+                  batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty(), fold=args.fold)
     print(f"{out}: genes.csv, genes.md, shifts.h5ad, plots/")
 
 
@@ -107,7 +107,7 @@ def _explain(args: argparse.Namespace) -> None:
     out, completeness = explain(args.model, args.input, target=args.target, where=args.where, genes=args.genes,
                                 min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed, steps=args.steps,
                                 baseline=args.baseline, out_dir=args.out, name=args.name, gene_ids=_genes(args),
-                                layer=args.layer, batch_size=args.batch_size, device=args.device)
+                                layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold)
     print(f"{out}: genes.csv, genes.md, attributions.h5ad, plots/; completeness: mean |sum - logit difference| "
           f"{completeness['mean_abs_delta']:.3g} (relative {completeness['relative_mean_abs_delta']:.3g})")
 

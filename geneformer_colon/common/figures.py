@@ -23,7 +23,8 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     counts = np.asarray(matrix)
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 1.6 + 0.9 * len(class_names)
-    figure = Figure(figsize=(size + 0.8, size))
+    margin = 0.07 * max(map(len, class_names), default=0)  # inches for the longest name, below and left
+    figure = Figure(figsize=(size + 0.8 + margin, size + margin), layout="constrained")
     axis = figure.subplots()
     image = axis.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     for row in range(counts.shape[0]):
@@ -31,7 +32,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
             colour = "white" if fractions[row, column] > 0.5 else "black"
             axis.text(column, row, f"{counts[row, column]}\n{fractions[row, column]:.2f}", ha="center", va="center",
                       fontsize=8, color=colour)
-    axis.set_xticks(range(len(class_names)), class_names, rotation=30 if len(class_names) > 4 else 0)
+    slanted = len(class_names) > 4 or max(map(len, class_names), default=0) > 10
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45 if slanted else 0, ha="right" if slanted else
+                    "center", rotation_mode="anchor")
     axis.set_yticks(range(len(class_names)), class_names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")

@@ -30,3 +30,13 @@ def column(split: str, metric: str, *qualifiers: str) -> str:
 MONITOR = logged(VAL, "macro_f1")
 # Logged each epoch when the validation split has several donors: its lowest per-donor macro F1.
 WORST_DONOR = logged(VAL, "worst_donor_macro_f1")
+
+
+# Keys of an h5ad (layers, obs/var columns) that hold a class name: HDF5 reads "/" as a path, so a class such as
+# "CD4+/CD25 T Reg" is written with "/" as %2F (and "%" as %25); urllib.parse.unquote reads the name back.
+H5AD_KEY_ENCODING = "percent: '/' as %2F, '%' as %25 (urllib.parse.unquote)"
+
+
+def h5ad_key(name: str) -> str:
+    """``name`` as an h5ad key: the same text with "/" and "%" percent-encoded."""
+    return name.replace("%", "%25").replace("/", "%2F")

@@ -102,7 +102,8 @@ class CellDataModule(pl.LightningDataModule):
 
     Train is every donor not in ``val_donors`` or ``test_donors`` (or only ``train_donors`` of them,
     when given). ``labels`` names the
-    classes and their order (cells of other labels are left out); ``None`` uses no label at all
+    classes and their order (cells of other labels are left out); ``None`` takes every class of the training
+    donors' cells, sorted by name (listed in the log); ``use_labels=False`` reads no label at all
     (pretraining). ``cell_types`` optionally keeps only some cell types. When ``tokenizer`` names
     no token dictionary, a vocabulary and gene medians are derived from the training cells
     (``vocabulary``). ``max_tokens``: batches hold as many cells as fit that many padded tokens instead of
@@ -114,6 +115,7 @@ class CellDataModule(pl.LightningDataModule):
         source: DataSource,
         tokenizer: dict[str, Any],
         labels: Sequence[str] | None = ("Normal", "Border", "Tumor"),
+        use_labels: bool = True,
         val_donors: Sequence[str] = ("KUL19",),
         test_donors: Sequence[str] = ("KUL01",),
         train_donors: Sequence[str] | None = None,
@@ -133,8 +135,8 @@ class CellDataModule(pl.LightningDataModule):
         self.settings = TokenizerSettings(
             model_version=self.tokenizer.get("model_version", "V1"), input_size=self.tokenizer.get("input_size")
         )
-        self.uses_labels = labels is not None
-        self.class_names = list(labels or [])
+        self.uses_labels = use_labels
+        self._class_names = (list(labels) if labels is not None else None) if use_labels else []
         self.val_donors = list(val_donors or [])
         self.test_donors = list(test_donors or [])
         self.train_donors = list(train_donors) if train_donors else None
@@ -181,8 +183,37 @@ class CellDataModule(pl.LightningDataModule):
 
     # ---- splits ----
 
+    @property
+    def class_names(self) -> list[str]:
+        """``labels``, or with ``labels=None`` the classes of the training donors' cells (read once)."""
+        if self._class_names is None:
+            cells = self._kept_cell_types(self.source.cells(self.cache_dir).obs)
+            self._class_names = sorted(cells["label"].astype(str)[self.split_of(cells) == TRAIN].unique())
+            if not self._class_names:
+                raise InputError(f"{self.source.describe()}: data.labels=null and the training donors have no cell; "
+                                 "choose data.val_donors/data.test_donors that leave donors to train on")
+            log.info("data.labels=null: the classes of the training donors are %s", self._class_names)
+        return self._class_names
+
     def _filter_frame(self, cells: pd.DataFrame) -> pd.DataFrame:
         """Check the donors, cell types and labels asked for; keep cells of those types and labels."""
+        cells = self._kept_cell_types(cells)
+        if not self.uses_labels:
+            return cells
+        present_labels = sorted(cells["label"].astype(str).unique())
+        unknown_labels = sorted(set(self.class_names) - set(present_labels))
+        if unknown_labels:
+            raise InputError(
+                f"{self.source.describe()}: data.labels names {unknown_labels}, absent from the label column "
+                f"(labels present: {present_labels})"
+            )
+        left_out = ~cells["label"].isin(self.class_names)
+        if left_out.any():
+            log.info("leaving out %d cells whose label is not in data.labels", int(left_out.sum()))
+        return cells[~left_out]
+
+    def _kept_cell_types(self, cells: pd.DataFrame) -> pd.DataFrame:
+        """Check the donors and cell types asked for; keep the cells of those types."""
         source = self.source.describe()
         donors = sorted(cells["donor"].astype(str).unique())
         for key, asked in (("data.val_donors", self.val_donors), ("data.test_donors", self.test_donors),
@@ -201,19 +232,7 @@ class CellDataModule(pl.LightningDataModule):
             if unknown:
                 raise InputError(f"{source}: data.cell_types names unknown {unknown}; cell types present: {present}")
             cells = cells[cells["cell_type"].isin(self.cell_types)]
-        if not self.uses_labels:
-            return cells
-        present_labels = sorted(cells["label"].astype(str).unique())
-        unknown_labels = sorted(set(self.class_names) - set(present_labels))
-        if unknown_labels:
-            raise InputError(
-                f"{source}: data.labels names {unknown_labels}, absent from the label column "
-                f"(labels present: {present_labels})"
-            )
-        left_out = ~cells["label"].isin(self.class_names)
-        if left_out.any():
-            log.info("leaving out %d cells whose label is not in data.labels", int(left_out.sum()))
-        return cells[~left_out]
+        return cells
 
     def available_donors(self) -> list[str]:
         """The donors with cells of the kept labels and cell types (reads only the cells' obs)."""

@@ -18,7 +18,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.naive_bayes import MultinomialNB
 
 from geneformer_colon.assembly.builders import build_datamodule
@@ -58,6 +58,20 @@ def predicted(model: MultinomialNB, features: sp.csr_matrix, targets: np.ndarray
     """A split's class probabilities and the mean negative log-likelihood of its true classes."""
     log_probabilities = model.predict_log_proba(features)
     return np.exp(log_probabilities), float(-log_probabilities[np.arange(len(targets)), targets].mean())
+
+
+# The nodes of the train config a baseline does not use (the network's); of ``model`` it keeps the tokenizer,
+# whose dictionaries choose the genes and the cells.
+NETWORK_NODES = ("optimizer", "scheduler", "loss", "augment", "robust", "trainer", "callbacks", "init_from")
+
+
+def baseline_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` less the network's nodes, so a baseline's config.yaml (and W&B config) holds only what it used."""
+    with open_dict(cfg):
+        for node in NETWORK_NODES:
+            cfg.pop(node, None)
+        cfg.model = {"tokenizer": cfg.model.tokenizer}
+    return cfg
 
 
 def run_baseline(cfg: DictConfig) -> dict[str, Any]:

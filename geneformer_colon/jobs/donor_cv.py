@@ -154,6 +154,10 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     donors = list(cfg.cv.donors or available_donors(cfg))
     n_val = cfg.cv.get("val_donors", 1)
     folds = plan_folds(donors, cfg.cv.folds, cfg.cv.val_donor, n_val)
+    log.info("cv=lodo: each fold sets its own data.val_donors and data.test_donors (the configured %s and %s are "
+             "not used; cv.val_donor chooses a fixed validation donor): %s", list(cfg.data.val_donors or []),
+             list(cfg.data.test_donors or []),
+             "; ".join(f"test {fold.test_donor}, validation {', '.join(fold.val_donors)}" for fold in folds))
     seeds = fold_seeds(cfg)
     one_seed = (cfg.cv.get("seeds") or [cfg.seed])[0]
     runs = [(fold, seed, parent.fold(fold.test_donor, seed if seeds else None))
@@ -186,7 +190,8 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
                     log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
                     record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
                 scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
-                cv = write_cv_summary(parent, cfg.run_name, kind, donors, list(cfg.data.labels), rule, seeds)
+                cv = write_cv_summary(parent, cfg.run_name, kind, donors, read_run(layout.root).class_names, rule,
+                                      seeds)
         except BaseException as raised:
             error = raised
             raise

@@ -103,6 +103,9 @@ def evaluate_run(layout: RunLayout, overrides: Sequence[str], conf_dir: Path, na
     name = name or "test-" + "-".join(cfg.data.test_donors)
     out = layout.evaluation(name)
     module, checkpoint = classifier_from_checkpoint(layout.root)
+    if cfg.data.get("labels") is None:  # the classes the run learned (data.labels=null: its training donors')
+        with open_dict(cfg):
+            cfg.data.labels = list(module.class_names)
     datamodule = build_datamodule(cfg, stage="test")
     if datamodule.class_names != module.class_names:
         raise InputError(f"data.labels {datamodule.class_names} differ from the classes the run learned "

@@ -32,7 +32,7 @@ from geneformer_colon.common.io import write_json
 from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.samplers import EvalBatchSampler
 from geneformer_colon.jobs.cell_choice import CellSet, select_cells
-from geneformer_colon.jobs.perturb import choose_columns, default_out
+from geneformer_colon.jobs.perturb import choose_columns, default_out, fold_path
 from geneformer_colon.jobs.predict import GeneIds
 from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
 
@@ -88,13 +88,14 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
             where: Sequence[str] = (), genes: str | None = "all", min_cells: int = 10, max_cells: int | None = None,
             seed: int = 0, steps: int = 32, baseline: str = "pad", out_dir: str | Path | None = None,
             name: str | None = None, gene_ids: GeneIds = GeneIds(), layer: str | None = None, batch_size: int = 16,
-            device: str = "cpu") -> tuple[Path, dict[str, Any]]:
+            device: str = "cpu", fold: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Attribute the chosen cells' predicted (or ``target``) class to their genes; write the gene files and
-    completeness.json; return the folder and the completeness figures."""
-    model = TrainedClassifier.load(model_path)
+    completeness.json; return the folder and the completeness figures. A CV run: its ``fold``."""
+    model = TrainedClassifier.load(model_path, fold)
     if isinstance(model, FoldEnsemble):  # gradients of one network: an ensemble has several
-        raise InputError(f"{model_path}: a cross-validated run; explain one of its folds, "
-                         f"{model_path}/folds/<test donor> (one of {', '.join(model.origin['folds'])})")
+        raise InputError(f"{model_path}: a cross-validated run; explain one of its folds with --fold DONOR (one of "
+                         f"{', '.join(model.origin['folds'])})")
+    model_path = fold_path(model_path, fold)
     if target is not None and target not in model.class_names:
         raise InputError(f"--target {target}: not a class of the model {model.class_names}; choose one of those")
     if baseline not in BASELINES:

@@ -98,7 +98,7 @@ def write_export(model: TrainedClassifier, run_dir: Path, directory: Path) -> No
         "classes": model.class_names,
         "pooling": model.module.encoder.pooling,
         "run": {"run_name": read_run(run_dir).name, "run_dir": str(run_dir), "checkpoint": model.origin["checkpoint"],
-                "trained_on": model.origin["trained_on"]},
+                "trained_on": model.origin["trained_on"], "validated_on": model.origin.get("validated_on", [])},
     }
     bert.save_pretrained(directory)
     save_file({name: tensor.contiguous() for name, tensor in model.module.head.state_dict().items()},

@@ -293,10 +293,12 @@ def perturb(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    fold: str | None = None,
 ) -> Path:
     """Perturb the chosen cells' genes toward ``goal``; write genes.csv, genes.md, shifts.h5ad and plots (see the
-    module docstring); return the output folder."""
-    model = TrainedClassifier.load(model_path)
+    module docstring); return the output folder. A CV run: the ensemble of its folds, or its ``fold``."""
+    model = TrainedClassifier.load(model_path, fold)
+    model_path = fold_path(model_path, fold)
     if goal not in model.class_names:
         raise InputError(f"--goal {goal}: not a class of the model {model.class_names}; choose one of those")
     if kind not in PERTURBATIONS:
@@ -337,6 +339,11 @@ def perturb(
     log.info("%d perturbations of %d cells x %d genes in %.1f s (%.0f a second): %s", len(done.cell), len(cells.rows),
              len(columns), seconds, settings["per_second"], out)
     return out
+
+
+def fold_path(model_path: str | Path, fold: str | None) -> Path:
+    """The model's own directory: a CV run's (or ensemble export's) fold, ``folds/<fold>``, with ``fold``."""
+    return Path(model_path) / "folds" / fold if fold is not None else Path(model_path)
 
 
 def default_out(model_path: str | Path, input_path: str | Path | None, verb: str) -> Path:

@@ -243,16 +243,19 @@ def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities
                         recipe={"input": str(input_path), **{k: str(v) for k, v in model.origin.items()}})
     if donor_key is not None:
         table = prediction_table(cells, cells["target"].to_numpy(), probabilities[scored], classes)
-        record["by_training"] = seen_and_held_out(table, classes, model.origin.get("trained_on") or [], input_path)
+        record["by_training"] = seen_and_held_out(table, classes, model.origin.get("trained_on") or [],
+                                                  model.origin.get("validated_on") or [], input_path)
     return write_metrics(layout, record)
 
 
-def seen_and_held_out(table: pd.DataFrame, classes: Sequence[str], trained_on: Sequence[str], input_path: Path
-                      ) -> dict[str, dict[str, Any]]:
-    """The figures of the donors the model never saw apart from those of its training donors (which flatter
-    it), each logged as a line; a warning names the training donors found in the file."""
+def seen_and_held_out(table: pd.DataFrame, classes: Sequence[str], trained_on: Sequence[str],
+                      validated_on: Sequence[str], input_path: Path) -> dict[str, dict[str, Any]]:
+    """The figures of the donors the model never saw apart from those of its validation donors (which chose its
+    checkpoint) and its training donors (which flatter it), each logged as a line; a warning names the training
+    and validation donors found in the file."""
     donors = table["donor"].astype(str)
-    parts = {"held_out": ~donors.isin(trained_on), "seen": donors.isin(trained_on)}
+    seen, validation = donors.isin(trained_on), donors.isin(validated_on) & ~donors.isin(trained_on)
+    parts = {"held_out": ~seen & ~validation, "validation": validation, "seen": seen}
     result = {}
     for part, chosen in parts.items():
         if chosen.any():
@@ -265,4 +268,7 @@ def seen_and_held_out(table: pd.DataFrame, classes: Sequence[str], trained_on: S
     if "seen" in result:
         log.warning("%s: donors %s were in the model's training data; their figures (seen) overstate how it does on "
                     "new donors: judge it by the held-out ones", input_path, ", ".join(result["seen"]["donors"]))
+    if "validation" in result:
+        log.warning("%s: donors %s chose the model's checkpoint (its validation donors); their figures (validation) "
+                    "are not a new donor's either", input_path, ", ".join(result["validation"]["donors"]))
     return result

@@ -96,7 +96,7 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
     check_values(cfg)
     resume_from, changes = resume_point(layout, cfg) if cfg.resume else (None, {})
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, labelled=kind != "pretrain")
     check_monitors(cfg, datamodule)
     module = make_module(cfg, datamodule, resume_from is None)
     donors = {split: datamodule.split_donors(split) for split in SPLITS if len(datamodule.splits[split])}

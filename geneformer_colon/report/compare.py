@@ -276,7 +276,6 @@ def print_comparison(comparison: Comparison, console: Console | None = None) -> 
     console = console or Console()
     for table in comparison.tables:
         table.print(console)
-    console.print(f"comparison written to {comparison.out}", highlight=False)
 
 
 def plot_epochs(runs: Sequence[Run], labels: Sequence[str], path: Path) -> bool:

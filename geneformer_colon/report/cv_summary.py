@@ -169,7 +169,7 @@ def across_folds_markdown(cv: Mapping[str, Any]) -> str:
     rows = []
     for split in EVAL_SPLITS:
         for key, values in cv["aggregate"][split].items():
-            title = METRICS.get(key, key.replace("/", " "))
+            title = METRICS.get(key, " ".join(key.partition("/")[::2]))  # recall/<class>: the class name as it is
             interval = "-" if values["ci95"] is None else f"{values['ci95'][0]:.3f} to {values['ci95'][1]:.3f}"
             rows.append([f"{split} {title}", values["n"], values["mean"], values["sd"], values["min"], values["max"],
                          interval])

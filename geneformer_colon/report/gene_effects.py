@@ -41,6 +41,7 @@ from scipy import stats
 
 from geneformer_colon.common.figures import save_figure
 from geneformer_colon.common.io import atomic_path, write_json
+from geneformer_colon.common.names import H5AD_KEY_ENCODING, h5ad_key
 from geneformer_colon.common.text_tables import markdown_table
 
 RANK_BINS = 20
@@ -157,9 +158,10 @@ def write_gene_outputs(out: Path, effects: GeneEffects, obs: pd.DataFrame, setti
     with atomic_path(out / "genes.md") as tmp:
         tmp.write_text(markdown_report(table, effects.tested, title, settings))
     order = table.index.to_numpy()
-    layers = {name: cell_matrix(effects, name, len(obs), order) for name in list(effects.values)[1:]}
+    layers = {h5ad_key(name): cell_matrix(effects, name, len(obs), order) for name in list(effects.values)[1:]}
+    var = table.set_index("ensembl_id").rename(columns=h5ad_key)
     cells = ad.AnnData(X=cell_matrix(effects, effects.tested, len(obs), order), obs=categorical(obs), layers=layers,
-                       var=table.set_index("ensembl_id"), uns={"settings": json.dumps(settings, default=str)})
+                       var=var, uns={"settings": json.dumps(settings, default=str), "key_encoding": H5AD_KEY_ENCODING})
     with atomic_path(out / matrix_name) as tmp:
         cells.write_h5ad(tmp)
     plot_top_genes(table, effects.tested, out / "plots" / "top_genes.png", title)
@@ -169,7 +171,8 @@ def write_gene_outputs(out: Path, effects: GeneEffects, obs: pd.DataFrame, setti
 
 
 def categorical(obs: pd.DataFrame) -> pd.DataFrame:
-    obs = obs.copy()
+    """obs as an h5ad holds it: string columns as categories, column names as h5ad keys (``prob_<class>``)."""
+    obs = obs.rename(columns=h5ad_key)
     obs.index = obs.index.astype(str)
     for column in obs.columns:
         if obs[column].dtype == object:
@@ -181,10 +184,11 @@ def markdown_report(table: pd.DataFrame, tested: str, title: str, settings: dict
     headers = ["gene", "symbol", "cells", f"mean {tested}", "95% CI", f"median {tested}", "donors agreeing", "FDR"]
 
     def rows(part: pd.DataFrame) -> list[list[Any]]:
-        return [[row.ensembl_id, row.symbol, int(row.n_cells), f"{getattr(row, f'mean_{tested}'):.4g}",
-                 f"[{row.ci_low:.3g}, {row.ci_high:.3g}]", f"{getattr(row, f'median_{tested}'):.4g}",
-                 f"{row.donor_agreement:.2f}" if "donor_agreement" in table and pd.notna(row.donor_agreement) else "-",
-                 f"{row.fdr:.2g}" if pd.notna(row.fdr) else "-"] for row in part.itertuples()]
+        # rows as mappings: a column named after a class ("mean_delta_CD14+ Monocyte") is no attribute name
+        return [[row["ensembl_id"], row["symbol"], int(row["n_cells"]), f"{row[f'mean_{tested}']:.4g}",
+                 f"[{row['ci_low']:.3g}, {row['ci_high']:.3g}]", f"{row[f'median_{tested}']:.4g}",
+                 f"{row['donor_agreement']:.2f}" if pd.notna(row.get("donor_agreement")) else "-",
+                 f"{row['fdr']:.2g}" if pd.notna(row["fdr"]) else "-"] for row in part.to_dict("records")]
 
     measured = table[table["n_cells"] > 0]
     lines = [f"# {title}", "", ", ".join(f"{key}: {value}" for key, value in settings.items()), "",

@@ -79,8 +79,9 @@ class Run:
     def class_names(self) -> list[str]:
         """From the per-class recalls of the final metrics, else of the epochs, else the config."""
         source = self.metrics.get(VAL) or (self.epochs[-1] if self.epochs else {})
-        recall = per_class("recall", "")
-        names = [key.rsplit("/", 1)[1] for key in source if key.startswith((recall, logged(VAL, recall)))]
+        names = [key.removeprefix(prefix) for key in source for prefix in (per_class("recall", ""),
+                                                                           logged(VAL, per_class("recall", "")))
+                 if key.startswith(prefix)]  # a class name may hold "/" itself ("CD4+/CD25 T Reg")
         return names or list(self.cv.get("class_names", [])) or list(self.config.get("data", {}).get("labels") or [])
 
     def donors(self, split: str) -> list[str]:

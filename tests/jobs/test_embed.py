@@ -1,0 +1,26 @@
+"""Cell embeddings and the donor-shift picture (embed.py): a run's cells or a file's, UMAPs coloured by donor, label,
+prediction and cell type, silhouettes scored."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+
+from geneformer_colon.cli import verbs as cli
+from geneformer_colon.jobs.embed import embed
+
+
+def test_embed_draws_the_donor_shift_and_scores_it(trained_runs, new_cells, tmp_path, capsys):
+    cli.main(["embed", str(trained_runs[0]), "--out", str(tmp_path / "embed")])
+    assert "silhouette by label" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "embed" / "silhouette.json").read_text())
+    assert scores["cells"] > 50 and all(np.isfinite(value) for value in scores["silhouette"].values())
+    for colour in ("donor", "label", "predicted", "cell_type"):
+        assert (tmp_path / "embed" / f"umap_{colour}.png").stat().st_size > 10_000, colour
+    embedded = ad.read_h5ad(tmp_path / "embed" / "embedding.h5ad")
+    assert set(embedded.obs["donor"]) == {"KUL19", "KUL01"} and embedded.obsm["X_umap"].shape[1] == 2
+
+    of_file = embed(trained_runs[0], new_cells, tmp_path / "file", colours=["predicted", "batch"], layer="counts")
+    assert of_file["cells"] == ad.read_h5ad(new_cells).n_obs and (tmp_path / "file" / "umap_batch.png").is_file()

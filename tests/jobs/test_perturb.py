@@ -1,0 +1,164 @@
+"""Why a cell is called Tumor: in-silico perturbation (perturb.py), checked against Geneformer's definitions,
+one-cell-at-a-time passes, predict, scipy, and the synthetic cohort's planted programme (integrated gradients:
+test_explain.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from helpers.runs import programme_auroc
+
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.cli import verbs as cli
+from geneformer_colon.data.tokenizer import TokenizedCells
+from geneformer_colon.jobs.cell_choice import select_cells
+from geneformer_colon.jobs.perturb import (
+    Perturber,
+    choose_columns,
+    inserted_variants,
+    perturb,
+    perturbed_tokens,
+    single_gene_variants,
+)
+from geneformer_colon.jobs.predict import GeneIds
+
+CLS, EOS = 2, 3
+
+
+@pytest.mark.parametrize("framed", [False, True])
+def test_deletion_and_overexpression_build_geneformers_token_lists(framed):
+    def cell(*genes: int) -> list[int]:
+        return [CLS, *genes, EOS] if framed else list(genes)
+
+    def made(genes, kind, input_size=10):
+        variant = perturbed_tokens(np.array(cell(10, 11, 12, 13)), genes, kind, input_size, framed)
+        return None if variant is None else variant.tolist()
+
+    assert made([12], "delete") == cell(10, 11, 13)  # removed, the rest move up
+    assert made([10], "delete") == cell(11, 12, 13)
+    assert made([12], "overexpress") == cell(12, 10, 11, 13)  # to the front, after <cls> where there is one
+    assert made([10], "overexpress") == cell(10, 11, 12, 13)
+    assert made([99], "delete") is None  # a gene the cell lacks: nothing to delete
+    assert made([99], "overexpress") == cell(99, 10, 11, 12, 13)  # inserted
+    at_input_size = len(cell(10, 11, 12, 13))
+    assert made([99], "overexpress", at_input_size) == cell(99, 10, 11, 12)  # the last gene drops, <eos> stays
+    assert made([12], "overexpress", at_input_size) == cell(12, 10, 11, 13)  # a moved gene keeps the length
+    assert made([13, 11], "delete") == cell(10, 12)  # a set at once
+    assert made([13, 99, 11], "overexpress") == cell(13, 99, 11, 10, 12)  # in the set's order
+
+    # the batched builders give the same rows, every position of the cell
+    tokens = np.array(cell(10, 11, 12, 13, 14, 15))
+    head = 1 if framed else 0
+    positions = np.arange(6) + head
+    for kind in ("delete", "overexpress"):
+        expected = [perturbed_tokens(tokens, [tokens[p]], kind, 20, framed).tolist() for p in positions]
+        assert single_gene_variants(tokens, positions, kind, head).tolist() == expected
+    for size in (20, len(tokens)):
+        expected = [perturbed_tokens(tokens, [g], "overexpress", size, framed).tolist() for g in (98, 99)]
+        assert inserted_variants(tokens, np.array([98, 99]), head, size, framed).tolist() == expected
+
+
+def one_at_a_time(model: TrainedClassifier, cell: np.ndarray, genes: np.ndarray, kind: str) -> np.ndarray:
+    variant = perturbed_tokens(cell, genes, kind, model.settings.resolved_input_size, False)
+    single = TokenizedCells(variant, np.array([0, len(variant)]), 0)
+    return model.apply(single)[0][0]
+
+
+def test_batched_perturbation_equals_one_cell_at_a_time(trained_runs):
+    model = TrainedClassifier.load(trained_runs[0])
+    choice = select_cells(model, trained_runs[0], None, ["label=Tumor"], 9, 0, GeneIds(), None)
+    cells = choice.cells
+    listed = choose_columns(choice.names, cells, "all", (), 4, False)
+    named = ",".join(listed.names[:4] + [listed.names[-1]])
+    gene_set = Path(trained_runs[0]) / "set.txt"
+    gene_set.write_text("\n".join(listed.names[5:8]) + "\n")
+    base, embeddings = model.apply(cells.tokens, cells.rows)
+    for kind, genes in (("delete", "all"), ("overexpress", named)):
+        columns = choose_columns(choice.names, cells, genes, [str(gene_set)], 4, False)
+        done = Perturber(model, kind, embeddings.mean(0), batch_size=7, insert_absent=genes != "all").run(
+            cells, columns, base, embeddings)
+        assert len(done.cell) == Perturber(model, kind, embeddings.mean(0), insert_absent=genes != "all").count(
+            cells, columns)
+        assert len(set(zip(done.cell.tolist(), done.column.tolist()))) == len(done.cell)
+        for index in np.random.default_rng(0).choice(len(done.cell), min(40, len(done.cell)), replace=False):
+            cell = np.asarray(cells.tokens.cell_tokens(int(cells.rows[done.cell[index]])), dtype=np.int64)
+            expected = one_at_a_time(model, cell, columns.tokens[done.column[index]], kind)
+            np.testing.assert_allclose(done.delta[index], expected - base[done.cell[index]], atol=1e-5)
+        if kind == "overexpress":  # every listed gene in every cell (inserted where absent); the set everywhere
+            assert len(done.cell) == len(cells.rows) * len(columns)
+
+
+def test_outputs_match_predict_genes_csv_and_scipy(trained_runs, tmp_path):
+    run_dir = trained_runs[0]
+    out = perturb(run_dir, "Normal", where=["label=Tumor"], min_cells=5, out_dir=tmp_path / "p", progress=False)
+    table = pd.read_csv(out / "genes.csv", keep_default_na=False, na_values=[""])
+    shifts = ad.read_h5ad(out / "shifts.h5ad")
+    assert list(shifts.var_names) == list(table["ensembl_id"])
+    assert shifts.X.shape == (shifts.n_obs, len(table)) and "embedding_shift" in shifts.layers
+    predictions = pd.concat([pd.read_csv(run_dir / "predictions" / f"{split}.csv") for split in ("val", "test")])
+    predictions = predictions.set_index("cell_id")
+    # where=label=Tumor chose the run's validation and test cells labelled Tumor, each one of them
+    assert set(shifts.obs_names) == set(predictions.index[predictions["true"] == "Tumor"])
+    assert (shifts.obs["label"] == "Tumor").all() and set(shifts.obs["donor"]) == {"KUL01", "KUL19"}
+    # the unperturbed pass is predict's
+    np.testing.assert_allclose(shifts.obs["prob_Normal"].to_numpy(),
+                               predictions.loc[shifts.obs_names, "prob_Normal"].to_numpy(), atol=1e-5)
+    # per-cell values and the table agree; the FDR is scipy's
+    stored = np.asarray(shifts.X.sum(0)).ravel() / table["n_cells"].to_numpy()
+    np.testing.assert_allclose(stored, table["mean_delta_Normal"].to_numpy(), rtol=1e-4, atol=1e-7)
+    assert (np.diff(shifts.X.tocsc().indptr) == table["n_cells"].to_numpy()).all()
+    finite = table["p_value"].notna()
+    assert finite.sum() > 10
+    np.testing.assert_allclose(table.loc[finite, "fdr"],
+                               scipy.stats.false_discovery_control(table.loc[finite, "p_value"]), rtol=1e-12)
+    assert {"ci_low", "ci_high", "median_delta_Normal", "mean_embedding_shift", "donor_KUL01", "donor_KUL19",
+            "donor_agreement"} <= set(table.columns)
+    assert "## Top 30: largest mean delta_Normal" in (out / "genes.md").read_text()
+    assert (out / "plots" / "top_genes.png").stat().st_size and (out / "plots" / "volcano.png").stat().st_size
+    assert json.loads((out / "settings.json").read_text())["cells"] == shifts.n_obs
+
+
+def test_an_h5ad_is_read_as_predict_reads_it_and_gives_the_run_cells_results(trained_runs, cohort, tmp_path):
+    canonical = tmp_path / "cells.h5ad"
+    shutil.copyfile(cohort(trained_runs[0]), canonical)
+    where = ["label=Tumor", "donor=KUL01"]
+    from_file = perturb(trained_runs[0], "Normal", canonical, where=where, genes="all", min_cells=5,
+                        gene_ids=GeneIds(ensembl_key="ensembl_id"), progress=False)
+    assert from_file.parent == canonical.with_name(f"{canonical.stem}_perturb")
+    from_run = perturb(trained_runs[0], "Normal", where=where, min_cells=5, out_dir=tmp_path / "run", progress=False)
+    file_cells, run_cells = ad.read_h5ad(from_file / "shifts.h5ad"), ad.read_h5ad(from_run / "shifts.h5ad")
+    assert sorted(file_cells.obs_names) == sorted(run_cells.obs_names)
+    assert list(file_cells.var_names) == list(run_cells.var_names)
+    run_cells = run_cells[file_cells.obs_names]
+    np.testing.assert_allclose(file_cells.X.toarray(), run_cells.X.toarray(), atol=1e-6)
+
+
+@pytest.mark.parametrize("arguments", [
+    ["--goal", "Normal", "--genes", "ENSG00000000000"],
+    ["--goal", "Normal", "--where", "colour=red"],
+    ["--goal", "Normal", "--where", "donor=KUL99"],
+    ["--goal", "Healthy"],
+])
+def test_bad_inputs_are_one_line_exit_2_nothing_written(trained_runs, tmp_path, capsys, arguments):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["perturb", str(trained_runs[0]), "--out", str(out), *arguments])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_deleting_the_tumour_programme_lowers_tumour_probability(programme_run, tmp_path):
+    out = perturb(programme_run, "Normal", where=["label=Tumor"], out_dir=tmp_path / "p", progress=False)
+    perturb_auroc = programme_auroc(pd.read_csv(out / "genes.csv"), "mean_delta_Tumor", -1.0)
+    print(f"programme AUROC: perturb {perturb_auroc:.3f}")
+    assert perturb_auroc >= 0.8
