@@ -1,4 +1,5 @@
-"""Evaluate a run's best checkpoint on other cells: `geneformer-colon-eval run_dir=outputs/colon6 data.test_donors=[KUL21]`.
+"""Evaluate a run's best checkpoint on other cells:
+`geneformer-colon-eval run_dir=outputs/colon6 data.test_donors=[KUL21]`.
 
 Any override in Hydra's grammar applies on top of the run's saved config, group overrides
 included (`data=h5ad data.source.path=other.h5ad ...`); `name=...` names the results folder

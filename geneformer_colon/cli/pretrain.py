@@ -1,4 +1,5 @@
-"""Pretrain on masked genes: `geneformer-colon-pretrain [data=... model=...]`; the best epoch goes to outputs/<run_name>/hf/.
+"""Pretrain on masked genes: `geneformer-colon-pretrain [data=... model=...]`;
+the best epoch goes to outputs/<run_name>/hf/.
 
 Then fine-tune from it:
 `python train.py experiment=colon6 model=pretrained model.encoder.pretrained=outputs/pretrain/hf`.

@@ -84,8 +84,10 @@ def _embed(args: argparse.Namespace) -> None:
     from geneformer_colon.jobs.embed import embed
 
     _positive(args, "batch_size")
-    scores = embed(args.model, args.input, args.out, colours=args.color.split(","), genes=_genes(args),
-                   layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold)
+    scores = embed(args.model, args.input, args.out, colours=args.color.split(",") if args.color else None,
+                   genes=_genes(args), layer=args.layer, batch_size=args.batch_size, device=args.device,
+                   fold=args.fold, label_key=args.label_key, donor_key=args.donor_key,
+                   cell_type_key=args.cell_type_key)
     print(f"{scores['cells']} cells; silhouette " + ", ".join(
         f"by {key} {value:.3f}" if value is not None else f"by {key} -" for key, value in scores["silhouette"].items()))
 
@@ -206,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="UMAPs and silhouette scores of cell embeddings (the donor shift)")
     embed.add_argument("model", help="a run directory or an export")
     embed.add_argument("input", nargs="?", help="an .h5ad of raw counts (default: the run's val and test cells)")
-    embed.add_argument("--color", default="donor,label,predicted,cell_type",
-                       help="obs columns to colour by, comma-separated (default donor,label,predicted,cell_type)")
+    embed.add_argument("--color", help="obs columns to colour by, comma-separated (default: those of donor, label, "
+                                       "predicted, cell_type there are)")
     embed.add_argument("--out", help="folder for the PNGs, silhouette.json and embedding.h5ad")
+    for name in ("label", "donor", "cell_type"):
+        embed.add_argument(f"--{name.replace('_', '-')}-key",
+                           help=f"INPUT's obs column of {name.replace('_', ' ')}s (default: a column named {name})")
     _gene_options(embed)
     embed.set_defaults(run=_embed)
 
@@ -245,19 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds: what a command was writing is removed, as on Ctrl-C
+STOPPED = "{command}: stopped by {what}; its unfinished output was removed, earlier outputs are as they were"
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C (past `except Exception`), so what a command was writing is removed."""
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Stopped
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         report_input_errors(args.run)(args)
     except BrokenPipeError:  # the reader of a pipe stopped early (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         sys.exit(1)
+    except (Stopped, KeyboardInterrupt) as stop:
+        what = "SIGTERM" if isinstance(stop, Stopped) else "Ctrl-C"
+        print(STOPPED.format(command=args.command, what=what), file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT))
 
 
 if __name__ == "__main__":

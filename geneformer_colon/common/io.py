@@ -106,27 +106,45 @@ class LockHeld(Exception):
 
 
 @contextlib.contextmanager
-def held_lock(path: Path, holder: str, shared: bool = False) -> Iterator[None]:
+def held_lock(path: Path, holder: str, shared: bool = False, remove_after: bool = False) -> Iterator[None]:
     """A lock on ``path`` held for the block, or :class:`LockHeld` at once if another process has it.
 
     ``shared``: several shared holders at a time, none beside an exclusive one. The holder's
     description is written into the file for whoever is refused. The lock is the kernel's (flock):
-    a killed holder releases it, so a lock file left behind is never stale.
+    a killed holder releases it, so a lock file left behind is never stale. ``remove_after`` (exclusive
+    locks): the file is deleted before the lock is released; a process that locked the deleted file
+    meanwhile sees it is no longer ``path``'s and tries again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            raise LockHeld(handle.read().strip() or "another process") from None
+            holder_was = handle.read().strip() or "another process"
+            handle.close()
+            raise LockHeld(holder_was) from None
+        if not remove_after or same_file(handle, path):
+            break
+        handle.close()  # locked a file another holder deleted on its way out
+    with handle:
         try:
             handle.truncate(0)
             handle.write(holder + "\n")
             handle.flush()
             yield
         finally:
+            if remove_after:
+                path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def same_file(handle: IO[str], path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def build_once(final: str | os.PathLike[str], build: Callable[[Path], None], done: Callable[[Path], bool] | None = None

@@ -8,6 +8,7 @@ sample. Genes are named by Ensembl id or by symbol (a run's own symbols, or ``--
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,9 +185,22 @@ def gene_names(model: TrainedClassifier, datamodule: CellDataModule | None, gene
     return GeneNames(token_of, symbol_of)
 
 
+def check_cell_counts(max_cells: int | None, min_cells: int) -> None:
+    """``--max-cells`` and ``--min-cells`` are counts of cells: one line before anything is read otherwise."""
+    if max_cells is not None and max_cells < 1:
+        raise InputError(f"--max-cells {max_cells}: give a number of cells >= 1 (or leave it out: every chosen cell)")
+    if min_cells < 1:
+        raise InputError(f"--min-cells {min_cells}: give a number of cells >= 1")
+
+
+GENE_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".gmt", ".list")
+
+
 def read_gene_list(value: str) -> list[str]:
     """A comma-separated list of genes, or a file of them (one a line, ``#`` comments)."""
     path = Path(value)
+    if not path.is_file() and (os.sep in value or path.suffix.lower() in GENE_FILE_SUFFIXES):
+        raise InputError(f"{value}: no such file; give a file of genes (one a line) or a comma-separated list")
     if path.is_file():
         lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
         names = [line for line in lines if line]
@@ -212,7 +226,8 @@ def select_cells(model: TrainedClassifier, model_path: str | Path, input_path: s
                  also: Callable[[pd.DataFrame], np.ndarray] | None = None) -> CellChoice:
     """The run's validation and test cells, or an h5ad's (tokenized are only the chosen cells and those ``also``
     marks in the file's obs), filtered by ``where`` and sampled to ``max_cells``."""
-    run_dir = Path(model_path) if "run_dir" in model.origin else None
+    # an export names the run it came from, which need not be on this machine: its own dictionaries serve
+    run_dir = Path(model_path) if "run_dir" in model.origin and "export" not in model.origin else None
     conditions = parse_where(where)
     if input_path is None:
         if run_dir is None:

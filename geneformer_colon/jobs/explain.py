@@ -29,12 +29,13 @@ from captum.attr import LayerIntegratedGradients
 from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import write_json
+from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.samplers import EvalBatchSampler
-from geneformer_colon.jobs.cell_choice import CellSet, select_cells
-from geneformer_colon.jobs.perturb import choose_columns, default_out, fold_path
+from geneformer_colon.jobs.cell_choice import CellSet, check_cell_counts, select_cells
+from geneformer_colon.jobs.perturb import Columns, choose_columns, default_out, fold_path
 from geneformer_colon.jobs.predict import GeneIds
-from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
+from geneformer_colon.report.gene_effects import GENE_OUTPUTS, GeneEffects, write_gene_outputs
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,27 @@ def integrated_gradients(model: TrainedClassifier, cells: CellSet, targets: np.n
     return attributions, deltas, differences
 
 
+def attribution_effects(model: TrainedClassifier, cells: CellSet, columns: Columns, attributions: list[np.ndarray],
+                        framed: bool) -> GeneEffects:
+    """Each cell's attributions to the genes of ``columns`` (found by token position), as gene effects."""
+    head = 1 if framed else 0
+    column_of = np.full(len(model.dictionaries.token), -1, dtype=np.int64)
+    column_of[columns.single_tokens] = columns.single
+    cell_parts, column_parts, rank_parts, value_parts = [], [], [], []
+    for index, (row, attribution) in enumerate(zip(cells.rows, attributions)):
+        tokens = np.asarray(cells.tokens.cell_tokens(int(row)), dtype=np.int64)
+        genes_here = tokens[head : len(tokens) - head]
+        column = column_of[genes_here]
+        kept = np.flatnonzero(column >= 0)
+        cell_parts.append(np.full(len(kept), index))
+        column_parts.append(column[kept])
+        rank_parts.append(kept / len(genes_here))
+        value_parts.append(attribution[head : len(tokens) - head][kept])
+    return GeneEffects(names=columns.names, symbols=columns.symbols, cell=np.concatenate(cell_parts),
+                       column=np.concatenate(column_parts), rank=np.concatenate(rank_parts).astype(np.float32),
+                       values={"attribution": np.concatenate(value_parts).astype(np.float32)})
+
+
 def explain(model_path: str | Path, input_path: str | Path | None = None, target: str | None = None,
             where: Sequence[str] = (), genes: str | None = "all", min_cells: int = 10, max_cells: int | None = None,
             seed: int = 0, steps: int = 32, baseline: str = "pad", out_dir: str | Path | None = None,
@@ -102,52 +124,38 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
         raise InputError(f"--baseline {baseline}: unknown; use one of {', '.join(BASELINES)}")
     if steps < 2:
         raise InputError(f"--steps {steps}: integrated gradients needs 2 steps or more")
-    choice = select_cells(model, model_path, input_path, where, max_cells, seed, gene_ids, layer)
-    cells = choice.cells
-    framed = bool(FRAME_TOKENS[model.settings.model_version])
-    columns = choose_columns(choice.names, cells, genes or "all", (), min_cells, framed)
-    started = time.perf_counter()
-    probabilities, _ = model.apply(cells.tokens, cells.rows, batch_size, device=device)
-    predicted = probabilities.argmax(1)
-    targets = predicted if target is None else np.full(len(predicted), model.class_names.index(target))
-    attributions, deltas, differences = integrated_gradients(model, cells, targets, steps, baseline, batch_size,
-                                                             device)
-    seconds = time.perf_counter() - started
-    head = 1 if framed else 0
-    column_of = np.full(len(model.dictionaries.token), -1, dtype=np.int64)
-    column_of[columns.single_tokens] = columns.single
-    cell_parts, column_parts, rank_parts, value_parts = [], [], [], []
-    for index, (row, attribution) in enumerate(zip(cells.rows, attributions)):
-        tokens = np.asarray(cells.tokens.cell_tokens(int(row)), dtype=np.int64)
-        genes_here = tokens[head : len(tokens) - head]
-        column = column_of[genes_here]
-        kept = np.flatnonzero(column >= 0)
-        cell_parts.append(np.full(len(kept), index))
-        column_parts.append(column[kept])
-        rank_parts.append(kept / len(genes_here))
-        value_parts.append(attribution[head : len(tokens) - head][kept])
-    classes = np.asarray(model.class_names)
-    obs = cells.obs.assign(predicted=classes[predicted], explained=classes[targets])
-    effects = GeneEffects(names=columns.names, symbols=columns.symbols, cell=np.concatenate(cell_parts),
-                          column=np.concatenate(column_parts), rank=np.concatenate(rank_parts).astype(np.float32),
-                          values={"attribution": np.concatenate(value_parts).astype(np.float32)})
-    completeness = {"cells": len(cells.rows), "steps": steps, "baseline": BASELINES[baseline],
-                    "mean_abs_delta": float(np.mean(np.abs(deltas))), "max_abs_delta": float(np.max(np.abs(deltas))),
-                    "mean_abs_logit_difference": float(np.mean(np.abs(differences))),
-                    "relative_mean_abs_delta": float(np.mean(np.abs(deltas)) / max(np.mean(np.abs(differences)),
-                                                                                    1e-12))}
+    check_cell_counts(max_cells, min_cells)
     what = target or "predicted class"
     out = Path(out_dir) if out_dir is not None else default_out(model_path, input_path, "explain") / (
         name or "_".join([f"ig_{what.replace(' ', '-')}", *where]).replace("/", "-").replace(" ", "-"))
-    settings = {"command": "explain", "model": str(model_path), "input": str(input_path or "run val/test cells"),
-                "target": what, "where": list(where), "genes": genes or "all", "min_cells": min_cells,
-                "max_cells": max_cells,
-                "seed": seed, "steps": steps, "baseline": BASELINES[baseline], "cells": len(cells.rows),
-                "columns": len(columns), "seconds": round(seconds, 2), "device": device}
-    write_gene_outputs(out, effects, obs, settings, matrix_name="attributions.h5ad",
-                       title=f"integrated gradients of the {what} logit", groups=("donor", "label", "cell_type",
-                                                                                   "explained"))
-    write_json(out / "completeness.json", completeness)
+    with output_folder(out, "explain", (*GENE_OUTPUTS, "attributions.h5ad", "completeness.json")) as written:
+        choice = select_cells(model, model_path, input_path, where, max_cells, seed, gene_ids, layer)
+        cells = choice.cells
+        framed = bool(FRAME_TOKENS[model.settings.model_version])
+        columns = choose_columns(choice.names, cells, genes or "all", (), min_cells, framed)
+        started = time.perf_counter()
+        probabilities, _ = model.apply(cells.tokens, cells.rows, batch_size, device=device)
+        predicted = probabilities.argmax(1)
+        targets = predicted if target is None else np.full(len(predicted), model.class_names.index(target))
+        attributions, deltas, differences = integrated_gradients(model, cells, targets, steps, baseline, batch_size,
+                                                                 device)
+        seconds = time.perf_counter() - started
+        classes = np.asarray(model.class_names)
+        obs = cells.obs.assign(predicted=classes[predicted], explained=classes[targets])
+        effects = attribution_effects(model, cells, columns, attributions, framed)
+        mean_abs_delta, mean_abs_difference = float(np.mean(np.abs(deltas))), float(np.mean(np.abs(differences)))
+        completeness = {"cells": len(cells.rows), "steps": steps, "baseline": BASELINES[baseline],
+                        "mean_abs_delta": mean_abs_delta, "max_abs_delta": float(np.max(np.abs(deltas))),
+                        "mean_abs_logit_difference": mean_abs_difference,
+                        "relative_mean_abs_delta": mean_abs_delta / max(mean_abs_difference, 1e-12)}
+        settings = {"command": "explain", "model": str(model_path), "input": str(input_path or "run val/test cells"),
+                    "target": what, "where": list(where), "genes": genes or "all", "min_cells": min_cells,
+                    "max_cells": max_cells, "seed": seed, "steps": steps, "baseline": BASELINES[baseline],
+                    "cells": len(cells.rows), "columns": len(columns), "seconds": round(seconds, 2), "device": device}
+        write_gene_outputs(written, effects, obs, settings, matrix_name="attributions.h5ad",
+                           title=f"integrated gradients of the {what} logit", groups=("donor", "label", "cell_type",
+                                                                                       "explained"))
+        write_json(written / "completeness.json", completeness)
     log.info("attributions of %d cells x %d genes in %.1f s; completeness: mean |delta| %.3g of mean |logit "
              "difference| %.3g: %s", len(cells.rows), len(columns), seconds, completeness["mean_abs_delta"],
              completeness["mean_abs_logit_difference"], out)

@@ -34,8 +34,8 @@ from geneformer_colon.assembly.trained_classifier import (
     TrainedClassifier,
 )
 from geneformer_colon.common.errors import InputError
-from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import EVAL_SPLITS, METRICS
+from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.common.text_tables import markdown_table
 from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, SETTINGS_FILE, TOKEN_FILE, save_settings
 from geneformer_colon.report.history import data_source, recipe_rows
@@ -73,19 +73,11 @@ EXPORT_FILES = frozenset({"config.json", "model.safetensors", EXPORT_HEAD, EXPOR
                           MAPPING_FILE, SETTINGS_FILE, "README.md", ENSEMBLE_SETTINGS, "folds"})
 
 
-def check_out_dir(run_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
-    """An export replaces an earlier export, never a folder holding anything else unless ``overwrite``
-    (nor ever the run it comes from)."""
+def check_out_dir(run_dir: Path, out_dir: Path) -> None:
+    """An export never goes into (or around) the run it comes from."""
     run, out = run_dir.resolve(), out_dir.resolve()
     if out == run or out in run.parents or run in out.parents:
         raise InputError(f"{out_dir}: the export would overlap the run directory {run_dir}; export elsewhere")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: a file, not a folder; give a new or empty folder")
-    others = sorted(path.name for path in out_dir.iterdir() if path.name not in EXPORT_FILES) \
-        if out_dir.is_dir() else []
-    if others and not overwrite:
-        raise InputError(f"{out_dir}: holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not written "
-                         "by an export; give a new folder, move them away, or add --overwrite to replace the folder")
 
 
 def write_export(model: TrainedClassifier, run_dir: Path, directory: Path) -> None:
@@ -133,15 +125,16 @@ def ensemble_card(model: FoldEnsemble, run_dir: Path) -> str:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fold: str | None = None, overwrite: bool = False) -> Path:
-    """Write the export of a run directory's best checkpoint to ``out_dir`` (atomically); return it. A CV run:
-    its ``fold``, or every finished fold (``folds/<test donor>/``) with ``ensemble.json`` and a model card."""
+    """Write the export of a run directory's best checkpoint to ``out_dir`` (whole; replacing only an earlier
+    export's own unchanged files unless ``overwrite``: :mod:`~geneformer_colon.common.output_folder`); return it.
+    A CV run: its ``fold``, or every finished fold (``folds/<test donor>/``) with ``ensemble.json`` and a model
+    card."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    check_out_dir(run_dir, out_dir, overwrite)
+    check_out_dir(run_dir, out_dir)
     model = TrainedClassifier.load(run_dir, fold)
     transformers_logging.disable_progress_bar()
-    with atomic_path(out_dir) as tmp:
+    with output_folder(out_dir, "export", EXPORT_FILES, overwrite) as tmp:
         if isinstance(model, FoldEnsemble):
-            tmp.mkdir()
             for name, member in zip(model.origin["folds"], model.members):
                 write_export(member, RunLayout(run_dir).fold(name).root, tmp / "folds" / name)
             (tmp / ENSEMBLE_SETTINGS).write_text(json.dumps({"format": 1, "folds": model.origin["folds"],

@@ -36,11 +36,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.token_rows import pad_tokens
-from geneformer_colon.jobs.cell_choice import CellSet, GeneNames, goal_centroid, read_gene_list, select_cells
+from geneformer_colon.jobs.cell_choice import (
+    CellSet,
+    GeneNames,
+    check_cell_counts,
+    goal_centroid,
+    read_gene_list,
+    select_cells,
+)
 from geneformer_colon.jobs.predict import GeneIds
-from geneformer_colon.report.gene_effects import GeneEffects, write_gene_outputs
+from geneformer_colon.report.gene_effects import GENE_OUTPUTS, GeneEffects, write_gene_outputs
 
 log = logging.getLogger(__name__)
 
@@ -303,39 +311,43 @@ def perturb(
         raise InputError(f"--goal {goal}: not a class of the model {model.class_names}; choose one of those")
     if kind not in PERTURBATIONS:
         raise InputError(f"--perturb {kind}: unknown; use one of {', '.join(PERTURBATIONS)}")
+    check_cell_counts(max_cells, min_cells)
+
 
     def goal_cells(obs: pd.DataFrame) -> np.ndarray:
         return (obs[label_key].astype(str) == goal).to_numpy() if label_key in obs.columns else np.zeros(len(obs), bool)
 
-    choice = select_cells(model, model_path, input_path, where, max_cells, seed, gene_ids, layer, also=goal_cells)
-    cells, source_names = choice.cells, choice.names
-    centroid, centroid_from = goal_centroid(model, choice.every, label_key, goal, choice.run_dir, batch_size, device)
-    framed = bool(FRAME_TOKENS[model.settings.model_version])
-    columns = choose_columns(source_names, cells, genes, gene_sets, min_cells, framed)
-    started = time.perf_counter()
-    base_probabilities, base_embeddings = model.apply(cells.tokens, cells.rows, batch_size, device=device)
-    perturber = Perturber(model, kind, centroid, batch_size, device, insert_absent=genes not in (None, "all"))
-    with progress_bar() if progress else contextlib.nullcontext() as bar:
-        done = perturber.run(cells, columns, base_probabilities, base_embeddings, bar)
-    seconds = time.perf_counter() - started
-    goal_index = model.class_names.index(goal)
-    obs = cells.obs.assign(predicted=np.asarray(model.class_names)[base_probabilities.argmax(1)],
-                           **{f"prob_{goal}": base_probabilities[:, goal_index]})
-    effects = GeneEffects(names=columns.names, symbols=columns.symbols, cell=done.cell, column=done.column,
-                          rank=done.rank, values={f"delta_{goal}": done.delta[:, goal_index],
-                                                  "embedding_shift": done.shift,
-                                                  **{f"delta_{c}": done.delta[:, i]
-                                                     for i, c in enumerate(model.class_names) if c != goal}})
     out = Path(out_dir) if out_dir is not None else default_out(model_path, input_path, "perturb") / (
         name or default_name(kind, goal, where))
-    settings = {"command": "perturb", "model": str(model_path), "input": str(input_path or "run val/test cells"),
-                "perturb": kind, "goal": goal, "where": list(where), "genes": genes, "gene_sets": list(gene_sets),
-                "min_cells": min_cells, "max_cells": max_cells, "seed": seed, "cells": len(cells.rows),
-                "columns": len(columns), "perturbations": len(done.cell), "seconds": round(seconds, 2),
-                "per_second": round(len(done.cell) / max(seconds, 1e-9), 1), "goal_centroid": centroid_from,
-                "device": device}
-    write_gene_outputs(out, effects, obs, settings, matrix_name="shifts.h5ad",
-                       title=f"{kind} toward {goal}: change of P({goal})", groups=("donor",))
+    with output_folder(out, "perturb", (*GENE_OUTPUTS, "shifts.h5ad")) as written:
+        choice = select_cells(model, model_path, input_path, where, max_cells, seed, gene_ids, layer, also=goal_cells)
+        cells, source_names = choice.cells, choice.names
+        centroid, centroid_from = goal_centroid(model, choice.every, label_key, goal, choice.run_dir, batch_size,
+                                                device)
+        framed = bool(FRAME_TOKENS[model.settings.model_version])
+        columns = choose_columns(source_names, cells, genes, gene_sets, min_cells, framed)
+        started = time.perf_counter()
+        base_probabilities, base_embeddings = model.apply(cells.tokens, cells.rows, batch_size, device=device)
+        perturber = Perturber(model, kind, centroid, batch_size, device, insert_absent=genes not in (None, "all"))
+        with progress_bar() if progress else contextlib.nullcontext() as bar:
+            done = perturber.run(cells, columns, base_probabilities, base_embeddings, bar)
+        seconds = time.perf_counter() - started
+        goal_index = model.class_names.index(goal)
+        obs = cells.obs.assign(predicted=np.asarray(model.class_names)[base_probabilities.argmax(1)],
+                               **{f"prob_{goal}": base_probabilities[:, goal_index]})
+        effects = GeneEffects(names=columns.names, symbols=columns.symbols, cell=done.cell, column=done.column,
+                              rank=done.rank, values={f"delta_{goal}": done.delta[:, goal_index],
+                                                      "embedding_shift": done.shift,
+                                                      **{f"delta_{c}": done.delta[:, i]
+                                                         for i, c in enumerate(model.class_names) if c != goal}})
+        settings = {"command": "perturb", "model": str(model_path), "input": str(input_path or "run val/test cells"),
+                    "perturb": kind, "goal": goal, "where": list(where), "genes": genes, "gene_sets": list(gene_sets),
+                    "min_cells": min_cells, "max_cells": max_cells, "seed": seed, "cells": len(cells.rows),
+                    "columns": len(columns), "perturbations": len(done.cell), "seconds": round(seconds, 2),
+                    "per_second": round(len(done.cell) / max(seconds, 1e-9), 1), "goal_centroid": centroid_from,
+                    "device": device}
+        write_gene_outputs(written, effects, obs, settings, matrix_name="shifts.h5ad",
+                           title=f"{kind} toward {goal}: change of P({goal})", groups=("donor",))
     log.info("%d perturbations of %d cells x %d genes in %.1f s (%.0f a second): %s", len(done.cell), len(cells.rows),
              len(columns), seconds, settings["per_second"], out)
     return out

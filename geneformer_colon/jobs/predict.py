@@ -40,6 +40,7 @@ from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import FINISHED, METRICS, TEST
+from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.data.canonical import check_gene_ids, obs_n_counts, obs_strings
 from geneformer_colon.data.counts import CellCounts
 from geneformer_colon.data.dictionaries import read_gene_name_map
@@ -193,7 +194,8 @@ def predict_h5ad(
     if missing:
         log.warning("%s: %d cells have no gene of the model's vocabulary: no prediction", input_path, missing)
     if truth is not None:
-        write_labelled_metrics(metrics_dir(out_path), truth, probabilities, classes, model, input_path, donor_key)
+        with output_folder(metrics_dir(out_path).root, "predict", ("metrics.json", "predictions", "plots")) as written:
+            write_labelled_metrics(RunLayout(written), truth, probabilities, classes, model, input_path, donor_key)
     return added
 
 

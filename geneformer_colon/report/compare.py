@@ -26,8 +26,8 @@ from rich.console import Console
 from scipy.stats import wilcoxon
 
 from geneformer_colon.common.figures import save_figure
-from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import EVAL_SPLITS, GROUPINGS, TEST, VAL, column, logged, per_class
+from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.common.text_tables import TextTable
 from geneformer_colon.report.cv_summary import seed_sd
 from geneformer_colon.report.run_tables import (
@@ -384,9 +384,9 @@ def compare_runs(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Path
     pairs = paired_comparisons(runs, labels)
     tables = comparison_tables(frame, runs, pairs)
     out = Path(out_dir) if out_dir is not None else default_out(paths, runs)
-    with atomic_path(out / TABLE_FILE) as tmp:
-        tmp.write_text("\n".join(["# Run comparison\n", *(table.markdown() for table in tables)]))
-    plots = [name for name, plot in ((EPOCH_PLOT, plot_epochs), (RECALL_PLOT, plot_recall),
-                                     (DONOR_PLOT, plot_paired_donors)) if plot(runs, labels, out / name)]
+    with output_folder(out, "compare", (TABLE_FILE, EPOCH_PLOT, RECALL_PLOT, DONOR_PLOT)) as written:
+        (written / TABLE_FILE).write_text("\n".join(["# Run comparison\n", *(table.markdown() for table in tables)]))
+        plots = [name for name, plot in ((EPOCH_PLOT, plot_epochs), (RECALL_PLOT, plot_recall),
+                                         (DONOR_PLOT, plot_paired_donors)) if plot(runs, labels, written / name)]
     log.info("comparison written to %s (%s)", out, ", ".join([TABLE_FILE, *plots]))
     return Comparison(runs, frame, pairs, tables, out)

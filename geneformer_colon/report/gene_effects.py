@@ -149,6 +149,10 @@ def cell_matrix(effects: GeneEffects, name: str, n_cells: int, order: np.ndarray
     return matrix.tocsr()
 
 
+# What write_gene_outputs writes, but the matrix (named by the command)
+GENE_OUTPUTS = ("genes.csv", "genes.md", "plots", "settings.json")
+
+
 def write_gene_outputs(out: Path, effects: GeneEffects, obs: pd.DataFrame, settings: dict[str, Any],
                        matrix_name: str, title: str, groups: Sequence[str] = ("donor",)) -> pd.DataFrame:
     """genes.csv, genes.md, the cells x genes matrix, plots and settings.json in ``out`` (each written whole)."""

@@ -180,6 +180,9 @@ def write_history(run: Run) -> Path:
 def append_history(entry: str, path: str | os.PathLike[str]) -> Path:
     """Append ``entry`` to a training log (created if absent), rewriting the file atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--append {path}: a folder; give the training log's file, e.g. "
+                         f"{path / 'TRAINING_HISTORY.md'}")
     existing = path.read_text() if path.is_file() else ""
     with atomic_path(path) as tmp:
         tmp.write_text(f"{existing.rstrip()}\n\n{entry}" if existing.strip() else entry)

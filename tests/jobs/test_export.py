@@ -27,10 +27,18 @@ def test_export_loads_with_transformers_alone_and_predicts_the_same(trained_runs
     assert "## Metrics of the run" in (export / "README.md").read_text()
     assert export_run(run_dir, export) == export  # an earlier export may be replaced, nothing else
     (export / "my_notes.txt").write_text("mine")  # a file of the user's in an earlier export: kept, or --overwrite
-    with pytest.raises(InputError, match="holds my_notes.txt, not written by an export.*--overwrite"):
+    with pytest.raises(InputError, match="holds my_notes.txt, not written by export or changed since.*--overwrite"):
         export_run(run_dir, export)
     assert (export / "my_notes.txt").read_text() == "mine" and (export / "cell_classifier.json").is_file()
     assert export_run(run_dir, export, overwrite=True) == export and not (export / "my_notes.txt").exists()
+    for name, edit in (("README.md", "# my own model card\n"), ("cell_classifier.json", "{}\n")):
+        before = (export / name).read_text()
+        (export / name).write_text(edit)  # an exported file edited since (the user's own card): refused, kept
+        with pytest.raises(InputError, match=f"holds {name}, not written by export or changed since"):
+            export_run(run_dir, export)
+        assert (export / name).read_text() == edit
+        (export / name).write_text(before)
+    assert export_run(run_dir, export) == export  # restored as exported: replaced again
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
     for elsewhere in (tmp_path / "notes", run_dir, run_dir / "hf"):
