@@ -1,4 +1,5 @@
-"""Naive Bayes on the same split and metrics as training: `geneformer-colon-baseline experiment=colon6 [overrides]`.
+"""A baseline on the same split and metrics as training:
+`geneformer-colon-baseline experiment=colon6 [baseline=naive_bayes|logreg|pca_knn] [overrides]`.
 
 With `cv=lodo` every donor is the test donor once; with `-m` (a sweep), a job that fails is
 recorded in the sweep's summary and the sweep goes on.

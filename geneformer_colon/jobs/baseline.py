@@ -1,11 +1,12 @@
-"""The Naive Bayes baseline: multinomial naive Bayes on normalised counts, written as a run directory.
+"""A baseline (``baseline=naive_bayes|logreg|pca_knn``, :mod:`geneformer_colon.model.baselines`) on normalised
+counts, written as a run directory.
 
 The cells, labels and donor split are the training datamodule's own (its filters, its split,
 its class checks), so the baseline and the network are scored on exactly the same cells. The
 features are each cell's counts over all genes of the canonical AnnData, scaled to
 ``target_sum`` counts (``count / n_counts * target_sum``, ``n_counts`` being the cell's total
-over all genes) and, with ``log1p``, log-transformed. Metrics come from the same
-:class:`ClassificationMetrics` as training (through
+over all genes) and, with ``log1p``, log-transformed. The classifier is fitted on the training
+donors' cells alone. Metrics come from the same :class:`ClassificationMetrics` as training (through
 :func:`geneformer_colon.assembly.scoring.score_split`); ``loss`` is the mean negative log-likelihood of the
 true class.
 """
@@ -18,13 +19,15 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from sklearn.naive_bayes import MultinomialNB
+from sklearn.pipeline import Pipeline
 
 from geneformer_colon.assembly.builders import build_datamodule
 from geneformer_colon.assembly.scoring import score_split
 from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, SPLITS
 from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.model.baselines import check_fits
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.report.wandb_run import log_finished_run
@@ -54,10 +57,26 @@ def split_features(datamodule: CellDataModule, adata: ad.AnnData, settings: Dict
     }
 
 
-def predicted(model: MultinomialNB, features: sp.csr_matrix, targets: np.ndarray) -> tuple[np.ndarray, float]:
-    """A split's class probabilities and the mean negative log-likelihood of its true classes."""
-    log_probabilities = model.predict_log_proba(features)
-    return np.exp(log_probabilities), float(-log_probabilities[np.arange(len(targets)), targets].mean())
+def predicted(model: Pipeline, features: sp.csr_matrix, targets: np.ndarray) -> tuple[np.ndarray, float]:
+    """A split's class probabilities and the mean negative log-likelihood of its true classes (a probability
+    of 0, a kNN vote none of the neighbours cast, counts as 1e-12)."""
+    if hasattr(model, "predict_log_proba"):
+        log_probabilities = model.predict_log_proba(features)
+        probabilities = np.exp(log_probabilities)
+    else:
+        probabilities = model.predict_proba(features)
+        log_probabilities = np.log(np.clip(probabilities, 1e-12, 1.0))
+    return probabilities, float(-log_probabilities[np.arange(len(targets)), targets].mean())
+
+
+# The keys of a baseline option that make its features, not its classifier.
+FEATURE_KEYS = ("name", "target_sum", "log1p")
+
+
+def build_baseline(settings: DictConfig) -> Pipeline:
+    """The classifier the ``baseline`` option names, with its own keys."""
+    return instantiate({key: value for key, value in OmegaConf.to_container(settings, resolve=True).items()
+                        if key not in FEATURE_KEYS})
 
 
 # The nodes of the train config a baseline does not use (the network's); of ``model`` it keeps the tokenizer,
@@ -79,15 +98,16 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     layout = RunLayout(cfg.paths.run_dir)
     check_values(cfg)
     datamodule = build_datamodule(cfg)
-    prepare_run_dir(layout, overwrite=cfg.overwrite)
-    accept_start(layout, cfg)
-    adata = datamodule.cells.to_anndata()
-    features = split_features(datamodule, adata, cfg.baseline)
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}
     class_names = datamodule.class_names
-    model = MultinomialNB(alpha=cfg.baseline.alpha, fit_prior=cfg.baseline.fit_prior)
+    model = build_baseline(cfg.baseline)
+    adata = datamodule.cells.to_anndata()
+    check_fits(model, len(targets["train"]), adata.n_vars, len(np.unique(targets["train"])))
+    prepare_run_dir(layout, overwrite=cfg.overwrite)
+    accept_start(layout, cfg)
+    features = split_features(datamodule, adata, cfg.baseline)
     model.fit(features["train"], targets["train"])
-    log.info("naive Bayes fitted on %d training cells x %d genes", *features["train"].shape)
+    log.info("%s fitted on %d training cells x %d genes", cfg.baseline.name, *features["train"].shape)
 
     final: dict[str, Any] = {}
     for split in EVAL_SPLITS:
@@ -100,6 +120,7 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
                         data=datamodule.source.provenance())
     record = write_metrics(layout, record)
     write_history(Run(layout.root, record, OmegaConf.to_container(cfg, resolve=True), {}))
-    log_finished_run(cfg, layout, "baseline", record, class_names)  # beside a sweep's runs, same metric names
+    # beside a sweep's runs, same metric names; its config only the keys it used, however it was called
+    log_finished_run(baseline_config(cfg), layout, "baseline", record, class_names)
     print_summary(record, class_names, layout.root)
     return record

@@ -48,7 +48,8 @@ def started_from(run: Run) -> str:
     if run.metrics.get("init_from"):
         return f"the best weights of `{run.metrics['init_from']}`"
     if "baseline" in run.config:
-        return "no network: multinomial naive Bayes fitted on the training donors (`baseline.py`)"
+        name = run.config["baseline"].get("name", "naive_bayes")  # runs from before the baseline group: naive Bayes
+        return f"no network: the `{name}` baseline fitted on the training donors (`baseline.py baseline={name}`)"
     pretrained = run.config.get("model", {}).get("encoder", {}).get("pretrained")
     return f"pretrained Geneformer `{pretrained}`" if pretrained else "random init (`model.encoder`)"
 

@@ -8,9 +8,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
+import scipy.sparse as sp
 from helpers.runs import metrics_of
-from helpers.tiny import CLASSES, compose_tiny
+from helpers.tiny import CLASSES, compose_tiny, compose_train
 from hydra.utils import instantiate
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -19,7 +22,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 from sklearn.naive_bayes import MultinomialNB
+from sklearn.preprocessing import StandardScaler
 
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.jobs.baseline import run_baseline
 from geneformer_colon.report.compare import compare_runs
 from geneformer_colon.report.history import run_history
@@ -109,4 +114,80 @@ def test_compare_and_history_read_it_like_any_run(baseline_run, trained_runs, tm
     assert row["val_macro_f1"] == pytest.approx(metrics_of(baseline_run)["val"]["macro_f1"])
     assert pd.isna(row["best_epoch"])
     entry = run_history(baseline_run)
-    assert "naive Bayes" in entry and "**Final metrics**" in entry and "_No epochs recorded._" in entry
+    assert "the `naive_bayes` baseline" in entry and "**Final metrics**" in entry and "_No epochs recorded._" in entry
+
+
+@pytest.fixture(scope="module")
+def h5ad_cohorts(trained_runs, cohort, tmp_path_factory) -> dict[str, Path]:
+    """The tiny cohort as an .h5ad, and a copy whose test donor (KUL01) has its labels shuffled and its counts
+    doubled: what a baseline learns must not change with it."""
+    cells = ad.read_h5ad(cohort(trained_runs[0]))
+    folder = tmp_path_factory.mktemp("baseline_cohorts")
+    cells.write_h5ad(folder / "plain.h5ad")
+    test = cells.obs["donor"].eq("KUL01").to_numpy()
+    cells.obs.loc[test, "label"] = np.random.default_rng(0).permutation(cells.obs.loc[test, "label"].to_numpy())
+    factor = np.where(test, 2, 1)
+    cells.X = sp.csr_matrix(sp.diags(factor) @ cells.X, dtype=cells.X.dtype)
+    if "n_counts" in cells.obs:
+        cells.obs["n_counts"] = cells.obs["n_counts"] * factor
+    cells.write_h5ad(folder / "changed.h5ad")
+    return {"plain": folder / "plain.h5ad", "changed": folder / "changed.h5ad"}
+
+
+def h5ad_baseline(path: Path, out: Path, cache: Path, *overrides: str) -> Path:
+    """``python baseline.py data=h5ad ...`` on ``path``; its run directory."""
+    run_dir = out / "run"
+    run_baseline(compose_train([f"paths.output_dir={out}", f"paths.cache_dir={cache}", "data=h5ad",
+                                f"data.source.path={path}", "model.tokenizer.input_size=128", "logger=csv",
+                                f"paths.run_dir={run_dir}", *overrides], config_name="baseline"))
+    return run_dir
+
+
+def test_logreg_is_celltypists_recipe_on_the_training_donors(h5ad_cohorts, tmp_path, shared_dirs):
+    """Highly variable genes of the training cells, scaled and clipped at 10, L2 logistic regression: the run's
+    probabilities are those of the same recipe built by hand with scanpy and scikit-learn."""
+    run_dir = h5ad_baseline(h5ad_cohorts["plain"], tmp_path, shared_dirs["cache"], "baseline=logreg",
+                            "baseline.n_genes=60", "baseline.C=0.5")
+    assert metrics_of(run_dir)["run_name"] == "default-logreg"
+    adata = ad.read_h5ad(h5ad_cohorts["plain"])
+    normalised = adata.copy()
+    sc.pp.normalize_total(normalised, target_sum=10_000)
+    sc.pp.log1p(normalised)
+    train = ~adata.obs["donor"].isin(["KUL19", "KUL01"]).to_numpy()
+    chosen = sc.pp.highly_variable_genes(normalised[train].copy(), n_top_genes=60, flavor="seurat",
+                                         inplace=False)["highly_variable"].to_numpy()
+    values = normalised.X[:, chosen].toarray().astype(np.float64)
+    scaler = StandardScaler().fit(values[train])
+    model = LogisticRegression(C=0.5, max_iter=1000, random_state=42).fit(
+        np.minimum(scaler.transform(values[train]), 10), adata.obs["label"].map(CLASSES.index).to_numpy()[train])
+    for split in ("val", "test"):
+        predictions = pd.read_csv(run_dir / "predictions" / f"{split}.csv")
+        rows = adata.obs_names.get_indexer(predictions["cell_id"])
+        np.testing.assert_allclose(predictions[[f"prob_{name}" for name in CLASSES]].to_numpy(),
+                                   model.predict_proba(np.minimum(scaler.transform(values[rows]), 10)), atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", ["logreg", "pca_knn"])
+def test_no_held_out_cell_or_label_reaches_a_fit(h5ad_cohorts, tmp_path, shared_dirs, baseline):
+    """The test donor's labels shuffled and counts doubled: the genes, scaling, components and classifier
+    learnt are the same, so the validation donor's probabilities are identical."""
+    pcs = ["baseline.n_pcs=10"] if baseline == "pca_knn" else []
+    settings = [f"baseline={baseline}", "baseline.n_genes=60", *pcs]
+    runs = {name: h5ad_baseline(path, tmp_path / name, shared_dirs["cache"], *settings)
+            for name, path in h5ad_cohorts.items()}
+    plain, changed = (pd.read_csv(runs[name] / "predictions" / "val.csv") for name in ("plain", "changed"))
+    pd.testing.assert_frame_equal(plain, changed)
+    assert not pd.read_csv(runs["plain"] / "predictions" / "test.csv").equals(
+        pd.read_csv(runs["changed"] / "predictions" / "test.csv"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["baseline=pca_knn", "baseline.k=100000"], "baseline.k=100000: more neighbours than the"),
+    (["baseline=pca_knn", "baseline.n_pcs=5000"], "baseline.n_pcs=5000: above the"),
+    (["baseline=logreg", "data.labels=[Normal]"], "a classifier needs two or more"),
+])
+def test_settings_the_training_cells_cannot_carry_are_one_line_and_write_nothing(tmp_path, shared_dirs, overrides,
+                                                                                 message):
+    with pytest.raises(InputError, match=message):
+        run_baseline(compose_tiny(tmp_path, shared_dirs, "experiment=colon6", *overrides, config_name="baseline"))
+    assert not list(tmp_path.glob("colon6-*"))
