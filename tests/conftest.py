@@ -5,6 +5,7 @@
 - ``shared_dirs``: the synthetic GEO files and caches every test shares (each entry keyed by its inputs).
 - ``trained_runs``: two finished tiny runs in a sweep-like folder; ``new_cells``: their test donor's cells as
   another lab hands them in; ``logged_cv_run``: a one-fold CV run made by ``train.py`` with its console in a file;
+  ``two_fold_cv_run``: a two-fold CV run whose folds share one set of gene dictionaries (an ensemble, or ``--fold``);
   ``programme_run``: a run that learnt the synthetic Tumor programme (slow tests only).
 - ``geneformer_dicts``: the real Geneformer dictionaries, or the test is skipped.
 """
@@ -118,6 +119,23 @@ def logged_cv_run(tmp_path_factory, shared_dirs) -> tuple[Path, str]:
                             stdout=handle, stderr=handle, umask=0o022)
         assert result.wait(timeout=600) == 0, log_file.read_text()[-3000:]
     return out / "cv", log_file.read_text()
+
+
+@pytest.fixture(scope="session")
+def two_fold_cv_run(logged_cv_run, shared_dirs, tmp_path_factory) -> Path:
+    """A CV run of folds KUL01 and KUL19 (two training batches, one epoch) that tokenize alike: every fold uses the
+    dictionaries of ``logged_cv_run``'s fold, so the run loads as the ensemble of its folds as well as fold by fold."""
+    from geneformer_colon.data.dictionaries import MEDIAN_FILE, TOKEN_FILE
+    from geneformer_colon.jobs import donor_cv
+    from geneformer_colon.jobs.train import train
+
+    out = tmp_path_factory.mktemp("ensemble")
+    dictionaries = logged_cv_run[0] / "folds" / "KUL01" / "dictionaries"
+    donor_cv.run(train, compose_tiny(
+        out, shared_dirs, "experiment=colon6", "cv=lodo", "cv.folds=[KUL01,KUL19]", "logger=csv",
+        "trainer.limit_train_batches=2", f"model.tokenizer.token_dictionary={dictionaries / TOKEN_FILE}",
+        f"model.tokenizer.gene_median_dictionary={dictionaries / MEDIAN_FILE}"))
+    return out / "colon6"
 
 
 @pytest.fixture(scope="session")

@@ -101,3 +101,28 @@ def test_two_runs_started_together_on_new_data_build_the_cache_once(tmp_path):
     assert not list((tmp_path / "cache").rglob("*.tmp-*"))
     assert pickle.loads((tmp_path / "outputs/together0/dictionaries/token_dictionary.pkl").read_bytes()) == \
         pickle.loads((tmp_path / "outputs/together1/dictionaries/token_dictionary.pkl").read_bytes())
+
+
+def test_max_tokens_bounds_every_batch_of_a_training_run(tiny_cfg, monkeypatch):
+    from geneformer_colon.jobs.train import train
+    from geneformer_colon.model.module import CellClassifier
+
+    budget, shapes = 1000, {"train": [], "eval": []}
+    training_step, eval_step = CellClassifier.training_step, CellClassifier._eval_step
+
+    def train_batch(self, batch, batch_idx):
+        shapes["train"].append(tuple(batch["input_ids"].shape))
+        return training_step(self, batch, batch_idx)
+
+    def eval_batch(self, split, batch):
+        shapes["eval"].append(tuple(batch["input_ids"].shape))
+        return eval_step(self, split, batch)
+
+    monkeypatch.setattr(CellClassifier, "training_step", train_batch)
+    monkeypatch.setattr(CellClassifier, "_eval_step", eval_batch)
+    train(tiny_cfg("experiment=colon6", "logger=csv", f"data.max_tokens={budget}", "trainer.limit_train_batches=4"))
+    for part in ("train", "eval"):  # cells x padded length within the budget, and the budget what bounds them
+        sizes = [cells * length for cells, length in shapes[part]]
+        assert shapes[part] and max(sizes) <= budget, (part, shapes[part])
+        assert max(cells for cells, _ in shapes[part]) < tiny_cfg().data.batch_size
+        assert max(sizes) > budget // 2, (part, shapes[part])

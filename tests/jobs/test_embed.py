@@ -1,5 +1,5 @@
 """Cell embeddings and the donor-shift picture (embed.py): a run's cells or a file's, UMAPs coloured by donor, label,
-prediction and cell type, silhouettes scored."""
+prediction and cell type, silhouettes scored; a CV run's fold on its own cells."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from geneformer_colon.cli import verbs as cli
 from geneformer_colon.jobs.embed import embed
@@ -24,3 +25,14 @@ def test_embed_draws_the_donor_shift_and_scores_it(trained_runs, new_cells, tmp_
 
     of_file = embed(trained_runs[0], new_cells, tmp_path / "file", colours=["predicted", "batch"], layer="counts")
     assert of_file["cells"] == ad.read_h5ad(new_cells).n_obs and (tmp_path / "file" / "umap_batch.png").is_file()
+
+
+def test_a_cv_runs_fold_is_embedded_on_its_own_cells_by_its_own_model(two_fold_cv_run, tmp_path):
+    fold = two_fold_cv_run / "folds" / "KUL19"
+    cli.main(["embed", str(two_fold_cv_run), "--fold", "KUL19", "--color", "donor", "--out", str(tmp_path / "e")])
+    embedded = ad.read_h5ad(tmp_path / "e" / "embedding.h5ad")
+    predictions = pd.concat([pd.read_csv(fold / "predictions" / f"{split}.csv") for split in ("val", "test")])
+    predictions = predictions.set_index("cell_id")
+    assert sorted(embedded.obs_names) == sorted(predictions.index)  # the fold's validation and test cells
+    assert (embedded.obs["predicted"] == predictions.loc[embedded.obs_names, "predicted"]).all()
+    assert embedded.obsm["X_gfc"].shape[1] == 32  # one fold's embedding, not the ensemble's two side by side

@@ -1,5 +1,5 @@
 """A run's classifier as a Hugging Face directory (export.py): loaded by transformers alone, predicting as the run
-does, never writing over a user's files; its model card names the data source."""
+does, never writing over a user's files; its model card names the data source; a CV run's fold exported alone."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from transformers import BertModel
 
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.cli import verbs as cli
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.jobs.export import export_run
 from geneformer_colon.jobs.predict import predict_h5ad
@@ -73,3 +74,15 @@ def test_the_model_card_and_history_name_the_data_source(logged_cv_run, tmp_path
     for text in (card, (fold / "history.md").read_text(), (logged_cv_run[0] / "history.md").read_text()):
         assert "**Data:** the embedded synthetic KUL3 look-alike, not real cells" in text
         assert "480 cells x 300 genes, seed 0" in text
+
+
+def test_a_cv_runs_fold_is_exported_alone(two_fold_cv_run, tmp_path, capsys):
+    out = tmp_path / "export"
+    cli.main(["export", str(two_fold_cv_run), str(out), "--fold", "KUL19"])
+    assert str(out) in capsys.readouterr().out
+    assert (out / "cell_classifier.json").is_file() and not (out / "folds").exists()  # one model, no ensemble
+    exported = TrainedClassifier.load(out).module.state_dict()
+    for fold, same in (("KUL19", True), ("KUL01", False)):
+        trained = TrainedClassifier.load(two_fold_cv_run, fold).module.state_dict()
+        assert exported.keys() == trained.keys()
+        assert all(torch.equal(exported[name], trained[name]) for name in trained) == same, fold

@@ -162,3 +162,94 @@ def test_deleting_the_tumour_programme_lowers_tumour_probability(programme_run, 
     perturb_auroc = programme_auroc(pd.read_csv(out / "genes.csv"), "mean_delta_Tumor", -1.0)
     print(f"programme AUROC: perturb {perturb_auroc:.3f}")
     assert perturb_auroc >= 0.8
+
+
+def chosen_cells(run_dir: Path, max_cells: int, seed: int = 0):
+    """The model and the run's validation and test Tumor cells that ``--where label=Tumor --max-cells`` draws."""
+    model = TrainedClassifier.load(run_dir)
+    return model, select_cells(model, run_dir, None, ["label=Tumor"], max_cells, seed, GeneIds(), None)
+
+
+def perturbed(run_dir: Path, out: Path, *arguments: str) -> tuple[ad.AnnData, pd.DataFrame, dict]:
+    """``geneformer-colon perturb RUN_DIR --goal Normal --where label=Tumor ARGUMENTS``: its shifts.h5ad, genes.csv
+    and settings.json."""
+    cli.main(["perturb", str(run_dir), "--goal", "Normal", "--where", "label=Tumor", "--out", str(out), *arguments])
+    return (ad.read_h5ad(out / "shifts.h5ad"), pd.read_csv(out / "genes.csv"),
+            json.loads((out / "settings.json").read_text()))
+
+
+def assert_one_at_a_time(model: TrainedClassifier, cells, shifts: ad.AnnData, gene_tokens: dict[str, np.ndarray],
+                         kind: str) -> None:
+    """Every value of shifts.h5ad (the change of P(Normal)) is that cell's pass with those genes perturbed, minus its
+    unperturbed pass; a cell with nothing to perturb has none."""
+    base = model.apply(cells.tokens, cells.rows)[0]
+    normal = model.class_names.index("Normal")
+    values = shifts.X.toarray()
+    measured = np.zeros_like(values, dtype=bool)
+    coo = shifts.X.tocoo()
+    measured[coo.row, coo.col] = True
+    rows = shifts.obs_names.get_indexer(cells.obs.index)
+    for index, (cell, row) in enumerate(zip(cells.rows, rows)):
+        tokens = np.asarray(cells.tokens.cell_tokens(int(cell)), dtype=np.int64)
+        for column, name in enumerate(shifts.var_names):
+            if kind == "delete" and not np.isin(gene_tokens[name], tokens).any():
+                assert not measured[row, column], (row, name)
+                continue
+            expected = one_at_a_time(model, tokens, gene_tokens[name], kind)[normal] - base[index, normal]
+            assert measured[row, column], (row, name)
+            np.testing.assert_allclose(values[row, column], expected, atol=1e-5)
+
+
+def test_overexpress_moves_each_listed_gene_to_the_front_of_every_cell(trained_runs, tmp_path):
+    run_dir = trained_runs[0]
+    model, choice = chosen_cells(run_dir, 4)
+    cells = choice.cells
+    present = [set(cells.tokens.cell_tokens(int(row)).tolist()) for row in cells.rows]
+    vocabulary = np.array(sorted(choice.names.token_of.values()))
+    everywhere = next(token for token in vocabulary if all(token in genes for genes in present))
+    somewhere = next(token for token in vocabulary if 0 < sum(token in genes for genes in present) < len(present))
+    names = list(choice.names.ids(np.array([everywhere, somewhere])))
+    shifts, table, settings = perturbed(run_dir, tmp_path / "up", "--max-cells", "4", "--perturb", "overexpress",
+                                        "--genes", ",".join(names))
+    assert settings["perturb"] == "overexpress" and sorted(table["ensembl_id"]) == sorted(names)
+    assert (table["n_cells"] == 4).all()  # a cell without the gene has it inserted, so every cell counts
+    assert_one_at_a_time(model, cells, shifts, {name: np.array([choice.names.token_of[name]]) for name in names},
+                         "overexpress")
+
+
+def test_a_gene_set_is_perturbed_at_once_as_one_row(trained_runs, tmp_path):
+    run_dir = trained_runs[0]
+    model, choice = chosen_cells(run_dir, 4)
+    first = choice.cells.tokens.cell_tokens(int(choice.cells.rows[0]))
+    members = list(choice.names.ids(first[[0, 5, 10]]))  # genes of the first cell, at three ranks
+    gene_set = tmp_path / "stem_genes.txt"
+    gene_set.write_text("# three genes\n" + "\n".join(members) + "\n")
+    shifts, table, settings = perturbed(run_dir, tmp_path / "set", "--max-cells", "4", "--gene-set", str(gene_set))
+    assert list(table["ensembl_id"]) == ["set:stem_genes"] and list(table["symbol"]) == ["3 genes"]
+    assert settings["gene_sets"] == [str(gene_set)] and settings["genes"] is None
+    tokens = np.array([choice.names.token_of[name] for name in members])
+    assert_one_at_a_time(model, choice.cells, shifts, {"set:stem_genes": tokens}, "delete")
+
+
+def test_max_cells_draws_that_many_of_the_chosen_cells_by_the_seed(trained_runs, tmp_path):
+    run_dir = trained_runs[0]
+    predictions = pd.concat([pd.read_csv(run_dir / "predictions" / f"{split}.csv") for split in ("val", "test")])
+    tumour = set(predictions.loc[predictions["true"] == "Tumor", "cell_id"])
+    drawn = {}
+    for seed in (0, 1):
+        shifts, _, settings = perturbed(run_dir, tmp_path / str(seed), "--max-cells", "5", "--seed", str(seed),
+                                        "--genes", "all", "--min-cells", "5")
+        assert settings["cells"] == shifts.n_obs == 5 < len(tumour) and set(shifts.obs_names) <= tumour
+        drawn[seed] = set(shifts.obs_names)
+        assert drawn[seed] == set(chosen_cells(run_dir, 5, seed)[1].cells.obs.index)
+    assert drawn[0] != drawn[1]
+
+
+def test_a_cv_runs_fold_is_perturbed_on_its_own_cells(two_fold_cv_run, tmp_path):
+    fold = two_fold_cv_run / "folds" / "KUL19"
+    out = tmp_path / "fold"
+    cli.main(["perturb", str(two_fold_cv_run), "--fold", "KUL19", "--goal", "Normal", "--max-cells", "8", "--genes",
+              "all", "--min-cells", "4", "--out", str(out)])
+    assert json.loads((out / "settings.json").read_text())["model"] == str(fold)
+    donors = json.loads((fold / "metrics.json").read_text())["donors"]
+    assert set(ad.read_h5ad(out / "shifts.h5ad").obs["donor"]) == {*donors["val"], *donors["test"]}

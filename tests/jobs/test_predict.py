@@ -51,14 +51,14 @@ def test_predict_writes_what_the_run_predicted_into_a_copy_of_the_file(trained_r
     assert (chunked.obs["gfc_label"] == predicted.obs["gfc_label"]).all()
 
 
-def assert_probabilities_are_the_runs(predicted: ad.AnnData, run_dir: Path) -> None:
-    """obsm["gfc_probabilities"], columns in uns["gfc"]["classes"] order: the run's own test predictions."""
+def assert_probabilities_are_the_runs(predicted: ad.AnnData, run_dir: Path, prefix: str = "gfc") -> None:
+    """obsm["<prefix>_probabilities"], columns in uns[prefix]["classes"] order: the run's own test predictions."""
     run = pd.read_csv(run_dir / "predictions" / "test.csv").set_index("cell_id")
     rows = predicted.obs_names.get_indexer(run.index)
-    np.testing.assert_allclose(predicted.obsm["gfc_probabilities"][rows],
+    np.testing.assert_allclose(predicted.obsm[f"{prefix}_probabilities"][rows],
                                run[[f"prob_{name}" for name in CLASSES]].to_numpy(), atol=1e-5)
-    classes = list(predicted.uns["gfc"]["classes"])
-    assert (predicted.obs["gfc_label"].iloc[rows].map(lambda name: CLASSES[classes.index(name)]).to_numpy()
+    classes = list(predicted.uns[prefix]["classes"])
+    assert (predicted.obs[f"{prefix}_label"].iloc[rows].map(lambda name: CLASSES[classes.index(name)]).to_numpy()
             == run["predicted"].to_numpy()).all()
 
 
@@ -153,3 +153,26 @@ def test_bad_inputs_each_get_one_line_naming_the_file_and_field(trained_runs, ne
         assert len(lines) == 1 and "Traceback" not in result.stderr, (number, result.stderr[-2000:])
         assert named in lines[0] and all(part in lines[0] for part in expected), (number, lines[0])
         assert not (folder / "out.h5ad").exists()
+
+
+def test_symbols_mapped_by_a_gene_name_file_and_entries_named_by_the_prefix(trained_runs, cohort, tmp_path, capsys):
+    """An h5ad whose genes are symbols in a var column (the index says nothing): --symbol-key names the column,
+    --gene-names maps the symbols to Ensembl ids, --prefix names what predict adds."""
+    cells = ad.read_h5ad(cohort(trained_runs[0]))
+    cells = cells[cells.obs["donor"] == "KUL01"]
+    by_symbol = ad.AnnData(X=cells.X, obs=pd.DataFrame(index=cells.obs_names),
+                           var=pd.DataFrame({"gene_symbol": cells.var["symbol"].to_numpy()},
+                                            index=[f"feature_{i}" for i in range(cells.n_vars)]))
+    path, names = tmp_path / "symbols.h5ad", tmp_path / "gene_names.tsv"
+    by_symbol.write_h5ad(path)
+    known = cells.var[cells.var["ensembl_id"] != ""]
+    names.write_text("symbol\tensembl_id\n" + "".join(f"{symbol}\t{gene}\n" for symbol, gene
+                                                     in zip(known["symbol"], known["ensembl_id"])))
+    out = tmp_path / "predicted.h5ad"
+    cli.main(["predict", str(trained_runs[0]), str(path), "--gene-names", str(names), "--symbol-key", "gene_symbol",
+              "--prefix", "lab2", "--out", str(out)])
+    assert "predicted" in capsys.readouterr().out
+    predicted = ad.read_h5ad(out)
+    assert list(predicted.obs.columns) == ["lab2_label"] and set(predicted.uns) == {"lab2"}
+    assert set(predicted.obsm) == {"lab2_probabilities", "X_lab2"}
+    assert_probabilities_are_the_runs(predicted, trained_runs[0], "lab2")

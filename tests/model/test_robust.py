@@ -11,6 +11,7 @@ from helpers.tiny import CLASSES
 from geneformer_colon.assembly.builders import read_checkpoint
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.jobs.train import train
+from geneformer_colon.model import robust
 from geneformer_colon.model.losses import FocalLoss
 from geneformer_colon.model.robust import (
     CoralAlignment,
@@ -109,3 +110,35 @@ def test_an_adversary_of_weight_zero_trains_as_the_plain_run_and_logs_its_donor_
         assert torch.equal(tensor, states[1][name]), name
     log = pd.read_csv(f"{root}/adversary/csv/version_0/metrics.csv")
     assert log["robust/donor_accuracy"].notna().any()
+
+
+def test_coral_trains_with_its_penalty_nonzero_and_logged(tiny_cfg):
+    train(tiny_cfg(*SHORT, "run_name=coral", "robust=coral", "trainer.limit_train_batches=2"))
+    log = pd.read_csv(f"{tiny_cfg().paths.output_dir}/coral/csv/version_0/metrics.csv")
+    penalty = log["robust/coral"].dropna()  # the epoch's mean over its batches of several donors (class_donor)
+    assert len(penalty) == 1 and penalty.iloc[0] > 0
+
+
+def test_an_adversary_of_positive_weight_trains_with_its_gradient_reversed_into_the_encoder(tiny_cfg, monkeypatch):
+    steps: list[dict[str, torch.Tensor | float]] = []
+    reverse = robust.reverse_gradient
+
+    def watched(inputs: torch.Tensor, strength: float) -> torch.Tensor:
+        """The reversal layer as the run calls it, with the gradients that reach it and leave it recorded."""
+        step: dict[str, torch.Tensor | float] = {"strength": strength}
+        before = inputs.view_as(inputs)  # the reversal's input alone (the embeddings also feed the class head)
+        after = reverse(before, strength)
+        before.register_hook(lambda grad: step.__setitem__("to_encoder", grad.clone()))
+        after.register_hook(lambda grad: step.__setitem__("from_donor_head", grad.clone()))
+        steps.append(step)
+        return after
+
+    monkeypatch.setattr(robust, "reverse_gradient", watched)
+    train(tiny_cfg(*SHORT, "run_name=adversary", "robust=donor_adversary", "robust.weight=0.5",
+                   "trainer.limit_train_batches=3"))
+    assert len(steps) == 3
+    for step in steps:  # strength 0 at step 0, warmed up after: the encoder gets the donor gradient negated
+        torch.testing.assert_close(step["to_encoder"], -step["strength"] * step["from_donor_head"])
+    assert steps[-1]["strength"] > 0 and steps[-1]["from_donor_head"].abs().sum() > 0
+    log = pd.read_csv(f"{tiny_cfg().paths.output_dir}/adversary/csv/version_0/metrics.csv")
+    assert (log["robust/donor_loss"].dropna() > 0).all() and log["robust/donor_accuracy"].notna().any()
