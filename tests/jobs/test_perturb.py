@@ -4,8 +4,11 @@ test_explain.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import anndata as ad
@@ -13,10 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+from helpers.paths import HELPERS
+from helpers.processes import run_script, wait_for
 from helpers.runs import programme_auroc
 
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.cli import verbs as cli
+from geneformer_colon.cli.verbs import STOPPED
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.output_folder import WRITTEN, output_folder
 from geneformer_colon.data.tokenizer import TokenizedCells
 from geneformer_colon.jobs.cell_choice import select_cells
 from geneformer_colon.jobs.perturb import (
@@ -145,6 +153,10 @@ def test_an_h5ad_is_read_as_predict_reads_it_and_gives_the_run_cells_results(tra
     ["--goal", "Normal", "--where", "colour=red"],
     ["--goal", "Normal", "--where", "donor=KUL99"],
     ["--goal", "Healthy"],
+    ["--goal", "Normal", "--max-cells", "0"],
+    ["--goal", "Normal", "--max-cells", "-3", "--genes", "ENSG00000000001"],
+    ["--goal", "Normal", "--min-cells", "-1"],
+    ["--goal", "Normal", "--genes", "/no/such/genes.txt"],
 ])
 def test_bad_inputs_are_one_line_exit_2_nothing_written(trained_runs, tmp_path, capsys, arguments):
     out = tmp_path / "out"
@@ -153,7 +165,9 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(trained_runs, tmp_path, 
     assert raised.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error
-    assert not out.exists()
+    named = {"--max-cells": "--max-cells", "--min-cells": "--min-cells", "/no/such/genes.txt": "no such file"}
+    assert all(shown in error for option, shown in named.items() if option in arguments)
+    assert not list(tmp_path.iterdir())  # no output, temporary folder or lock file left
 
 
 @pytest.mark.slow
@@ -162,6 +176,42 @@ def test_deleting_the_tumour_programme_lowers_tumour_probability(programme_run, 
     perturb_auroc = programme_auroc(pd.read_csv(out / "genes.csv"), "mean_delta_Tumor", -1.0)
     print(f"programme AUROC: perturb {perturb_auroc:.3f}")
     assert perturb_auroc >= 0.8
+
+
+def test_a_second_perturb_into_a_folder_being_written_is_refused(trained_runs, tmp_path):
+    out = tmp_path / "out"
+    with output_folder(out, "perturb"):  # another perturb, still writing
+        with pytest.raises(InputError, match=r"out: being written by perturb \(pid"):
+            perturb(trained_runs[0], "Normal", where=["label=Tumor"], out_dir=out, progress=False)
+    assert [path.name for path in out.iterdir()] == [WRITTEN]  # the first writer's (empty) output alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_sent", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_writing_leaves_the_previous_output_whole(trained_runs, tmp_path, signal_sent):
+    """A perturb stopped between two of its files (SIGTERM, Ctrl-C) leaves the previous complete output byte for
+    byte, no temporary folder or lock, and says so in one line (exit 143 / 130)."""
+    out = tmp_path / "out"
+    perturb(trained_runs[0], "Normal", where=["label=Tumor"], out_dir=out, progress=False)
+    before = file_hashes(out)
+    marker = tmp_path / "writing"
+    process = run_script(str(HELPERS / "pause_writing.py"), str(marker), "perturb", str(trained_runs[0]), "--goal",
+                         "Border", "--perturb", "overexpress", "--where", "label=Tumor", "--out", str(out), wait=False,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(marker, process)
+    process.send_signal(signal_sent)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal_sent, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == STOPPED.format(
+        command="perturb", what="SIGTERM" if signal_sent == signal.SIGTERM else "Ctrl-C")
+    assert "Traceback" not in stderr
+    assert file_hashes(out) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "writing"]
+
+
+def file_hashes(folder):
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def chosen_cells(run_dir: Path, max_cells: int, seed: int = 0):
