@@ -26,6 +26,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import write_json
 from geneformer_colon.jobs.sweep import STUDY_FILE
+from geneformer_colon.runs.record import EPOCHS_FROM
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class PruneHopelessTrial(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trial is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        epoch = trainer.current_epoch
+        epoch = trainer.current_epoch + EPOCHS_FROM  # the trial's steps are the epochs a user reads
         hopeless = False
         if trainer.is_global_zero:
             self.trial.report(float(trainer.callback_metrics[self.monitor]), epoch)

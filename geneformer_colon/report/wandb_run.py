@@ -2,10 +2,12 @@
 end-of-run summary, a CV run's own W&B run, failed and refused jobs, finishing.
 
 One W&B run a recipe: a training run (job type ``train``), a CV run (``cv``, its folds ``fold`` in a
-group of their own), a pretraining (``pretrain``), a baseline (``baseline``). Curves run by epoch and
-end with the last epoch; whatever is computed after training goes to the summary. Every run is
-finished, failed with its error line when it fails, and a sweep job refused before it started still
-gets a failed run. W&B is offline unless ``WANDB_MODE`` (or ``logger.wandb.mode``) says otherwise, so
+group of their own), a pretraining (``pretrain``), a baseline (``baseline``); an Optuna study's runs in the
+group ``optuna/<study>``. Its config is the flat recipe with the option chosen in each config group
+(``choices.<group>``, also a tag). Curves run by epoch, counted from 1, and end with the last epoch;
+whatever is computed after training goes to the summary, flat (plots as images, the test predictions as a
+table). Every run is finished, failed with its error line when it fails, and a sweep job refused before it
+started still gets a failed run. W&B is offline unless ``WANDB_MODE`` (or ``logger.wandb.mode``) says otherwise, so
 no API key or network is needed: the run's files go to ``<run_dir>/wandb/offline-run-*`` for a later
 ``wandb sync``. The W&B run id is kept in ``<run_dir>/wandb/run_id`` so that ``resume=true``
 continues the same W&B run.
@@ -36,8 +38,20 @@ from geneformer_colon.common.errors import Interrupted, input_error_in
 from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import EVAL_SPLITS, METRICS, TEST, TRAIN, VAL, logged, per_class
 from geneformer_colon.report.cv_summary import seed_sd
-from geneformer_colon.runs.config import flatten, is_location_key
+from geneformer_colon.runs.config import CONF_DIR, flatten, is_location_key
 from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.reading import read_run
+
+# Config groups that are no choice of a recipe: Hydra's own, where things are, the loggers (a run in W&B has its
+# logger) and debug (whose runs log to CSV only).
+NOT_RECIPE_GROUPS = ("hydra", "paths", "logger", "debug")
+# Names W&B gives files of its own in a run's files folder (its config dump, summary, metadata, console log, ...): a
+# run's own file of such a name is kept as ``run_<name>`` (``config.yaml`` as ``run_config.yaml``), else W&B's would
+# replace it as the run is uploaded.
+WANDB_FILE_NAMES = ("config.yaml", "wandb-summary.json", "wandb-metadata.json", "output.log", "requirements.txt",
+                    "diff.patch", "conda-environment.yaml")
+# What a CV run's folds each set for themselves: its config names the folds instead (:func:`cv_config`).
+FOLD_KEYS = ("data.val_donors", "data.test_donors", "seed")
 
 
 def sweep_id(sweep_dir: Path) -> str:
@@ -50,19 +64,89 @@ def sweep_group(experiment_name: str, sweep_dir: Path) -> str:
     return f"{experiment_name}/{sweep_id(sweep_dir)}"
 
 
-def default_group(experiment_name: str) -> str:
-    """:func:`sweep_group` in a multirun, else the experiment's name."""
+def study_group(study: str) -> str:
+    """An Optuna study's W&B group, ``optuna/<study>``: no run's name (a run name is a folder of outputs/)."""
+    return f"optuna/{study}"
+
+
+def default_group(experiment_name: str, study: str | None = None) -> str:
+    """An Optuna ``study``'s group (:func:`study_group`); :func:`sweep_group` in another multirun; else the
+    experiment's name."""
+    if study:
+        return study_group(study)
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return experiment_name
     return sweep_group(experiment_name, HydraConfig.get().sweep.dir)
 
 
-def option_tags() -> list[str]:
-    """The data and model options chosen on the command line (known only inside a Hydra app)."""
-    if not HydraConfig.initialized():
-        return []
-    choices = HydraConfig.get().runtime.choices
-    return [choices[group] for group in ("data", "model") if choices.get(group)]
+def config_choices(cfg: DictConfig) -> dict[str, str | None]:
+    """The option chosen in each config group the run used (``{"robust": "coral", "sweep": None, ...}``): Hydra's
+    record of the job inside a Hydra app, else (a config composed with Hydra's compose API) the options whose
+    settings the config holds (:func:`inferred_choices`)."""
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else inferred_choices(cfg)
+    return {group: option for group, option in choices.items()
+            if group.split("/")[0] not in NOT_RECIPE_GROUPS and used_group(cfg, group)}
+
+
+def choice_tags(choices: Mapping[str, str | None]) -> list[str]:
+    """``<group>=<option>`` for each group with an option chosen (``robust=coral``)."""
+    return [f"{group}={option}" for group, option in choices.items() if option is not None]
+
+
+@functools.cache
+def group_options() -> dict[str, dict[str, dict[str, Any]]]:
+    """Each config group of ``conf/`` (its folder) to its options (files) to the flat keys each sets to a value
+    of its own (interpolations, ``???``, Hydra's settings and the defaults list left out)."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for folder in sorted(path for path in CONF_DIR.iterdir() if path.is_dir() and path.name not in NOT_RECIPE_GROUPS):
+        for path in sorted(folder.glob("*.yaml")):
+            text = path.read_text()
+            content = OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
+            content.pop("defaults", None)
+            tree = content if "@package _global_" in text else {folder.name: content}
+            groups.setdefault(folder.name, {})[path.stem] = {
+                key: value for key, value in flatten(tree).items()
+                if not key.startswith("hydra.") and not (isinstance(value, str) and ("${" in value or value == "???"))}
+    return groups
+
+
+@functools.cache
+def optional_groups() -> frozenset[str]:
+    """The groups train.yaml chooses no option of by default (``experiment: null``, ``sweep: null``)."""
+    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
+    return frozenset(group for entry in defaults if isinstance(entry, DictConfig)
+                     for group, option in entry.items() if option is None)
+
+
+def inferred_choices(cfg: DictConfig) -> dict[str, str | None]:
+    """The options a composed config holds, for a config composed without Hydra's record of its choices: in each
+    group, the option that agrees with the config in the largest share of the values it sets (those of a node the
+    config dropped aside: a baseline's; a group with no default, e.g. ``experiment``: in more than half); None
+    where no option, or two alike, fits."""
+    flat = _flat(cfg)
+    chosen: dict[str, str | None] = {}
+    for group, options in group_options().items():
+        scores = {}
+        for option, keys in options.items():
+            kept = [key for key in keys if key.split(".")[0] in cfg]
+            if kept:
+                scores[option] = sum(key in flat and flat[key] == keys[key] for key in kept) / len(kept)
+        best = max(scores.values(), default=0)
+        winners = [option for option, score in scores.items() if score == best]
+        fits = len(winners) == 1 and best > (0.5 if group in optional_groups() else 0)
+        chosen[group] = winners[0] if fits else None
+    return chosen
+
+
+def used_group(cfg: DictConfig, group: str) -> bool:
+    """Whether the run used ``group``: a group whose every option sets the config node of its name counts where
+    the config holds that node (a baseline drops the network's: ``jobs.baseline.baseline_config``; of the model
+    it keeps the tokenizer alone, so ``model`` counts with an encoder only)."""
+    options = group_options().get(group, {})
+    if not options or not all(any(key.split(".")[0] == group for key in keys) for keys in options.values()):
+        return True
+    node = cfg.get(group)
+    return node is not None and (group != "model" or "encoder" in node)
 
 
 def swept_keys() -> set[str]:
@@ -99,14 +183,15 @@ def short_overrides(overrides: Sequence[str], keys: set[str]) -> list[str]:
             for part, (key, value) in zip(last_parts, chosen)]
 
 
-def sweep_job_name(name: str) -> str:
-    """In a multirun, ``<name> #<job>: <the values it sweeps>`` so the jobs of a sweep are told apart
-    (in an Optuna study the job's number is its trial's)."""
+def sweep_job_name(name: str, study: str | None = None) -> str:
+    """In a multirun, ``<name> #<job>: <the values it sweeps>`` so the jobs of a sweep are told apart; in an
+    Optuna ``study``, ``<name> trial <number>: <values>`` (the job's number is its trial's)."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return name
     hydra_cfg = HydraConfig.get()
     swept = short_overrides(hydra_cfg.overrides.task, swept_keys())
-    return f"{name} #{hydra_cfg.job.num}" + (f": {' '.join(swept)}" if swept else "")
+    number = f"trial {hydra_cfg.job.num}" if study else f"#{hydra_cfg.job.num}"
+    return f"{name} {number}" + (f": {' '.join(swept)}" if swept else "")
 
 
 def run_id(run_dir: Path, resume: bool) -> str:
@@ -121,6 +206,19 @@ def run_id(run_dir: Path, resume: bool) -> str:
     return new_id
 
 
+class EpochWandbLogger(WandbLogger):
+    """A WandbLogger whose ``epoch`` counts from 1, as every epoch a user reads does (Lightning's from 0); the
+    prediction table's row cap rides along (``table_rows``)."""
+
+    table_rows: int = 0
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
+        super().log_metrics(metrics, step)
+
+
 def wandb_logger(
     save_dir: str,
     name: str,
@@ -128,52 +226,65 @@ def wandb_logger(
     job_type: str | None = None,
     resume: bool = False,
     group: str | None = None,
+    study: str | None = None,
     tags: Sequence[str] = (),
     log_model: str | bool | None = None,
+    table_rows: int = 1000,
     **init_kwargs: Any,
-) -> WandbLogger:
+) -> EpochWandbLogger:
     """A WandbLogger writing under ``save_dir``; ``init_kwargs`` go to ``wandb.init`` (mode, project, ...).
 
     ``job_type``: train, fold, cv, pretrain, eval, baseline or sweep (null: the kind of run, set as it
     starts: :func:`describe_logger_runs`). A fold's ``name`` and ``group`` are its CV run's choice
     (``donor_cv.fold_config``) and a sweep run's its sweep's (:func:`report_sweep_run`), and are kept;
-    any other run's ``name`` gets the job's number and swept values in a sweep, and ``group`` defaults to
-    :func:`default_group`.
-    The tags are the experiment, the data and model options, then ``tags``. ``log_model``: ``best``
+    any other run's ``name`` gets the job's (trial's) number and swept values in a sweep, and ``group``
+    defaults to :func:`default_group` (``study``: the Optuna study of a trial).
+    The tags are the experiment and ``tags`` (the options chosen join them as the run starts:
+    :func:`describe_run`). ``resume``: the run directory's W&B run goes on under its id (Lightning starts every
+    run with ``resume="allow"``, recorded in each offline part: ``wandb sync`` of the parts joins them, oldest
+    first). ``log_model``: ``best``
     uploads the best checkpoint as a model artifact at the end of training, ``false`` does not,
-    null: ``best`` when online. W&B's console output is kept to errors.
+    null: ``best`` when online. ``table_rows``: the most rows of the test predictions' table. W&B's console
+    output is kept to errors.
     """
     import wandb
 
     if job_type not in ("fold", "sweep"):
-        name, group = sweep_job_name(name), group or default_group(experiment_name)
+        name, group = sweep_job_name(name, study), group or default_group(experiment_name, study)
     if log_model is None:
         log_model = "best" if init_kwargs.get("mode") == "online" else False
     if job_type:
         init_kwargs["job_type"] = job_type
-    all_tags = dict.fromkeys([experiment_name, *option_tags(), *tags])
-    logger = WandbLogger(
+    logger = EpochWandbLogger(
         save_dir=save_dir,
         name=name,
         id=run_id(Path(save_dir), resume),
         group=group,
-        tags=list(all_tags),
+        tags=list(dict.fromkeys([experiment_name, *tags])),
         log_model=log_model == "best",
         settings=wandb.Settings(quiet=True, silent=True),
         **init_kwargs,
     )
     logger._wandb_init.pop("anonymous", None)  # Lightning passes a setting W&B warns is ignored
+    logger.table_rows = table_rows
     return logger
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as ``{"loss.focal_gamma": 1.5, ...}``, so W&B's run table filters by each key.
 
-    Hydra's own keys (``_target_``, ``_convert_``) and where things are (``paths``, ``logger``, any
-    directory, ``resume``: :func:`config.is_location_key`) are left out: they go to the run's notes.
+    ``_target_`` stays (``robust._target_``: the class that implements the option); Hydra's other instructions
+    (``_convert_``, ...) and where things are (``paths``, ``logger``, any directory, ``resume``:
+    :func:`config.is_location_key`) are left out: those go to the run's notes.
     """
     return {key: value for key, value in _flat(cfg).items()
-            if not is_location_key(key) and not _is_hydra_key(key.rsplit(".", 1)[-1])}
+            if not is_location_key(key) and (key.endswith("_target_") or not _is_hydra_key(key.rsplit(".", 1)[-1]))}
+
+
+def wandb_config(cfg: DictConfig) -> dict[str, Any]:
+    """What a run's W&B config holds: :func:`flat_config` and the option chosen in each group it used
+    (``choices.robust: coral``, ``choices.sweep: None``)."""
+    return {**flat_config(cfg), **{f"choices.{group}": option for group, option in config_choices(cfg).items()}}
 
 
 def location_notes(cfg: DictConfig) -> str:
@@ -197,11 +308,12 @@ def splits_of(summary: Mapping[str, Any]) -> list[str]:
 
 
 def summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The final metrics as flat W&B summary entries: ``val/macro_f1``, ``best_epoch``, ``success``..."""
+    """The final metrics as flat W&B summary entries, ``/`` between the parts of every key: ``val/macro_f1``,
+    ``test/by_cell_type/B cells/macro_f1``, ``best_epoch``, ``success``..."""
     values: dict[str, Any] = {"best_epoch": summary["best_epoch"]}
     for split in splits_of(summary):
         metrics = summary[split]
-        values.update({logged(split, name): value for name, value in flatten(metrics).items()
+        values.update({logged(split, name): value for name, value in flatten(metrics, separator="/").items()
                        if not name.startswith("confusion_matrix")})
     verdicts = summary["success"]
     values.update({f"success/{key}": "PASS" if verdict["passed"] else "FAIL" for key, verdict in verdicts.items()})
@@ -249,32 +361,37 @@ def epoch_metrics(job_type: str, class_names: Sequence[str]) -> list[str]:
 
 
 def define_epoch_metrics(run: Any, names: Sequence[str]) -> None:
-    """Each epoch-level figure plotted against ``epoch``, its summary the best so far (losses: the lowest).
+    """Each epoch-level figure plotted against ``epoch``. Its summary is W&B's default, the last value, flat (a
+    declared ``min``/``max`` would nest it as ``{"max": ...}``); the best epoch's replaces it as the run ends.
 
     By name: Lightning declares every key (``*``) to step with its global step, and of two globs that
     match a key W&B may apply either; a definition by name comes first.
     """
     run.define_metric("epoch")
     for name in names:
-        run.define_metric(name, step_metric="epoch", summary="min" if "loss" in name else "max")
+        run.define_metric(name, step_metric="epoch")
 
 
 def keep_files(run: Any, paths: Iterable[Path], root: Path) -> None:
     """Each of ``paths`` that exists as a file of the W&B run, at its place under ``root``: a copy in the run's
     files folder, which W&B uploads as the run ends (``wandb sync`` for an offline run). A copy, not
-    ``run.save``: that links the file and prints a warning to the console for each file."""
+    ``run.save``: that links the file and prints a warning to the console for each file. A name W&B gives a file
+    of its own (:data:`WANDB_FILE_NAMES`) is kept as ``run_<name>``: ``config.yaml`` as ``run_config.yaml``."""
     if run.disabled:  # WANDB_MODE=disabled: its folder is a temporary one nobody syncs
         return
     for path in paths:
         if path.is_file():
-            target = Path(run.dir) / path.relative_to(root)
+            relative = path.relative_to(root)
+            target = Path(run.dir) / (f"run_{relative}" if str(relative) in WANDB_FILE_NAMES else relative)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
 
 
-def describe_run(run: Any, cfg: DictConfig, layout: RunLayout) -> None:
-    """A W&B run's flat config, its locations as notes and ``config.yaml`` as a file."""
-    run.config.update(flat_config(cfg), allow_val_change=True)
+def describe_run(run: Any, cfg: DictConfig, layout: RunLayout, config: Mapping[str, Any] | None = None) -> None:
+    """A W&B run's config (``config``, else :func:`wandb_config`), the options chosen as tags, its locations as
+    notes and its ``config.yaml`` as the file ``run_config.yaml``."""
+    run.config.update(dict(wandb_config(cfg) if config is None else config), allow_val_change=True)
+    run.tags = tuple(dict.fromkeys([*(run.tags or ()), *choice_tags(config_choices(cfg))]))
     run.notes = location_notes(cfg)
     keep_files(run, [layout.config], layout.root)
 
@@ -290,15 +407,17 @@ def describe_logger_runs(loggers: Sequence[Logger], cfg: DictConfig, layout: Run
         define_epoch_metrics(logger.experiment, epoch_metrics(job_type, cfg.data.get("labels") or []))
 
 
-def open_wandb_run(cfg: DictConfig, layout: RunLayout, job_type: str, **overrides: Any) -> Any:
-    """A W&B run of ``cfg.logger.wandb`` started outside training (a CV run, a baseline, a refused job),
-    described; ``job_type`` unless the config sets one (a fold's); None where the config logs no W&B."""
+def open_wandb_run(cfg: DictConfig, layout: RunLayout, job_type: str, config: Mapping[str, Any] | None = None,
+                   **overrides: Any) -> EpochWandbLogger | None:
+    """The logger of a W&B run of ``cfg.logger.wandb`` started outside training (a CV run, a baseline, a refused
+    job), its run described (``config``: :func:`describe_run`); ``job_type`` unless the config sets one (a
+    fold's); None where the config logs no W&B."""
     wandb_cfg = cfg.get("logger", {}).get("wandb")
     if wandb_cfg is None:
         return None
     logger = instantiate(wandb_cfg, job_type=wandb_cfg.get("job_type") or job_type, **overrides)
-    describe_run(logger.experiment, cfg, layout)
-    return logger.experiment
+    describe_run(logger.experiment, cfg, layout, config)
+    return logger
 
 
 def put_chart(run: Any, key: str, chart: Any) -> None:
@@ -313,12 +432,15 @@ def put_chart(run: Any, key: str, chart: Any) -> None:
 def report_run(loggers: Sequence[Logger], summary: Mapping[str, Any], class_names: Sequence[str],
                layout: RunLayout) -> None:
     """Into each W&B logger's run's summary, not its history (the curves end with the last epoch):
-    the final metrics, the per-class table, the confusion matrices (charts and images)."""
+    :func:`report_final`."""
     for logger in wandb_loggers(loggers):
-        report_final(logger.experiment, summary, class_names, layout)
+        report_final(logger.experiment, summary, class_names, layout, getattr(logger, "table_rows", 0))
 
 
-def report_final(run: Any, summary: Mapping[str, Any], class_names: Sequence[str], layout: RunLayout) -> None:
+def report_final(run: Any, summary: Mapping[str, Any], class_names: Sequence[str], layout: RunLayout,
+                 table_rows: int) -> None:
+    """The final metrics, the per-class table, the confusion charts, the plots and the first ``table_rows``
+    rows of the test predictions into ``run``'s summary."""
     import wandb
 
     run.summary["per_class"] = wandb.Table(columns=["split", "class", "precision", "recall", "f1", "cells"],
@@ -326,18 +448,38 @@ def report_final(run: Any, summary: Mapping[str, Any], class_names: Sequence[str
     for split in splits_of(summary):
         title = f"{summary['run_name']} {split}"
         put_chart(run, f"confusion/{split}", confusion_chart(summary[split]["confusion_matrix"], class_names, title))
-        run.summary[f"confusion_plot/{split}"] = wandb.Image(str(layout.confusion_plot(split)))
+    put_plots(run, layout)
+    predictions = layout.prediction_file(TEST)
+    if table_rows and predictions.is_file():
+        run.summary[f"predictions/{TEST}"] = prediction_table(predictions, table_rows)
     run.summary.update(summary_values(summary))
+
+
+def put_plots(run: Any, layout: RunLayout) -> None:
+    """Every ``plots/*.png`` of the run (loss, ROC, PR, confusion; a CV run's per donor) into its summary as
+    the image ``plots/<name>``."""
+    import wandb
+
+    for path in sorted(layout.plots.glob("*.png")):
+        run.summary[f"plots/{path.stem}"] = wandb.Image(str(path))
+
+
+def prediction_table(path: Path, rows: int) -> Any:
+    """The first ``rows`` rows of a predictions CSV as a W&B table (its columns as they are)."""
+    import wandb
+
+    table = pd.read_csv(path, nrows=rows, keep_default_na=False)
+    return wandb.Table(dataframe=table.astype(object))
 
 
 def log_finished_run(cfg: DictConfig, layout: RunLayout, job_type: str, record: Mapping[str, Any],
                      class_names: Sequence[str], **overrides: Any) -> None:
     """A run made without a Lightning logger (a baseline, an evaluation) as a W&B run of its own, once
     it is written: its config, and its metrics.json ``record`` as summary, as a training run's."""
-    run = open_wandb_run(cfg, layout, job_type, **overrides)
-    if run is not None:
-        report_final(run, record, class_names, layout)
-        finish(run)
+    logger = open_wandb_run(cfg, layout, job_type, **overrides)
+    if logger is not None:
+        report_final(logger.experiment, record, class_names, layout, logger.table_rows)
+        finish(logger.experiment)
 
 
 def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
@@ -367,27 +509,83 @@ def cv_summary_values(cv: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def fold_table(cv: Mapping[str, Any]) -> Any:
-    """A row a fold: its donors, best epoch and final figures."""
+def fold_runs(cv: Mapping[str, Any], seed: int) -> list[tuple[Mapping[str, Any], int, Mapping[str, Any]]]:
+    """Each fold and seed of a CV run's cv.json: the fold's row, the seed (``seed``, the run's, where its folds
+    ran once) and the row of that seed's own run (``run_dir`` relative to ``folds/``, final figures)."""
+    return [(fold, run.get("seed", seed), run) for fold in cv["folds"] for run in (fold.get("seeds") or [fold])]
+
+
+def cv_seeds(cfg: DictConfig, cv: Mapping[str, Any]) -> list[int]:
+    """The seeds a CV run's folds ran with: ``cv.seeds`` (one seed: that one), else the config's ``seed``."""
+    return list(cv.get("seeds") or cfg.cv.get("seeds") or [cfg.seed])
+
+
+def cv_config(cfg: DictConfig, cv: Mapping[str, Any]) -> dict[str, Any]:
+    """A CV run's W&B config: what it ran instead of what each fold set for itself (:data:`FOLD_KEYS`): its
+    test donors ``cv.folds``, each fold's donors (``cv.fold.<test donor>.val_donors``, ``...test_donors``) and
+    the seeds ``cv.seeds``."""
+    folds = cv.get("folds") or []
+    config = {key: value for key, value in wandb_config(cfg).items() if key not in FOLD_KEYS}
+    config.update({"cv.folds": [fold["test_donor"] for fold in folds],
+                   "cv.seeds": cv_seeds(cfg, cv)})
+    for fold in folds:
+        config[f"cv.fold.{fold['test_donor']}.val_donors"] = fold["val_donor"].split(", ")
+        config[f"cv.fold.{fold['test_donor']}.test_donors"] = fold["test_donor"].split(", ")
+    return config
+
+
+def fold_table(cv: Mapping[str, Any], seed: int) -> Any:
+    """A row a fold and seed: its donors, seed, run directory, best epoch and final figures."""
     import wandb
 
-    columns = ["test_donor", "val_donor", "run_dir", "best_epoch",
+    columns = ["test_donor", "val_donor", "seed", "run_dir", "best_epoch",
                *(logged(split, metric) for split in EVAL_SPLITS for metric in METRICS)]
-    rows = [[fold["test_donor"], fold["val_donor"], fold["run_dir"], fold["best_epoch"],
-             *(fold[split].get(metric) for split in EVAL_SPLITS for metric in METRICS)] for fold in cv["folds"]]
+    rows = [[fold["test_donor"], fold["val_donor"], seed, run["run_dir"], run["best_epoch"],
+             *(run[split].get(metric) for split in EVAL_SPLITS for metric in METRICS)]
+            for fold, seed, run in fold_runs(cv, seed)]
     return wandb.Table(columns=columns, data=rows)
+
+
+def pooled_confusion(parent: RunLayout, cv: Mapping[str, Any], seed: int) -> np.ndarray:
+    """The sum of the test confusion matrices of every fold and seed (their metrics.json)."""
+    matrices = [read_run(parent.folds / run["run_dir"]).metrics[TEST]["confusion_matrix"]
+                for _, _, run in fold_runs(cv, seed)]
+    return np.sum(np.asarray(matrices, dtype=int), axis=0)
+
+
+def pooled_values(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """The test figures of a pooled confusion matrix (rows true, columns predicted): ``test/pooled/accuracy``,
+    ``.../macro_f1`` and each class's ``precision``, ``recall`` and ``f1``."""
+    hits = np.diag(matrix).astype(float)
+    precision = hits / np.maximum(matrix.sum(axis=0), 1)
+    recall = hits / np.maximum(matrix.sum(axis=1), 1)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    values = {"accuracy": float(hits.sum() / max(matrix.sum(), 1)), "macro_f1": float(f1.mean())}
+    for name, figures in (("precision", precision), ("recall", recall), ("f1", f1)):
+        values.update({per_class(name, label): float(value) for label, value in zip(class_names, figures)})
+    return {logged(TEST, f"pooled/{key}"): value for key, value in values.items()}
 
 
 def report_cv_run(cfg: DictConfig, parent: RunLayout, cv: Mapping[str, Any], error: BaseException | None) -> None:
     """The CV run's own W&B run (job type ``cv``), made as its folds end (they are runs of their own:
-    one W&B run is open at a time): its config (``cv.*`` included), a table of its folds, the aggregate
-    of ``cv`` (cv.json) as summary, cv.json and cv.md as files; failed with the error line when ``error``."""
-    run = open_wandb_run(cfg, parent, "cv", resume=bool(cfg.resume))
-    if run is None:
+    one W&B run is open at a time): its config (what it ran: :func:`cv_config`), a table of its folds and
+    seeds, the aggregate of ``cv`` (cv.json) and the test figures pooled over its folds and seeds (their
+    confusion matrices summed; the matrix as a chart) as summary, its plots, cv.json and cv.md as files; failed
+    with the error line when ``error``."""
+    logger = open_wandb_run(cfg, parent, "cv", cv_config(cfg, cv), resume=bool(cfg.resume))
+    if logger is None:
         return
+    run = logger.experiment
     if cv.get("folds"):
-        run.summary["fold_table"] = fold_table(cv)
-        run.summary.update(cv_summary_values(cv))
+        seed = cv_seeds(cfg, cv)[0]
+        class_names = read_run(parent.folds / fold_runs(cv, seed)[0][2]["run_dir"]).class_names
+        matrix = pooled_confusion(parent, cv, seed)
+        run.summary["fold_table"] = fold_table(cv, seed)
+        put_chart(run, "confusion/test_pooled",
+                  confusion_chart(matrix.tolist(), class_names, f"{cfg.run_name} test, pooled over folds"))
+        run.summary["confusion_matrix/test_pooled"] = matrix.tolist()
+        run.summary.update({**cv_summary_values(cv), **pooled_values(matrix, class_names)})
+    put_plots(run, parent)
     keep_files(run, [parent.cv_json, parent.cv_markdown], parent.root)
     finish(run, error)
 
@@ -405,16 +603,27 @@ def report_sweep_run(cfg: DictConfig, sweep_dir: Path, table: pd.DataFrame, figu
     wandb_cfg = cfg.get("logger", {}).get("wandb")
     if wandb_cfg is None:
         return
-    group = wandb_cfg.get("group") or study or sweep_group(cfg.experiment_name, sweep_dir)
+    group = wandb_cfg.get("group") or (study_group(study) if study else sweep_group(cfg.experiment_name, sweep_dir))
     name = f"{group} sweep" + (f" {sweep_id(sweep_dir)}" if study else "")  # a grid's group names its date-time
     run = instantiate(wandb_cfg, save_dir=str(sweep_dir), name=name, group=group, job_type="sweep", resume=False,
                       log_model=False).experiment
     run.config.update({"sweep.overrides": list(cfg.hydra.overrides.task)})
     run.notes = f"sweep dir: {sweep_dir}"
-    run.summary["jobs_table"] = wandb.Table(dataframe=table.astype(object).where(table.notna(), None))
+    run.summary["jobs_table"] = wandb.Table(dataframe=jobs_table(table, sweep_dir))
     run.summary.update(dict(figures))
     keep_files(run, files, sweep_dir)
     finish(run)
+
+
+def jobs_table(table: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
+    """A sweep's summary as its W&B run shows it: each job's W&B run id (``wandb_run_id``, null where it made
+    none) and its run directory relative to the sweep's (where it lies under it)."""
+    run_dirs = [Path(path) for path in table["run_dir"]]
+    ids = [RunLayout(path).wandb_run_id for path in run_dirs]
+    shown = table.assign(
+        run_dir=[str(path.relative_to(sweep_dir) if path.is_relative_to(sweep_dir) else path) for path in run_dirs],
+        wandb_run_id=[path.read_text().strip() if path.is_file() else None for path in ids])
+    return shown.astype(object).where(shown.notna(), None)
 
 
 def fold_group(cfg: DictConfig) -> str:
@@ -422,7 +631,8 @@ def fold_group(cfg: DictConfig) -> str:
     sweep, else ``<run name> folds``."""
     wandb_cfg = cfg.get("logger", {}).get("wandb") or {}
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return f"{wandb_cfg.get('group') or default_group(cfg.experiment_name)} #{HydraConfig.get().job.num}"
+        group = wandb_cfg.get("group") or default_group(cfg.experiment_name, wandb_cfg.get("study"))
+        return f"{group} #{HydraConfig.get().job.num}"
     return f"{cfg.run_name} folds"
 
 
@@ -433,9 +643,9 @@ def record_refused_job(cfg: DictConfig, error: BaseException) -> None:
     if layout.wandb_run_id.is_file():  # a W&B run was started, and finished, for this job
         return
     cv = cfg.get("cv", {}).get("strategy", "none") != "none"
-    run = open_wandb_run(cfg, layout, "cv" if cv else "baseline" if "baseline" in cfg else "train")
-    if run is not None:
-        finish(run, error)
+    logger = open_wandb_run(cfg, layout, "cv" if cv else "baseline" if "baseline" in cfg else "train")
+    if logger is not None:
+        finish(logger.experiment, error)
 
 
 def error_line(error: BaseException) -> str:

@@ -175,12 +175,13 @@ LOCATION_KEYS = (
 )
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"loss": {"focal_gamma": 1.5}}`` -> ``{"loss.focal_gamma": 1.5}``; lists stay values."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", separator: str = ".") -> dict[str, Any]:
+    """``{"loss": {"focal_gamma": 1.5}}`` -> ``{"loss.focal_gamma": 1.5}`` (``separator`` between the parts); lists
+    stay values."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}{separator}", separator))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -243,6 +244,8 @@ _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("logger.wandb.log_model", lambda v: v in (None, False, "best"), "best or false (null: best when online)"),
+    ("logger.wandb.table_rows", lambda v: _integer(v) and v >= 0,
+     "the most rows of the test predictions' W&B table, an integer >= 0 (0: no table)"),
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("scheduler.warmup_ratio", lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),

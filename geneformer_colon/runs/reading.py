@@ -18,6 +18,7 @@ from geneformer_colon.common.io import read_json
 from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, RUNNING, VAL, logged, per_class
 from geneformer_colon.runs.config import renamed_targets
 from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.record import EPOCHS_FROM
 
 RUN_MARKERS = ("metrics.json", "config.yaml", "cv.json", ".hydra/config.yaml")
 
@@ -109,11 +110,22 @@ def read_config(path: Path) -> dict[str, Any]:
 def read_run(path: str | os.PathLike[str]) -> Run:
     """metrics.json, cv.json and the config of a run directory (config.yaml, else Hydra's copy)."""
     layout = RunLayout(Path(path))
-    metrics = read_json(layout.metrics)
+    metrics = current_record(read_json(layout.metrics))
     if layout.metrics.is_file() and not metrics:
         metrics = {"status": "unreadable metrics.json"}
     config = read_config(layout.config) or read_config(layout.root / ".hydra" / "config.yaml")
     return Run(path=layout.root, metrics=metrics, config=config, cv=read_json(layout.cv_json))
+
+
+def current_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.json record as this version writes it: one written before epochs were counted from 1 (it has
+    no ``epochs_from``) gets its epochs and best epoch shifted."""
+    if not metrics or "epochs_from" in metrics:
+        return metrics
+    best = metrics.get("best_epoch")
+    return {**metrics, "epochs_from": EPOCHS_FROM,
+            "epochs": [{**epoch, "epoch": epoch["epoch"] + EPOCHS_FROM} for epoch in metrics.get("epochs", [])],
+            "best_epoch": None if best is None else best + EPOCHS_FROM}
 
 
 def is_run_dir(path: Path) -> bool:

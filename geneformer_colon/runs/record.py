@@ -16,6 +16,11 @@ from geneformer_colon.runs.layout import RunLayout
 
 # Decimals kept in metrics.json and cv.json.
 DIGITS = 4
+# metrics.json counts epochs from 1, as everything a user reads does (the epoch log lines, the end-of-run table,
+# history.md, cv.md, W&B). Lightning's epoch index, from 0, stays inside training: a module's epoch_history, the
+# checkpoints, the CSV log. A record says so (``epochs_from``); one without it is older, its epochs from 0
+# (``runs.reading.current_record`` reads it as today's).
+EPOCHS_FROM = 1
 
 
 def run_record(
@@ -38,7 +43,8 @@ def run_record(
 
     ``kind``: train, baseline, pretrain or eval. ``donors`` and ``cells``: the donors and the
     number of cells of each split.
-    ``epochs``: one dict a validation epoch (``epoch`` and ``val/<metric>``). ``final``: the
+    ``epochs``: one dict a validation epoch (``epoch``, Lightning's index from 0, and ``val/<metric>``), and
+    ``best_epoch`` Lightning's index too: both are written counted from 1 (:data:`EPOCHS_FROM`). ``final``: the
     best checkpoint's metrics per split (headline metrics, per-class ``precision/<class>``,
     ``recall/<class>``, ``f1/<class>``, ``loss``, ``confusion_matrix``, ``cells`` and, for a split
     of several donors or cell types, ``by_donor`` / ``by_cell_type``). ``recipe``: the
@@ -51,8 +57,9 @@ def run_record(
         "status": status,
         "donors": {split: list(names) for split, names in donors.items()},
         "cells": dict(cells or {}),
-        "epochs": [dict(epoch) for epoch in epochs],
-        "best_epoch": best_epoch,
+        "epochs_from": EPOCHS_FROM,
+        "epochs": [{**epoch, "epoch": int(epoch["epoch"]) + EPOCHS_FROM} for epoch in epochs],
+        "best_epoch": None if best_epoch is None else best_epoch + EPOCHS_FROM,
         "best_checkpoint": best_checkpoint,
         "init_from": init_from,
         **{split: dict(metrics) for split, metrics in (final or {}).items()},
@@ -119,11 +126,12 @@ def train_losses(layout: RunLayout) -> dict[int, float]:
 
 
 def write_loss_plot(layout: RunLayout, epochs: Sequence[Mapping[str, Any]], run_name: str) -> None:
-    """``plots/loss.png``: training loss (the CSV log's) and validation loss (``epochs``') by epoch."""
-    train = train_losses(layout)
+    """``plots/loss.png``: training loss (the CSV log's) and validation loss (``epochs``', a module's epoch history)
+    by epoch, counted from 1 (both hold Lightning's index)."""
+    train = {epoch + EPOCHS_FROM: loss for epoch, loss in train_losses(layout).items()}
     val_key = next((key for key in (epochs[0] if epochs else {}) if key.startswith("val/") and key.endswith("loss")),
                    None)
-    val = {int(epoch["epoch"]): epoch[val_key] for epoch in epochs} if val_key else {}
+    val = {int(epoch["epoch"]) + EPOCHS_FROM: epoch[val_key] for epoch in epochs} if val_key else {}
     numbers = sorted(set(train) | set(val))
     if numbers:
         plot_losses(numbers, [train.get(n) for n in numbers], [val.get(n) for n in numbers], layout.loss_plot,

@@ -32,6 +32,7 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # define_metric: name or glob -> its MetricRecord
     exit_code: int | None = None  # None: the run was never finished
+    resume: bool = False  # started with resume= (a part of a run that goes on: wandb sync joins it to the others)
 
     def rows(self, key: str) -> list[dict[str, Any]]:
         """The history rows that hold ``key``."""
@@ -74,6 +75,7 @@ def read_offline_run(directory: Path) -> OfflineRun:
                 if value:
                     setattr(run, name, value)
             run.config.update(_items(record.run.config.update))
+            run.resume = run.resume or record.run.resume
         elif kind == "config":
             run.config.update(_items(record.config.update))
         elif kind == "history":

@@ -106,9 +106,10 @@ def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, sh
     assert "Optuna study study: 6 trials (3 complete, 3 fail)" in markdown
     assert f"best val macro F1: trial {best.number} ({best.value:.3f})" in markdown
 
-    # W&B: one group, the study; a run a trial (the failed ones too), trial number and study in its config
+    # W&B: one group, optuna/<study> (no run's name); a run a trial (the failed ones too), trial number and study
+    # in its config
     runs = all_offline_runs(tmp_path / "first") + all_offline_runs(tmp_path / "second")
-    assert {run.group for run in runs} == {"study"}
+    assert {run.group for run in runs} == {"optuna/study"}
     # each invocation's own run (job type sweep) holds its summary.csv: the second's names the study's best
     invocations = [run for run in runs if run.job_type == "sweep"]
     assert [run.directory.parents[1].name for run in invocations] == ["first", "second"]
@@ -124,7 +125,7 @@ def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, sh
     assert [run.exit_code for run in sorted(runs, key=lambda run: run.config["sweep.trial"])] == [0] * 3 + [1] * 3
     for run in runs:  # short names: the swept values to 3 significant digits
         number = run.config["sweep.trial"]
-        assert run.name.startswith(f"colon6 #{number}: mixup_prob=") and len(run.name) < 110, run.name
+        assert run.name.startswith(f"colon6 trial {number}: mixup_prob=") and len(run.name) < 110, run.name
         for value in re.findall(r"=(\S+)", run.name):
             assert len(re.sub(r"e[-+]\d+$|^0\.0*|\.|-", "", value)) <= 3, run.name
 

@@ -57,8 +57,8 @@ def test_embedded_default_writes_the_whole_run_directory(tmp_path, shared_dirs):
         assert noise not in result.stdout + result.stderr, noise
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [epoch["epoch"] for epoch in metrics["epochs"]][:3] == [0, 1, 2]
-    assert metrics["best_epoch"] in range(len(metrics["epochs"]))
+    assert [epoch["epoch"] for epoch in metrics["epochs"]][:3] == [1, 2, 3]  # counted from 1, as the log lines
+    assert metrics["best_epoch"] in range(1, len(metrics["epochs"]) + 1)
     assert set(metrics["success"]) == {"val/macro_f1", "test/macro_f1"}
     assert metrics["donors"] == {"train": ["KUL21", "KUL28", "KUL30", "KUL31"], "val": ["KUL19"], "test": ["KUL01"]}
     assert "experiment=colon6" in metrics["recipe"]["overrides"]
@@ -142,7 +142,7 @@ def test_two_process_ddp_evaluates_every_cell_once_and_keeps_one_set_of_donor_we
     assert sorted(path.name for path in (tmp_path / "outputs").iterdir() if not path.name.startswith(".")) == ["ddp"]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "finished" and [epoch["epoch"] for epoch in metrics["epochs"]] == [0]
+    assert metrics["status"] == "finished" and [epoch["epoch"] for epoch in metrics["epochs"]] == [1]
     datamodule = build_datamodule(compose_train(overrides))
     for split in ("val", "test"):
         cells = datamodule.split_cells(split)

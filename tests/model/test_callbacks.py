@@ -147,7 +147,7 @@ def test_a_redirected_run_logs_a_line_an_epoch_equal_to_metrics_json(logged_cv_r
     expected = []
     for fold in ("KUL01",):
         epochs = json.loads((run_dir / "folds" / fold / "metrics.json").read_text())["epochs"]
-        expected += [(str(epoch["epoch"] + 1), "2", f"{epoch['val/accuracy']:.4f}", f"{epoch['val/macro_f1']:.4f}")
+        expected += [(str(epoch["epoch"]), "2", f"{epoch['val/accuracy']:.4f}", f"{epoch['val/macro_f1']:.4f}")
                      for epoch in epochs]
     assert len(expected) == 2 and lines == expected
     assert "Epoch " not in output  # no progress bar in a file

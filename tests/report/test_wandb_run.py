@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
@@ -23,7 +24,7 @@ from helpers.wandb_offline import all_offline_runs, media_table, offline_runs
 from geneformer_colon.common.errors import InputError, Interrupted
 from geneformer_colon.jobs.evaluate import run_evaluation
 from geneformer_colon.jobs.train import train as run_training
-from geneformer_colon.report.wandb_run import keep_files
+from geneformer_colon.report.wandb_run import NOT_RECIPE_GROUPS, config_choices, keep_files
 from geneformer_colon.runs.config import CONF_DIR
 
 
@@ -63,7 +64,12 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
     assert (run.name, refused.name) == ("colon6 #0: mixup_prob=0.15", "colon6 #1: mixup_prob=2")
     assert run.group == refused.group == "colon6/2026-11-24/10-00-00"
     assert run.job_type == refused.job_type == "train"
-    assert {"colon6", "synthetic", "tiny", "mine"} <= set(run.tags)
+    # the options chosen (Hydra's record of the job) as config keys and tags; the class behind an option
+    assert {"colon6", "mine", "experiment=colon6", "data=synthetic", "model=tiny", "robust=none",
+            "optimizer=adamw", "scheduler=linear", "cv=none"} <= set(run.tags)
+    assert [run.config[f"choices.{group}"] for group in ("robust", "optimizer", "model", "cv", "sweep")] == [
+        "none", "adamw", "tiny", "none", None]
+    assert run.config["robust._target_"] == "geneformer_colon.model.robust.PlainTraining"
     # the job refused for a bad value: a failed run with its config and the error line
     assert refused.exit_code == 1
     assert refused.summary["error"].startswith("augment.mixup_prob is 2; set it to")
@@ -72,24 +78,32 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
     assert run.config["augment.mixup_prob"] == 0.15
     assert run.config["loss.focal_gamma"] == 1.5 and run.config["loss.class_weights.Tumor"] == 2.2
     assert run.config["data.balance_strategy"] == "class_donor"
-    assert not [key for key in run.config if key.endswith(("_target_", "dir", "dirpath"))
+    assert not [key for key in run.config if key.endswith(("_convert_", "dir", "dirpath"))
                 or key.startswith(("paths.", "logger.")) or key in ("resume", "overwrite")]
     assert f"paths.run_dir: {sweep_dir / '0'}" in run.notes.splitlines()
     assert f"callbacks.model_checkpoint.dirpath: {sweep_dir / '0' / 'checkpoints'}" in run.notes.splitlines()
-    assert (run.directory / "files" / "config.yaml").read_text() == (sweep_dir / "0" / "config.yaml").read_text()
-    # curves by epoch, their summary the best so far, declared up front
-    assert run.metrics["val/macro_f1"].step_metric == "epoch" and run.metrics["val/macro_f1"].summary.max
-    assert run.metrics["val/recall/Tumor"].step_metric == "epoch" and run.metrics["val/recall/Tumor"].summary.max
-    assert run.metrics["val/loss"].step_metric == "epoch" and run.metrics["val/loss"].summary.min
+    # the run's config.yaml, byte for byte, under a name W&B does not write itself
+    files = run.directory / "files"
+    assert not (files / "config.yaml").exists()
+    assert (files / "run_config.yaml").read_bytes() == (sweep_dir / "0" / "config.yaml").read_bytes()
+    # curves by epoch, counted from 1 as metrics.json and the log lines count
+    for name in ("val/macro_f1", "val/recall/Tumor", "val/loss", "train/loss_epoch"):
+        assert run.metrics[name].step_metric == "epoch", name
     assert "lr-AdamW/weights" in {key for row in run.history for key in row}  # the learning rate, per step
     # validation points are metrics.json's epochs one for one; nothing after the last epoch, no test point
     val_rows = run.rows("val/macro_f1")
-    assert [row["epoch"] for row in val_rows] == [epoch["epoch"] for epoch in metrics["epochs"]] == [0, 1]
+    assert [row["epoch"] for row in val_rows] == [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2]
     for row, epoch in zip(val_rows, metrics["epochs"]):
         assert row["val/macro_f1"] == pytest.approx(epoch["val/macro_f1"], abs=1e-4)
         assert row["val/recall/Tumor"] == pytest.approx(epoch["val/recall/Tumor"], abs=1e-4)
-    assert run.history[-1]["epoch"] == 1
+    assert run.history[-1]["epoch"] == 2
     assert not [key for row in run.history for key in row if key.startswith(("test/", "per_class", "confusion"))]
+    # every summary figure flat (media aside), one separator in its keys
+    assert not [key for key, value in run.summary.items() if isinstance(value, dict) and "_type" not in value]
+    assert not [key for key in run.summary if "." in key]
+    assert run.summary["train/loss_epoch"] == pytest.approx(run.rows("train/loss_epoch")[-1]["train/loss_epoch"])
+    for cell_type, figures in metrics["test"]["by_cell_type"].items():
+        assert run.summary[f"test/by_cell_type/{cell_type}/macro_f1"] == pytest.approx(figures["macro_f1"], abs=1e-4)
     # the best checkpoint's metrics and the success criteria as the run's summary
     for split in ("val", "test"):
         for name in ("macro_f1", "accuracy", "macro_auroc", "recall/Border"):
@@ -110,7 +124,16 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
         counts = {(actual, predicted): n for actual, predicted, n in table["data"]}
         assert counts["Border", "Tumor"] == metrics[split]["confusion_matrix"][1][2]
         assert f"_wandb/visualize/confusion/{split}" in run.config  # the chart's spec
-        assert (run.directory / "files" / run.summary[f"confusion_plot/{split}"]["path"]).is_file()
+    # the plots as images, the test predictions as a table
+    plots = sorted(path.stem for path in (sweep_dir / "0" / "plots").glob("*.png"))
+    assert {"loss", "confusion_test", "roc_test", "pr_test"} <= set(plots)
+    for name in plots:
+        assert run.summary[f"plots/{name}"]["_type"] == "image-file"
+        assert (files / run.summary[f"plots/{name}"]["path"]).is_file()
+    predictions = pd.read_csv(sweep_dir / "0" / "predictions" / "test.csv", keep_default_na=False)
+    table = media_table(run, "predictions/test")
+    assert table["columns"] == list(predictions.columns) and len(predictions) <= 1000
+    assert pd.DataFrame(table["data"], columns=table["columns"]).equals(predictions)
 
 
 def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dirs):
@@ -127,7 +150,11 @@ def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dir
     assert sweep_run.name == f"{group} sweep"
     assert [sweep_run.summary[key] for key in ("jobs", "jobs/finished", "jobs/failed", "jobs/running")] == [2, 2, 0, 0]
     assert sweep_run.summary["best/val/macro_f1"] == pytest.approx(summary["val_macro_f1"].max(), abs=1e-4)
-    assert [row[0] for row in media_table(sweep_run, "jobs_table")["data"]] == [0, 1]
+    jobs = media_table(sweep_run, "jobs_table")
+    rows = [dict(zip(jobs["columns"], row)) for row in jobs["data"]]
+    assert [row["job"] for row in rows] == [0, 1] and [row["run_dir"] for row in rows] == ["0", "1"]
+    assert [row["wandb_run_id"] for row in rows] == [(sweep_dir / str(job) / "wandb" / "run_id").read_text()
+                                                     for job in (0, 1)]  # each job's W&B run
     cv_runs = sorted((run for run in runs if run.group == group and run.job_type == "cv"), key=lambda run: run.name)
     assert [(run.job_type, run.name) for run in cv_runs] == [("cv", "colon6 #0: focal_gamma=0"),
                                                             ("cv", "colon6 #1: focal_gamma=1.5")]
@@ -196,8 +223,10 @@ def test_a_paused_and_resumed_run_is_one_wandb_run(tmp_path, shared_dirs, monkey
     assert paused.id == resumed.id == (run_dir / "wandb" / "run_id").read_text()
     assert (paused.name, paused.group) == (resumed.name, resumed.group) == ("paused", "default")
     assert (paused.exit_code, resumed.exit_code) == (0, 0)  # the paused part is no failure; the whole finished
+    # each part says it may go on (resume="allow"), under the one id: `wandb sync` of both parts joins them
+    assert paused.resume and resumed.resume
     epochs = [row["epoch"] for part in (paused, resumed) for row in part.rows("val/macro_f1")]
-    assert epochs == [epoch["epoch"] for epoch in metrics_of(run_dir)["epochs"]] == [0, 1]
+    assert epochs == [epoch["epoch"] for epoch in metrics_of(run_dir)["epochs"]] == [1, 2]
     assert "resume" not in paused.config and "resume" not in resumed.config
     assert resumed.summary["best_epoch"] == metrics_of(run_dir)["best_epoch"]
 
@@ -221,6 +250,15 @@ def test_the_baseline_is_a_wandb_run_beside_the_sweeps(tmp_path, shared_dirs):
     assert (run.job_type, run.name, run.group, run.exit_code) == ("baseline", "colon6-naive_bayes", "colon6", 0)
     assert run.summary["test/macro_f1"] == pytest.approx(record["test"]["macro_f1"], abs=1e-4)
     assert run.config["baseline.alpha"] == 1.0 and run.history == []
+    # only the keys and options it used: no network's, though the config it was given (composed) had them
+    unused = ("optimizer", "scheduler", "loss", "augment", "robust", "trainer", "callbacks", "model.encoder")
+    assert not [key for key in run.config if key.startswith(unused) or key.removeprefix("choices.").startswith(unused)]
+    assert run.config["choices.experiment"] == "colon6" and "choices.model" not in run.config
+    assert "experiment=colon6" in run.tags and not [tag for tag in run.tags if tag.startswith(("model=", "optimizer="))]
+    assert (run.directory / "files" / "run_config.yaml").read_bytes() == (Path(cfg.paths.run_dir) / "config.yaml"
+                                                                          ).read_bytes()
+    table = media_table(run, "predictions/test")  # the baseline's predictions, as a training run's
+    assert len(table["data"]) == len(pd.read_csv(Path(cfg.paths.run_dir) / "predictions" / "test.csv"))
 
 
 def test_log_model_uploads_the_best_checkpoint_online_only_by_default(tmp_path):
@@ -257,3 +295,94 @@ def test_a_disabled_wandb_run_keeps_no_copy_of_a_file(tmp_path, monkeypatch):
     keep_files(run, [tmp_path / "config.yaml"], tmp_path)
     run.finish()
     assert not list((tmp_path / "tmp").rglob("config.yaml"))
+
+
+RECIPE_GROUPS = [("train", []), ("train", ["experiment=colon6", "robust=coral", "optimizer=sgd"]),
+                 ("train", ["experiment=colon3", "scheduler=cosine", "model=geneformer_v2", "data=kul3"]),
+                 ("train", ["experiment=colon6", "cv=lodo", "sweep=optuna", "augment.mixup_prob=0.3"]),
+                 ("train", ["model=pretrained", "model.encoder.pretrained=/x", "trainer=ddp",
+                            "robust=donor_adversary"]),
+                 ("train", ["experiment=colon5", "robust=group_dro", "scheduler=constant", "data=h5ad",
+                            "data.source.path=/x.h5ad"]),
+                 ("baseline", ["baseline=pca_knn", "experiment=colon3"])]
+
+
+@pytest.mark.parametrize(("config_name", "overrides"), RECIPE_GROUPS,
+                         ids=[" ".join([name, *overrides]) for name, overrides in RECIPE_GROUPS])
+def test_a_config_composed_without_hydra_names_the_options_hydra_would(config_name, overrides):
+    """A run started through the compose API (no Hydra app: no record of the choices) gets the options its config
+    holds, the ones Hydra's record of the job would give."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    hydra_choices = {group: option for group, option in cfg.hydra.runtime.choices.items()
+                     if group.split("/")[0] not in NOT_RECIPE_GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    assert config_choices(cfg) == hydra_choices
+
+
+def test_two_runs_differing_in_robust_differ_in_the_config_key_that_names_it(tmp_path, shared_dirs):
+    quick = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+             "optimizer=sgd", "optimizer.lr=0.01"]
+    coral = train(tmp_path, shared_dirs, "run_name=coral", "robust=coral", "logger.wandb.table_rows=5", *quick)
+    adversary = train(tmp_path, shared_dirs, "run_name=adversary", "robust=donor_adversary", *quick)
+    (with_coral,), (with_adversary,) = offline_runs(coral), offline_runs(adversary)
+    assert {"optimizer=sgd", "robust=coral", "model=tiny", "data=synthetic"} <= set(with_coral.tags)
+    assert with_coral.config["choices.optimizer"] == with_adversary.config["choices.optimizer"] == "sgd"
+    assert with_coral.config["optimizer._target_"] == "torch.optim.SGD"
+    differ = {key for key in with_coral.config.keys() | with_adversary.config.keys()
+              if with_coral.config.get(key) != with_adversary.config.get(key) and not key.startswith("_wandb")}
+    assert {"choices.robust", "robust._target_"} <= differ
+    assert with_coral.config["choices.robust"] == "coral"
+    assert with_adversary.config["choices.robust"] == "donor_adversary"
+    assert "robust=donor_adversary" in with_adversary.tags and "robust=coral" not in with_adversary.tags
+    # logger.wandb.table_rows caps the test predictions' table: its first rows
+    predictions = pd.read_csv(coral / "predictions" / "test.csv", keep_default_na=False)
+    table = media_table(with_coral, "predictions/test")
+    assert len(predictions) > 5
+    assert pd.DataFrame(table["data"], columns=table["columns"]).equals(predictions.head(5))
+
+
+def test_a_cv_run_names_its_folds_and_seeds_and_pools_their_confusion_matrices(tmp_path, shared_dirs):
+    from geneformer_colon.jobs import donor_cv
+
+    cfg = compose_train(tiny_overrides(tmp_path / "outputs", shared_dirs) + [
+        "experiment=colon6", "run_name=cv", "cv=lodo", "cv.folds=[KUL01,KUL19]", "cv.seeds=[0,1]",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"])
+    donor_cv.run(run_training, cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    cv = json.loads((run_dir / "cv.json").read_text())
+    (cv_run,) = [run for run in all_offline_runs(run_dir) if run.job_type == "cv"]
+    # its config: what it ran, not the composed split and seed
+    assert cv_run.config["cv.folds"] == ["KUL01", "KUL19"] and cv_run.config["cv.seeds"] == [0, 1]
+    for fold in cv["folds"]:
+        assert cv_run.config[f"cv.fold.{fold['test_donor']}.val_donors"] == [fold["val_donor"]]
+        assert cv_run.config[f"cv.fold.{fold['test_donor']}.test_donors"] == [fold["test_donor"]]
+    assert not {"data.val_donors", "data.test_donors", "seed"} & set(cv_run.config)
+    assert cv_run.config["choices.cv"] == "lodo" and "cv=lodo" in cv_run.tags
+    # a row a fold and seed
+    table = media_table(cv_run, "fold_table")
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(row["test_donor"], row["seed"]) for row in rows] == [("KUL01", 0), ("KUL01", 1), ("KUL19", 0),
+                                                                  ("KUL19", 1)]
+    for row in rows:
+        metrics = metrics_of(run_dir / "folds" / row["run_dir"])
+        assert row["best_epoch"] == metrics["best_epoch"]
+        assert row["test/macro_f1"] == pytest.approx(metrics["test"]["macro_f1"], abs=1e-4)
+    # the pooled confusion matrix: the sum of the folds' (each seed's) matrices; its figures from it
+    matrices = [metrics_of(run_dir / "folds" / row["run_dir"])["test"]["confusion_matrix"] for row in rows]
+    pooled = np.sum(matrices, axis=0)
+    assert cv_run.summary["confusion_matrix/test_pooled"] == pooled.tolist()
+    assert cv_run.summary["test/pooled/accuracy"] == pytest.approx(np.trace(pooled) / pooled.sum())
+    assert cv_run.summary["test/pooled/recall/Tumor"] == pytest.approx(pooled[2, 2] / pooled[2].sum())
+    counts = {(true, predicted): n for true, predicted, n in media_table(cv_run, "confusion/test_pooled_table")["data"]}
+    assert counts["Border", "Tumor"] == pooled[1, 2]
+    # its plots (per donor) as images, its files under names W&B leaves alone
+    plots = sorted(path.stem for path in (run_dir / "plots").glob("*.png"))
+    assert plots and all(cv_run.summary[f"plots/{name}"]["_type"] == "image-file" for name in plots)
+    files = cv_run.directory / "files"
+    assert not (files / "config.yaml").exists() and (files / "cv.json").is_file()
+    assert (files / "run_config.yaml").read_bytes() == (run_dir / "config.yaml").read_bytes()
