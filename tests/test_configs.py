@@ -23,6 +23,8 @@ CONF = CONF_DIR
 GROUPS = sorted(path.name for path in CONF.iterdir() if path.is_dir() and path.name != "hydra")
 # What an option needs to compose without a file that only a user has.
 NEEDS = {("model", "pretrained"): ["model.encoder.pretrained=/nowhere/hf"]}
+# A group only one primary config composes (python baseline.py baseline=logreg)
+PRIMARY = {"baseline": "baseline"}
 
 
 def options(group: str) -> list[str]:
@@ -34,14 +36,15 @@ def every_option() -> list[tuple[str, str]]:
 
 
 def test_every_group_has_options_and_the_groups_are_the_pluggable_parts():
-    assert GROUPS == ["augment", "callbacks", "cv", "data", "debug", "experiment", "logger", "loss", "model",
-                      "optimizer", "paths", "robust", "scheduler", "sweep", "trainer"]
+    assert GROUPS == ["augment", "baseline", "callbacks", "cv", "data", "debug", "experiment", "logger", "loss",
+                      "model", "optimizer", "paths", "robust", "scheduler", "sweep", "trainer"]
     assert all(options(group) for group in GROUPS)
 
 
 @pytest.mark.parametrize(("group", "option"), every_option())
 def test_each_option_composes_resolves_and_names_only_trusted_targets(group, option, tmp_path):
-    cfg = compose_train([f"{group}={option}", f"paths.output_dir={tmp_path}", *NEEDS.get((group, option), [])])
+    cfg = compose_train([f"{group}={option}", f"paths.output_dir={tmp_path}", *NEEDS.get((group, option), [])],
+                        config_name=PRIMARY.get(group, "train"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_targets(resolved, f"{group}={option}")  # a run directory written with this option can be evaluated
     for path, target in targets_in(resolved):

@@ -58,6 +58,9 @@ CONFIGURABLE_MODULES = (
 CONFIG_FUNCTIONS = frozenset({
     "geneformer_colon.model.backbone.new_bert",
     "geneformer_colon.model.backbone.pretrained_bert",
+    "geneformer_colon.model.baselines.naive_bayes",
+    "geneformer_colon.model.baselines.logreg",
+    "geneformer_colon.model.baselines.pca_knn",
     "geneformer_colon.model.schedules.warmup_schedule",
     "geneformer_colon.report.wandb_run.wandb_logger",
 })
