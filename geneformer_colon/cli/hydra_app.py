@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -19,6 +20,7 @@ from geneformer_colon.common.errors import InputError
 from geneformer_colon.jobs import donor_cv
 from geneformer_colon.jobs.sweep import in_multirun, run_sweep_job
 from geneformer_colon.runs.config import CONF_DIR
+from geneformer_colon.runs.lock import removed_if_left_empty
 
 
 def run_job(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, metric: str = "macro_f1") -> float:
@@ -26,12 +28,13 @@ def run_job(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, metri
     sweeper's objective, the validation ``metric``. In a sweep a failing job is recorded, not fatal."""
     with open_dict(cfg):
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
-    if cfg.get("threads") is not None:
-        use_threads(cfg.threads)
     job = functools.partial(donor_cv.run, task, metric=metric)
-    if in_multirun():
-        return run_sweep_job(job, cfg)
-    return job(cfg)
+    with removed_if_left_empty(Path(cfg.paths.run_dir)):  # a bad value here leaves no folder Hydra made
+        if cfg.get("threads") is not None:
+            use_threads(cfg.threads)
+        if in_multirun():
+            return run_sweep_job(job, cfg)
+        return job(cfg)
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

@@ -77,6 +77,18 @@ def check_groups(parsed: Sequence[Override], options_of: Callable[[str], list[st
                 raise unknown_option(override.key_or_group, value, options)
 
 
+def check_deleted_groups(parsed: Sequence[Override], default: DictConfig,
+                         options_of: Callable[[str], list[str] | None]) -> None:
+    """No override deletes a config group the job's config chooses by default (``~optimizer``): the job needs
+    its node; another option is chosen instead."""
+    for override in parsed:
+        key = override.key_or_group
+        options = options_of(key)
+        if override.is_delete() and options and isinstance(OmegaConf.select(default, key, default=None), DictConfig):
+            raise InputError(f"~{key}: the job needs its {key} node; choose another option ({key}=<one of "
+                             f"{', '.join(options)}>), or delete a key inside it (~{key}.<key>)")
+
+
 def check_keys(parsed: Sequence[Override], cfg: DictConfig, groups: Sequence[str]) -> None:
     """Every key an override sets or deletes (without ``+``) is in the config (or is a config group)."""
     for override in parsed:
@@ -138,6 +150,7 @@ def check_command_line(conf_dir: Path, config_name: str, argv: Sequence[str]) ->
         chosen = [line for override, line in job
                   if override.key_or_group in groups or override.is_add() or override.is_force_add()]
         try:
+            check_deleted_groups(parsed, compose(config_name), options_of)
             check_keys(parsed, compose(config_name, overrides=chosen, return_hydra_config=True),
                        [*loader.list_groups(""), *groups])
             cfg = compose(config_name, overrides=[line for _, line in job], return_hydra_config=True)

@@ -113,7 +113,7 @@ def held_lock(path: Path, holder: str, shared: bool = False, remove_after: bool 
     description is written into the file for whoever is refused. The lock is the kernel's (flock):
     a killed holder releases it, so a lock file left behind is never stale. ``remove_after`` (exclusive
     locks): the file is deleted before the lock is released; a process that locked the deleted file
-    meanwhile sees it is no longer ``path``'s and tries again.
+    meanwhile (shared or not) sees it is no longer ``path``'s and tries again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -125,7 +125,7 @@ def held_lock(path: Path, holder: str, shared: bool = False, remove_after: bool 
             holder_was = handle.read().strip() or "another process"
             handle.close()
             raise LockHeld(holder_was) from None
-        if not remove_after or same_file(handle, path):
+        if same_file(handle, path):  # every holder checks: a file any holder may delete is removed at its end
             break
         handle.close()  # locked a file another holder deleted on its way out
     with handle:

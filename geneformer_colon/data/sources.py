@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from geneformer_colon.common.caches import checked_cache
 from geneformer_colon.common.errors import InputError
-from geneformer_colon.common.io import build_once, file_fingerprint, text_fingerprint
+from geneformer_colon.common.io import file_fingerprint, text_fingerprint
 from geneformer_colon.data import kul3, synthetic
 from geneformer_colon.data.canonical import write_canonical
 from geneformer_colon.data.dictionaries import missing_file_hint
@@ -94,11 +95,11 @@ class KUL3Source(DataSource):
         """Path of the canonical ``.h5ad`` parsed from the GEO files, built only when none of this identity exists.
 
         Two processes asking at once build it once (a lock); a build killed half-way leaves no
-        file at the final name, and its leftovers are removed by the next build.
+        file at the final name, and its leftovers are removed by the next build; a damaged file is built again.
         """
         self.check_inputs()
         path = Path(cache_dir) / "ingest" / f"{self.key()}.h5ad"
-        if build_once(path, self.write_canonical):
+        if checked_cache(path, self.write_canonical):
             log.info("ingest: %s -> %s", self.describe(), path)
         return path
 
@@ -155,8 +156,7 @@ class SyntheticKUL3Source(KUL3Source):
         return repr((synthetic.GENERATOR_VERSION, self.n_cells, self.n_genes, self.seed, self.donor_shift, *effects))
 
     def check_inputs(self) -> None:
-        done = self.inputs()[0]
-        if build_once(Path(self.data_dir), self._generate, done=lambda _: done.is_file()):
+        if checked_cache(Path(self.data_dir), self._generate):
             log.info("synthetic KUL3: wrote %d cells x %d genes to %s", self.n_cells, self.n_genes, self.data_dir)
 
     def _generate(self, directory: Path) -> None:

@@ -11,7 +11,9 @@ The directory name is a hash of the input's identity (a canonical file's name, o
 h5ad's fingerprint and column keys), the dictionaries and the tokenizer settings, so a change in
 any of them builds a new store and an unchanged input reuses the old one. The build reads the
 input a chunk of cells at a time and appends each chunk's tokens, so its memory does not grow with
-the number of cells; the result does not depend on the chunk size.
+the number of cells; the result does not depend on the chunk size. A store whose files no longer match
+what was built (``tokens.bin`` truncated by a full disk or a killed copy) is built again
+(``common.caches``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geneformer_colon.common.io import build_once
+from geneformer_colon.common.caches import checked_cache
 from geneformer_colon.data.canonical import OBS_COLUMNS
 from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.data.h5ad import CHUNK_CELLS, CanonicalCells
@@ -121,8 +123,7 @@ def open_or_build_store(root: str | Path, cells: CanonicalCells, dictionaries: G
     """Open the store of these cells under ``root``, building it first (once, under a lock) if needed."""
     directory = Path(root) / store_key(cells, dictionaries, settings)
     started = time.perf_counter()
-    if build_once(directory, lambda tmp: build_store(cells, dictionaries, settings, tmp),
-                  done=lambda path: (path / "meta.json").is_file()):
+    if checked_cache(directory, lambda tmp: build_store(cells, dictionaries, settings, tmp)):
         log.info("token store: built %s in %.1f s", directory, time.perf_counter() - started)
     store = TokenStore.open(directory)
     if store.meta["n_dropped_empty"]:

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from geneformer_colon.common.caches import checked_cache
 from geneformer_colon.common.errors import InputError
-from geneformer_colon.common.io import build_once, text_fingerprint
-from geneformer_colon.data.dictionaries import TOKEN_FILE, GeneDictionaries, derive_dictionaries
+from geneformer_colon.common.io import text_fingerprint
+from geneformer_colon.data.dictionaries import GeneDictionaries, derive_dictionaries
 from geneformer_colon.data.h5ad import CanonicalCells
 
 log = logging.getLogger(__name__)
@@ -49,5 +50,5 @@ def derived_dictionaries(cells: CanonicalCells, rows: np.ndarray, model_version:
         log.info("deriving a vocabulary and gene medians from %d training cells", len(rows))
         derive_dictionaries(cells.counts(rows), model_version=model_version).save(tmp)
 
-    build_once(directory, derive, done=lambda path: (path / TOKEN_FILE).is_file())
+    checked_cache(directory, derive)
     return GeneDictionaries.load_directory(directory)

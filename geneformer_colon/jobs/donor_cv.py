@@ -30,15 +30,23 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from geneformer_colon.common.errors import InputError, Interrupted
 from geneformer_colon.common.names import FINISHED, VAL
+from geneformer_colon.jobs.train import check_recipe
 from geneformer_colon.model.callbacks import SignalLatch
 from geneformer_colon.report.cv_summary import across_folds_markdown, write_cv_summary
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.wandb_run import fold_group, report_cv_run
-from geneformer_colon.runs.config import check_values, plain
+from geneformer_colon.runs.config import plain
 from geneformer_colon.runs.layout import RunLayout
 from geneformer_colon.runs.lock import holding
 from geneformer_colon.runs.reading import read_run
-from geneformer_colon.runs.start import accept_start, allowed_changes, prepare_run_dir, record_changes
+from geneformer_colon.runs.start import (
+    accept_start,
+    accepting_first,
+    allowed_changes,
+    finished,
+    prepare_run_dir,
+    record_changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +97,10 @@ def val_rule(val_donor: str | None, n_val: int = 1) -> str:
 def fold_seeds(cfg: DictConfig) -> list[int] | None:
     """``cv.seeds`` when it names two seeds or more (each fold then runs once a seed, in its own folder),
     else None (each fold runs once, with ``cv.seeds``' one seed or the config's ``seed``)."""
-    seeds = list(cfg.cv.get("seeds") or [])
-    if len(set(seeds)) != len(seeds) or not all(isinstance(seed, int) and seed >= 0 for seed in seeds):
+    given = cfg.cv.get("seeds")
+    seeds = list(given if given is not None else [])
+    if (given is not None and not seeds) or len(set(seeds)) != len(seeds) \
+            or not all(isinstance(seed, int) and seed >= 0 for seed in seeds):
         raise InputError(f"cv.seeds is {seeds}; give distinct integers >= 0, e.g. [0,1,2] (or null: the seed)")
     return seeds if len(seeds) > 1 else None
 
@@ -124,15 +134,15 @@ def fold_config(cfg: DictConfig, layout: RunLayout, fold: Fold, seed: int, seede
     return fold_cfg
 
 
-def check_parent(parent: RunLayout, cfg: DictConfig, layouts: Sequence[RunLayout]) -> None:
+def check_parent(parent: RunLayout, cfg: DictConfig, layouts: Sequence[RunLayout]) -> bool:
     """Before any fold runs: the parent is no single run's directory; the folds already there were made
     with this recipe (the jobs of one CV run differ in ``cv.folds`` only); a fold that already holds a
-    run is only taken up with resume=true or overwrite=true."""
-    if not parent.folds.is_dir() and parent.holds_a_run():
-        if not cfg.overwrite:
-            raise InputError(f"{parent.root}: holds a run that is not cross-validated; pick another run_name=... "
-                             "for the CV run, or replace it with overwrite=true")
-        prepare_run_dir(parent, overwrite=True)
+    run is only taken up with resume=true or overwrite=true. Whether the parent holds a run of one split
+    that ``overwrite=true`` replaces (once the start is accepted)."""
+    replaced = not parent.folds.is_dir() and parent.holds_a_run()
+    if replaced and not cfg.overwrite:
+        raise InputError(f"{parent.root}: holds a run that is not cross-validated; pick another run_name=... "
+                         "for the CV run, or replace it with overwrite=true")
     if parent.folds.is_dir() and parent.config.is_file() and not cfg.overwrite:
         record_changes(cfg, parent, allowed_changes(parent, cfg, ignore=("cv.folds",)))
     taken = [str(layout.root.relative_to(parent.folds)) for layout in layouts if layout.holds_a_run()]
@@ -141,15 +151,19 @@ def check_parent(parent: RunLayout, cfg: DictConfig, layouts: Sequence[RunLayout
             f"{parent.root}: folds {taken} already hold runs; continue with resume=true (finished folds are "
             "skipped), replace them with overwrite=true, pick other cv.folds, or another run_name=..."
         )
+    return replaced
 
 
 def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     """Every fold (and seed) of ``cv=lodo`` one after the other; the summary rewritten after each; the
-    objective over the folds' val ``metric`` (each fold's mean over its seeds)."""
-    check_values(cfg)
+    objective over the folds' val ``metric`` (each fold's mean over its seeds). The CV run's own files (config,
+    ``.hydra/``, summary, W&B run) are written once the first fold to train has passed its checks; with
+    ``resume=true`` and every fold finished, nothing is written."""
+    check_recipe(cfg)
     objective = cfg.cv.get("objective", "mean")
     if objective not in OBJECTIVES:
         raise InputError(f"cv.objective is {objective!r}; use mean or worst")
+    seeds = fold_seeds(cfg)
     parent = RunLayout(cfg.paths.run_dir)
     donors = list(cfg.cv.donors or available_donors(cfg))
     n_val = cfg.cv.get("val_donors", 1)
@@ -158,7 +172,6 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
              "not used; cv.val_donor chooses a fixed validation donor): %s", list(cfg.data.val_donors or []),
              list(cfg.data.test_donors or []),
              "; ".join(f"test {fold.test_donor}, validation {', '.join(fold.val_donors)}" for fold in folds))
-    seeds = fold_seeds(cfg)
     one_seed = (cfg.cv.get("seeds") or [cfg.seed])[0]
     runs = [(fold, seed, parent.fold(fold.test_donor, seed if seeds else None))
             for fold in folds for seed in (seeds or [one_seed])]
@@ -166,11 +179,21 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
     with contextlib.ExitStack() as held:  # this job's folds: other jobs of the run may hold the others
         for fold in folds:
             held.enter_context(holding(parent.fold(fold.test_donor), parent.fold_lock(fold.test_donor)))
-        check_parent(parent, cfg, [layout for _, _, layout in runs])
-        accept_start(parent, cfg)
+        replaced = check_parent(parent, cfg, [layout for _, _, layout in runs])
+        if cfg.resume and not cfg.overwrite and all(finished(layout) for _, _, layout in runs):
+            log.info("%s: every fold is finished; resume=true changes nothing", parent.root)
+            return fold_objective(objective, [(fold, read_run(layout.root).metrics) for fold, _, layout in runs],
+                                  metric)
+
+        def accept() -> None:
+            if replaced:
+                prepare_run_dir(parent, overwrite=True)
+            accept_start(parent, cfg)
+
+        accepted = held.enter_context(accepting_first(accept))
         rule = val_rule(cfg.cv.val_donor, n_val)
         kind = "baseline" if "baseline" in cfg else "train"
-        scores: dict[str, list[float]] = {}
+        records = []
         cv: dict[str, Any] = {}
         between_folds.install()  # a fold's training has its own (LastCheckpoint); outside it, folds end whole
         held.callback(between_folds.restore)
@@ -189,17 +212,27 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
                 else:
                     log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
                     record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
-                scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
-                cv = write_cv_summary(parent, cfg.run_name, kind, donors, read_run(layout.root).class_names, rule,
-                                      seeds)
+                records.append((fold, record))
+                if accepted:  # the folds skipped before the first that trained are in its summary
+                    cv = write_cv_summary(parent, cfg.run_name, kind, donors, read_run(layout.root).class_names,
+                                          rule, seeds)
         except BaseException as raised:
             error = raised
             raise
         finally:
-            report_cv_run(cfg, parent, read_run(parent.root).cv, error)
+            if accepted:
+                report_cv_run(cfg, parent, read_run(parent.root).cv, error)
     write_history(read_run(parent.root))
     log.info("%s: %d of %d folds finished; across folds (%s):\n%s", cfg.run_name, len(cv["folds"]), len(donors),
              parent.cv_markdown, across_folds_markdown(cv))
+    return fold_objective(objective, records, metric)
+
+
+def fold_objective(objective: str, records: Sequence[tuple[Fold, dict[str, Any]]], metric: str) -> float:
+    """``cv.objective`` over the folds' validation ``metric``, each fold's figure its mean over its seeds."""
+    scores: dict[str, list[float]] = {}
+    for fold, record in records:
+        scores.setdefault(fold.test_donor, []).append(record[VAL][metric])
     return float(OBJECTIVES[objective]([np.mean(values) for values in scores.values()]))
 
 

@@ -21,10 +21,12 @@ from geneformer_colon.assembly.builders import (
 )
 from geneformer_colon.assembly.scoring import score_split
 from geneformer_colon.common.errors import InputError
-from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, MONITOR, RUNNING, SPLITS, VAL, WORST_DONOR
+from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, MONITOR, RUNNING, SPLITS, TRAIN, VAL, WORST_DONOR
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.model.callbacks import BestCheckpoint, LastCheckpoint, RecordEpochs
+from geneformer_colon.model.masked_genes import MaskingRates
 from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.model.robust import PlainTraining
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.report.wandb_run import (
@@ -33,13 +35,15 @@ from geneformer_colon.report.wandb_run import (
     flat_config,
     report_run,
 )
-from geneformer_colon.runs.config import check_values
+from geneformer_colon.runs.config import check_values, instantiate_trusted, plain
 from geneformer_colon.runs.layout import RunLayout
 from geneformer_colon.runs.reading import Run
 from geneformer_colon.runs.record import best_epoch, check_success, run_record, write_loss_plot, write_metrics
 from geneformer_colon.runs.start import accept_start, prepare_run_dir, recipe, record_changes, resume_point
 
 log = logging.getLogger(__name__)
+
+PLAIN_TRAINING = f"{PlainTraining.__module__}.{PlainTraining.__qualname__}"
 
 
 @contextlib.contextmanager
@@ -93,11 +97,11 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
     checkpoint and recipe) before writing anything, prepare the run directory, and fit with the run's
     checkpoints and records. ``make_module(cfg, datamodule, fresh)``: ``fresh`` unless resuming."""
     layout = RunLayout(cfg.paths.run_dir)
-    check_values(cfg)
+    check_recipe(cfg)
     resume_from, changes = resume_point(layout, cfg) if cfg.resume else (None, {})
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg, labelled=kind != "pretrain")
-    check_monitors(cfg, datamodule)
+    check_split(cfg, datamodule)
     module = make_module(cfg, datamodule, resume_from is None)
     donors = {split: datamodule.split_donors(split) for split in SPLITS if len(datamodule.splits[split])}
     cells = {split: len(datamodule.splits[split]) for split in donors}
@@ -126,14 +130,35 @@ def fit_run(cfg: DictConfig, kind: str, make_module: Callable[[DictConfig, CellD
                      best.best_model_path if best is not None else "", record)
 
 
-def check_monitors(cfg: DictConfig, datamodule: CellDataModule) -> None:
-    """A checkpoint or early stopping that selects by the worst validation donor needs two of them."""
+def check_recipe(cfg: DictConfig) -> None:
+    """Every value of the recipe that can be checked without data, before any data is generated, read or
+    tokenized: the known ranges (``runs.config.check_values``), and the parts built from the config alone
+    (``augment``, ``loss`` where ``data.labels`` names the classes, ``robust``, ``pretrain.masking``) built once."""
+    check_values(cfg)
+    labels = cfg.data.get("labels")
+    parts = {"augment": {}, "robust": {"donors": ["a", "b"], "hidden_size": 2},
+             "loss": {"class_names": list(labels)} if labels else None}
+    for key, arguments in parts.items():
+        if cfg.get(key) is not None and arguments is not None:
+            instantiate_trusted(cfg[key], key, **arguments)
+    if cfg.get("pretrain") is not None:
+        MaskingRates(**plain(cfg.pretrain.masking))
+
+
+def check_split(cfg: DictConfig, datamodule: CellDataModule) -> None:
+    """What the donors of the split must allow: a checkpoint or early stopping that selects by the worst validation
+    donor needs two of them; a donor-robust strategy, two training donors."""
     for name in ("model_checkpoint", "early_stopping"):
         monitor = (cfg.callbacks.get(name) or {}).get("monitor")
         if monitor == WORST_DONOR and len(datamodule.split_donors(VAL)) < 2:
             raise InputError(f"callbacks.{name}.monitor is {monitor}, but the validation split has one donor "
                              f"({datamodule.split_donors(VAL)}); give data.val_donors two or more donors "
                              "(cv.val_donors in cv=lodo) or monitor val/macro_f1")
+    robust, train_donors = cfg.get("robust"), datamodule.split_donors(TRAIN)
+    if robust is not None and robust.get("_target_") != PLAIN_TRAINING and len(train_donors) < 2:
+        raise InputError(f"robust: {robust.get('_target_')} acts across training donors, but the split trains on "
+                         f"{train_donors or 'none'}; give two training donors or more (fewer data.val_donors or "
+                         "data.test_donors, or more cv.donors), or robust=none")
 
 
 def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> CellClassifier:

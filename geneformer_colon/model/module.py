@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import BertModel
 
 from geneformer_colon.common.names import EVAL_SPLITS, VAL, logged
@@ -92,7 +93,29 @@ class SeededModule(pl.LightningModule):
         torch.manual_seed(step_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+        made = optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+        # what the config gave each parameter group: a resumed run's restored optimizer gets it back on_train_start
+        self._configured_groups = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                                   for group in made["optimizer"].param_groups]
+        return made
+
+    def on_train_start(self) -> None:
+        """The optimizer and scheduler go on with the values of the config, not those a resumed run's checkpoint
+        restored: with ``allow_resume_changes=true`` a changed ``optimizer.*`` (learning rate, weight decay, ...)
+        or ``scheduler.*`` is what trains. The learning rate of the step reached is the configured one through
+        the (configured) schedule; a run resumed unchanged gets back exactly what it had."""
+        configured = getattr(self, "_configured_groups", None)
+        if configured is None or len(self.trainer.optimizers) != 1:
+            return
+        groups = self.trainer.optimizers[0].param_groups
+        for group, values in zip(groups, configured):
+            group.update(values)
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            if isinstance(schedule, LambdaLR):
+                schedule.base_lrs = [group["initial_lr"] for group in groups]
+                for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas):
+                    group["lr"] = base * factor(schedule.last_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["epoch_history"] = self.epoch_history

@@ -23,14 +23,19 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     return checkpoint
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+# What to do about a file that is no readable checkpoint, where it was handed in as one.
+USE_A_CHECKPOINT = "use checkpoints/best.ckpt or last.ckpt of a run directory"
+
+
+def read_checkpoint(path: Path, fix: str = USE_A_CHECKPOINT) -> dict[str, Any]:
     """A checkpoint file loaded safely (tensors and plain data only), or one clear error.
 
-    A file holding code or arbitrary objects is refused, never loaded with ``weights_only=False``.
+    A file holding code or arbitrary objects is refused, never loaded with ``weights_only=False``. ``fix``: what
+    the error tells to do about a file that cannot be read (a run's own damaged last.ckpt is no fix for itself).
     """
     if not zipfile.is_zipfile(path):  # what torch.save and Lightning write
-        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (not a PyTorch zip archive); use "
-                         "checkpoints/best.ckpt or last.ckpt of a run directory")
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint, or a damaged one (not a complete PyTorch zip "
+                         f"archive); {fix}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -38,10 +43,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
                          "it is not loaded: use a checkpoint from a run directory") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: not a PyTorch Lightning checkpoint ({reason[:200]}); use checkpoints/best.ckpt "
-                         "or last.ckpt of a run directory") from None
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint, or a damaged one ({reason[:200]}); {fix}"
+                         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (no state_dict); use checkpoints/best.ckpt "
-                         "or last.ckpt of a run directory")
+        raise InputError(f"{path}: not a PyTorch Lightning checkpoint (no state_dict); {fix}")
     return checkpoint
 

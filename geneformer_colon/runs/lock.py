@@ -22,26 +22,38 @@ class RunDirBusy(InputError):
 
 
 @contextlib.contextmanager
+def removed_if_left_empty(root: Path) -> Iterator[None]:
+    """A start that fails before writing anything leaves no empty directory behind (Hydra makes its output
+    directory before the job runs)."""
+    try:
+        yield
+    except BaseException:
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def holding(layout: RunLayout, lock: Path | None = None, shared: bool = False) -> Iterator[None]:
     """Hold the run directory for the block, or refuse at once (:class:`RunDirBusy`) naming its holder.
 
     ``lock``: the lock file (default the directory's own). ``shared``: readers (eval.py, the jobs of one
     CV run) may hold it together, never beside a run that writes it. A DDP rank other than 0 shares its
-    rank 0's hold. A start refused before writing anything leaves no empty directory behind.
+    rank 0's hold. The lock file goes as the last hold ends; a start refused before writing anything leaves
+    no empty directory behind.
     """
     if rank_zero_only.rank != 0:
         yield
         return
+    path = lock or layout.lock
     holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
     try:
-        with held_lock(lock or layout.lock, holder, shared):
-            try:
-                yield
-            except BaseException:
-                if layout.root.is_dir() and not any(layout.root.iterdir()):
-                    layout.root.rmdir()  # made by Hydra, before any check
-                raise
+        with held_lock(path, holder, shared, remove_after=not shared), removed_if_left_empty(layout.root):
+            yield
     except LockHeld as held:
         raise RunDirBusy(f"{layout.root}: in use by {held.holder}; wait for it to end, or pick another "
                          "run_name=...") from None
-
+    finally:
+        if shared:  # the last of the shared holders removes it: taken alone for that, at once, or left
+            with contextlib.suppress(LockHeld), held_lock(path, holder, remove_after=True):
+                pass

@@ -4,7 +4,9 @@ from ``last.ckpt`` with the run's own recipe unless changes are allowed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from geneformer_colon.common.console import open_run_log
 from geneformer_colon.common.errors import InputError
-from geneformer_colon.common.io import atomic_path, remove
+from geneformer_colon.common.io import atomic_path, read_json, remove
+from geneformer_colon.common.names import FINISHED
 from geneformer_colon.runs.checkpoints import read_checkpoint
 from geneformer_colon.runs.config import plain, recipe_changes
 from geneformer_colon.runs.layout import RunLayout
@@ -26,16 +29,44 @@ from geneformer_colon.runs.reading import read_config
 
 log = logging.getLogger(__name__)
 
+# Keys a resumed run cannot change, even with allow_resume_changes=true: the restored state belongs to them.
+FIXED_ON_RESUME = ("optimizer._target_", "scheduler._target_")
+
 
 def save_config(layout: RunLayout, cfg: DictConfig) -> None:
     with atomic_path(layout.config) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
+# What must be written just before the next start is accepted (:func:`accepting_first`).
+_BEFORE_ACCEPT: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def accepting_first(accept: Callable[[], None]) -> Iterator[list[bool]]:
+    """In the block, ``accept`` runs once, just before the first start accepted inside it (a CV run's parent is
+    accepted with its first fold: a fold refused by its own checks leaves the parent as it was). Yields a list
+    that holds True once ``accept`` ran."""
+    accepted: list[bool] = []
+
+    def once() -> None:
+        accept()
+        accepted.append(True)
+
+    _BEFORE_ACCEPT.append(once)
+    try:
+        yield accepted
+    finally:
+        if once in _BEFORE_ACCEPT:
+            _BEFORE_ACCEPT.remove(once)
+
+
 def accept_start(layout: RunLayout, cfg: DictConfig) -> None:
     """The start is accepted (every check passed): the run's config.yaml and, in the directory Hydra
     runs the job in, Hydra's record of the job (``.hydra/``, which Hydra itself is told not to write
     before the checks) and its log file."""
+    while _BEFORE_ACCEPT:  # taken off before it runs: its own accept_start finds it gone
+        _BEFORE_ACCEPT.pop()()
     save_config(layout, cfg)
     if not HydraConfig.initialized() or Path(HydraConfig.get().runtime.output_dir).resolve() != layout.root.resolve():
         return
@@ -92,6 +123,12 @@ def allowed_changes(layout: RunLayout, cfg: DictConfig, ignore: tuple[str, ...] 
     ``allow_resume_changes=true``. A key added since the run started counts only where ``cfg`` sets it to
     another value than its default."""
     changes = recipe_changes(read_config(layout.config), plain(cfg), ignore, default_recipe())
+    fixed = [key for key in changes if key in FIXED_ON_RESUME]
+    if fixed:
+        was, now = changes[fixed[0]]
+        raise InputError(f"{layout.config}: {fixed[0]} cannot change on resume ({was} -> {now}): the checkpoint's "
+                         f"state is {was}'s; go on with {fixed[0]}={was}, or start a new run (another run_name=..., "
+                         "init_from=<this run> for its weights)")
     if changes and not cfg.allow_resume_changes:
         listed = "; ".join(f"{key}: {was} -> {now}" for key, (was, now) in changes.items())
         raise InputError(
@@ -102,13 +139,26 @@ def allowed_changes(layout: RunLayout, cfg: DictConfig, ignore: tuple[str, ...] 
 
 
 def resume_point(layout: RunLayout, cfg: DictConfig) -> tuple[Path, dict[str, tuple[str, str]]]:
-    """The checkpoint ``resume=true`` goes on from, and the recipe changes it was allowed to make."""
+    """The checkpoint ``resume=true`` goes on from, and the recipe changes it was allowed to make. A finished run
+    is only taken up with changes (more epochs, say) or ``overwrite=true``: with its own recipe there is nothing
+    to do, and nothing is rewritten."""
+    changes = allowed_changes(layout, cfg)
+    if finished(layout) and not changes and not cfg.overwrite:
+        raise InputError(f"{layout.root}: finished (metrics.json), and resume=true with its own recipe changes "
+                         "nothing: train it longer with allow_resume_changes=true trainer.max_epochs=<more>, go on "
+                         "anyway with overwrite=true, or pick another run_name=...")
     last = layout.checkpoint("last")
     if not last.is_file():
         raise InputError(f"{layout.root}: resume=true but there is no checkpoints/last.ckpt to continue from; "
                          "start it without resume=true")
-    read_checkpoint(last)
-    return last, allowed_changes(layout, cfg)
+    read_checkpoint(last, fix="it cannot be resumed from: restore the file from a copy, or train the run again "
+                              "with overwrite=true")
+    return last, changes
+
+
+def finished(layout: RunLayout) -> bool:
+    """Whether the run directory holds a finished run (its metrics.json says so)."""
+    return read_json(layout.metrics).get("status") == FINISHED
 
 
 def record_changes(cfg: DictConfig, layout: RunLayout, changes: dict[str, tuple[str, str]]) -> None:

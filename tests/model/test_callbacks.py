@@ -130,8 +130,8 @@ def test_a_pause_at_an_epochs_end_loses_no_validation_and_adds_no_epoch(tiny_cfg
     else:  # early stopping ends training in epoch 1 (patience 0): the pause has nothing left to stop
         resumed = train(tiny_cfg(*common, "run_name=paused"))
         monkeypatch.setattr(fine_tune, "build_trainer", real)
-        assert resumed["status"] == "finished"
-        resumed = train(tiny_cfg(*common, "run_name=paused", "resume=true"))
+        assert resumed["status"] == "finished"  # resume=true alone refuses a finished run: overwrite=true goes on
+        resumed = train(tiny_cfg(*common, "run_name=paused", "resume=true", "overwrite=true"))
     assert [epoch["epoch"] for epoch in resumed["epochs"]] == [epoch["epoch"] for epoch in straight["epochs"]]
     assert resumed["epochs"] == straight["epochs"] and resumed["test"] == straight["test"]
 
