@@ -38,6 +38,7 @@ def compose(path, out, *overrides):
                           *overrides])
 
 
+@pytest.mark.slow  # processes (or every command in turn): make test-slow, in CI
 def test_class_names_with_spaces_plus_and_slash_go_through_every_command(named_cohort, tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -22,6 +22,7 @@ NOTEBOOK = REPO_ROOT / "notebooks" / "compare_runs.ipynb"
 KERNEL = "geneformer-colon-tests"
 
 
+@pytest.mark.slow  # processes (or every command in turn): make test-slow, in CI
 def test_notebook_executes_on_two_runs_and_a_predicted_file(trained_runs, cohort, tmp_path, monkeypatch):
     canonical = cohort(trained_runs[0])
     predicted = tmp_path / "predicted.h5ad"

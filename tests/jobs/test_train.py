@@ -127,6 +127,7 @@ SETTINGS = ["run_name=ddp", "logger=csv", "data.eval_batch_size=16", "trainer.ma
 ROBUST = ["robust=group_dro", "robust.step_size=0.5", "augment.mixup_prob=0.5", "augment.mixup_across_donors=true"]
 
 
+@pytest.mark.slow  # processes (or every command in turn): make test-slow, in CI
 def test_two_process_ddp_evaluates_every_cell_once_and_keeps_one_set_of_donor_weights(tmp_path, shared_dirs):
     overrides = tiny_overrides(tmp_path / "outputs", shared_dirs) + SETTINGS + ROBUST
     result = run_script("train.py", *overrides, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
