@@ -103,7 +103,7 @@ class MaskedGeneModel(SeededModule):
         input_ids, labels = self._masked(batch)
         loss = self.model(input_ids=input_ids, attention_mask=batch["attention_mask"], labels=labels).loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"train/masked_loss is {loss.item()} at epoch {self.current_epoch}, step "
+            raise FloatingPointError(f"train/masked_loss is {loss.item()} at epoch {self.current_epoch + 1}, step "
                                      f"{self.global_step}: training diverged; lower optimizer.lr")
         self.log("train/masked_loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(batch["input_ids"]))

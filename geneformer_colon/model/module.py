@@ -211,7 +211,7 @@ class CellClassifier(SeededModule):
                                                   self.train_donor_index[batch["donors"]], progress))
         if not torch.isfinite(loss):  # a diverged run stops here rather than training on NaN weights
             raise FloatingPointError(
-                f"train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: training "
+                f"train/loss is {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step}: training "
                 "diverged; lower optimizer.lr or set trainer.gradient_clip_val"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))

@@ -167,6 +167,7 @@ def test_job_folder_names_stay_short_and_distinct():
     assert job_dirname(3, "") == "3"
 
 
+@pytest.mark.slow  # a sweep of several jobs: make test-slow, in CI
 def test_a_grid_sweep_of_cv_jobs_summarises_their_means(tmp_path, shared_dirs):
     sweep_dir = tmp_path / "sweep"
     result = run_script("train.py", "-m", *tiny_overrides(tmp_path / "outputs", shared_dirs), *CV_FOLDS,

@@ -49,6 +49,7 @@ def sweep(tmp_path: Path, shared: dict, *overrides: str) -> Path:
     return sweep_dir
 
 
+@pytest.mark.slow  # a sweep of several jobs: make test-slow, in CI
 def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, shared_dirs):
     sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "augment.mixup_prob=0.15,2", "loss.focal_gamma=1.5",
                       "trainer.max_epochs=2", "callbacks.early_stopping=null", "logger.wandb.tags=[mine]")
@@ -136,6 +137,7 @@ def test_each_sweep_job_is_a_wandb_run_and_a_refused_job_a_failed_one(tmp_path, 
     assert pd.DataFrame(table["data"], columns=table["columns"]).equals(predictions)
 
 
+@pytest.mark.slow  # a sweep of several jobs: make test-slow, in CI
 def test_a_cv_grid_is_a_cv_run_a_job_with_its_folds_beneath(tmp_path, shared_dirs):
     sweep_dir = sweep(tmp_path, shared_dirs, "experiment=colon6", "cv=lodo", "cv.folds=[KUL01,KUL19]",
                       "loss.focal_gamma=0,1.5", "trainer.limit_train_batches=3")
@@ -194,7 +196,7 @@ def test_a_nan_stopped_run_keeps_its_history_and_says_where_it_stopped(tmp_path,
     assert wandb.run is None
     (run,) = offline_runs(tmp_path / "outputs" / "diverged")
     assert run.exit_code == 1
-    assert run.summary["error"].startswith("FloatingPointError: train/loss is nan at epoch 0, step ")
+    assert run.summary["error"].startswith("FloatingPointError: train/loss is nan at epoch 1, step ")
     assert run.rows("train/loss_step")  # the step it had
     assert run.config["optimizer.lr"] == 1e6
 
