@@ -7,13 +7,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from geneformer_colon.common.console import report_input_errors
-from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.errors import InputError, Interrupted
 
 if TYPE_CHECKING:
     from geneformer_colon.jobs.predict import GeneIds
@@ -250,30 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STOPPED = "{command}: stopped by {what}; its unfinished output was removed, earlier outputs are as they were"
+STOPPED = "{command} stopped; its unfinished output was removed, earlier outputs are as they were"
 
 
-class Stopped(BaseException):
-    """SIGTERM arrived: unwinds like Ctrl-C (past `except Exception`), so what a command was writing is removed."""
+def _stop_on_signal(command: str) -> Callable[[int, FrameType | None], None]:
+    """SIGTERM and Ctrl-C unwind the command (what it was writing is removed) and end it in one line."""
 
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum, STOPPED.format(command=command))
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Stopped
+    return stop
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_on_signal(args.command))
     try:
         report_input_errors(args.run)(args)
     except BrokenPipeError:  # the reader of a pipe stopped early (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         sys.exit(1)
-    except (Stopped, KeyboardInterrupt) as stop:
-        what = "SIGTERM" if isinstance(stop, Stopped) else "Ctrl-C"
-        print(STOPPED.format(command=args.command, what=what), file=sys.stderr)
-        sys.exit(128 + (signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT))
 
 
 if __name__ == "__main__":

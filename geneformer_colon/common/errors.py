@@ -28,16 +28,21 @@ def input_error_in(error: BaseException) -> InputError | None:
 
 
 class Interrupted(BaseException):
-    """A run stopped by SIGTERM or Ctrl-C after saving ``last.ckpt``; the process exits 128 + the signal.
+    """A command stopped by SIGTERM or Ctrl-C; the process exits 128 + the signal, saying ``then`` (what was kept,
+    what to do next) in one line.
 
     A ``BaseException``, like ``KeyboardInterrupt``: a sweep ends here instead of recording a
     failed job and starting the next one.
     """
 
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}: continue from {checkpoint} with resume=true")
+    def __init__(self, signum: int, then: str) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: {then}")
         self.signum = signum
-        self.checkpoint = checkpoint
+
+    @classmethod
+    def resumable(cls, signum: int, checkpoint: Path) -> Interrupted:
+        """A run stopped after saving ``checkpoint`` (``last.ckpt``, or a CV run's directory)."""
+        return cls(signum, f"continue from {checkpoint} with resume=true")
 
     @property
     def exit_code(self) -> int:

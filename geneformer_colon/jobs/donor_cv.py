@@ -201,7 +201,7 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
         try:
             for fold, seed, layout in runs:
                 if between_folds.received is not None:
-                    raise Interrupted(between_folds.received, parent.root)
+                    raise Interrupted.resumable(between_folds.received, parent.root)
                 where = f"fold {fold.test_donor}" + (f", seed {seed}" if seeds else "")
                 earlier = read_run(layout.root)
                 if cfg.resume and earlier.status == FINISHED:
@@ -248,4 +248,4 @@ def run(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
         with holding(layout, shared=strategy == "lodo"):
             return task(cfg)[VAL][metric] if strategy == "none" else run_folds(task, cfg, metric)
     except SIGTERMException:  # Lightning's, on SIGTERM while it evaluates: it would end the process silently, exit 0
-        raise Interrupted(signal.SIGTERM, layout.root) from None
+        raise Interrupted.resumable(signal.SIGTERM, layout.root) from None

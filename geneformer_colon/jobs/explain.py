@@ -33,7 +33,7 @@ from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.samplers import EvalBatchSampler
 from geneformer_colon.jobs.cell_choice import CellSet, check_cell_counts, select_cells
-from geneformer_colon.jobs.perturb import Columns, choose_columns, default_out, fold_path
+from geneformer_colon.jobs.perturb import Columns, choose_columns, default_name, default_out, fold_path
 from geneformer_colon.jobs.predict import GeneIds
 from geneformer_colon.report.gene_effects import GENE_OUTPUTS, GeneEffects, write_gene_outputs
 
@@ -127,7 +127,7 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
     check_cell_counts(max_cells, min_cells)
     what = target or "predicted class"
     out = Path(out_dir) if out_dir is not None else default_out(model_path, input_path, "explain") / (
-        name or "_".join([f"ig_{what.replace(' ', '-')}", *where]).replace("/", "-").replace(" ", "-"))
+        name or default_name(f"ig_{what}", where))
     with output_folder(out, "explain", (*GENE_OUTPUTS, "attributions.h5ad", "completeness.json")) as written:
         choice = select_cells(model, model_path, input_path, where, max_cells, seed, gene_ids, layer)
         cells = choice.cells

@@ -318,7 +318,7 @@ def perturb(
         return (obs[label_key].astype(str) == goal).to_numpy() if label_key in obs.columns else np.zeros(len(obs), bool)
 
     out = Path(out_dir) if out_dir is not None else default_out(model_path, input_path, "perturb") / (
-        name or default_name(kind, goal, where))
+        name or default_name(f"{kind}_to_{goal}", where))
     with output_folder(out, "perturb", (*GENE_OUTPUTS, "shifts.h5ad")) as written:
         choice = select_cells(model, model_path, input_path, where, max_cells, seed, gene_ids, layer, also=goal_cells)
         cells, source_names = choice.cells, choice.names
@@ -365,6 +365,7 @@ def default_out(model_path: str | Path, input_path: str | Path | None, verb: str
     return Path(input_path).with_name(f"{Path(input_path).stem}_{verb}")
 
 
-def default_name(kind: str, goal: str, where: Sequence[str]) -> str:
-    """e.g. ``delete_to_Normal_label=Tumor_donor=KUL01``."""
-    return "_".join([f"{kind}_to_{goal}", *where]).replace("/", "-").replace(" ", "-")
+def default_name(head: str, where: Sequence[str]) -> str:
+    """An output folder's name from what was done and the cells chosen (no '/' or space), e.g.
+    ``delete_to_Normal_label=Tumor_donor=KUL01``."""
+    return "_".join([head, *where]).replace("/", "-").replace(" ", "-")

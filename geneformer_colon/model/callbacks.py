@@ -108,13 +108,13 @@ class LastCheckpoint(Checkpoint):
         window_closed = done % trainer.accumulate_grad_batches == 0
         if window_closed and done < trainer.num_training_batches and self._stop_requested(trainer):
             trainer.save_checkpoint(self.path)
-            raise Interrupted(self.signals.received, self.path)
+            raise Interrupted.resumable(self.signals.received, self.path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.should_stop = trainer.should_stop
         trainer.save_checkpoint(self.path)
         if self._stop_requested(trainer) and not trainer.should_stop:  # else training ends here anyway
-            raise Interrupted(self.signals.received, self.path)
+            raise Interrupted.resumable(self.signals.received, self.path)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -37,7 +37,7 @@ def test_a_bad_input_is_one_line_exit_2_an_interruption_128_plus_the_signal_and_
         assert ended.value.code == 2
         assert capsys.readouterr().err == f"error: {input_error_in(error)}\n"
     with pytest.raises(SystemExit) as ended:
-        job(Interrupted(signal.SIGTERM, Path("run/checkpoints/last.ckpt")))
+        job(Interrupted.resumable(signal.SIGTERM, Path("run/checkpoints/last.ckpt")))
     assert ended.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err == \
         "interrupted by SIGTERM: continue from run/checkpoints/last.ckpt with resume=true\n"

@@ -23,7 +23,7 @@ from helpers.runs import programme_auroc
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.cli import verbs as cli
 from geneformer_colon.cli.verbs import STOPPED
-from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.errors import InputError, Interrupted
 from geneformer_colon.common.output_folder import WRITTEN, output_folder
 from geneformer_colon.data.tokenizer import TokenizedCells
 from geneformer_colon.jobs.cell_choice import select_cells
@@ -202,8 +202,7 @@ def test_a_signal_while_writing_leaves_the_previous_output_whole(trained_runs, t
     process.send_signal(signal_sent)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal_sent, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == STOPPED.format(
-        command="perturb", what="SIGTERM" if signal_sent == signal.SIGTERM else "Ctrl-C")
+    assert stderr.strip().splitlines()[-1] == str(Interrupted(signal_sent, STOPPED.format(command="perturb")))
     assert "Traceback" not in stderr
     assert file_hashes(out) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "writing"]
