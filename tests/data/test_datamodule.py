@@ -87,6 +87,7 @@ def test_an_h5ad_is_read_in_place_and_tokenized_as_its_canonical_copy_was(tiny_c
         assert (mine.store.directory / name).read_bytes() == (geo.store.directory / name).read_bytes()
 
 
+@pytest.mark.slow  # processes (six epochs / two at once): make test-slow, in CI
 def test_two_runs_started_together_on_new_data_build_the_cache_once(tmp_path):
     shared = {"data": tmp_path / "data", "cache": tmp_path / "cache"}
     common = tiny_overrides(tmp_path / "outputs", shared) + ["data.source.seed=11", "debug=fdr"]

@@ -32,6 +32,7 @@ def test_experiment_composes_and_runs_fast_dev_run(tiny_cfg, tmp_path, experimen
     assert metrics_of(tmp_path / "outputs" / experiment)["status"] == "finished"
 
 
+@pytest.mark.slow  # processes (six epochs / two at once): make test-slow, in CI
 def test_embedded_default_writes_the_whole_run_directory(tmp_path, shared_dirs):
     overrides = tiny_overrides(tmp_path / "outputs", shared_dirs)
     # a cohort just large enough to learn the classes in seconds (and show KUL19's shift)
