@@ -55,6 +55,8 @@ def build_module(cfg: DictConfig, datamodule: CellDataModule) -> CellClassifier:
         train_donors=datamodule.split_donors(TRAIN),
         robust=plain(cfg.get("robust")),
         lora=plain(cfg.model.get("lora")),
+        attn_implementation=cfg.model.get("attn_implementation", "sdpa"),
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
         bert=bert,
     )
 

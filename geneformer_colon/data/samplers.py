@@ -14,6 +14,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from geneformer_colon.common.errors import InputError
+from geneformer_colon.data.token_rows import padded_length
 
 BALANCE_STRATEGIES = ("none", "class", "class_donor")
 
@@ -31,14 +32,15 @@ def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def pack_by_tokens(by_length: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Cut cells sorted longest first into batches whose padded size (cells x longest) fits ``max_tokens``.
+    """Cut cells sorted longest first into batches whose padded size (cells x longest, rounded up as the model
+    pads it: :func:`padded_length`) fits ``max_tokens``.
 
     A cell longer than the budget is a batch of its own.
     """
     batches = []
     start = 0
     while start < len(by_length):
-        longest = max(int(lengths[by_length[start]]), 1)
+        longest = int(padded_length(max(int(lengths[by_length[start]]), 1)))
         size = max(1, max_tokens // longest)
         batches.append(by_length[start : start + size])
         start += size

@@ -9,6 +9,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+# A batch's length is padded to a multiple of this: tensor-core tiles, and SDPA's memory-efficient kernel takes a
+# (batch, 1, 1, L) mask as it is only when L is a multiple of 8 (its bias rows aligned; else it makes a padded copy).
+PAD_MULTIPLE = 8
+
+
+def padded_length(length: int | np.ndarray) -> int | np.ndarray:
+    """``length`` rounded up to a multiple of :data:`PAD_MULTIPLE` (what a batch of that longest cell costs)."""
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+
 
 def pad_tokens(cells: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` (cells x the longest cell, ``pad_id`` after each cell's end) and ``attention_mask``

@@ -13,13 +13,14 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertModel, PretrainedConfig
 from transformers.utils import logging as transformers_logging
@@ -33,10 +34,14 @@ from geneformer_colon.data.dictionaries import (
     clone_hint,
     load_settings,
 )
+from geneformer_colon.data.token_rows import padded_length
 
 log = logging.getLogger(__name__)
 
 Pooling = Literal["cls", "mean"]
+# model.attn_implementation: PyTorch's SDPA (its flash or memory-efficient kernels, padding as a (batch, 1, 1, L)
+# boolean mask), flash-attn 2 (the flash-attn package and a CUDA GPU; padding removed before the kernel) or eager.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 
 @dataclass(frozen=True)
@@ -295,15 +300,24 @@ class CellEncoder(nn.Module):
     """A BERT encoder pooled to one vector per cell.
 
     ``pooling="cls"`` takes position 0 (V2's ``<cls>``; in V1, which has no ``<cls>``, that is the
-    top-ranked gene); ``pooling="mean"`` averages the hidden states of the attended positions,
-    so padding never changes a cell's vector.
+    top-ranked gene); ``pooling="mean"`` averages the hidden states of the cell's genes: padding and the
+    ``frame_token_ids`` (V2's ``<cls>`` and ``<eos>``) never enter a cell's vector, as in upstream's
+    ``EmbExtractor``.
     ``freeze_layers=N > 0`` freezes the embeddings and the first N encoder layers.
     ``lora``: LoRA adapters on the encoder (:class:`LoraSettings`; none while ``r`` is None), the base
     weights frozen.
+    ``attn_implementation``: one of :data:`ATTENTION_IMPLEMENTATIONS`. Each batch is padded to a multiple of
+    ``PAD_MULTIPLE`` positions (within the model's positions) and, with SDPA, its padding is handed to the
+    encoder as a (batch, 1, 1, L) boolean mask: transformers would expand a 2-D mask to (batch, 1, L, L), which
+    SDPA turns into a float bias of L x L a cell in every layer and which costs it its efficient kernels;
+    a batch without padding gets no mask at all (SDPA's flash kernel).
+    ``gradient_checkpointing``: transformers' non-reentrant activation checkpointing, a layer at a time (in
+    training only): each layer's activations are recomputed in the backward pass instead of kept.
     """
 
     def __init__(self, bert: BertModel, pooling: Pooling = "mean", freeze_layers: int = 0,
-                 lora: dict[str, Any] | None = None) -> None:
+                 lora: dict[str, Any] | None = None, attn_implementation: str = "sdpa",
+                 gradient_checkpointing: bool = False, frame_token_ids: Sequence[int] = ()) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise InputError(f"model.pooling is {pooling!r}; set it to 'cls' or 'mean'")
@@ -313,8 +327,16 @@ class CellEncoder(nn.Module):
                 f"model.freeze_layers is {freeze_layers}; set it between 0 and the model's "
                 f"{n_layers} layers"
             )
+        use_attention(bert, attn_implementation)
+        if gradient_checkpointing:
+            bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.bert = bert
         self.pooling = pooling
+        self.attn_implementation = attn_implementation
+        self.positions = int(bert.config.max_position_embeddings)
+        self.pad_token_id = int(bert.config.pad_token_id or 0)
+        self.register_buffer("frame_token_ids", torch.tensor(sorted(frame_token_ids), dtype=torch.long),
+                             persistent=False)
         if freeze_layers > 0:
             for module in [bert.embeddings, *bert.encoder.layer[:freeze_layers]]:
                 module.requires_grad_(False)
@@ -333,12 +355,51 @@ class CellEncoder(nn.Module):
             return self.bert
         return copy.deepcopy(self.bert).merge_and_unload()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def encoder_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The padding as the encoder takes it without waste: for SDPA a (batch, 1, 1, L) boolean mask (None
+        when nothing is padded); flash-attn 2 and eager build theirs from the 2-D mask."""
+        if self.attn_implementation != "sdpa":
+            return attention_mask
+        if bool(attention_mask.all()):
+            return None
+        return attention_mask.bool()[:, None, None, :]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      key_mask: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The last layer's hidden states (batch x the input's length x hidden), the batch padded to a multiple of
+        ``PAD_MULTIPLE`` on the way in. ``key_mask``: how the 2-D mask reaches the encoder (default
+        :meth:`encoder_mask`; the 2-D mask itself is transformers' own path, for comparison)."""
+        length = input_ids.shape[1]
+        extra = max(0, min(padded_length(length), max(self.positions, length)) - length)
+        if extra:
+            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
+            attention_mask = F.pad(attention_mask, (0, extra), value=0)
+        mask = (key_mask or self.encoder_mask)(attention_mask)
+        return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :length]
+
+    def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One vector a cell: position 0, or the mean over its gene positions."""
         if self.pooling == "cls":
             return hidden[:, 0]
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        genes = attention_mask.bool() & ~torch.isin(input_ids, self.frame_token_ids)
+        weights = genes.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.hidden_states(input_ids, attention_mask), input_ids, attention_mask)
+
+
+def use_attention(bert: BertModel, implementation: str) -> None:
+    """Switch ``bert`` to ``model.attn_implementation`` (one clear line where the package or device lacks it)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(f"model.attn_implementation is {implementation!r}; set it to one of "
+                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    try:
+        bert.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise InputError(f"model.attn_implementation={implementation}: {reason[:200]}; use "
+                         "model.attn_implementation=sdpa (PyTorch's own kernels)") from None
 
 
 class ClassifierHead(nn.Module):

@@ -138,6 +138,7 @@ class CellClassifier(SeededModule):
     ``donors``: the names behind the batches' donor indices (the datamodule's ``donors``);
     ``train_donors``: those a ``robust`` strategy (a config node of the ``robust`` group) acts on.
     ``lora``: LoRA adapters on the encoder (``model.lora``), None for full fine-tuning.
+    ``attn_implementation``, ``gradient_checkpointing``: how the encoder computes (:class:`CellEncoder`).
     """
 
     def __init__(
@@ -158,13 +159,18 @@ class CellClassifier(SeededModule):
         train_donors: Sequence[str] = (),
         robust: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
         bert: BertModel | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["bert"], logger=False)
         self.class_names = list(class_names)
         self.encoder = CellEncoder(bert if bert is not None else bert_from_config(bert_config), pooling=pooling,
-                                   freeze_layers=freeze_layers, lora=lora)
+                                   freeze_layers=freeze_layers, lora=lora, attn_implementation=attn_implementation,
+                                   gradient_checkpointing=gradient_checkpointing,
+                                   frame_token_ids=[special_token_ids[name] for name in ("<cls>", "<eos>")
+                                                    if name in special_token_ids])
         self.head = ClassifierHead(self.encoder.hidden_size, len(self.class_names), dropout=head_dropout)
         self.loss = instantiate_trusted(loss, _WHERE, class_names=self.class_names) if loss else \
             FocalLoss(self.class_names)

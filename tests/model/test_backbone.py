@@ -258,3 +258,79 @@ def test_lora_trains_only_adapters_and_its_merged_export_is_plain_bert(tiny_cfg,
         exported = (pooled @ head["linear.weight"].T + head["linear.bias"]).softmax(-1)
         from_run = model.module.infer(ids, mask).probabilities
     torch.testing.assert_close(exported, from_run, atol=1e-5, rtol=0)
+
+
+def framed_batch(framed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three cells of 11, 6 and 3 tokens, padded to 11 (a length the encoder pads on to 16); V2 framing puts
+    <cls>=2 first and <eos>=3 last in each cell."""
+    generator = torch.Generator().manual_seed(0)
+    cells = [torch.randint(4, 60, (length,), generator=generator) for length in (11, 6, 3)]
+    if framed:
+        cells = [torch.cat([torch.tensor([2]), cell[1:-1], torch.tensor([3])]) for cell in cells]
+    input_ids = torch.zeros(3, 11, dtype=torch.long)
+    attention_mask = torch.zeros(3, 11, dtype=torch.long)
+    for row, cell in enumerate(cells):
+        input_ids[row, : len(cell)], attention_mask[row, : len(cell)] = cell, 1
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["V1", "V2"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_the_4d_padding_mask_gives_the_2d_masks_logits_and_embeddings(framed: bool, pooling: str) -> None:
+    encoder = CellEncoder(small_bert(), pooling=pooling, frame_token_ids=[2, 3] if framed else []).eval()
+    head = ClassifierHead(encoder.hidden_size, 3).eval()
+    ids, mask = framed_batch(framed)
+    seen = []
+    forward = encoder.bert.forward
+    encoder.bert.forward = lambda **kwargs: seen.append(kwargs) or forward(**kwargs)
+    pooled = encoder(ids, mask)
+    four_d = seen[-1]["attention_mask"]
+    assert four_d.dtype == torch.bool and four_d.shape == (3, 1, 1, 16), "a (batch, 1, 1, L) mask, L a multiple of 8"
+    assert seen[-1]["input_ids"].shape == (3, 16)
+    # transformers' own path: the 2-D mask, unpadded
+    two_d = encoder.pool(encoder.bert(input_ids=ids, attention_mask=mask).last_hidden_state, ids, mask)
+    torch.testing.assert_close(pooled, two_d, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head(pooled), head(two_d), atol=1e-5, rtol=1e-5)
+    # a batch without padding (its length a multiple of 8) gets no mask at all: SDPA's flash kernel may run
+    encoder(ids[:, :8], torch.ones(3, 8, dtype=torch.long))
+    assert seen[-1]["attention_mask"] is None and seen[-1]["input_ids"].shape == (3, 8)
+
+
+def test_mean_pooling_leaves_out_cls_and_eos() -> None:
+    encoder = CellEncoder(small_bert(), pooling="mean", frame_token_ids=[2, 3]).eval()
+    ids, mask = framed_batch(framed=True)
+    pooled = encoder(ids, mask)
+    for row, length in enumerate(mask.sum(1).tolist()):
+        alone = encoder.bert(input_ids=ids[row : row + 1, :length]).last_hidden_state[0]
+        torch.testing.assert_close(pooled[row], alone[1 : length - 1].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_gives_sdpas_outputs_and_bad_implementations_are_one_line() -> None:
+    ids, mask = framed_batch(framed=True)
+    sdpa = CellEncoder(small_bert(), pooling="cls").eval()
+    eager = CellEncoder(small_bert(), pooling="cls", attn_implementation="eager").eval()
+    assert eager.bert.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager(ids, mask), sdpa(ids, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="model.attn_implementation is 'fast'; set it to one of sdpa"):
+        CellEncoder(small_bert(), attn_implementation="fast")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputError, match="model.attn_implementation=flash_attention_2: .*use model.attn_"):
+            CellEncoder(small_bert(), attn_implementation="flash_attention_2")
+
+
+def test_gradient_checkpointing_gives_the_plain_paths_gradients() -> None:
+    ids, mask = framed_batch(framed=True)
+    grads = []
+    for checkpointing in (False, True):
+        encoder = CellEncoder(small_bert(), pooling="mean", frame_token_ids=[2, 3],
+                              gradient_checkpointing=checkpointing).train()
+        layers = encoder.bert.encoder.layer
+        assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
+        torch.manual_seed(0)  # the same dropout draws (non-reentrant checkpointing replays the RNG state)
+        encoder(ids, mask).pow(2).sum().backward()
+        grads.append({name: p.grad for name, p in encoder.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-5, msg=name)
