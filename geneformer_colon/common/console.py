@@ -16,7 +16,8 @@ from geneformer_colon.common.cpus import use_threads
 from geneformer_colon.common.errors import Interrupted, input_error_in
 
 # Libraries whose info lines (device summaries, tips, seeds) are not news on a normal run.
-QUIET_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning", "lightning.pytorch", "torch.distributed")
+QUIET_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning", "lightning.pytorch", "lightning.fabric",
+                 "torch.distributed")
 
 
 def quiet_libraries() -> None:
