@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from geneformer_colon.cli import verbs
 from geneformer_colon.jobs.evaluate import run_evaluation
@@ -52,9 +54,18 @@ def test_its_config_names_the_old_modules_and_reads_back_with_the_new_ones(old_r
 
 
 def test_an_old_run_resumes_to_where_the_run_left_alone_ended(old_run, tmp_path, shared_dirs):
+    """Resumed as ``train.py ... resume=true`` resumes it: in a Hydra app, where a key added since the run started
+    counts as no change at its default."""
+    overrides = [*RECIPE, *location(tmp_path, shared_dirs), "resume=true"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*RECIPE, *location(tmp_path, shared_dirs), "resume=true"])
-    record = train(cfg)
+        app = compose("train", overrides=overrides, return_hydra_config=True)
+        with open_dict(app):
+            app.hydra.runtime.output_dir = str(old_run)
+        HydraConfig.instance().set_config(app)
+        try:
+            record = train(compose("train", overrides=overrides))
+        finally:
+            HydraConfig.instance().cfg = None
     expected = current_record(json.loads((FIXTURE / "left_alone_metrics.json").read_text()))  # epochs from 0 there
     assert record["status"] == "finished"
     assert record["epochs"] == expected["epochs"]

@@ -84,7 +84,7 @@ def build_masked_gene_model(cfg: DictConfig, datamodule: CellDataModule) -> Mask
 def load_weights(module: CellClassifier, path: str | Path) -> Path:
     """Copy another run's weights into ``module`` (safe loading; the vocabulary must match)."""
     checkpoint = resolve_checkpoint(path)
-    state = read_checkpoint(checkpoint)["state_dict"]
+    state = read_checkpoint(checkpoint, mapped=True)["state_dict"]
     expected = module.state_dict()
     for name, tensor in state.items():
         if name in expected and expected[name].shape != tensor.shape:
@@ -105,7 +105,7 @@ def load_weights(module: CellClassifier, path: str | Path) -> Path:
 def classifier_from_checkpoint(path: str | Path, which: str = "best") -> tuple[CellClassifier, Path]:
     """A run's classifier (a run directory or a ``.ckpt``), rebuilt from the checkpoint alone, in eval mode."""
     checkpoint_path = resolve_checkpoint(path, which)
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = read_checkpoint(checkpoint_path, mapped=True)
     settings = checkpoint.get("hyper_parameters")
     if not isinstance(settings, dict) or "bert_config" not in settings:
         raise InputError(f"{checkpoint_path}: holds no model settings (hyper_parameters); use a checkpoint "

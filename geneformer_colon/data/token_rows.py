@@ -14,9 +14,9 @@ import torch
 PAD_MULTIPLE = 8
 
 
-def padded_length(length: int | np.ndarray) -> int | np.ndarray:
-    """``length`` rounded up to a multiple of :data:`PAD_MULTIPLE` (what a batch of that longest cell costs)."""
-    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+def padded_length(length: int | np.ndarray, multiple: int = PAD_MULTIPLE) -> int | np.ndarray:
+    """``length`` rounded up to a multiple of ``multiple`` (what a batch of that longest cell costs on a GPU)."""
+    return -(-length // multiple) * multiple
 
 
 def pad_tokens(cells: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

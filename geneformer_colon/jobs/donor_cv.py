@@ -212,6 +212,8 @@ def run_folds(task: Task, cfg: DictConfig, metric: str = "macro_f1") -> float:
                 else:
                     log.info("%s: validation donor %s", where, ", ".join(fold.val_donors))
                     record = task(fold_config(cfg, layout, fold, seed, seeds is not None))
+                    if not cfg.cv.get("keep_last", False):  # a finished fold is not resumed: its best is what is used
+                        layout.checkpoint("last").unlink(missing_ok=True)
                 records.append((fold, record))
                 if accepted:  # the folds skipped before the first that trained are in its summary
                     cv = write_cv_summary(parent, cfg.run_name, kind, donors, read_run(layout.root).class_names,

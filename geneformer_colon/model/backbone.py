@@ -34,7 +34,7 @@ from geneformer_colon.data.dictionaries import (
     clone_hint,
     load_settings,
 )
-from geneformer_colon.data.token_rows import padded_length
+from geneformer_colon.data.token_rows import PAD_MULTIPLE, padded_length
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ class CellEncoder(nn.Module):
     ``freeze_layers=N > 0`` freezes the embeddings and the first N encoder layers.
     ``lora``: LoRA adapters on the encoder (:class:`LoraSettings`; none while ``r`` is None), the base
     weights frozen.
-    ``attn_implementation``: one of :data:`ATTENTION_IMPLEMENTATIONS`. Each batch is padded to a multiple of
-    ``PAD_MULTIPLE`` positions (within the model's positions) and, with SDPA, its padding is handed to the
+    ``attn_implementation``: one of :data:`ATTENTION_IMPLEMENTATIONS`. On a GPU each batch is padded to a multiple
+    of ``PAD_MULTIPLE`` positions (within the model's positions) and, with SDPA, its padding is handed to the
     encoder as a (batch, 1, 1, L) boolean mask: transformers would expand a 2-D mask to (batch, 1, L, L), which
     SDPA turns into a float bias of L x L a cell in every layer and which costs it its efficient kernels;
     a batch without padding gets no mask at all (SDPA's flash kernel).
@@ -365,12 +365,15 @@ class CellEncoder(nn.Module):
         return attention_mask.bool()[:, None, None, :]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      key_mask: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
-        """The last layer's hidden states (batch x the input's length x hidden), the batch padded to a multiple of
-        ``PAD_MULTIPLE`` on the way in. ``key_mask``: how the 2-D mask reaches the encoder (default
+                      key_mask: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                      multiple: int | None = None) -> torch.Tensor:
+        """The last layer's hidden states (batch x the input's length x hidden), the batch padded on the way in to a
+        multiple of ``multiple`` positions: by default ``PAD_MULTIPLE`` on a GPU (its kernels' alignment), none on
+        the CPU (where it would only add work). ``key_mask``: how the 2-D mask reaches the encoder (default
         :meth:`encoder_mask`; the 2-D mask itself is transformers' own path, for comparison)."""
         length = input_ids.shape[1]
-        extra = max(0, min(padded_length(length), max(self.positions, length)) - length)
+        multiple = multiple or (PAD_MULTIPLE if input_ids.is_cuda else 1)
+        extra = max(0, min(padded_length(length, multiple), max(self.positions, length)) - length)
         if extra:
             input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
             attention_mask = F.pad(attention_mask, (0, extra), value=0)

@@ -27,17 +27,20 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
 USE_A_CHECKPOINT = "use checkpoints/best.ckpt or last.ckpt of a run directory"
 
 
-def read_checkpoint(path: Path, fix: str = USE_A_CHECKPOINT) -> dict[str, Any]:
+def read_checkpoint(path: Path, fix: str = USE_A_CHECKPOINT, mapped: bool = False) -> dict[str, Any]:
     """A checkpoint file loaded safely (tensors and plain data only), or one clear error.
 
     A file holding code or arbitrary objects is refused, never loaded with ``weights_only=False``. ``fix``: what
     the error tells to do about a file that cannot be read (a run's own damaged last.ckpt is no fix for itself).
+    ``mapped``: tensors memory-mapped, read from disk only where touched, so a caller that copies the weights
+    out and drops the rest never reads an optimizer state (a checkpoint written before best.ckpt held weights
+    only); such a caller must not keep the tensors (the file may be rewritten in place).
     """
     if not zipfile.is_zipfile(path):  # what torch.save and Lightning write
         raise InputError(f"{path}: not a PyTorch Lightning checkpoint, or a damaged one (not a complete PyTorch zip "
                          f"archive); {fix}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError:
         raise InputError(f"{path}: holds objects a checkpoint written by train.py does not hold (code, classes); "
                          "it is not loaded: use a checkpoint from a run directory") from None

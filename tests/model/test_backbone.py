@@ -283,7 +283,7 @@ def test_the_4d_padding_mask_gives_the_2d_masks_logits_and_embeddings(framed: bo
     seen = []
     forward = encoder.bert.forward
     encoder.bert.forward = lambda **kwargs: seen.append(kwargs) or forward(**kwargs)
-    pooled = encoder(ids, mask)
+    pooled = encoder.pool(encoder.hidden_states(ids, mask, multiple=8), ids, mask)  # as on a GPU
     four_d = seen[-1]["attention_mask"]
     assert four_d.dtype == torch.bool and four_d.shape == (3, 1, 1, 16), "a (batch, 1, 1, L) mask, L a multiple of 8"
     assert seen[-1]["input_ids"].shape == (3, 16)
@@ -291,9 +291,11 @@ def test_the_4d_padding_mask_gives_the_2d_masks_logits_and_embeddings(framed: bo
     two_d = encoder.pool(encoder.bert(input_ids=ids, attention_mask=mask).last_hidden_state, ids, mask)
     torch.testing.assert_close(pooled, two_d, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(head(pooled), head(two_d), atol=1e-5, rtol=1e-5)
-    # a batch without padding (its length a multiple of 8) gets no mask at all: SDPA's flash kernel may run
-    encoder(ids[:, :8], torch.ones(3, 8, dtype=torch.long))
-    assert seen[-1]["attention_mask"] is None and seen[-1]["input_ids"].shape == (3, 8)
+    # on the CPU no padding is added; a batch without padding gets no mask at all: SDPA's flash kernel may run
+    torch.testing.assert_close(encoder(ids, mask), pooled, atol=1e-5, rtol=1e-5)
+    assert seen[-1]["input_ids"].shape == (3, 11)
+    encoder(ids[:, :5], torch.ones(3, 5, dtype=torch.long))
+    assert seen[-1]["attention_mask"] is None and seen[-1]["input_ids"].shape == (3, 5)
 
 
 def test_mean_pooling_leaves_out_cls_and_eos() -> None:

@@ -25,3 +25,17 @@ def test_a_checkpoint_is_read_safely_or_refused_in_one_line(tmp_path):
     assert read_checkpoint(resolve_checkpoint(tmp_path / "run"))["epoch"] == 3
     with pytest.raises(InputError, match="no checkpoint there"):
         resolve_checkpoint(tmp_path / "run", "last")
+
+
+def test_best_holds_the_weights_alone_and_a_finished_cv_fold_keeps_only_its_best(trained_runs, two_fold_cv_run):
+    checkpoints = trained_runs[0] / "checkpoints"
+    best, last = read_checkpoint(checkpoints / "best.ckpt"), read_checkpoint(checkpoints / "last.ckpt")
+    assert {"state_dict", "hyper_parameters", "epoch_history"} <= best.keys()  # what predict and export read
+    assert not {"optimizer_states", "lr_schedulers", "callbacks"} & best.keys()
+    assert {"optimizer_states", "lr_schedulers", "callbacks"} <= last.keys()  # what resume=true reads
+    assert (checkpoints / "best.ckpt").stat().st_size < 0.5 * (checkpoints / "last.ckpt").stat().st_size
+    mapped = read_checkpoint(checkpoints / "best.ckpt", mapped=True)["state_dict"]
+    assert all(torch.equal(mapped[name], tensor) for name, tensor in best["state_dict"].items())
+    folds = sorted((two_fold_cv_run / "folds").iterdir())
+    assert [fold.name for fold in folds] == ["KUL01", "KUL19"]
+    assert all(sorted(path.name for path in (fold / "checkpoints").iterdir()) == ["best.ckpt"] for fold in folds)
