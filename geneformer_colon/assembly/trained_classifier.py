@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from geneformer_colon.assembly.batching import OomHalving
 from geneformer_colon.assembly.builders import classifier_from_checkpoint
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.names import FINISHED
@@ -32,7 +33,7 @@ from geneformer_colon.data.samplers import EvalBatchSampler
 from geneformer_colon.data.token_rows import TokenRows
 from geneformer_colon.data.tokenizer import TokenizerSettings
 from geneformer_colon.model.backbone import Vocabulary, pretrained_bert
-from geneformer_colon.model.module import CellClassifier
+from geneformer_colon.model.module import CellClassifier, CellOutputs
 from geneformer_colon.runs.layout import RunLayout
 from geneformer_colon.runs.reading import read_run
 
@@ -60,6 +61,7 @@ class TrainedClassifier:
     dictionaries: GeneDictionaries
     settings: TokenizerSettings
     origin: dict[str, Any]
+    oom: OomHalving = field(init=False, default_factory=OomHalving, repr=False, compare=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -130,7 +132,9 @@ class TrainedClassifier:
               max_tokens: int | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (cells x classes) and embeddings (cells x hidden) of the cells at ``rows`` of
         ``cells`` (default: all), in that order; NaN rows for cells without a token (no gene of the
-        vocabulary). Batches group cells of similar length; bf16 autocast on a GPU that has it."""
+        vocabulary). Batches group cells of similar length: ``max_tokens`` padded tokens, or ``batch_size`` cells
+        (a verb's by :func:`~geneformer_colon.assembly.batching.token_budget`); bf16 autocast on a GPU that has
+        it; a batch halved on a GPU's out-of-memory."""
         rows = np.arange(len(cells)) if rows is None else np.asarray(rows, dtype=np.int64)
         probabilities = np.full((len(rows), len(self.class_names)), np.nan, dtype=np.float64)
         embeddings = np.full((len(rows), self.hidden_size), np.nan, dtype=np.float32)
@@ -141,6 +145,22 @@ class TrainedClassifier:
             probabilities[chosen], embeddings[chosen] = self.infer(*cells.padded(rows[chosen], self.pad_id), device)
         return probabilities, embeddings
 
+    def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device
+                ) -> CellOutputs:
+        """The module's logits and embeddings of one padded batch, on the CPU (bf16 autocast on a GPU that has
+        it); on a CUDA out-of-memory the batch is halved (:class:`OomHalving`)."""
+        module = self.module.to(device).eval()
+        device_type = torch.device(device).type
+
+        def forward(rows: slice) -> CellOutputs:
+            with torch.autocast(device_type, dtype=torch.bfloat16,
+                                enabled=device_type == "cuda" and torch.cuda.is_bf16_supported()):
+                outputs = module.infer(input_ids[rows].to(device), attention_mask[rows].to(device))
+            return CellOutputs(outputs.logits.float().cpu(), outputs.embeddings.float().cpu())
+
+        parts = self.oom(forward, len(input_ids))
+        return CellOutputs(torch.cat([part.logits for part in parts]), torch.cat([part.embeddings for part in parts]))
+
     @property
     def pad_id(self) -> int:
         return special_token_ids(self.dictionaries.token, self.settings.model_version)["<pad>"]
@@ -149,11 +169,7 @@ class TrainedClassifier:
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device = "cpu"
               ) -> tuple[np.ndarray, np.ndarray]:
         """One padded batch's class probabilities and embeddings (bf16 autocast on a GPU that has it)."""
-        module = self.module.to(device).eval()
-        device_type = torch.device(device).type
-        with torch.autocast(device_type, dtype=torch.bfloat16,
-                            enabled=device_type == "cuda" and torch.cuda.is_bf16_supported()):
-            outputs = module.infer(input_ids.to(device), attention_mask.to(device))
+        outputs = self.outputs(input_ids, attention_mask, device)
         return outputs.probabilities.cpu().numpy(), outputs.embeddings.float().cpu().numpy()
 
 

@@ -58,11 +58,22 @@ def _genes(args: argparse.Namespace) -> GeneIds:
     return GeneIds(ensembl_key=args.ensembl_key, gene_names=args.gene_names, symbol_key=args.symbol_key)
 
 
+def _device(text: str) -> str:
+    """``auto``: the GPU when there is one (batching.resolve_device)."""
+    from geneformer_colon.assembly.batching import resolve_device
+
+    return resolve_device(text)
+
+
 def _positive(args: argparse.Namespace, *names: str) -> None:
-    """Counts (cells a chunk, a batch) are integers >= 1: one line otherwise."""
-    for name in names:
-        if getattr(args, name) < 1:
+    """Counts (cells a chunk, a batch, tokens a batch) are integers >= 1, and a batch is counted in cells or in
+    tokens: one line otherwise."""
+    for name in (*names, "max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} is {getattr(args, name)}; give an integer >= 1")
+    if args.batch_size is not None and args.max_tokens is not None:
+        raise InputError(f"--batch-size {args.batch_size} and --max-tokens {args.max_tokens}: give one of them (cells "
+                         "a batch, or padded tokens a batch)")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -73,6 +84,7 @@ def _predict(args: argparse.Namespace) -> None:
     added = predict_h5ad(TrainedClassifier.load(args.model, args.fold), args.input, args.out, prefix=args.prefix,
                          layer=args.layer, genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
                          cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
+                         max_tokens=args.max_tokens,
                          device=args.device)
     counts = added[f"{args.prefix}_label"].value_counts()
     print(f"{args.out}: {len(added)} cells; predicted " + ", ".join(f"{name} {n}" for name, n in counts.items()))
@@ -86,6 +98,7 @@ def _embed(args: argparse.Namespace) -> None:
     _positive(args, "batch_size")
     scores = embed(args.model, args.input, args.out, colours=args.color.split(",") if args.color else None,
                    genes=_genes(args), layer=args.layer, batch_size=args.batch_size, device=args.device,
+                   max_tokens=args.max_tokens,
                    fold=args.fold, label_key=args.label_key, donor_key=args.donor_key,
                    cell_type_key=args.cell_type_key)
     print(f"{scores['cells']} cells; silhouette " + ", ".join(
@@ -93,23 +106,28 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _perturb(args: argparse.Namespace) -> None:
+    if args.max_tokens is not None:
+        raise InputError(f"--max-tokens {args.max_tokens}: perturb batches a cell's variants by --batch-size "
+                         "(default 64); use --batch-size")
     from geneformer_colon.jobs.perturb import perturb
 
     genes = args.genes if args.genes is not None else (None if args.gene_set else "all")
     out = perturb(args.model, args.goal, args.input, kind=args.perturb, where=args.where, genes=genes,
                   gene_sets=args.gene_set, min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed,
                   out_dir=args.out, name=args.name, label_key=args.label_key, gene_ids=_genes(args), layer=args.layer,
-                  batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty(), fold=args.fold)
+                  batch_size=args.batch_size or 64, device=args.device, progress=sys.stderr.isatty(), fold=args.fold)
     print(f"{out}: genes.csv, genes.md, shifts.h5ad, plots/")
 
 
 def _explain(args: argparse.Namespace) -> None:
     from geneformer_colon.jobs.explain import explain
 
+    _positive(args)
     out, completeness = explain(args.model, args.input, target=args.target, where=args.where, genes=args.genes,
                                 min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed, steps=args.steps,
                                 baseline=args.baseline, out_dir=args.out, name=args.name, gene_ids=_genes(args),
-                                layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold)
+                                layer=args.layer, batch_size=args.batch_size, device=args.device, fold=args.fold,
+                                max_tokens=args.max_tokens)
     print(f"{out}: genes.csv, genes.md, attributions.h5ad, plots/; completeness: mean |sum - logit difference| "
           f"{completeness['mean_abs_delta']:.3g} (relative {completeness['relative_mean_abs_delta']:.3g})")
 
@@ -152,8 +170,11 @@ def _gene_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene-names", help="map gene symbols to Ensembl ids with this gene_name_id_dict .pkl or "
                                              "symbol/id .tsv")
     parser.add_argument("--symbol-key", help="with --gene-names: the var column of symbols (default: the var index)")
-    parser.add_argument("--batch-size", type=int, default=64, help="cells a forward pass (default 64)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--max-tokens", type=int, help="padded tokens (cells x longest cell) a forward pass "
+                                                       "(default: 64 cells of the model's input size, explain 16)")
+    parser.add_argument("--batch-size", type=int, help="cells a forward pass instead of --max-tokens")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default auto)")
     _fold_option(parser)
 
 

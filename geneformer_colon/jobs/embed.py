@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 import scanpy as sc  # noqa: E402
 from sklearn.metrics import silhouette_score  # noqa: E402
 
+from geneformer_colon.assembly.batching import token_budget  # noqa: E402
 from geneformer_colon.assembly.builders import build_datamodule  # noqa: E402
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier  # noqa: E402
 from geneformer_colon.common.errors import InputError  # noqa: E402
@@ -48,14 +49,15 @@ SILHOUETTE_BY = ("label", "donor")
 SILHOUETTE_CELLS = 5000
 
 
-def run_cells(model: TrainedClassifier, run_dir: Path, batch_size: int, device: str) -> tuple[pd.DataFrame, np.ndarray]:
+def run_cells(model: TrainedClassifier, run_dir: Path, batch_size: int, device: str, max_tokens: int | None = None
+              ) -> tuple[pd.DataFrame, np.ndarray]:
     """The run's validation and test cells from its token store: their obs and embeddings."""
     datamodule = build_datamodule(run_config(RunLayout(run_dir)))
     frames, embeddings = [], []
     for split in EVAL_SPLITS:
         cells = datamodule.split_cells(split)
         probabilities, embedded = model.apply(datamodule.store, datamodule.splits[split].positions, batch_size,
-                                              device=device)
+                                              max_tokens, device=device)
         frames.append(cells.set_index("cell_id")[["donor", "label", "cell_type"]].assign(
             split=split, predicted=np.asarray(model.class_names)[probabilities.argmax(1)]))
         embeddings.append(embedded)
@@ -63,7 +65,7 @@ def run_cells(model: TrainedClassifier, run_dir: Path, batch_size: int, device: 
 
 
 def file_cells(model: TrainedClassifier, path: Path, genes: GeneIds, layer: str | None, batch_size: int, device: str,
-               keys: dict[str, str | None]) -> tuple[pd.DataFrame, np.ndarray]:
+               keys: dict[str, str | None], max_tokens: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Every cell of an h5ad: its obs (with the predicted class) and embeddings (cells without a gene dropped).
     ``keys``: the obs columns of ``label``, ``donor`` and ``cell_type`` (None: a column of that name, if any)."""
     with H5adReader(path, layer, layer_setting="--layer") as source:
@@ -74,7 +76,7 @@ def file_cells(model: TrainedClassifier, path: Path, genes: GeneIds, layer: str 
         embeddings = np.zeros((source.shape[0], model.hidden_size), dtype=np.float32)
         predicted = np.full(source.shape[0], "", dtype=object)
         for rows, probabilities, embedded in predicted_chunks(model, source, genes, batch_size=batch_size,
-                                                              device=device):
+                                                              device=device, max_tokens=max_tokens):
             embeddings[rows] = embedded
             assigned = ~np.isnan(probabilities[:, 0])
             predicted[rows][assigned] = np.asarray(model.class_names)[probabilities[assigned].argmax(1)]
@@ -106,13 +108,15 @@ def umap(obs: pd.DataFrame, embeddings: np.ndarray, seed: int = 0) -> ad.AnnData
 
 def embed(model_path: str | Path, input_path: str | Path | None = None, out_dir: str | Path | None = None,
           colours: Sequence[str] | None = None, genes: GeneIds = GeneIds(), layer: str | None = None,
-          batch_size: int = 64, device: str = "cpu", fold: str | None = None, label_key: str | None = None,
-          donor_key: str | None = None, cell_type_key: str | None = None) -> dict[str, Any]:
+          batch_size: int | None = None, device: str = "cpu", fold: str | None = None, label_key: str | None = None,
+          donor_key: str | None = None, cell_type_key: str | None = None, max_tokens: int | None = None
+          ) -> dict[str, Any]:
     """UMAPs and silhouette scores of the embeddings (see the module docstring); returns the scores. A CV run:
     the ensemble's embeddings (its folds' side by side) of the INPUT's cells, or its ``fold``'s. ``colours``: obs
     columns to draw (default: those of ``COLOURS`` there are); ``*_key``: INPUT's obs columns of the labels, donors
     and cell types (default: columns of those names, if any)."""
     model = TrainedClassifier.load(model_path, fold)
+    batch_size, max_tokens = token_budget(batch_size, max_tokens, model.settings.resolved_input_size)
     keys = {"label": label_key, "donor": donor_key, "cell_type": cell_type_key}
     if input_path is None:
         if "run_dir" not in model.origin:
@@ -130,9 +134,9 @@ def embed(model_path: str | Path, input_path: str | Path | None = None, out_dir:
         out = Path(out_dir) if out_dir is not None else Path(input_path).with_name(f"{Path(input_path).stem}_embed")
     with output_folder(out, "embed", ("umap_*.png", "silhouette.json", "embedding.h5ad")) as written:
         if input_path is None:
-            obs, embeddings = run_cells(model, run_dir, batch_size, device)
+            obs, embeddings = run_cells(model, run_dir, batch_size, device, max_tokens)
         else:
-            obs, embeddings = file_cells(model, Path(input_path), genes, layer, batch_size, device, keys)
+            obs, embeddings = file_cells(model, Path(input_path), genes, layer, batch_size, device, keys, max_tokens)
         if len(obs) < 3:
             raise InputError(f"{input_path or model_path}: {len(obs)} cells with a prediction; it takes 3 or more")
         if colours is None:

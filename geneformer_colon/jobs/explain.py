@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from captum.attr import LayerIntegratedGradients
 
+from geneformer_colon.assembly.batching import DEFAULT_EXPLAIN_CELLS, token_budget
 from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import write_json
@@ -53,8 +54,12 @@ def baseline_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, baseline
 
 
 def integrated_gradients(model: TrainedClassifier, cells: CellSet, targets: np.ndarray, steps: int, baseline: str,
-                         batch_size: int, device: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Each cell's per-token attributions (its tokens' order), the convergence deltas and the logit differences."""
+                         batch_size: int, device: str, max_tokens: int | None = None
+                         ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Each cell's per-token attributions (its tokens' order), the convergence deltas and the logit differences.
+    Cells go ``batch_size`` at a time, or as many as fit ``max_tokens`` padded tokens (then each forward pass of
+    the integration holds that many tokens too); bf16 autocast on a GPU that has it; a batch halved on a GPU's
+    out-of-memory (the verbs' one :class:`~geneformer_colon.assembly.batching.OomHalving`)."""
     module = model.module.to(device).eval()
     framed = bool(FRAME_TOKENS[model.settings.model_version])
     token = model.dictionaries.token[BASELINES[baseline]]
@@ -66,22 +71,32 @@ def integrated_gradients(model: TrainedClassifier, cells: CellSet, targets: np.n
     attributions: list[np.ndarray] = [np.zeros(0)] * len(cells.rows)
     deltas, differences = np.zeros(len(cells.rows)), np.zeros(len(cells.rows))
     lengths = cells.tokens.lengths[cells.rows]
-    for batch in EvalBatchSampler(lengths, batch_size):
-        input_ids, attention_mask = cells.tokens.padded(cells.rows[batch], model.pad_id)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        base = baseline_ids(input_ids, attention_mask, token, framed)
-        target = torch.as_tensor(targets[batch], device=device)
-        attribution, delta = method.attribute(input_ids, baselines=base, additional_forward_args=(attention_mask,),
-                                              target=target, n_steps=steps, internal_batch_size=batch_size,
-                                              return_convergence_delta=True)
-        per_token = attribution.sum(-1).detach().float().cpu().numpy()
-        with torch.inference_mode():
-            rows = torch.arange(len(target), device=device)
-            difference = logits(input_ids, attention_mask)[rows, target] - logits(base, attention_mask)[rows, target]
+    device_type = torch.device(device).type
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    for batch in EvalBatchSampler(lengths, batch_size, max_tokens=max_tokens):
+        all_ids, all_masks = cells.tokens.padded(cells.rows[batch], model.pad_id)
+        internal = batch_size if max_tokens is None else max(1, max_tokens // all_ids.shape[1])
+
+        def attribute(part: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            input_ids, attention_mask = all_ids[part].to(device), all_masks[part].to(device)
+            base = baseline_ids(input_ids, attention_mask, token, framed)
+            target = torch.as_tensor(targets[batch][part], device=device)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                attribution, delta = method.attribute(input_ids, baselines=base, n_steps=steps, target=target,
+                                                      additional_forward_args=(attention_mask,),
+                                                      internal_batch_size=internal, return_convergence_delta=True)
+                with torch.inference_mode():
+                    rows = torch.arange(len(target), device=device)
+                    difference = (logits(input_ids, attention_mask)[rows, target]
+                                  - logits(base, attention_mask)[rows, target])
+            return (attribution.sum(-1).detach().float().cpu().numpy(), delta.detach().float().cpu().numpy(),
+                    difference.float().cpu().numpy())
+
+        per_token, delta, difference = (np.concatenate(column) for column in zip(*model.oom(attribute, len(batch))))
         for i, cell in enumerate(batch):
             attributions[cell] = per_token[i, : lengths[cell]]
-        deltas[batch] = delta.detach().float().cpu().numpy()
-        differences[batch] = difference.float().cpu().numpy()
+        deltas[batch] = delta
+        differences[batch] = difference
     return attributions, deltas, differences
 
 
@@ -109,10 +124,13 @@ def attribution_effects(model: TrainedClassifier, cells: CellSet, columns: Colum
 def explain(model_path: str | Path, input_path: str | Path | None = None, target: str | None = None,
             where: Sequence[str] = (), genes: str | None = "all", min_cells: int = 10, max_cells: int | None = None,
             seed: int = 0, steps: int = 32, baseline: str = "pad", out_dir: str | Path | None = None,
-            name: str | None = None, gene_ids: GeneIds = GeneIds(), layer: str | None = None, batch_size: int = 16,
-            device: str = "cpu", fold: str | None = None) -> tuple[Path, dict[str, Any]]:
+            name: str | None = None, gene_ids: GeneIds = GeneIds(), layer: str | None = None,
+            batch_size: int | None = None, device: str = "cpu", fold: str | None = None, max_tokens: int | None = None
+            ) -> tuple[Path, dict[str, Any]]:
     """Attribute the chosen cells' predicted (or ``target``) class to their genes; write the gene files and
-    completeness.json; return the folder and the completeness figures. A CV run: its ``fold``."""
+    completeness.json; return the folder and the completeness figures. A CV run: its ``fold``. Batches:
+    ``batch_size`` cells, or ``max_tokens`` padded tokens (default :data:`DEFAULT_EXPLAIN_CELLS` cells of the
+    model's input size)."""
     model = TrainedClassifier.load(model_path, fold)
     if isinstance(model, FoldEnsemble):  # gradients of one network: an ensemble has several
         raise InputError(f"{model_path}: a cross-validated run; explain one of its folds with --fold DONOR (one of "
@@ -125,6 +143,8 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
     if steps < 2:
         raise InputError(f"--steps {steps}: integrated gradients needs 2 steps or more")
     check_cell_counts(max_cells, min_cells)
+    batch_size, max_tokens = token_budget(batch_size, max_tokens, model.settings.resolved_input_size,
+                                          DEFAULT_EXPLAIN_CELLS)
     what = target or "predicted class"
     out = Path(out_dir) if out_dir is not None else default_out(model_path, input_path, "explain") / (
         name or default_name(f"ig_{what}", where))
@@ -134,11 +154,11 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
         framed = bool(FRAME_TOKENS[model.settings.model_version])
         columns = choose_columns(choice.names, cells, genes or "all", (), min_cells, framed)
         started = time.perf_counter()
-        probabilities, _ = model.apply(cells.tokens, cells.rows, batch_size, device=device)
+        probabilities, _ = model.apply(cells.tokens, cells.rows, batch_size, max_tokens, device=device)
         predicted = probabilities.argmax(1)
         targets = predicted if target is None else np.full(len(predicted), model.class_names.index(target))
         attributions, deltas, differences = integrated_gradients(model, cells, targets, steps, baseline, batch_size,
-                                                                 device)
+                                                                 device, max_tokens)
         seconds = time.perf_counter() - started
         classes = np.asarray(model.class_names)
         obs = cells.obs.assign(predicted=classes[predicted], explained=classes[targets])
@@ -151,7 +171,8 @@ def explain(model_path: str | Path, input_path: str | Path | None = None, target
         settings = {"command": "explain", "model": str(model_path), "input": str(input_path or "run val/test cells"),
                     "target": what, "where": list(where), "genes": genes or "all", "min_cells": min_cells,
                     "max_cells": max_cells, "seed": seed, "steps": steps, "baseline": BASELINES[baseline],
-                    "cells": len(cells.rows), "columns": len(columns), "seconds": round(seconds, 2), "device": device}
+                    "cells": len(cells.rows), "columns": len(columns), "seconds": round(seconds, 2), "device": device,
+                    "max_tokens": max_tokens}
         write_gene_outputs(written, effects, obs, settings, matrix_name="attributions.h5ad",
                            title=f"integrated gradients of the {what} logit", groups=("donor", "label", "cell_type",
                                                                                        "explained"))

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 from anndata.io import read_elem, write_elem
 from rich.progress import Progress
 
+from geneformer_colon.assembly.batching import token_budget
 from geneformer_colon.assembly.scoring import group_metrics, prediction_table, score_split
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.common.errors import InputError
@@ -126,10 +127,13 @@ def tokenized_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneId
 
 
 def predicted_chunks(model: TrainedClassifier, source: H5adReader, genes: GeneIds, chunk_cells: int = CHUNK_CELLS,
-                     batch_size: int = 64, device: str = "cpu") -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """The cells of an open h5ad, chunk by chunk: (their rows, class probabilities, embeddings)."""
+                     batch_size: int | None = None, device: str = "cpu", max_tokens: int | None = None
+                     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """The cells of an open h5ad, chunk by chunk: (their rows, class probabilities, embeddings); batches of
+    ``batch_size`` cells or ``max_tokens`` padded tokens (:func:`token_budget`)."""
+    batch_size, max_tokens = token_budget(batch_size, max_tokens, model.settings.resolved_input_size)
     for rows, tokens in tokenized_chunks(model, source, genes, chunk_cells):
-        probabilities, embeddings = model.apply(tokens, batch_size=batch_size, device=device)
+        probabilities, embeddings = model.apply(tokens, batch_size=batch_size, max_tokens=max_tokens, device=device)
         yield rows, probabilities, embeddings
 
 
@@ -154,8 +158,9 @@ def predict_h5ad(
     donor_key: str | None = None,
     cell_type_key: str | None = None,
     chunk_cells: int = CHUNK_CELLS,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str = "cpu",
+    max_tokens: int | None = None,
 ) -> pd.DataFrame:
     """Write OUT.h5ad (see the module docstring); return the new obs columns (one row a cell)."""
     input_path, out_path = Path(input_path), Path(out_path)
@@ -167,7 +172,7 @@ def predict_h5ad(
     with H5adReader(input_path, layer, layer_setting="--layer") as source:
         truth = labelled_cells(source.obs, classes, label_key, donor_key, cell_type_key, input_path) \
             if label_key is not None else None
-        chunks = predicted_chunks(model, source, genes, chunk_cells, batch_size, device)
+        chunks = predicted_chunks(model, source, genes, chunk_cells, batch_size, device, max_tokens)
         first = next(chunks)  # the gene checks, before anything is written
         obs = source.obs.copy()
         n_cells = source.shape[0]
