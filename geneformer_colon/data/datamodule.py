@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from geneformer_colon.common.cpus import available_cpus
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import SPLITS, TEST, TRAIN, VAL
@@ -50,11 +52,15 @@ class TokenDataset(Dataset):
                 "donor": int(self.donor_ids[item])}
 
 
-def pad_batch(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+def pad_batch(items: Sequence[dict[str, Any]], pad_id: int = 0, cells_per_batch: float | None = None
+              ) -> dict[str, torch.Tensor]:
     """Pad a batch to its own longest cell (:func:`pad_tokens`), with each cell's class, store position and
-    donor index."""
+    donor index. ``cells_per_batch`` (training with a token budget: the epoch's mean): the batch also carries
+    ``loss_scale``, its cells over that mean, which the training step multiplies its (per-batch mean) loss by, so
+    that every cell of an optimizer step weighs the same in the loss whatever the size of its batch."""
     input_ids, attention_mask = pad_tokens([item["tokens"] for item in items], pad_id)
-    return {
+    scale = {"loss_scale": torch.tensor(len(items) / cells_per_batch)} if cells_per_batch else {}
+    return {**scale,
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
@@ -107,7 +113,8 @@ class CellDataModule(pl.LightningDataModule):
     (pretraining). ``cell_types`` optionally keeps only some cell types. When ``tokenizer`` names
     no token dictionary, a vocabulary and gene medians are derived from the training cells
     (``vocabulary``). ``max_tokens``: batches hold as many cells as fit that many padded tokens instead of
-    ``batch_size`` / ``eval_batch_size`` cells.
+    ``batch_size`` / ``eval_batch_size`` cells (and a training batch's loss weighs its cells as :func:`pad_batch`
+    says). ``num_workers``: loader worker processes (None: :meth:`loader_workers`).
     """
 
     def __init__(
@@ -125,7 +132,7 @@ class CellDataModule(pl.LightningDataModule):
         eval_batch_size: int = 64,
         max_tokens: int | None = None,
         mega_batch_factor: int = 50,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
         cache_dir: str = "outputs/.cache",
     ) -> None:
@@ -307,14 +314,29 @@ class CellDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, dataset: TokenDataset, batch_sampler: Any, loader: type[DataLoader] = DataLoader
-                ) -> DataLoader:
+    def _on_gpu(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def loader_workers(self) -> int:
+        """``num_workers``, or with null: on a GPU one worker a CPU available but one (at most 8), preparing batches
+        while the GPU computes; on the CPU none (a worker would take the cores the model's threads compute on)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return min(8, available_cpus() - 1) if self._on_gpu() else 0
+
+    def _loader(self, dataset: TokenDataset, batch_sampler: Any, loader: type[DataLoader] = DataLoader,
+                cells_per_batch: float | None = None) -> DataLoader:
+        """Workers open the token store again by its path (:meth:`TokenStore.__reduce__`), never a copy of its
+        tokens; batches in pinned memory on a GPU."""
+        workers = self.loader_workers()
         return loader(
             dataset,
             batch_sampler=batch_sampler,
-            collate_fn=pad_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            collate_fn=functools.partial(pad_batch, cells_per_batch=cells_per_batch),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self._on_gpu(),
         )
 
     def train_sampler(self, rank: int = 0, world_size: int = 1, epochs: int = 1) -> TrainBatchSampler:
@@ -341,7 +363,8 @@ class CellDataModule(pl.LightningDataModule):
         if self._sampler is None or (self._sampler.rank, self._sampler.world_size, self._sampler.epochs) != (
                 rank, world, epochs):  # planning a token budget's epochs once per fit, not per request
             self._sampler = self.train_sampler(rank, world, epochs)
-        self.train_loader = self._loader(self.splits[TRAIN], self._sampler, ResumableDataLoader)
+        cells_per_batch = self._sampler.share_size / len(self._sampler) if self.max_tokens is not None else None
+        self.train_loader = self._loader(self.splits[TRAIN], self._sampler, ResumableDataLoader, cells_per_batch)
         if self.resume_position is not None:
             self.train_loader.load_state_dict(self.resume_position)
             self.resume_position = None

@@ -67,6 +67,11 @@ class TokenStore(TokenRows):
             meta=meta,
         )
 
+    def __reduce__(self) -> tuple:
+        """Pickled (a DataLoader worker under spawn or forkserver) as its directory: the copy opens the store again,
+        its own memory map of ``tokens.bin``, rather than carrying every token through the pickle."""
+        return type(self).open, (self.directory,)
+
     @property
     def source(self) -> str:
         """The user's input the store was made from (what error messages name)."""

@@ -223,7 +223,7 @@ class CellClassifier(SeededModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         if figures:
             self.log_dict(figures, on_step=False, on_epoch=True, batch_size=len(targets))
-        return loss
+        return loss * batch["loss_scale"] if "loss_scale" in batch else loss  # a token budget's batches: pad_batch
 
     def on_train_epoch_end(self) -> None:
         figures = self.robust.epoch_figures()

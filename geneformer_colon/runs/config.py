@@ -255,7 +255,7 @@ _VALUE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.eval_batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.max_tokens", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     ("data.mega_batch_factor", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data.num_workers", lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0 (null: from the CPUs)"),
     ("model.tokenizer.input_size", lambda v: v is None or (_integer(v) and v >= 3), "null or an integer >= 3"),
     ("model.head_dropout", lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)"),
     ("model.freeze_layers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),

@@ -127,3 +127,28 @@ def test_max_tokens_bounds_every_batch_of_a_training_run(tiny_cfg, monkeypatch):
         assert shapes[part] and max(sizes) <= budget, (part, shapes[part])
         assert max(cells for cells, _ in shapes[part]) < tiny_cfg().data.batch_size
         assert max(sizes) > budget // 2, (part, shapes[part])
+
+
+@pytest.mark.slow  # worker processes started with spawn import the package anew
+def test_spawned_loader_workers_open_the_token_store_by_its_path(tiny_cfg):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from geneformer_colon.data.datamodule import pad_batch
+    from geneformer_colon.data.samplers import EvalBatchSampler
+
+    datamodule = datamodule_of(tiny_cfg())
+    datamodule.setup("fit")
+    dataset, store = datamodule.splits["val"], datamodule.store
+    pickled = pickle.dumps(dataset)  # what each worker receives under spawn / forkserver
+    assert len(pickled) < store.tokens.nbytes / 4, "the tokens travel in the pickle"
+    copy = pickle.loads(pickled)
+    assert isinstance(copy.store.tokens, np.memmap) and str(copy.store.tokens.filename) == str(store.directory / "tokens.bin")
+    sampler = EvalBatchSampler(datamodule.split_cells("val")["length"].to_numpy(), 16)
+    alone = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch))
+    spawned = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch, num_workers=2,
+                              multiprocessing_context="spawn"))
+    assert len(alone) == len(spawned) > 1
+    for one, other in zip(alone, spawned):
+        assert one.keys() == other.keys() and all(torch.equal(one[key], other[key]) for key in one)
+    assert datamodule.loader_workers() == 0 and datamodule_of(tiny_cfg("data.num_workers=3")).loader_workers() == 3
