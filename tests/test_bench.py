@@ -30,15 +30,17 @@ def test_the_tokenizer_benchmark_prints_each_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_perturbation_speed_benchmark_prints_both_ways_for_both_shapes():
-    result = run_script("bench/perturb_speed.py", "--small")
+def test_the_perturbation_speed_benchmark_prints_each_way_for_both_shapes_and_the_shards():
+    result = run_script("bench/perturb_speed.py", "--small", "--shards", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = re.findall(r"^  (one at a time|batched \(16 a pass\))\s+(\d+\.\d) perturbations/s\s+(\d+\.\d\d)x$",
-                      result.stdout, re.MULTILINE)
-    assert [name for name, _, _ in rows] == ["one at a time", "batched (16 a pass)"] * 2
-    assert all(float(speed) > 0 for _, speed, _ in rows)
-    differences = re.findall(r"largest difference of a probability change between the two: (\S+)", result.stdout)
+    rows = re.findall(r"^  (one at a time|plain batched forward \(16 a pass\)|batched \(16 a pass\))\s+(\d+\.\d) "
+                      r"perturbations/s\s+(\d+\.\d\d)x\s+(\d+\.\d\d)x plain$", result.stdout, re.MULTILINE)
+    assert [name for name, *_ in rows] == ["one at a time", "plain batched forward (16 a pass)",
+                                           "batched (16 a pass)"] * 2
+    assert all(float(speed) > 0 for _, speed, _, _ in rows) and rows[1][3] == "1.00"
+    differences = re.findall(r"largest difference of a probability change between the three: (\S+)", result.stdout)
     assert len(differences) == 2 and all(float(value) < 1e-5 for value in differences)
+    assert len(re.findall(r"^  2 shards in 2 processes: compute .* \((\d+\.\d\d)x\)", result.stdout, re.MULTILINE)) == 2
 
 
 @pytest.mark.slow

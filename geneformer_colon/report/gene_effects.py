@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class GeneEffects:
     column: np.ndarray
     rank: np.ndarray
     values: dict[str, np.ndarray]
+    annotations: dict[str, np.ndarray] = field(default_factory=dict)  # per column, beside n_cells (e.g. rankings)
 
     @property
     def tested(self) -> str:
@@ -112,6 +113,8 @@ def gene_table(effects: GeneEffects, obs: pd.DataFrame, groups: Sequence[str] = 
     tested = effects.tested
     table = pd.DataFrame({"ensembl_id": effects.names, "symbol": effects.symbols}, index=pd.RangeIndex(n_columns))
     table["n_cells"] = np.bincount(effects.column, minlength=n_columns)
+    for name, values in effects.annotations.items():
+        table[name] = values
     for name in effects.values:
         table[f"mean_{name}"] = by_column[name].mean().reindex(table.index)
         table[f"median_{name}"] = by_column[name].median().reindex(table.index)
@@ -154,8 +157,10 @@ GENE_OUTPUTS = ("genes.csv", "genes.md", "plots", "settings.json")
 
 
 def write_gene_outputs(out: Path, effects: GeneEffects, obs: pd.DataFrame, settings: dict[str, Any],
-                       matrix_name: str, title: str, groups: Sequence[str] = ("donor",)) -> pd.DataFrame:
-    """genes.csv, genes.md, the cells x genes matrix, plots and settings.json in ``out`` (each written whole)."""
+                       matrix_name: str, title: str, groups: Sequence[str] = ("donor",),
+                       timing: dict[str, Any] | None = None) -> pd.DataFrame:
+    """genes.csv, genes.md, the cells x genes matrix, plots and settings.json in ``out`` (each written whole).
+    ``timing`` (seconds, devices: what differs between runs of equal results) goes to settings.json alone."""
     table = gene_table(effects, obs, groups)
     with atomic_path(out / "genes.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -170,7 +175,7 @@ def write_gene_outputs(out: Path, effects: GeneEffects, obs: pd.DataFrame, setti
         cells.write_h5ad(tmp)
     plot_top_genes(table, effects.tested, out / "plots" / "top_genes.png", title)
     plot_volcano(table, effects.tested, out / "plots" / "volcano.png", title)
-    write_json(out / "settings.json", settings)
+    write_json(out / "settings.json", {**settings, **(timing or {})})
     return table
 
 

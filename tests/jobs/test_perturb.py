@@ -27,15 +27,10 @@ from geneformer_colon.common.errors import InputError, Interrupted
 from geneformer_colon.common.output_folder import WRITTEN, output_folder
 from geneformer_colon.data.tokenizer import TokenizedCells
 from geneformer_colon.jobs.cell_choice import select_cells
-from geneformer_colon.jobs.perturb import (
-    Perturber,
-    choose_columns,
-    inserted_variants,
-    perturb,
-    perturbed_tokens,
-    single_gene_variants,
-)
+from geneformer_colon.jobs.perturb import Perturber, perturb
+from geneformer_colon.jobs.perturb_columns import choose_columns
 from geneformer_colon.jobs.predict import GeneIds
+from geneformer_colon.model.perturbations import inserted_variants, perturbed_tokens, single_gene_variants
 
 CLS, EOS = 2, 3
 
@@ -91,16 +86,17 @@ def test_batched_perturbation_equals_one_cell_at_a_time(trained_runs):
     for kind, genes in (("delete", "all"), ("overexpress", named)):
         columns = choose_columns(choice.names, cells, genes, [str(gene_set)], 4, False)
         done = Perturber(model, kind, embeddings.mean(0), batch_size=7, insert_absent=genes != "all").run(
-            cells, columns, base, embeddings)
-        assert len(done.cell) == Perturber(model, kind, embeddings.mean(0), insert_absent=genes != "all").count(
-            cells, columns)
-        assert len(set(zip(done.cell.tolist(), done.column.tolist()))) == len(done.cell)
-        for index in np.random.default_rng(0).choice(len(done.cell), min(40, len(done.cell)), replace=False):
-            cell = np.asarray(cells.tokens.cell_tokens(int(cells.rows[done.cell[index]])), dtype=np.int64)
-            expected = one_at_a_time(model, cell, columns.tokens[done.column[index]], kind)
-            np.testing.assert_allclose(done.delta[index], expected - base[done.cell[index]], atol=1e-5)
+            cells, np.arange(len(cells.rows)), columns)
+        np.testing.assert_allclose(done["base_probabilities"], base, atol=1e-6)
+        assert len(done["cell"]) == Perturber(model, kind, embeddings.mean(0), insert_absent=genes != "all").count(
+            cells, columns).sum()
+        assert len(set(zip(done["cell"].tolist(), done["column"].tolist()))) == len(done["cell"])
+        for index in np.random.default_rng(0).choice(len(done["cell"]), min(40, len(done["cell"])), replace=False):
+            cell = np.asarray(cells.tokens.cell_tokens(int(cells.rows[done["cell"][index]])), dtype=np.int64)
+            expected = one_at_a_time(model, cell, columns.tokens[done["column"][index]], kind)
+            np.testing.assert_allclose(done["delta"][index], expected - base[done["cell"][index]], atol=1e-5)
         if kind == "overexpress":  # every listed gene in every cell (inserted where absent); the set everywhere
-            assert len(done.cell) == len(cells.rows) * len(columns)
+            assert len(done["cell"]) == len(cells.rows) * len(columns)
 
 
 def test_outputs_match_predict_genes_csv_and_scipy(trained_runs, tmp_path):
@@ -205,7 +201,9 @@ def test_a_signal_while_writing_leaves_the_previous_output_whole(trained_runs, t
     assert stderr.strip().splitlines()[-1] == str(Interrupted(signal_sent, STOPPED.format(command="perturb")))
     assert "Traceback" not in stderr
     assert file_hashes(out) == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "writing"]
+    # the perturbations done are kept for --resume (every chunk: it stopped while writing the outputs)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "out.shard-0-of-1", "writing"]
+    assert (tmp_path / "out.shard-0-of-1" / "done.json").is_file()
 
 
 def file_hashes(folder):
