@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow docs bench bench-speed pretrain-demo donor-shift-study notebook clean
+.PHONY: install train test test-slow docs bench bench-speed bench-scale pretrain-demo donor-shift-study baseline-study notebook clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: $(STAMP)
 bench-speed: $(STAMP)
 	$(BIN)/python bench/train_speed.py
 
+# Geneformer V1-10M and V2-104M at their real shapes on the CPU, random weights (docs/benchmarks.md)
+bench-scale: $(STAMP)
+	$(BIN)/python bench/model_scale.py --markdown bench/model_scale.md
+
 # Pretrain a tiny model on the embedded data, then fine-tune colon6 from it and from random
 # weights with the same seed, and compare the two.
 pretrain-demo: $(STAMP)
@@ -56,6 +60,12 @@ pretrain-demo: $(STAMP)
 # checkpoint), at donor_shift 1 and at a shift of batch effect and depth only; <out>/study.md.
 donor-shift-study: $(STAMP)
 	$(BIN)/python bench/donor_shift_study.py
+
+# colon6 and every baseline (naive Bayes, logistic regression, PCA + kNN, scANVI both ways, frozen-encoder probes)
+# under cv=lodo x 3 seeds at the donor-shift study's settings, in its folder (its colon6 runs reused);
+# <out>/baseline-study.md.
+baseline-study: $(STAMP)
+	$(BIN)/python bench/baseline_study.py
 
 # notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
 # RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH). (Jupyter's IPC

@@ -71,3 +71,16 @@ def test_the_donor_shift_study_tables_its_recipes_and_goes_on_where_it_stopped(t
     assert {path: path.stat().st_mtime_ns for path in folds} == written
     assert [line.strip("| ").split(" | ")[:7] for line in (out / "study.md").read_text().splitlines()
             if line.startswith("| shift1 |")] == [row[:7] for row in rows]
+
+
+@pytest.mark.slow
+def test_the_model_scale_benchmark_prints_every_case():
+    result = run_script("bench/model_scale.py", "--small")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = re.findall(r"^\| training step, ([24])-D mask, checkpointing (on|off) \| (V1-10M|V2-104M) .*\| (\d+\.\d\d) "
+                       r"s/step \|", result.stdout, re.MULTILINE)
+    assert len(steps) == 8 and len(set(steps)) == 8
+    for verb in ("predict (forward, inference mode)", "explain (integrated gradients, 2 steps)"):
+        assert re.search(rf"^\| {re.escape(verb)} \| V2-104M .*\| \d+\.\d+ cells/s \|", result.stdout, re.MULTILINE)
+    sizes = re.findall(r"best.ckpt with AdamW state -> weights only \| .*\| (\d+\.\d) -> (\d+\.\d) MiB", result.stdout)
+    assert len(sizes) == 2 and all(float(after) < float(before) / 2 for before, after in sizes)
