@@ -93,13 +93,15 @@ def seconds_file(out: Path, setting: str, recipe: str) -> Path:
 
 
 def train_recipe(out: Path, setting: str, recipe: str, seeds: list[int], checkpoint: Path | None, sized: list[str],
-                 tail: list[str]) -> None:
-    """One recipe under cv=lodo (``sized`` may name some folds: cv.folds) with the seeds, ``tail`` last; its wall
-    time added to the time its earlier invocations took."""
-    extra = [f"model.encoder.pretrained={checkpoint}"] if recipe in PRETRAINED else []
-    seconds = run_logged(command("train.py", "experiment=colon6", "cv=lodo", f"cv.seeds=[{','.join(map(str, seeds))}]",
+                 tail: list[str], recipes: dict[str, list[str]] = RECIPES, script: str = "train.py",
+                 pretrained: set[str] = PRETRAINED) -> None:
+    """One recipe of ``recipes`` under cv=lodo (``sized`` may name some folds: cv.folds) with the seeds, ``tail``
+    last, run by ``script`` (``baseline.py``: a baseline); its wall time added to the time its earlier invocations
+    took."""
+    extra = [f"model.encoder.pretrained={checkpoint}"] if recipe in pretrained else []
+    seconds = run_logged(command(script, "experiment=colon6", "cv=lodo", f"cv.seeds=[{','.join(map(str, seeds))}]",
                               f"paths.output_dir={out}", f"run_name={setting}/{recipe}", "resume=true", *sized,
-                              *SETTINGS[setting], *RECIPES[recipe], *extra, *tail),
+                              *SETTINGS[setting], *recipes[recipe], *extra, *tail),
                          out / "logs" / f"{setting}-{recipe}.log")
     timed = seconds_file(out, setting, recipe)
     earlier = float(timed.read_text()) if timed.is_file() else 0.0
@@ -129,12 +131,16 @@ def recipe_row(out: Path, setting: str, recipe: str) -> list[object]:
             if (timed := seconds_file(out, setting, recipe)).is_file() else "-"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(description: str = __doc__, recipes: dict[str, list[str]] = RECIPES, scripts: dict[str, str] | None = None,
+         pretrained: set[str] = PRETRAINED, table_file: str = "study.md", title: str = "Donor-shift study") -> None:
+    """The study of ``recipes`` (each run by ``train.py`` unless ``scripts`` names another), its table in
+    ``<out>/<table_file>``; ``pretrained``: the recipes that start from the setting's pretrained checkpoint."""
+    scripts = scripts or {}
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/donor-shift-study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=list(recipes), choices=list(recipes))
     parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one thread each)")
     parser.add_argument("--cells", type=int, default=1200, help="cells of the embedded cohort")
     parser.add_argument("--epochs", type=int, default=3)
@@ -145,15 +151,16 @@ def main() -> None:
     out = Path(args.out).resolve()
     sized = size(args.cells, args.epochs)
     folds = [f"cv.folds=[{','.join(args.folds)}]"] if args.folds else []
-    recipes = ["colon6", *[recipe for recipe in args.recipes if recipe != "colon6"]]
+    chosen = ["colon6", *[recipe for recipe in args.recipes if recipe != "colon6"]]
     start = time.monotonic()
-    tasks = [(setting, recipe) for recipe in recipes for setting in args.settings]
+    tasks = [(setting, recipe) for recipe in chosen for setting in args.settings]
     if not args.table_only:
-        checkpoints = {setting: pretrain(out, setting, sized, args.overrides) if PRETRAINED & set(recipes) else None
+        checkpoints = {setting: pretrain(out, setting, sized, args.overrides) if pretrained & set(chosen) else None
                        for setting in args.settings}
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda task: train_recipe(out, *task, args.seeds, checkpoints[task[0]], sized + folds,
-                                                       args.overrides),
+                                                       args.overrides, recipes, scripts.get(task[1], "train.py"),
+                                                       pretrained),
                           tasks))
     rows = [recipe_row(out, setting, recipe) for setting, recipe in tasks
             if read_run(out / setting / recipe).cv.get("folds") and read_run(out / setting / "colon6").cv]
@@ -161,11 +168,11 @@ def main() -> None:
                f"{HARD_DONOR} macro F1", f"{HARD_DONOR} Tumor recall", "vs colon6 (mean diff, Wilcoxon p)",
                "wall time"]
     total = "" if args.table_only else f", {(time.monotonic() - start) / 60:.1f} min in all"
-    table = (f"# Donor-shift study: {args.cells} cells, {args.epochs} epochs, seeds {args.seeds}, test donors "
+    table = (f"# {title}: {args.cells} cells, {args.epochs} epochs, seeds {args.seeds}, test donors "
              f"{', '.join(args.folds or ['all'])}, {args.jobs} jobs at a time{total}"
              + (f"; overrides {' '.join(args.overrides)}" if args.overrides else "") + "\n\n"
              + markdown_table(headers, rows))
-    (out / "study.md").write_text(table)
+    (out / table_file).write_text(table)
     print(table)
 
 

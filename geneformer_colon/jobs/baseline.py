@@ -1,12 +1,17 @@
-"""A baseline (``baseline=naive_bayes|logreg|pca_knn``, :mod:`geneformer_colon.model.baselines`) on normalised
-counts, written as a run directory.
+"""A baseline (``baseline=naive_bayes|logreg|pca_knn|scanvi|frozen_probe``, :mod:`geneformer_colon.model.baselines`)
+written as a run directory.
 
 The cells, labels and donor split are the training datamodule's own (its filters, its split,
 its class checks), so the baseline and the network are scored on exactly the same cells. The
 features are each cell's counts over all genes of the canonical AnnData, scaled to
 ``target_sum`` counts (``count / n_counts * target_sum``, ``n_counts`` being the cell's total
-over all genes) and, with ``log1p``, log-transformed. The classifier is fitted on the training
-donors' cells alone. Metrics come from the same :class:`ClassificationMetrics` as training (through
+over all genes) and, with ``log1p``, log-transformed (``target_sum: null``: the raw counts, as scANVI
+reads them). ``features: embedding`` (``frozen_probe``) gives each cell's pooled embedding from the run's
+encoder (``model``, and ``init_from``: a run's best weights) instead, frozen, computed once through
+:meth:`TrainedClassifier.apply`, the inference path of ``geneformer-colon embed`` and ``predict``. The
+classifier is fitted on the training donors' cells alone (scANVI also gets every cell's donor, and the
+held-out cells without their labels: :class:`~geneformer_colon.model.baselines.Scanvi`). Metrics come from
+the same :class:`ClassificationMetrics` as training (through
 :func:`geneformer_colon.assembly.scoring.score_split`); ``loss`` is the mean negative log-likelihood of the
 true class.
 """
@@ -23,11 +28,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.pipeline import Pipeline
 
-from geneformer_colon.assembly.builders import build_datamodule
+from geneformer_colon.assembly.builders import build_datamodule, load_weights, vocabulary_of
 from geneformer_colon.assembly.scoring import score_split
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, SPLITS
 from geneformer_colon.data.datamodule import CellDataModule
 from geneformer_colon.model.baselines import check_fits
+from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.report.history import write_history
 from geneformer_colon.report.summary import print_summary
 from geneformer_colon.report.wandb_run import log_finished_run
@@ -40,13 +47,15 @@ from geneformer_colon.runs.start import accept_start, prepare_run_dir, recipe
 log = logging.getLogger(__name__)
 
 
-def normalised_counts(adata: ad.AnnData, cell_ids: np.ndarray, target_sum: float, log1p: bool) -> sp.csr_matrix:
-    """Counts of the given cells scaled to ``target_sum`` per cell (then log1p), as float64 CSR."""
+def normalised_counts(adata: ad.AnnData, cell_ids: np.ndarray, target_sum: float | None, log1p: bool
+                      ) -> sp.csr_matrix:
+    """Counts of the given cells scaled to ``target_sum`` per cell (None: not scaled) then log1p, as float64 CSR."""
     rows = adata.obs_names.get_indexer(cell_ids)
     counts = sp.csr_matrix(adata.X[rows], dtype=np.float64)
-    totals = adata.obs["n_counts"].to_numpy(dtype=np.float64)[rows]
-    scaled = sp.diags(target_sum / np.maximum(totals, 1.0)) @ counts
-    return scaled.log1p() if log1p else scaled
+    if target_sum is not None:
+        totals = adata.obs["n_counts"].to_numpy(dtype=np.float64)[rows]
+        counts = sp.csr_matrix(sp.diags(target_sum / np.maximum(totals, 1.0)) @ counts)
+    return counts.log1p() if log1p else counts
 
 
 def split_features(datamodule: CellDataModule, adata: ad.AnnData, settings: DictConfig) -> dict[str, sp.csr_matrix]:
@@ -57,20 +66,43 @@ def split_features(datamodule: CellDataModule, adata: ad.AnnData, settings: Dict
     }
 
 
-def predicted(model: Pipeline, features: sp.csr_matrix, targets: np.ndarray) -> tuple[np.ndarray, float]:
+def frozen_encoder(cfg: DictConfig, datamodule: CellDataModule) -> TrainedClassifier:
+    """The encoder ``model.encoder`` makes (new, seeded, or pretrained) with ``model.pooling``, or a run's best
+    weights (``init_from``), frozen; its head, untrained, is never used."""
+    bert = instantiate(cfg.model.encoder, _partial_=True)(vocabulary=vocabulary_of(datamodule), seed=cfg.seed)
+    module = CellClassifier(bert_config=bert.config.to_dict(), class_names=datamodule.class_names,
+                            special_token_ids=datamodule.special_token_ids, pooling=cfg.model.pooling, bert=bert,
+                            tokenizer={"model_version": datamodule.settings.model_version,
+                                       "input_size": datamodule.settings.resolved_input_size})
+    if cfg.get("init_from"):
+        log.info("embedding with the weights of %s", load_weights(module, cfg.init_from))
+    module.requires_grad_(False)
+    return TrainedClassifier(module.eval(), datamodule.dictionaries, datamodule.settings, {"run_name": cfg.run_name})
+
+
+def split_embeddings(encoder: TrainedClassifier, datamodule: CellDataModule, batch_size: int
+                     ) -> dict[str, np.ndarray]:
+    """Each split's pooled embeddings, in the order of its cells (``split_cells``), as ``embed`` computes them."""
+    return {split: encoder.apply(datamodule.store, datamodule.splits[split].positions, batch_size)[1]
+            for split in SPLITS}
+
+
+def predicted(model: Pipeline, features: sp.csr_matrix, targets: np.ndarray, donors: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float]:
     """A split's class probabilities and the mean negative log-likelihood of its true classes (a probability
-    of 0, a kNN vote none of the neighbours cast, counts as 1e-12)."""
+    of 0, a kNN vote none of the neighbours cast, counts as 1e-12). ``donors``: the cells' donors, for a model
+    that ``uses_donors``."""
     if hasattr(model, "predict_log_proba"):
         log_probabilities = model.predict_log_proba(features)
         probabilities = np.exp(log_probabilities)
     else:
-        probabilities = model.predict_proba(features)
+        probabilities = model.predict_proba(features) if donors is None else model.predict_proba(features, donors)
         log_probabilities = np.log(np.clip(probabilities, 1e-12, 1.0))
     return probabilities, float(-log_probabilities[np.arange(len(targets)), targets].mean())
 
 
 # The keys of a baseline option that make its features, not its classifier.
-FEATURE_KEYS = ("name", "target_sum", "log1p")
+FEATURE_KEYS = ("name", "features", "target_sum", "log1p", "embed_batch_size")
 
 
 def build_baseline(settings: DictConfig) -> Pipeline:
@@ -85,11 +117,15 @@ NETWORK_NODES = ("optimizer", "scheduler", "loss", "augment", "robust", "trainer
 
 
 def baseline_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` less the network's nodes, so a baseline's config.yaml (and W&B config) holds only what it used."""
+    """``cfg`` less the network's nodes, so a baseline's config.yaml (and W&B config) holds only what it used (a
+    probe of embeddings keeps the encoder's: ``model`` and ``init_from``)."""
+    embeds = cfg.baseline.get("features") == "embedding"
     with open_dict(cfg):
         for node in NETWORK_NODES:
-            cfg.pop(node, None)
-        cfg.model = {"tokenizer": cfg.model.tokenizer}
+            if not (embeds and node == "init_from"):
+                cfg.pop(node, None)
+        if not embeds:
+            cfg.model = {"tokenizer": cfg.model.tokenizer}
     return cfg
 
 
@@ -101,17 +137,31 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}
     class_names = datamodule.class_names
     model = build_baseline(cfg.baseline)
-    adata = datamodule.cells.to_anndata()
-    check_fits(model, len(targets["train"]), adata.n_vars, len(np.unique(targets["train"])))
+    embeds = cfg.baseline.get("features") == "embedding"
+    if embeds:
+        encoder = frozen_encoder(cfg, datamodule)
+        n_features = encoder.hidden_size
+    else:
+        adata = datamodule.cells.to_anndata()
+        n_features = adata.n_vars
+    check_fits(model, len(targets["train"]), n_features, len(np.unique(targets["train"])))
     prepare_run_dir(layout, overwrite=cfg.overwrite)
     accept_start(layout, cfg)
-    features = split_features(datamodule, adata, cfg.baseline)
-    model.fit(features["train"], targets["train"])
-    log.info("%s fitted on %d training cells x %d genes", cfg.baseline.name, *features["train"].shape)
+    features = (split_embeddings(encoder, datamodule, cfg.baseline.embed_batch_size) if embeds
+                else split_features(datamodule, adata, cfg.baseline))
+    donors = {split: datamodule.split_cells(split)["donor"].to_numpy() for split in SPLITS}
+    by_donor = getattr(model, "uses_donors", False)
+    if by_donor:  # scANVI: the donor its batch key; the held-out cells without labels (used when transductive)
+        model.fit(features["train"], targets["train"], donors["train"],
+                  [(features[split], donors[split]) for split in EVAL_SPLITS])
+    else:
+        model.fit(features["train"], targets["train"])
+    log.info("%s fitted on %d training cells x %d %s", cfg.baseline.name, *features["train"].shape,
+             "embedding dimensions" if embeds else "genes")
 
     final: dict[str, Any] = {}
     for split in EVAL_SPLITS:
-        probabilities, loss = predicted(model, features[split], targets[split])
+        probabilities, loss = predicted(model, features[split], targets[split], donors[split] if by_donor else None)
         final[split] = score_split(layout, split, datamodule.split_cells(split), targets[split], probabilities,
                                    class_names, cfg.run_name, loss=loss)
     record = run_record(cfg.run_name, "baseline", FINISHED, {split: datamodule.split_donors(split) for split in SPLITS},

@@ -54,13 +54,15 @@ CONFIGURABLE_MODULES = (
     "geneformer_colon.jobs.sweep",
     "geneformer_colon.jobs.study",
 )
-# Functions configs may name.
+# Functions (and the scANVI baseline's class) configs may name.
 CONFIG_FUNCTIONS = frozenset({
     "geneformer_colon.model.backbone.new_bert",
     "geneformer_colon.model.backbone.pretrained_bert",
     "geneformer_colon.model.baselines.naive_bayes",
     "geneformer_colon.model.baselines.logreg",
     "geneformer_colon.model.baselines.pca_knn",
+    "geneformer_colon.model.baselines.Scanvi",
+    "geneformer_colon.model.baselines.frozen_probe",
     "geneformer_colon.model.schedules.warmup_schedule",
     "geneformer_colon.report.wandb_run.wandb_logger",
 })

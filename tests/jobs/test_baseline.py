@@ -1,4 +1,4 @@
-"""`python baseline.py`: naive Bayes on the training split, in the training run's format and metrics."""
+"""`python baseline.py`: the baselines on the training split, in the training run's format and metrics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 from helpers.runs import metrics_of
-from helpers.tiny import CLASSES, compose_tiny, compose_train
+from helpers.tiny import CLASSES, TINY_ENCODER, compose_tiny, compose_train
 from hydra.utils import instantiate
+from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
@@ -24,10 +25,19 @@ from sklearn.metrics import (
 from sklearn.naive_bayes import MultinomialNB
 from sklearn.preprocessing import StandardScaler
 
-from geneformer_colon.common.errors import InputError
-from geneformer_colon.jobs.baseline import run_baseline
+from geneformer_colon.assembly.builders import build_datamodule
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.cli.override_checks import check_command_line
+from geneformer_colon.common.errors import InputError, input_error_in
+from geneformer_colon.jobs import donor_cv
+from geneformer_colon.jobs.baseline import frozen_encoder, run_baseline, split_embeddings
+from geneformer_colon.jobs.embed import run_cells
+from geneformer_colon.jobs.train import train
 from geneformer_colon.report.compare import compare_runs
 from geneformer_colon.report.history import run_history
+from geneformer_colon.runs.config import CONF_DIR
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.reading import read_run
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +129,24 @@ def test_compare_and_history_read_it_like_any_run(baseline_run, trained_runs, tm
 
 @pytest.fixture(scope="module")
 def h5ad_cohorts(trained_runs, cohort, tmp_path_factory) -> dict[str, Path]:
-    """The tiny cohort as an .h5ad, and a copy whose test donor (KUL01) has its labels shuffled and its counts
-    doubled: what a baseline learns must not change with it."""
+    """The tiny cohort as an .h5ad, and two copies whose validation and test donors (KUL19, KUL01) have their labels
+    permuted: ``relabelled`` (nothing else), ``changed`` (the test donor's counts of every other gene tripled as
+    well, which changes its normalised counts and its genes' ranks). What a baseline learns must not change with
+    either."""
     cells = ad.read_h5ad(cohort(trained_runs[0]))
     folder = tmp_path_factory.mktemp("baseline_cohorts")
     cells.write_h5ad(folder / "plain.h5ad")
-    test = cells.obs["donor"].eq("KUL01").to_numpy()
-    cells.obs.loc[test, "label"] = np.random.default_rng(0).permutation(cells.obs.loc[test, "label"].to_numpy())
-    factor = np.where(test, 2, 1)
-    cells.X = sp.csr_matrix(sp.diags(factor) @ cells.X, dtype=cells.X.dtype)
-    if "n_counts" in cells.obs:
-        cells.obs["n_counts"] = cells.obs["n_counts"] * factor
+    for donor in ("KUL19", "KUL01"):
+        held_out = cells.obs["donor"].eq(donor).to_numpy()
+        cells.obs.loc[held_out, "label"] = np.random.default_rng(1).permutation(
+            cells.obs.loc[held_out, "label"].to_numpy())
+    cells.write_h5ad(folder / "relabelled.h5ad")
+    test = sp.diags(cells.obs["donor"].eq("KUL01").to_numpy().astype(np.int64))
+    every_other = sp.diags((np.arange(cells.n_vars) % 2 == 0).astype(np.int64))
+    cells.X = sp.csr_matrix(cells.X + 2 * (test @ cells.X @ every_other), dtype=cells.X.dtype)
+    cells.obs["n_counts"] = np.asarray(cells.X.sum(1)).ravel()
     cells.write_h5ad(folder / "changed.h5ad")
-    return {"plain": folder / "plain.h5ad", "changed": folder / "changed.h5ad"}
+    return {name: folder / f"{name}.h5ad" for name in ("plain", "relabelled", "changed")}
 
 
 def h5ad_baseline(path: Path, out: Path, cache: Path, *overrides: str) -> Path:
@@ -167,27 +182,96 @@ def test_logreg_is_celltypists_recipe_on_the_training_donors(h5ad_cohorts, tmp_p
                                    model.predict_proba(np.minimum(scaler.transform(values[rows]), 10)), atol=1e-6)
 
 
-@pytest.mark.parametrize("baseline", ["logreg", "pca_knn"])
-def test_no_held_out_cell_or_label_reaches_a_fit(h5ad_cohorts, tmp_path, shared_dirs, baseline):
-    """The test donor's labels shuffled and counts doubled: the genes, scaling, components and classifier
-    learnt are the same, so the validation donor's probabilities are identical."""
-    pcs = ["baseline.n_pcs=10"] if baseline == "pca_knn" else []
-    settings = [f"baseline={baseline}", "baseline.n_genes=60", *pcs]
-    runs = {name: h5ad_baseline(path, tmp_path / name, shared_dirs["cache"], *settings)
-            for name, path in h5ad_cohorts.items()}
-    plain, changed = (pd.read_csv(runs[name] / "predictions" / "val.csv") for name in ("plain", "changed"))
-    pd.testing.assert_frame_equal(plain, changed)
-    assert not pd.read_csv(runs["plain"] / "predictions" / "test.csv").equals(
-        pd.read_csv(runs["changed"] / "predictions" / "test.csv"))
+# Each baseline's settings on the tiny cohort (scANVI: a few epochs of a small model).
+TINY_SCANVI = ["baseline=scanvi", "baseline.n_genes=100", "baseline.n_latent=4", "baseline.n_hidden=16",
+               "baseline.epochs=3", "baseline.scanvi_epochs=2", "baseline.query_epochs=2"]
+SETTINGS = {
+    "naive_bayes": ["baseline=naive_bayes"],
+    "logreg": ["baseline=logreg", "baseline.n_genes=60"],
+    "pca_knn": ["baseline=pca_knn", "baseline.n_genes=60", "baseline.n_pcs=10"],
+    "frozen_probe": ["baseline=frozen_probe", *TINY_ENCODER],
+    "scanvi": TINY_SCANVI,
+    "scanvi_transductive": [*TINY_SCANVI, "baseline.transductive=true"],
+}
+SLOW = {"scanvi", "scanvi_transductive"}
+
+
+@pytest.mark.parametrize("baseline", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+                                      for name in SETTINGS])
+def test_held_out_labels_and_cells_never_reach_a_fit(h5ad_cohorts, tmp_path, shared_dirs, baseline, monkeypatch):
+    """The validation and test donors' labels permuted before training, and the test donor's counts changed: the
+    genes, scaling, components and classifier learnt are the same, so the validation donor's predictions are
+    identical, and the test donor's differ with its counts alone. scANVI with transductive=true has the held-out
+    cells, so its cohort has the labels permuted alone: both donors' predictions are identical."""
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **_: Path(path).write_bytes(b""))  # time: not drawn
+    changed = "relabelled" if baseline == "scanvi_transductive" else "changed"
+    runs = {name: h5ad_baseline(h5ad_cohorts[name], tmp_path / name, shared_dirs["cache"], *SETTINGS[baseline])
+            for name in ("plain", changed)}
+    same_test = baseline == "scanvi_transductive"
+    for split in ("val", "test"):
+        plain, other = (pd.read_csv(runs[name] / "predictions" / f"{split}.csv") for name in runs)
+        assert not plain["true"].equals(other["true"])
+        if split == "val" or same_test:
+            pd.testing.assert_frame_equal(plain.drop(columns="true"), other.drop(columns="true"))
+        else:
+            assert not plain.filter(like="prob_").equals(other.filter(like="prob_"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["baseline=pca_knn", "baseline.k=100000"], "baseline.k=100000: more neighbours than the"),
     (["baseline=pca_knn", "baseline.n_pcs=5000"], "baseline.n_pcs=5000: above the"),
     (["baseline=logreg", "data.labels=[Normal]"], "a classifier needs two or more"),
+    (["baseline=frozen_probe", "baseline.probe=knn", "baseline.k=100000"], "baseline.k=100000: more neighbours"),
+    (["baseline=frozen_probe", "baseline.probe=svm"], "baseline.probe=svm: no such probe; set it to logreg or knn"),
 ])
 def test_settings_the_training_cells_cannot_carry_are_one_line_and_write_nothing(tmp_path, shared_dirs, overrides,
                                                                                  message):
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(Exception) as refused:  # noqa: PT011  (Hydra wraps what instantiate raises)
         run_baseline(compose_tiny(tmp_path, shared_dirs, "experiment=colon6", *overrides, config_name="baseline"))
+    assert message in str(input_error_in(refused.value))
     assert not list(tmp_path.glob("colon6-*"))
+
+
+def test_an_unknown_baseline_is_one_line_naming_the_options():
+    with pytest.raises(InputError, match=r"^baseline=nope: baseline has no option 'nope'; choose one of "
+                                         r"frozen_probe, logreg, naive_bayes, pca_knn, scanvi$"):
+        check_command_line(CONF_DIR, "baseline", ["experiment=colon6", "baseline=nope"])
+
+
+def test_a_frozen_probe_embeds_as_embed_does(trained_runs, tmp_path, shared_dirs):
+    """A run's best weights frozen (init_from): the probe's embeddings of the run's validation and test cells are
+    those `geneformer-colon embed` computes for them."""
+    run = trained_runs[0]
+    cfg = compose_tiny(tmp_path, shared_dirs, "experiment=colon6", "baseline=frozen_probe", f"init_from='{run}'",
+                       config_name="baseline")
+    datamodule = build_datamodule(cfg)
+    embeddings = split_embeddings(frozen_encoder(cfg, datamodule), datamodule, 64)
+    obs, reference = run_cells(TrainedClassifier.load(run), run, 64, "cpu")
+    ours = pd.DataFrame(np.concatenate([embeddings["val"], embeddings["test"]]),
+                        index=pd.concat([datamodule.split_cells(split) for split in ("val", "test")])["cell_id"])
+    np.testing.assert_allclose(ours.loc[obs.index].to_numpy(), reference, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_scanvi_under_cv_is_a_complete_run_that_compare_pairs_with_colon6(tmp_path, shared_dirs):
+    """scANVI (tiny, CPU) and colon6 under cv=lodo on two test donors and two seeds: every fold and seed a complete
+    run directory, and `compare` pairs the two by donor, with seed noise; the seeds give scANVI different models."""
+    cv = ["experiment=colon6", "cv=lodo", "cv.folds=[KUL01,KUL19]", "cv.seeds=[0,1]", "logger=csv"]
+    donor_cv.run(train, compose_tiny(tmp_path, shared_dirs, *cv, "trainer.limit_train_batches=2"))
+    donor_cv.run(run_baseline, compose_tiny(tmp_path, shared_dirs, *cv, *TINY_SCANVI, config_name="baseline"))
+    scanvi = read_run(tmp_path / "colon6-scanvi")
+    assert scanvi.cv["aggregate"]["test"]["macro_f1"]["n"] == 2
+    probabilities = {}
+    for donor in ("KUL01", "KUL19"):
+        for seed in (0, 1):
+            fold = RunLayout(tmp_path / "colon6-scanvi").fold(donor, seed).root
+            assert read_run(fold).metrics["kind"] == "baseline"
+            for name in ("config.yaml", "metrics.json", "history.md", "predictions/val.csv", "predictions/test.csv",
+                         "plots/confusion_test.png"):
+                assert (fold / name).is_file(), (fold, name)
+            probabilities[donor, seed] = pd.read_csv(fold / "predictions" / "test.csv").filter(like="prob_")
+    assert not probabilities["KUL01", 0].equals(probabilities["KUL01", 1])
+    comparison = compare_runs([tmp_path / "colon6", tmp_path / "colon6-scanvi"], tmp_path / "compare")
+    assert sorted(run.name for run in comparison.runs) == ["colon6", "colon6-scanvi"]
+    (pair,) = comparison.pairs
+    assert sorted(pair.donors) == ["KUL01", "KUL19"] and pair.within_seed_noise() is not None
