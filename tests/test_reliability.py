@@ -87,6 +87,7 @@ def common(tmp_path, shared_dirs) -> list[str]:
     (["cv=lodo", "cv.seeds=[]"], "cv.seeds is []"),
     (["cv=lodo", "augment.mixup_prob=2"], "augment.mixup_prob is 2"),
     (["robust=group_dro", "data.train_donors=[KUL21]"], "acts across training donors, but the split trains on"),
+    (["calibration=temperature", "data.val_donors=[]"], "calibration=temperature is fitted on the validation donors'"),
     (["cv=lodo", "cv.folds=[KUL01]", "data.train_donors=[KUL21]", "robust=group_dro", "logger=default"],
      "acts across training donors, but the split trains on"),
 ])

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from geneformer_colon.assembly.batching import OomHalving
 from geneformer_colon.assembly.builders import classifier_from_checkpoint
+from geneformer_colon.assembly.trust import RunTrust
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.names import FINISHED
 from geneformer_colon.data.dictionaries import GeneDictionaries, load_settings, special_token_ids
@@ -55,13 +56,16 @@ def finished_folds(run_dir: Path) -> list[str]:
 
 @dataclass
 class TrainedClassifier:
-    """The model, the dictionaries and tokenizer settings it was trained with, and where it came from."""
+    """The model, the dictionaries and tokenizer settings it was trained with, where it came from, and its
+    calibration (``trust``, from the run's or export's ``calibration.json``; None for a run from before it):
+    every probability it gives is calibrated."""
 
     module: CellClassifier
     dictionaries: GeneDictionaries
     settings: TokenizerSettings
     origin: dict[str, Any]
     oom: OomHalving = field(init=False, default_factory=OomHalving, repr=False, compare=False)
+    trust: RunTrust | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -98,7 +102,8 @@ class TrainedClassifier:
         run = read_run(run_dir)
         origin = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "run_name": run.name,
                   "trained_on": run.donors("train"), "validated_on": run.donors("val")}
-        return cls(module, GeneDictionaries.load_directory(layout.dictionaries), settings, origin)
+        return cls(module, GeneDictionaries.load_directory(layout.dictionaries), settings, origin,
+                   RunTrust.load(run_dir))
 
     @classmethod
     def from_export(cls, directory: Path) -> TrainedClassifier:
@@ -125,7 +130,7 @@ class TrainedClassifier:
             raise InputError(f"{directory / EXPORT_HEAD}: not this classifier's head ({reason}); export the run "
                              "again") from None
         origin = {"export": str(directory), **described.get("run", {})}
-        return cls(module.eval(), dictionaries, settings, origin)
+        return cls(module.eval(), dictionaries, settings, origin, RunTrust.load(directory))
 
     @torch.inference_mode()
     def apply(self, cells: TokenRows, rows: np.ndarray | None = None, batch_size: int = 64,
@@ -168,9 +173,13 @@ class TrainedClassifier:
     @torch.inference_mode()
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device = "cpu"
               ) -> tuple[np.ndarray, np.ndarray]:
-        """One padded batch's class probabilities and embeddings (bf16 autocast on a GPU that has it)."""
+        """One padded batch's (calibrated) class probabilities and embeddings (bf16 autocast on a GPU that has
+        it)."""
         outputs = self.outputs(input_ids, attention_mask, device)
-        return outputs.probabilities.cpu().numpy(), outputs.embeddings.float().cpu().numpy()
+        probabilities = outputs.probabilities.cpu().numpy()
+        if self.trust is not None:
+            probabilities = self.trust.calibration.apply(probabilities)
+        return probabilities, outputs.embeddings.float().cpu().numpy()
 
 
 @dataclass
@@ -212,7 +221,7 @@ class FoldEnsemble(TrainedClassifier):
                               - set(trained_on))
         origin.update(folds=folds, trained_on=trained_on, validated_on=validated_on,
                       checkpoint=", ".join(str(member.origin.get("checkpoint")) for member in members))
-        return cls(first.module, first.dictionaries, first.settings, origin, members)
+        return cls(first.module, first.dictionaries, first.settings, origin, members=members)
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device = "cpu"
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -78,16 +78,23 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+    from geneformer_colon.assembly.trust import UNKNOWN, TrustAsked
     from geneformer_colon.jobs.predict import metrics_dir, predict_h5ad
 
     _positive(args, "chunk_cells", "batch_size")
+    asked = TrustAsked(args.uncertainty, args.abstain, args.conformal)
     added = predict_h5ad(TrainedClassifier.load(args.model, args.fold), args.input, args.out, prefix=args.prefix,
                          layer=args.layer, genes=_genes(args), label_key=args.label_key, donor_key=args.donor_key,
                          cell_type_key=args.cell_type_key, chunk_cells=args.chunk_cells, batch_size=args.batch_size,
                          max_tokens=args.max_tokens,
-                         device=args.device)
+                         device=args.device, asked=asked)
     counts = added[f"{args.prefix}_label"].value_counts()
     print(f"{args.out}: {len(added)} cells; predicted " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    if args.abstain is not None:
+        unknown = int(counts.get(UNKNOWN, 0))
+        answered = int(counts.drop([UNKNOWN, ""], errors="ignore").sum())
+        print(f"abstained ({UNKNOWN}) on {unknown} cells: coverage reached {answered / max(answered + unknown, 1):.3f} "
+              f"(asked {args.abstain}, the share of the validation donors' cells answered)")
     if args.label_key:
         print(f"metrics: {metrics_dir(args.out).root}")
 
@@ -223,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--donor-key", help="with --label-key: obs column of donors (metrics by donor)")
     predict.add_argument("--cell-type-key", help="with --label-key: obs column of cell types (metrics by cell type)")
     predict.add_argument("--chunk-cells", type=int, default=10_000, help="cells read at a time (default 10000)")
+    predict.add_argument("--uncertainty", default="max_softmax",
+                         help="obs['<prefix>_uncertainty']: max_softmax (default), entropy, energy or knn")
+    predict.add_argument("--abstain", type=float, metavar="COVERAGE",
+                         help="call 'unknown' every cell less sure than this share (0-1] of the validation donors' "
+                              "cells, and report the coverage reached")
+    predict.add_argument("--conformal", type=float, metavar="ALPHA",
+                         help="write each cell's conformal set at level 1 - ALPHA (0-1) to "
+                              "obs['<prefix>_conformal_set']")
     _gene_options(predict)
     predict.set_defaults(run=_predict)
 

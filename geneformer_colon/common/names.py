@@ -6,6 +6,9 @@ SPLITS = (TRAIN, VAL, TEST)
 EVAL_SPLITS = (VAL, TEST)
 # The headline metrics of an evaluated split and their short titles.
 METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
+# Which calls to trust: a split's calibration (ECE, Brier, NLL) and abstention (AURC) figures, each lower for a
+# better model, and their short titles.
+TRUST_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "brier": "Brier", "nll": "NLL", "aurc": "AURC"}
 # A prediction-table column a split is broken down by -> its metrics.json key.
 GROUPINGS = {"donor": "by_donor", "cell_type": "by_cell_type"}
 

@@ -16,6 +16,7 @@ from geneformer_colon.assembly.builders import (
     resolve_precision,
 )
 from geneformer_colon.assembly.scoring import score_split
+from geneformer_colon.assembly.trust import RunTrust, head_logits
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.names import FINISHED, TEST
 from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, TOKEN_FILE
@@ -113,11 +114,13 @@ def evaluate_run(layout: RunLayout, overrides: Sequence[str], conf_dir: Path, na
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1,
                          precision=resolve_precision(cfg.trainer.precision), logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=False, default_root_dir=out.root)
+    module.keep_embeddings = True  # the kNN and energy scores of each cell
     trainer.test(module, datamodule=datamodule, verbose=False)
     result = module.results[TEST]
     test = score_split(out, TEST, datamodule.store.cells.iloc[result["index"]], result["targets"],
                        result["probabilities"], module.class_names, f"{cfg.run_name} on {name}",
-                       (result["metrics"], result["confusion_matrix"]))
+                       (result["metrics"], result["confusion_matrix"]), trust=RunTrust.load(layout.root),
+                       logits=head_logits(module.head, result["embeddings"]), embeddings=result["embeddings"])
     record = run_record(f"{cfg.run_name} on {name}", "eval", FINISHED, {TEST: datamodule.split_donors(TEST)},
                         {TEST: len(datamodule.splits[TEST])}, final={TEST: test},
                         recipe={"run_dir": str(layout.root), "checkpoint": str(checkpoint),

@@ -9,7 +9,9 @@ OUT_DIR holds:
 - ``cell_classifier.json``: the pooling, the classes and where it came from;
 - ``token_dictionary.pkl``, ``gene_median_dictionary.pkl`` (and ``ensembl_mapping_dict.pkl``): the
   gene dictionaries the run tokenized with, and ``tokenizer_settings.json`` (model version, input size);
-- ``README.md``: a model card (data, donors, recipe, the run's metrics).
+- ``README.md``: a model card (data, donors, recipe, the run's metrics);
+- ``calibration.json`` and ``calibration_cells.npz``: the run's calibration and what ``predict --abstain`` and
+  ``--conformal`` need of its validation cells (a run from before them has none).
 
 A cross-validated run exports every finished fold so, in ``folds/<test donor>/``, with ``ensemble.json`` (the
 folds) and a model card listing them: ``predict OUT_DIR`` applies the ensemble (``--fold`` one of them).
@@ -39,7 +41,7 @@ from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.common.text_tables import markdown_table
 from geneformer_colon.data.dictionaries import MAPPING_FILE, MEDIAN_FILE, SETTINGS_FILE, TOKEN_FILE, save_settings
 from geneformer_colon.report.history import data_source, recipe_rows
-from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.layout import CELLS_FILE, TRUST_FILE, RunLayout
 from geneformer_colon.runs.reading import read_run
 
 
@@ -70,7 +72,8 @@ def model_card(model: TrainedClassifier, run_dir: Path) -> str:
 
 # Every file an export may write (the mapping only for a run that mapped gene ids).
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", EXPORT_HEAD, EXPORT_SETTINGS, TOKEN_FILE, MEDIAN_FILE,
-                          MAPPING_FILE, SETTINGS_FILE, "README.md", ENSEMBLE_SETTINGS, "folds"})
+                          MAPPING_FILE, SETTINGS_FILE, "README.md", ENSEMBLE_SETTINGS, "folds", TRUST_FILE,
+                          CELLS_FILE})
 
 
 def check_out_dir(run_dir: Path, out_dir: Path) -> None:
@@ -99,6 +102,8 @@ def write_export(model: TrainedClassifier, run_dir: Path, directory: Path) -> No
     model.dictionaries.save(directory)
     save_settings(directory, model.settings, model.dictionaries)
     (directory / "README.md").write_text(model_card(model, run_dir))
+    if model.trust is not None:
+        model.trust.save(directory)
 
 
 def ensemble_card(model: FoldEnsemble, run_dir: Path) -> str:

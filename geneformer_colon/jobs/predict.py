@@ -10,7 +10,14 @@ OUT.h5ad is the input with, for ``prefix`` (default ``gfc``):
   ``uns["<prefix>"]["classes"]`` (NaN for a cell with no gene of the vocabulary): a matrix, not a
   column a class, because class names (``CD4+/CD25 T Reg``) are no safe h5 names;
 - ``obsm["X_<prefix>"]``: the pooled cell embedding the classifier head sees;
-- ``uns["<prefix>"]``: the model (run or export, checkpoint), the classes, the tokenizer.
+- ``obs["<prefix>_uncertainty"]``: each cell's uncertainty score (``--uncertainty``: max_softmax, entropy,
+  energy or knn, named in ``uns["<prefix>"]["uncertainty"]``); with ``--abstain COVERAGE`` the label of each
+  cell less sure than that share of the validation donors' cells is ``unknown``; with ``--conformal ALPHA``,
+  ``obs["<prefix>_conformal_set"]`` holds each cell's conformal set (classes joined by ``|``);
+- ``uns["<prefix>"]``: the model (run or export, checkpoint), the classes, the tokenizer, the calibration, the
+  uncertainty score, and the abstention (coverage asked and reached) and conformal settings.
+
+The probabilities are the model's calibrated ones (``calibration.json`` of the run or export).
 
 OUT.h5ad is a copy of the input written to a temporary name and renamed when complete; the input
 is never opened for writing. Memory holds one chunk of counts and tokens; the embeddings are
@@ -37,7 +44,8 @@ from rich.progress import Progress
 
 from geneformer_colon.assembly.batching import token_budget
 from geneformer_colon.assembly.scoring import group_metrics, prediction_table, score_split
-from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
+from geneformer_colon.assembly.trust import TrustAsked
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import FINISHED, METRICS, TEST
@@ -161,6 +169,7 @@ def predict_h5ad(
     batch_size: int | None = None,
     device: str = "cpu",
     max_tokens: int | None = None,
+    asked: TrustAsked = TrustAsked(),
 ) -> pd.DataFrame:
     """Write OUT.h5ad (see the module docstring); return the new obs columns (one row a cell)."""
     input_path, out_path = Path(input_path), Path(out_path)
@@ -169,6 +178,8 @@ def predict_h5ad(
     if not prefix or "/" in prefix:
         raise InputError(f"--prefix {prefix!r}: names obs, obsm and uns entries; give a name without '/'")
     classes = model.class_names
+    asked.check(model.trust, isinstance(model, FoldEnsemble), model.origin.get("run_dir") or
+                model.origin.get("export") or model.origin.get("cv_run_dir") or "the model")
     with H5adReader(input_path, layer, layer_setting="--layer") as source:
         truth = labelled_cells(source.obs, classes, label_key, donor_key, cell_type_key, input_path) \
             if label_key is not None else None
@@ -177,6 +188,7 @@ def predict_h5ad(
         obs = source.obs.copy()
         n_cells = source.shape[0]
         probabilities = np.full((n_cells, len(classes)), np.nan)
+        uncertainty = np.full(n_cells, np.nan)
         with atomic_path(out_path) as tmp:
             shutil.copyfile(input_path, tmp)
             with h5py.File(tmp, "r+") as handle, Progress(transient=True) as progress:
@@ -184,16 +196,20 @@ def predict_h5ad(
                 embedding = new_obsm_array(handle, f"X_{prefix}", (n_cells, model.hidden_size))
                 for rows, chunk_probabilities, chunk_embeddings in itertools.chain([first], chunks):
                     probabilities[rows], embedding[rows] = chunk_probabilities, chunk_embeddings
+                    uncertainty[rows] = asked.scores(chunk_probabilities, chunk_embeddings, model.module.head,
+                                                     model.trust)
                     progress.update(task, completed=rows.stop)
                 new_obsm_array(handle, probabilities_key(prefix), probabilities.shape, np.float64)[:] = probabilities
-                added = prediction_columns(probabilities, classes, prefix, obs.index)
+                added, trusted = asked.columns(prediction_columns(probabilities, classes, prefix, obs.index)[
+                    f"{prefix}_label"], probabilities, uncertainty, prefix, classes, model.trust)
                 write_elem(handle, "obs", pd.concat([obs.drop(columns=added.columns, errors="ignore"), added], axis=1))
                 uns = read_elem(handle["uns"]) if "uns" in handle else {}
                 origin = {key: str(value) for key, value in model.origin.items() if not isinstance(value, list)}
                 uns[prefix] = {**origin, "classes": classes, "model_version": model.settings.model_version,
                                "input_size": model.settings.resolved_input_size, "embedding": f"X_{prefix}",
                                "probabilities": probabilities_key(prefix),
-                               "cells_without_vocabulary_genes": int(np.isnan(probabilities[:, 0]).sum())}
+                               "cells_without_vocabulary_genes": int(np.isnan(probabilities[:, 0]).sum()),
+                               **trusted}
                 write_elem(handle, "uns", uns)
     missing = int(np.isnan(probabilities[:, 0]).sum())
     if missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,8 @@ from geneformer_colon.assembly.builders import (
     start_from,
 )
 from geneformer_colon.assembly.scoring import score_split
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.assembly.trust import RunTrust, check_calibration, head_logits, sample_rows, trust_settings
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, MONITOR, RUNNING, SPLITS, TRAIN, VAL, WORST_DONOR
 from geneformer_colon.data.datamodule import CellDataModule
@@ -59,18 +61,41 @@ def unlogged(trainer: pl.Trainer) -> Iterator[None]:
 
 
 def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellDataModule, best_path: str | None,
-                  layout: RunLayout, run_name: str) -> dict[str, dict[str, Any]]:
-    """The best checkpoint on the val and test donors: each split's files and metrics.json entry."""
-    final = {}
+                  layout: RunLayout, run_name: str, calibration: Mapping[str, Any] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """The best checkpoint on the val and test donors, with the ``calibration`` fitted on the val donors' cells
+    (``calibration.json``): each split's files and metrics.json entry."""
+    results = {}
+    module.keep_embeddings = True  # the kNN and energy scores of each cell
     for split, evaluate in zip(EVAL_SPLITS, (trainer.validate, trainer.test)):
         with unlogged(trainer):
             evaluate(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True, verbose=False)
-        result = module.results[split]
+        results[split] = module.results[split]
+    trust = fit_trust(calibration, module, datamodule, results[VAL])
+    final = {}
+    for split, result in results.items():
         # under DDP every rank holds the gathered results: one writes them
         final[split] = score_split(layout, split, datamodule.store.cells.iloc[result["index"]], result["targets"],
                                    result["probabilities"], module.class_names, run_name,
-                                   (result["metrics"], result["confusion_matrix"]), write=trainer.is_global_zero)
+                                   (result["metrics"], result["confusion_matrix"]), write=trainer.is_global_zero,
+                                   trust=trust, logits=head_logits(module.head, result["embeddings"]),
+                                   embeddings=result["embeddings"])
+    if trainer.is_global_zero:
+        trust.save(layout.root)
     return final
+
+
+def fit_trust(calibration: Mapping[str, Any] | None, module: CellClassifier, datamodule: CellDataModule,
+              val: Mapping[str, Any]) -> RunTrust:
+    """The run's calibration fitted on the validation cells' results, with a sample of the training cells'
+    embeddings (through the one inference path) for the kNN score."""
+    settings = trust_settings(calibration)
+    positions = datamodule.splits[TRAIN].positions
+    rows = positions[sample_rows(len(positions), settings["knn_reference_cells"], datamodule.seed)]
+    model = TrainedClassifier(module, datamodule.dictionaries, datamodule.settings, {})
+    reference = model.apply(datamodule.store, rows, batch_size=datamodule.eval_batch_size, device=module.device)[1]
+    return RunTrust.fit(settings, val["probabilities"], val["targets"], head_logits(module.head, val["embeddings"]),
+                        val["embeddings"], reference, datamodule.split_donors(VAL))
 
 
 @dataclass
@@ -135,6 +160,7 @@ def check_recipe(cfg: DictConfig) -> None:
     tokenized: the known ranges (``runs.config.check_values``), and the parts built from the config alone
     (``augment``, ``loss`` where ``data.labels`` names the classes, ``robust``, ``pretrain.masking``) built once."""
     check_values(cfg)
+    check_calibration(cfg.get("calibration"), cfg.data.get("val_donors"))
     labels = cfg.data.get("labels")
     parts = {"augment": {}, "robust": {"donors": ["a", "b"], "hidden_size": 2},
              "loss": {"class_names": list(labels)} if labels else None}
@@ -172,7 +198,8 @@ def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, test the best checkpoint, write every file of the run; return its metrics.json record."""
     run = fit_run(cfg, "train", classifier_for)
-    final = evaluate_best(run.trainer, run.module, run.datamodule, run.best_path, run.layout, cfg.run_name)
+    final = evaluate_best(run.trainer, run.module, run.datamodule, run.best_path, run.layout, cfg.run_name,
+                          cfg.get("calibration"))
     selection = cfg.callbacks.get("model_checkpoint") or {}
     chosen = best_epoch(run.epochs, selection.get("monitor", MONITOR), selection.get("mode", "max"))
     summary = run.record(FINISHED, run.epochs, final=final, best_epoch=chosen,

@@ -34,6 +34,7 @@ from geneformer_colon.report.run_tables import (
     METRIC_COLUMNS,
     RUN_COLUMNS,
     SPREAD_COLUMNS,
+    TRUST_COLUMNS,
     column_title,
     run_row,
     runs_frame,
@@ -246,7 +247,7 @@ def runs_table(frame: pd.DataFrame) -> TextTable:
     order = ["run", "status", "best_epoch", "folds", *figures, *SPREAD_COLUMNS,
              *(name for name in METRIC_COLUMNS if name not in figures)]
     shown = [name for name in order if name in frame.columns] + [name for name in frame.columns if name not in order]
-    numeric = [column_title(name) for name in shown if name in (*METRIC_COLUMNS, *SPREAD_COLUMNS)]
+    numeric = [column_title(name) for name in shown if name in (*METRIC_COLUMNS, *SPREAD_COLUMNS, *TRUST_COLUMNS)]
     rows = [[run_number(index), *row] for index, row in enumerate(frame[shown].itertuples(index=False))]
     return TextTable(f"{len(frame)} runs, best val macro F1 first", ["#", *map(column_title, shown)], rows, numeric,
                      keys=2)

@@ -24,7 +24,18 @@ from scipy import stats
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.figures import plot_per_donor
 from geneformer_colon.common.io import atomic_path, file_lock, read_json, rounded, write_json
-from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, GROUPINGS, METRICS, TEST, TRAIN, VAL, column, per_class
+from geneformer_colon.common.names import (
+    EVAL_SPLITS,
+    FINISHED,
+    GROUPINGS,
+    METRICS,
+    TEST,
+    TRAIN,
+    TRUST_METRICS,
+    VAL,
+    column,
+    per_class,
+)
 from geneformer_colon.common.text_tables import markdown_table
 from geneformer_colon.runs.layout import RunLayout
 from geneformer_colon.runs.reading import read_config, read_run
@@ -113,13 +124,28 @@ def chance_macro_f1(confusion: Sequence[Sequence[int]]) -> float:
 
 
 def fold_figures(class_names: Sequence[str]) -> list[str]:
-    """What cv.json keeps of each fold's splits: the headline metrics and each class's recall."""
-    return [*METRICS, *(per_class("recall", name) for name in class_names)]
+    """What cv.json keeps of each fold's splits: the headline metrics, each class's recall, and the calibration
+    and abstention figures."""
+    return [*METRICS, *(per_class("recall", name) for name in class_names), *TRUST_METRICS]
+
+
+def worst_fold(folds: Sequence[Mapping[str, Any]], split: str, key: str) -> dict[str, Any] | None:
+    """The fold (test donor) with the worst figure: the highest of a calibration or abstention figure (lower is
+    better), the lowest of any other."""
+    present = [fold for fold in folds if fold[split].get(key) is not None]
+    if not present:
+        return None
+    pick = max if key in TRUST_METRICS else min
+    fold = pick(present, key=lambda fold: fold[split][key])
+    return {"donor": fold["test_donor"], "value": fold[split][key]}
 
 
 def aggregate(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+    """Each figure's spread over the folds (:func:`spread`; NLL is not bounded by 1) and its worst fold."""
     keys = fold_figures(class_names)
-    return {split: {key: spread([fold[split][key] for fold in folds]) for key in keys} for split in EVAL_SPLITS}
+    return {split: {key: {**spread([fold[split].get(key) for fold in folds],
+                                   (0.0, math.inf) if key == "nll" else (0.0, 1.0)),
+                          "worst": worst_fold(folds, split, key)} for key in keys} for split in EVAL_SPLITS}
 
 
 def cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],
@@ -169,11 +195,13 @@ def across_folds_markdown(cv: Mapping[str, Any]) -> str:
     rows = []
     for split in EVAL_SPLITS:
         for key, values in cv["aggregate"][split].items():
-            title = METRICS.get(key, " ".join(key.partition("/")[::2]))  # recall/<class>: the class name as it is
+            # recall/<class>: the class name as it is
+            title = METRICS.get(key) or TRUST_METRICS.get(key) or " ".join(key.partition("/")[::2])
             interval = "-" if values["ci95"] is None else f"{values['ci95'][0]:.3f} to {values['ci95'][1]:.3f}"
+            worst = values.get("worst")
             rows.append([f"{split} {title}", values["n"], values["mean"], values["sd"], values["min"], values["max"],
-                         interval])
-    return markdown_table(["figure", "folds", "mean", "sd", "min", "max", "95% CI of the mean"], rows)
+                         interval, "-" if not worst else f"{worst['donor']} ({worst['value']:.3f})"])
+    return markdown_table(["figure", "folds", "mean", "sd", "min", "max", "95% CI of the mean", "worst donor"], rows)
 
 
 def write_cv_summary(parent: RunLayout, run_name: str, kind: str, donors: Sequence[str], class_names: Sequence[str],

@@ -9,9 +9,26 @@ from typing import Any
 
 from rich.console import Console
 
-from geneformer_colon.common.names import EVAL_SPLITS, GROUPINGS, METRICS, per_class
+from geneformer_colon.common.names import EVAL_SPLITS, GROUPINGS, METRICS, TRUST_METRICS, per_class
 from geneformer_colon.common.text_tables import print_table
 from geneformer_colon.report.run_tables import group_rows
+
+
+def trust_rows(record: Mapping[str, Any], splits: Sequence[str]) -> list[list[Any]]:
+    """The calibration figures (and after calibration, where the run has one), AURC, the accuracy at 80%
+    coverage and the conformal sets' coverage and size, a row each, where the splits have them."""
+    def value(split: str, *keys: str) -> Any:
+        found: Any = record[split]
+        for key in keys:
+            found = found.get(key) if isinstance(found, Mapping) else None
+        return found
+
+    paths = [*((title, (key,)) for key, title in TRUST_METRICS.items()),
+             *((f"{title} calibrated", ("calibrated", key)) for key, title in TRUST_METRICS.items()),
+             ("acc at 80% coverage", ("abstention", "at_80", "accuracy")),
+             ("conformal coverage", ("conformal", "coverage")), ("conformal set size", ("conformal", "mean_set_size"))]
+    return [[title, *(value(split, *keys) for split in splits)] for title, keys in paths
+            if any(value(split, *keys) is not None for split in splits)]
 
 
 def print_summary(record: Mapping[str, Any], class_names: Sequence[str], run_dir: Path,
@@ -25,6 +42,7 @@ def print_summary(record: Mapping[str, Any], class_names: Sequence[str], run_dir
     rows = [[title, *(record[split].get(metric) for split in splits)] for metric, title in METRICS.items()]
     rows += [[f"recall {name}", *(record[split].get(per_class("recall", name)) for split in splits)]
              for name in class_names]
+    rows += trust_rows(record, splits)
     best = record.get("best_epoch")
     title = f"{record.get('run_name')}" + (f": best epoch {best}" if best is not None else "")
     print_table(title, headers, rows, numeric=headers[1:], console=console)

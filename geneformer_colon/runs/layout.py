@@ -5,7 +5,11 @@
       metrics.json                what the run did and scored (runs.record.run_record)
       checkpoints/best.ckpt       best val macro F1; last.ckpt: the latest state (resume=true)
       predictions/<split>.csv     cell id, donor, cell type, true, predicted, a probability a class
-      plots/confusion_<split>.png, roc_<split>.png, pr_<split>.png, loss.png
+      plots/confusion_<split>.png, roc_<split>.png, pr_<split>.png, loss.png,
+            reliability_<split>.png, coverage_<split>.png
+      calibration.json            the calibration fitted on the validation donors' cells, what abstention and
+                                  conformal sets need of them (assembly.trust); calibration_cells.npz: their
+                                  arrays, and training cells' embeddings the kNN score measures against
       csv/                        Lightning's CSV log
       dictionaries/               the gene dictionaries the run used
       history.md                  the run as a training-log entry
@@ -25,6 +29,10 @@ from pathlib import Path
 
 from geneformer_colon.common.io import read_json
 from geneformer_colon.common.names import FINISHED
+
+# A run's (and an export's) calibration and kNN reference cells: geneformer_colon.assembly.trust
+TRUST_FILE = "calibration.json"
+CELLS_FILE = "calibration_cells.npz"
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class RunLayout:
     cv_plot = property(lambda self: self.root / "plots" / "cv_per_donor.png")
     loss_plot = property(lambda self: self.root / "plots" / "loss.png")
     hf = property(lambda self: self.root / "hf")
+    trust = property(lambda self: self.root / TRUST_FILE)
+    calibration_cells = property(lambda self: self.root / CELLS_FILE)
     embeddings = property(lambda self: self.root / "embed")
     hydra = property(lambda self: self.root / ".hydra")
     # beside the directory, not in it: taking the lock changes nothing of the run
@@ -75,6 +85,10 @@ class RunLayout:
         """``curve``: ``roc`` or ``pr`` (precision-recall)."""
         return self.plots / f"{curve}_{split}.png"
 
+    def trust_plot(self, kind: str, split: str) -> Path:
+        """``kind``: ``reliability`` (the reliability diagram) or ``coverage`` (figures against coverage)."""
+        return self.plots / f"{kind}_{split}.png"
+
     def evaluation(self, name: str) -> RunLayout:
         return RunLayout(self.evaluations / name)
 
@@ -86,7 +100,7 @@ class RunLayout:
         """What a run wrote here (Hydra's own .hydra/ and log file are not the run's)."""
         names = (self.config, self.metrics, self.history, self.checkpoints, self.predictions, self.plots, self.csv,
                  self.dictionaries, self.wandb, self.evaluations, self.folds, self.cv_json, self.cv_markdown,
-                 self.hf, self.embeddings)
+                 self.hf, self.embeddings, self.trust, self.calibration_cells)
         return [path for path in names if path.exists()]
 
     def holds_a_run(self) -> bool:

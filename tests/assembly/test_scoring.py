@@ -65,3 +65,37 @@ def test_a_scored_split_writes_its_table_and_plots_and_breaks_its_figures_down(t
                             targets[:30], probabilities[:30], CLASSES, "colon6", write=False)
     assert "by_donor" not in one_donor and "by_cell_type" in one_donor  # a breakdown only where there are groups
     assert not (tmp_path / "quiet").exists()
+
+
+def test_a_split_scored_with_a_runs_calibration_has_its_trust_figures_by_donor(tmp_path):
+    """With a run's trust (a temperature fitted on other cells): the calibration figures before and after, the
+    abstention and conformal figures overall and for each donor (each its own cells' figures), the uncertainty
+    scores and conformal sets in the table, a reliability diagram and coverage curves."""
+    from geneformer_colon.assembly.trust import RunTrust
+    from geneformer_colon.model.calibration import calibration_figures
+    from geneformer_colon.model.uncertainty import aurc
+
+    cells, targets, probabilities = cells_and_predictions(1, 90)
+    sharp = probabilities ** 4 / (probabilities ** 4).sum(1, keepdims=True)
+    trust = RunTrust.fit({"method": "temperature"}, sharp[:60], targets[:60], None, None, None, ["KUL01"])
+    layout = RunLayout(tmp_path / "run")
+    entry = score_split(layout, "test", cells, targets, sharp, CLASSES, "colon6", trust=trust,
+                        logits=np.log(sharp) + 1.0)
+    table = pd.read_csv(layout.prediction_file("test"), keep_default_na=False)
+    assert entry["ece"] == pytest.approx(calibration_figures(sharp, targets)["ece"])
+    assert entry["calibrated"]["nll"] == pytest.approx(calibration_figures(trust.calibration.apply(sharp),
+                                                                           targets)["nll"])
+    assert trust.calibration.temperature > 1.5 and entry["calibrated"]["nll"] < entry["nll"]
+    assert set(entry["abstention"]["aurc_by_score"]) == {"max_softmax", "entropy", "energy"}
+    assert 0 <= entry["conformal"]["coverage"] <= 1 and 1 <= entry["conformal"]["mean_set_size"] <= 3
+    for donor, values in entry["by_donor"].items():
+        rows = (cells["donor"] == donor).to_numpy()
+        assert values["brier"] == pytest.approx(calibration_figures(sharp[rows], targets[rows])["brier"])
+        assert values["aurc"] == pytest.approx(aurc(table["true"][rows] == table["predicted"][rows],
+                                                    table["uncertainty_max_softmax"][rows]))
+        sets = table["conformal_set"][rows].str.split("|")
+        assert values["conformal"]["coverage"] == pytest.approx(np.mean([t in s for t, s in
+                                                                         zip(table["true"][rows], sets)]))
+    assert table["uncertainty_knn"].eq("").all()  # no reference cells given: no kNN score
+    for kind in ("reliability", "coverage"):
+        assert layout.trust_plot(kind, "test").stat().st_size > 1000

@@ -37,7 +37,7 @@ def test_predict_writes_what_the_run_predicted_into_a_copy_of_the_file(trained_r
     original = ad.read_h5ad(new_cells)
     assert list(predicted.obs_names) == list(original.obs_names) and predicted.n_vars == original.n_vars
     assert (predicted.layers["counts"] != original.layers["counts"]).nnz == 0
-    assert list(predicted.obs.columns) == ["batch", "n_counts", "gfc_label"]
+    assert list(predicted.obs.columns) == ["batch", "n_counts", "gfc_label", "gfc_uncertainty"]
     assert predicted.obsm["X_gfc"].shape == (original.n_obs, 32) and np.isfinite(predicted.obsm["X_gfc"]).all()
     assert predicted.uns["gfc"]["run_dir"] == str(run_dir) and list(predicted.uns["gfc"]["classes"]) == CLASSES
     assert_probabilities_are_the_runs(predicted, run_dir)
@@ -173,6 +173,6 @@ def test_symbols_mapped_by_a_gene_name_file_and_entries_named_by_the_prefix(trai
               "--prefix", "lab2", "--out", str(out)])
     assert "predicted" in capsys.readouterr().out
     predicted = ad.read_h5ad(out)
-    assert list(predicted.obs.columns) == ["lab2_label"] and set(predicted.uns) == {"lab2"}
+    assert list(predicted.obs.columns) == ["lab2_label", "lab2_uncertainty"] and set(predicted.uns) == {"lab2"}
     assert set(predicted.obsm) == {"lab2_probabilities", "X_lab2"}
     assert_probabilities_are_the_runs(predicted, trained_runs[0], "lab2")

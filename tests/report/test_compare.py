@@ -27,7 +27,7 @@ from geneformer_colon.report.compare import (
     plot_epochs,
     print_comparison,
 )
-from geneformer_colon.report.run_tables import METRIC_COLUMNS
+from geneformer_colon.report.run_tables import METRIC_COLUMNS, TRUST_COLUMNS
 from geneformer_colon.runs.reading import Run
 
 
@@ -51,9 +51,11 @@ def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_pa
         for split in ("val", "test"):
             for metric in ("accuracy", "macro_f1", "macro_auroc"):
                 assert row[f"{split}_{metric}"] == pytest.approx(metrics[split][metric])
+        for metric in ("ece", "classwise_ece", "brier", "nll", "aurc"):  # lower is better: calibration, abstention
+            assert row[f"test_{metric}"] == pytest.approx(metrics["test"][metric])
     # run_dir, run_name and the other paths differ too, but are not how the runs were made
     config_columns = [column for column in frame.columns if column not in ("run", "status", "best_epoch",
-                                                                          *METRIC_COLUMNS)]
+                                                                          *METRIC_COLUMNS, *TRUST_COLUMNS)]
     assert sorted(config_columns) == ["augment.mixup_prob", "loss.focal_gamma"]
     by_run = frame.set_index("run")
     assert by_run.loc["0_loss.focal_gamma=0", "loss.focal_gamma"] == "0"
@@ -62,6 +64,7 @@ def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_pa
     sections = (out / TABLE_FILE).read_text().split("\n## ")
     table = [line for line in sections[1].splitlines() if line.startswith("|")]  # the runs' table
     assert len(table) == 2 + len(JOBS)
+    assert "test ECE" in (out / TABLE_FILE).read_text()  # a continuation of the runs' table
     assert "val macro F1" in table[0] and "loss.focal_gamma" in "".join(sections[1:3])  # or its continuation
     assert table[2].startswith(f"| #1 | {frame['run'][0]} | finished |")
     assert f"{frame['val_macro_f1'][0]:.3f}" in table[2]

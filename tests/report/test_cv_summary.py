@@ -23,7 +23,7 @@ def test_the_interval_of_the_mean_is_students_and_stays_within_the_figures_range
 
 def test_a_cv_run_ends_with_its_table_across_folds(logged_cv_run):
     run_dir, output = logged_cv_run
-    tail = output.rstrip().splitlines()[-16:]
+    tail = output.rstrip().splitlines()[-26:]
     assert any("across folds" in line for line in tail)
     table = [line for line in tail if line.startswith("| ")]
     assert table[0].startswith("| figure | folds | mean | sd")

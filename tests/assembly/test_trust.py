@@ -1,0 +1,131 @@
+"""Which calls to trust, for a run (assembly/trust.py): what training records (calibration.json, the figures in
+metrics.json, the uncertainty columns, the plots), temperature scaling of an over-confident model, predict applying
+the run's calibration from the run and its export alike, abstention and conformal sets from predict, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from helpers.tiny import CLASSES
+
+from geneformer_colon.assembly.trust import RunTrust
+from geneformer_colon.cli import verbs as cli
+from geneformer_colon.jobs.export import export_run
+from geneformer_colon.model.calibration import calibration_figures
+from geneformer_colon.report.cv_summary import aggregate
+from geneformer_colon.report.wandb_run import summary_values
+from geneformer_colon.runs.layout import RunLayout
+
+
+def val_donor_cells(trained_runs, cohort, folder: Path) -> Path:
+    """The run's validation donor's cells (KUL19), as the cohort holds them."""
+    cells = ad.read_h5ad(cohort(trained_runs[0]))
+    path = folder / "kul19.h5ad"
+    cells[cells.obs["donor"] == "KUL19"].copy().write_h5ad(path)
+    return path
+
+
+def test_a_trained_run_records_its_calibration_and_its_trust_figures(trained_runs):
+    """Every training run fits its calibration (here none) on its validation donor and records it, with its
+    validation cells' scores and training cells' embeddings; metrics.json has the figures of the probabilities
+    its predictions hold, W&B and the CV summary read them (the worst fold of a lower-is-better figure is its
+    highest)."""
+    layout = RunLayout(trained_runs[0])
+    metrics = json.loads(layout.metrics.read_text())
+    trust = RunTrust.load(layout.root)
+    assert trust.calibration.method == "none" and trust.fitted_on == {"donors": ["KUL19"], "cells": 67}
+    assert set(trust.val_scores) == {"max_softmax", "entropy", "energy", "knn"} and len(trust.reference) > 100
+    for split in ("val", "test"):
+        table = pd.read_csv(layout.prediction_file(split))
+        probabilities = table[[f"prob_{name}" for name in CLASSES]].to_numpy()
+        targets = table["true"].map({name: i for i, name in enumerate(CLASSES)}).to_numpy()
+        figures = calibration_figures(probabilities, targets)
+        assert all(metrics[split][key] == pytest.approx(value, abs=1e-4) for key, value in figures.items())
+        assert table["uncertainty_knn"].notna().all() and table["uncertainty_energy"].notna().all()
+        for kind in ("reliability", "coverage"):
+            assert layout.trust_plot(kind, split).is_file()
+    assert np.allclose(trust.val_probabilities, pd.read_csv(layout.prediction_file("val"))[
+        [f"prob_{name}" for name in CLASSES]].to_numpy(), atol=1e-6)
+    assert metrics["test"]["conformal"]["alpha"] == 0.1 and "conformal" not in metrics["val"]
+    assert summary_values(metrics)["test/ece"] == metrics["test"]["ece"]
+    folds = [{"test_donor": donor, "val": {}, "test": {"ece": ece, "macro_f1": f1}}
+             for donor, ece, f1 in (("A", 0.1, 0.5), ("B", 0.3, 0.7))]
+    across = aggregate(folds, [])["test"]
+    assert across["ece"]["worst"] == {"donor": "B", "value": 0.3} and across["macro_f1"]["worst"]["donor"] == "A"
+
+
+def test_temperature_scaling_tames_an_over_confident_model_and_predict_applies_it_from_run_and_export(
+        trained_runs, new_cells, tmp_path):
+    """The tiny run made over-confident (its head's logits times 10: its validation log-probabilities times 10)
+    gets a temperature above 1 that lowers its validation NLL and changes no call. A copy of the run given a
+    fitted temperature predicts through it, from the run directory and from its export alike (1e-5)."""
+    layout = RunLayout(trained_runs[0])
+    saved = RunTrust.load(layout.root)
+    over_confident = saved.val_probabilities ** 10 / (saved.val_probabilities ** 10).sum(1, keepdims=True)
+    trust = RunTrust.fit({"method": "temperature"}, over_confident, saved.val_targets, None, None, None, ["KUL19"])
+    calibrated = trust.calibration.apply(over_confident)
+    assert trust.calibration.temperature > 2
+    assert calibration_figures(calibrated, saved.val_targets)["nll"] < \
+        calibration_figures(over_confident, saved.val_targets)["nll"]
+    assert (calibrated.argmax(1) == over_confident.argmax(1)).all()
+
+    run = shutil.copytree(layout.root, tmp_path / "run", ignore=shutil.ignore_patterns("wandb", "csv"))
+    RunTrust(trust.calibration, saved.val_probabilities, saved.val_targets, saved.val_scores, saved.reference,
+             fitted_on=saved.fitted_on).save(run)
+    export = export_run(run, tmp_path / "export")
+    predicted = {}
+    for name, model in (("plain", layout.root), ("run", run), ("export", export)):
+        out = tmp_path / f"{name}.h5ad"
+        cli.main(["predict", str(model), str(new_cells), "--out", str(out), "--layer", "counts"])
+        predicted[name] = ad.read_h5ad(out)
+    expected = trust.calibration.apply(predicted["plain"].obsm["gfc_probabilities"])
+    for name in ("run", "export"):
+        assert np.abs(predicted[name].obsm["gfc_probabilities"] - expected).max() < 1e-5, name
+        assert predicted[name].uns["gfc"]["calibration"] == "temperature"
+    assert predicted["plain"].uns["gfc"]["calibration"] == "none"
+
+
+def test_predict_abstains_on_a_fifth_of_the_validation_donor_and_writes_conformal_sets(trained_runs, cohort,
+                                                                                      tmp_path, capsys):
+    cells = val_donor_cells(trained_runs, cohort, tmp_path)
+    out = tmp_path / "abstained.h5ad"
+    cli.main(["predict", str(trained_runs[0]), str(cells), "--out", str(out), "--ensembl-key", "ensembl_id",
+              "--abstain", "0.8", "--conformal", "0.1", "--uncertainty", "entropy"])
+    printed = capsys.readouterr().out
+    obs, uns = ad.read_h5ad(out).obs, ad.read_h5ad(out).uns["gfc"]
+    unknown = (obs["gfc_label"] == "unknown").mean()
+    assert 0.15 <= unknown <= 0.25 and obs["gfc_label"].isin([*CLASSES, "unknown"]).all()
+    assert uns["abstain"]["coverage_reached"] == pytest.approx(1 - unknown)
+    assert f"coverage reached {1 - unknown:.3f}" in printed
+    assert uns["uncertainty"] == "entropy" and obs["gfc_uncertainty"].notna().all()
+    answered = obs["gfc_label"] != "unknown"
+    assert obs["gfc_uncertainty"][answered].max() <= obs["gfc_uncertainty"][~answered].min()
+    sets = obs["gfc_conformal_set"].astype(str).str.split("|")
+    assert sets.map(lambda chosen: set(chosen) <= set(CLASSES)).all() and uns["conformal"]["alpha"] == 0.1
+    # the calibration cells themselves: Mondrian coverage at least 1 - alpha within each class
+    assert np.mean([label in chosen for label, chosen in zip(obs["label"], sets)]) >= 0.9
+
+
+def test_bad_trust_requests_get_one_line_and_write_nothing(trained_runs, new_cells, tmp_path, capsys):
+    bare = shutil.copytree(trained_runs[0], tmp_path / "bare", ignore=shutil.ignore_patterns("wandb", "csv"))
+    (bare / "calibration.json").unlink()
+    cases = [(str(trained_runs[0]), ["--abstain", "0"], "--abstain 0.0: the share of cells to answer"),
+             (str(trained_runs[0]), ["--abstain", "1.5"], "give a number in (0, 1]"),
+             (str(trained_runs[0]), ["--conformal", "0"], "--conformal: 0.0 is no miscoverage rate"),
+             (str(trained_runs[0]), ["--conformal", "1"], "between 0 and 1 (exclusive)"),
+             (str(trained_runs[0]), ["--uncertainty", "margin"], "choose one of max_softmax, entropy, energy, knn"),
+             (str(bare), ["--conformal", "0.1"], "no calibration.json (a run trained before calibration")]
+    for number, (model, options, expected) in enumerate(cases):
+        out = tmp_path / f"{number}.h5ad"
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as ended:
+            cli.main(["predict", model, str(new_cells), "--out", str(out), "--layer", "counts", *options])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert ended.value.code == 2 and len(lines) == 1 and expected in lines[0], (number, lines)
+        assert not out.exists() and not list(tmp_path.glob(f"{number}*"))
