@@ -33,7 +33,22 @@ from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.data.token_rows import pad_tokens
 from geneformer_colon.jobs.cell_choice import CellSet, check_cell_counts, goal_centroid, select_cells
-from geneformer_colon.jobs.perturb_columns import Columns, Combining, choose_columns, column_annotations
+from geneformer_colon.jobs.perturb_columns import (
+    Columns,
+    Combining,
+    cell_gene_tokens,
+    choose_columns,
+    column_annotations,
+)
+from geneformer_colon.jobs.perturb_network import (
+    NETWORK_KEYS,
+    NETWORK_OUTPUTS,
+    aggregate,
+    captured_hidden,
+    check_network,
+    row_shifts,
+    write_network,
+)
 from geneformer_colon.jobs.perturb_shards import (
     Merged,
     Plan,
@@ -56,6 +71,7 @@ log = logging.getLogger(__name__)
 PERTURBATIONS = ("delete", "overexpress")
 NOT_EXPRESSED = 1.0  # the relative rank of a gene a cell lacks (overexpression inserts it)
 TIMING = ("seconds", "per_second", "devices", "shards")  # settings that differ between equal results
+OWN_NAMES = (*GENE_OUTPUTS, "shifts.h5ad", *NETWORK_OUTPUTS)
 
 
 Variants = tuple[list[np.ndarray], np.ndarray, np.ndarray]  # blocks of token rows, their columns, the genes' ranks
@@ -65,8 +81,8 @@ class Perturber:
     """Runs every perturbation of a set of cells through the model, a cell at a time (see the module docstring)."""
 
     def __init__(self, model: TrainedClassifier, kind: str, centroid: np.ndarray, batch_size: int = 64,
-                 device: str = "cpu", insert_absent: bool = False) -> None:
-        self.model, self.kind, self.batch_size, self.device = model, kind, batch_size, device
+                 device: str = "cpu", insert_absent: bool = False, network: bool = False) -> None:
+        self.model, self.kind, self.batch_size, self.device, self.network = model, kind, batch_size, device, network
         self.centroid = centroid / max(float(np.linalg.norm(centroid)), 1e-12)
         self.insert_absent = insert_absent and kind == "overexpress"
         self.framed = bool(FRAME_TOKENS[model.settings.model_version])
@@ -132,27 +148,43 @@ class Perturber:
             ) -> dict[str, np.ndarray]:
         """Every perturbation of the cells at ``positions`` (of ``cells``), each cell's batches after the other; the
         pairs' cells, columns, ranks, change of every class probability and embedding shift, and each cell's
-        unperturbed probabilities."""
+        unperturbed probabilities; with ``network``, the gene-network shifts (``net_*``: ``perturb_network``)."""
         parts: list[tuple[np.ndarray, ...]] = []
+        network: list[tuple[np.ndarray, ...]] = []
         base = np.zeros((len(positions), len(self.model.class_names)), dtype=np.float64)
-        for index, position in enumerate(positions):
-            cell = np.asarray(cells.tokens.cell_tokens(int(cells.rows[position])), dtype=np.int64)
-            for blocks, column, rank in self.batches(cell, columns):
-                probabilities, embeddings = self.model.infer(*pad_tokens(blocks, self.model.pad_id), self.device)
-                cosine = cosines(embeddings, self.centroid)
-                if column[0] == -1:  # the cell's first batch leads with the unperturbed cell
-                    base[index], base_cosine = probabilities[0], cosine[0]
-                    probabilities, cosine, column, rank = probabilities[1:], cosine[1:], column[1:], rank[1:]
-                parts.append((np.full(len(column), position), column, rank,
-                              (probabilities - base[index]).astype(np.float32),
-                              (cosine - base_cosine).astype(np.float32)))
-                if progress is not None:
-                    progress(len(column))
+        with captured_hidden(self.model) if self.network else contextlib.nullcontext([]) as hidden:
+            for index, position in enumerate(positions):
+                cell = np.asarray(cells.tokens.cell_tokens(int(cells.rows[position])), dtype=np.int64)
+                for blocks, column, rank in self.batches(cell, columns):
+                    input_ids, attention_mask = pad_tokens(blocks, self.model.pad_id)
+                    probabilities, embeddings = self.model.infer(input_ids, attention_mask, self.device)
+                    cosine = cosines(embeddings, self.centroid)
+                    states = hidden.pop() if self.network else None
+                    first = int(column[0] == -1)  # the cell's first batch leads with the unperturbed cell
+                    if first:
+                        base[index], base_cosine, base_states = probabilities[0], cosine[0], states
+                    if states is not None:
+                        lengths = attention_mask.sum(1).numpy()
+                        for row in range(first, len(column)):
+                            genes, shift = row_shifts(cell, base_states[0], input_ids[row, : lengths[row]].numpy(),
+                                                      states[row], columns.tokens[column[row]], self.head)
+                            network.append((np.full(len(genes), position), np.full(len(genes), column[row]), genes,
+                                            shift, np.full(len(genes), rank[row], np.float32)))
+                    parts.append((np.full(len(column) - first, position), column[first:], rank[first:],
+                                  (probabilities[first:] - base[index]).astype(np.float32),
+                                  (cosine[first:] - base_cosine).astype(np.float32)))
+                    if progress is not None:
+                        progress(len(column) - first)
         empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
                  np.zeros((0, base.shape[1]), np.float32), np.zeros(0, np.float32))
-        names = ("cell", "column", "rank", "delta", "shift")
-        return {**{name: np.concatenate(values) for name, values in zip(names, zip(empty, *parts))},
-                "base_cells": np.asarray(positions, dtype=np.int64), "base_probabilities": base}
+        done = {name: np.concatenate(values) for name, values in zip(("cell", "column", "rank", "delta", "shift"),
+                                                                      zip(empty, *parts))}
+        if self.network:
+            empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                     np.zeros(0, np.float32))
+            done.update({name: np.concatenate(values) for name, values in
+                         zip(NETWORK_KEYS, zip(empty, *network))})
+        return {**done, "base_cells": np.asarray(positions, dtype=np.int64), "base_probabilities": base}
 
 
 def cosines(embeddings: np.ndarray, unit: np.ndarray) -> np.ndarray:
@@ -186,6 +218,8 @@ class Asked:
     layer: str | None = None
     batch_size: int = 64
     fold: str | None = None
+    emb_mode: str = "cell"
+    top_k: int = 20
 
     def check(self) -> None:
         """Everything that needs no model or data, one line each."""
@@ -200,6 +234,7 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
     """The model, the shard's plan, the chosen cells, the columns, the goal centroid and the cells' obs."""
     model = TrainedClassifier.load(model_path, asked.fold)
     model_path = fold_path(model_path, asked.fold)
+    check_network(model, asked.emb_mode, asked.top_k)
     goal = asked.goal
     if goal not in model.class_names:
         raise InputError(f"--goal {goal}: not a class of the model {model.class_names}; choose one of those")
@@ -225,13 +260,16 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
                 "gene_sets": list(asked.gene_sets), "gmt": list(asked.gmt), "combos": asked.combining.combos,
                 "anchor_gene": asked.combining.anchor, "min_cells": asked.min_cells, "max_cells": asked.max_cells,
                 "seed": asked.seed, "cells": len(cells.rows), "columns": len(columns), "goal_centroid": centroid_from,
-                "batch_size": asked.batch_size, "cells_digest": digest(list(cells.obs.index)),
+                "batch_size": asked.batch_size, "emb_mode": asked.emb_mode, "top_k": asked.top_k,
+                "cells_digest": digest(list(cells.obs.index)),
                 "columns_digest": digest(columns.names), "centroid_digest": digest(centroid.astype(np.float32))}
-    goal_index = model.class_names.index(goal)
     obs = cells.obs.copy()
-    plan = Plan(identity, shard[0], shard[1], share(costs, *shard), chunk_cells,
-                {"names": list(columns.names), "symbols": list(columns.symbols), "classes": list(model.class_names),
-                 "goal_index": [goal_index]},
+    named = {"names": list(columns.names), "symbols": list(columns.symbols), "classes": list(model.class_names)}
+    if asked.emb_mode == "cell_and_gene":  # the affected genes' names, for the merge, which reads no model
+        tokens = np.unique(np.concatenate(cell_gene_tokens(cells, framed)))
+        ids = list(choice.names.ids(tokens))
+        named.update(gene_tokens=[str(token) for token in tokens], gene_ids=ids, gene_symbols=choice.names.symbols(ids))
+    plan = Plan(identity, shard[0], shard[1], share(costs, *shard), chunk_cells, named,
                 {name: [float(value) for value in values] for name, values in annotations.items()})
     return model, plan, cells, columns, centroid, obs
 
@@ -264,6 +302,8 @@ def perturb(
     chunk_cells: int = 16,
     devices: Sequence[str] | None = None,
     merge_when_done: bool = True,
+    emb_mode: str = "cell",
+    top_k: int = 20,
 ) -> Path:
     """Perturb the chosen cells' genes toward ``goal``; write genes.csv, genes.md, shifts.h5ad and plots (see the
     module docstring); return the output folder. A CV run: the ensemble of its folds, or its ``fold``. ``shard``
@@ -271,7 +311,7 @@ def perturb(
     finish, with ``merge_when_done``); ``devices``: one worker process a device over as many shards, then merged."""
     asked = Asked(goal, input_path, kind, tuple(where), genes, tuple(gene_sets), tuple(gmt),
                   Combining(combos, anchor_gene), min_cells, max_cells, seed, label_key, gene_ids, layer, batch_size,
-                  fold)
+                  fold, emb_mode, top_k)
     asked.check()
     if chunk_cells < 1:
         raise InputError(f"--chunk-cells {chunk_cells}: give a number of cells >= 1")
@@ -290,7 +330,7 @@ def perturb(
                     raise
                 log.info("%s: merged by another shard", out)
         return folder
-    with output_folder(out, "perturb", (*GENE_OUTPUTS, "shifts.h5ad")) as written:
+    with output_folder(out, "perturb", OWN_NAMES) as written:
         folder = compute_shard(model_path, asked, out, (0, 1), chunk_cells, device, resume, progress)
         write_outputs(written, merge_shards([folder]), out)
     remove(folder)
@@ -303,7 +343,7 @@ def compute_shard(model_path: str | Path, asked: Asked, out: Path, shard: tuple[
     model, plan, cells, columns, centroid, obs = plan_job(model_path, asked, shard, chunk_cells, device)
     folder = shard_dir(out, *shard)
     perturber = Perturber(model, asked.kind, centroid, asked.batch_size, device,
-                          insert_absent=asked.genes not in (None, "all"))
+                          insert_absent=asked.genes not in (None, "all"), network=asked.emb_mode == "cell_and_gene")
     with progress_bar() if progress else contextlib.nullcontext() as bar:
         task = bar.add_task("perturbing", total=None) if bar is not None else None
 
@@ -318,14 +358,15 @@ def compute_shard(model_path: str | Path, asked: Asked, out: Path, shard: tuple[
 def perturb_on_devices(model_path: str | Path, asked: Asked, out: Path, devices: list[str], resume: bool,
                        chunk_cells: int) -> Path:
     """One worker process a device, each a shard of ``len(devices)``, then the merge into ``out``."""
-    with output_folder(out, "perturb", (*GENE_OUTPUTS, "shifts.h5ad")) as written:
+    with output_folder(out, "perturb", OWN_NAMES) as written:
         arguments = {"model_path": str(model_path), "goal": asked.goal, "input_path": asked.input_path,
                      "kind": asked.kind, "where": list(asked.where), "genes": asked.genes,
                      "gene_sets": list(asked.gene_sets), "gmt": list(asked.gmt), "combos": asked.combining.combos,
                      "anchor_gene": asked.combining.anchor, "min_cells": asked.min_cells,
                      "max_cells": asked.max_cells, "seed": asked.seed, "out_dir": str(out),
                      "label_key": asked.label_key, "gene_ids": asked.gene_ids, "layer": asked.layer,
-                     "batch_size": asked.batch_size, "fold": asked.fold, "resume": resume, "chunk_cells": chunk_cells,
+                     "batch_size": asked.batch_size, "fold": asked.fold, "emb_mode": asked.emb_mode,
+                     "top_k": asked.top_k, "resume": resume, "chunk_cells": chunk_cells,
                      "progress": False, "merge_when_done": False}
         run_on_devices(devices, perturb, arguments)
         folders = [shard_dir(out, index, len(devices)) for index in range(len(devices))]
@@ -340,7 +381,7 @@ def merge_perturb(folders: Sequence[str | Path], out: str | Path | None = None) 
     folders = [Path(folder) for folder in folders]
     out = Path(out) if out is not None else merged_out(folders[0]) if folders else Path()
     merged = merge_shards(folders)
-    with output_folder(out, "perturb", (*GENE_OUTPUTS, "shifts.h5ad")) as written:
+    with output_folder(out, "perturb", OWN_NAMES) as written:
         write_outputs(written, merged, out)
     return out
 
@@ -367,6 +408,12 @@ def write_outputs(written: Path, merged: Merged, out: Path) -> None:
     write_gene_outputs(written, effects, obs, settings, matrix_name="shifts.h5ad",
                        title=f"{identity['perturb']} toward {goal}: change of P({goal})", groups=("donor",),
                        timing=timing)
+    if identity["emb_mode"] == "cell_and_gene":
+        table = aggregate(pairs["net_cell"], pairs["net_column"], pairs["net_gene"], pairs["net_shift"],
+                          pairs["net_rank"], len(columns["names"]))
+        gene_name = {int(token): (gene, symbol) for token, gene, symbol in
+                     zip(columns["gene_tokens"], columns["gene_ids"], columns["gene_symbols"])}
+        write_network(written, table, columns["names"], columns["symbols"], gene_name, identity["top_k"])
     log.info("%d perturbations of %d cells x %d genes in %.1f s (%.0f a second): %s", len(pairs["cell"]),
              identity["cells"], identity["columns"], merged.seconds, timing["per_second"], out)
 

@@ -269,8 +269,11 @@ def merge_shards(folders: Sequence[Path]) -> Merged:
     base[base_cells] = np.concatenate([part["base_probabilities"] for part in parts])
     keys = [key for key in parts[0] if key not in ("base_cells", "base_probabilities", "seconds")]
     pairs = {key: np.concatenate([part[key] for part in parts]) for key in keys}
-    order = np.lexsort((pairs["column"], pairs["cell"]))
-    pairs = {key: value[order] for key, value in pairs.items()}
+    for prefix, order_keys in (("", ("column", "cell")), ("net_", ("net_gene", "net_column", "net_cell"))):
+        if order_keys[-1] in pairs:  # one order whatever the shards: by cell, then column (then affected gene)
+            order = np.lexsort([pairs[key] for key in order_keys])
+            pairs.update({key: pairs[key][order] for key in keys if key.startswith(prefix) and
+                          (prefix or not key.startswith("net_"))})
     done = [json.loads((folder / DONE).read_text()) for folder in folders]
     return Merged(obs, pairs, base, plans[0], float(sum(part["seconds"] for part in parts)),
                   [str(entry["device"]) for entry in done])

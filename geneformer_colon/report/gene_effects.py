@@ -72,10 +72,11 @@ def rank_bin(rank: np.ndarray) -> np.ndarray:
     return np.where(rank >= 1.0, RANK_BINS, np.minimum((rank * RANK_BINS).astype(np.int64), RANK_BINS - 1))
 
 
-def rank_matched_test(value: np.ndarray, column: np.ndarray, rank: np.ndarray, n_columns: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def rank_matched_test(value: np.ndarray, column: np.ndarray, rank: np.ndarray, n_columns: int,
+                      group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each column's z and two-sided p-value against the rank-matched null (see the module docstring); NaN where a
-    bin the column uses holds fewer than two pairs of other columns."""
+    bin the column uses holds fewer than two pairs of other columns. ``group`` (one label a column): the other
+    columns are those of the column's group only."""
     n_bins = RANK_BINS + 1
     key = column.astype(np.int64) * n_bins + rank_bin(rank)
     size = n_columns * n_bins
@@ -83,10 +84,19 @@ def rank_matched_test(value: np.ndarray, column: np.ndarray, rank: np.ndarray, n
     n = np.bincount(key, minlength=size).reshape(n_columns, n_bins).astype(np.float64)
     s1 = np.bincount(key, weights=value, minlength=size).reshape(n_columns, n_bins)
     s2 = np.bincount(key, weights=value**2, minlength=size).reshape(n_columns, n_bins)
-    other_n = n.sum(0) - n
+
+    def pooled(sums: np.ndarray) -> np.ndarray:
+        if group is None:
+            return sums.sum(0)
+        labels, inverse = np.unique(group, return_inverse=True)
+        totals = np.zeros((len(labels), n_bins))
+        np.add.at(totals, inverse, sums)
+        return totals[inverse]
+
+    other_n = pooled(n) - n
     with np.errstate(invalid="ignore", divide="ignore"):
-        other_mean = (s1.sum(0) - s1) / other_n
-        other_var = np.maximum((s2.sum(0) - s2) / other_n - other_mean**2, 0.0)
+        other_mean = (pooled(s1) - s1) / other_n
+        other_var = np.maximum((pooled(s2) - s2) / other_n - other_mean**2, 0.0)
         used = n > 0
         lacking = (used & (other_n < 2)).any(axis=1)
         null_mean = np.where(used, n * other_mean, 0.0).sum(1)
