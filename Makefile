@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow docs bench bench-speed bench-scale pretrain-demo donor-shift-study baseline-study notebook clean
+.PHONY: install train test test-slow docs bench bench-speed bench-scale gpu-check pretrain-demo donor-shift-study baseline-study notebook clean
 
 install: $(STAMP)
 
@@ -45,7 +45,13 @@ bench-speed: $(STAMP)
 
 # Geneformer V1-10M and V2-104M at their real shapes on the CPU, random weights (docs/benchmarks.md)
 bench-scale: $(STAMP)
-	$(BIN)/python bench/model_scale.py --markdown bench/model_scale.md
+	$(BIN)/python bench/model_scale.py --v2-layers 2 --markdown bench/model_scale.md
+
+# V2-104M's shape on one GPU, random weights: training (token budgets, with and without activation
+# checkpointing), predict, perturb and explain; at most about 8 minutes on one H100; installs nothing: runs on
+# the python first on PATH (an environment with a CUDA build of torch and this project's requirements)
+gpu-check:
+	python bench/gpu_check.py
 
 # Pretrain a tiny model on the embedded data, then fine-tune colon6 from it and from random
 # weights with the same seed, and compare the two.

@@ -18,7 +18,10 @@ thread by default:
   weights only (after), and what a ``cv=lodo`` of 6 donors x 3 seeds keeps (before: best and last a fold; after:
   best only).
 
-``--small``: tiny shapes, for the test that the script runs (seconds).
+``--small``: tiny shapes, for the test that the script runs (seconds). ``--v2-layers N``: V2-104M's compute cases with
+its first N layers only (its width, heads, input size and batch unchanged): on a small CPU a full 12-layer step of
+two 4,096-token cells takes tens of minutes and more memory than the machine has; the cost a layer is what N layers
+cost over N (the embeddings and head aside), and the table says which was run.
 """
 
 from __future__ import annotations
@@ -59,14 +62,16 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build(shape: tuple, checkpointing: bool = False):
-    """A CellClassifier of ``shape`` with random weights and a padded batch of its size (ids, mask, labels)."""
+def build(shape: tuple, checkpointing: bool = False, layers: int | None = None):
+    """A CellClassifier of ``shape`` (its first ``layers`` layers: None, all) with random weights and a padded batch of
+    its size (ids, mask, labels)."""
     import torch
 
     from geneformer_colon.model.backbone import Vocabulary, new_bert
     from geneformer_colon.model.module import CellClassifier
 
-    layers, hidden, heads, ffn, vocab, length, batch, framed = shape
+    all_layers, hidden, heads, ffn, vocab, length, batch, framed = shape
+    layers = layers or all_layers
     bert = new_bert(Vocabulary(vocab, 0, length), num_hidden_layers=layers, hidden_size=hidden,
                     num_attention_heads=heads, intermediate_size=ffn, hidden_dropout_prob=0.1 if framed else 0.02)
     specials = {"<pad>": 0, "<mask>": 1, **({"<cls>": 2, "<eos>": 3} if framed else {})}
@@ -91,10 +96,10 @@ def two_d_mask(module) -> None:
     module.encoder.encoder_mask = lambda mask: mask
 
 
-def train_case(shape: tuple, mask: str, checkpointing: bool, steps: int) -> dict:
+def train_case(shape: tuple, mask: str, checkpointing: bool, steps: int, layers: int | None) -> dict:
     import torch
 
-    module, input_ids, attention_mask, labels = build(shape, checkpointing)
+    module, input_ids, attention_mask, labels = build(shape, checkpointing, layers)
     if mask == "2-D":
         two_d_mask(module)
     module.train()
@@ -119,10 +124,10 @@ def train_case(shape: tuple, mask: str, checkpointing: bool, steps: int) -> dict
             "step_gib": max(0, peak_bytes() - resident) / 2**30, "tokens": int(input_ids.numel())}
 
 
-def predict_case(shape: tuple, steps: int) -> dict:
+def predict_case(shape: tuple, steps: int, layers: int | None) -> dict:
     import torch
 
-    module, input_ids, attention_mask, _ = build(shape)
+    module, input_ids, attention_mask, _ = build(shape, layers=layers)
     module.eval()
     resident = resident_bytes()
     with torch.inference_mode():
@@ -135,13 +140,13 @@ def predict_case(shape: tuple, steps: int) -> dict:
             "step_gib": max(0, peak_bytes() - resident) / 2**30}
 
 
-def explain_case(shape: tuple, integration_steps: int) -> dict:
+def explain_case(shape: tuple, integration_steps: int, layers: int | None) -> dict:
     import torch
     from captum.attr import LayerIntegratedGradients
 
     from geneformer_colon.jobs.explain import baseline_ids
 
-    module, input_ids, attention_mask, _ = build(shape)
+    module, input_ids, attention_mask, _ = build(shape, layers=layers)
     module.eval()
     method = LayerIntegratedGradients(lambda ids, mask: module.infer(ids, mask).logits,
                                       module.encoder.bert.embeddings.word_embeddings)
@@ -184,20 +189,22 @@ def run_case(case: dict) -> dict:
     torch.set_num_threads(case["threads"])
     shapes = SMALL_SHAPES if case["small"] else SHAPES
     shape = shapes[case["shape"]]
+    layers = case.get("layers")
     if case["kind"] == "train":
-        return train_case(shape, case["mask"], case["checkpointing"], case["steps"])
+        return train_case(shape, case["mask"], case["checkpointing"], case["steps"], layers)
     if case["kind"] == "predict":
-        return predict_case(shape, case["steps"])
+        return predict_case(shape, case["steps"], layers)
     if case["kind"] == "explain":
-        return explain_case(shape, 2)
+        return explain_case(shape, 2, layers)
     return checkpoint_case(shape)
 
 
-def cases(steps: int, threads: int, small: bool) -> list[dict]:
+def cases(steps: int, threads: int, small: bool, v2_layers: int | None) -> list[dict]:
     common = {"steps": steps, "threads": threads, "small": small}
-    made = [{"kind": "train", "shape": shape, "mask": mask, "checkpointing": checkpointing, **common}
-            for shape in SHAPES for checkpointing in (False, True) for mask in ("2-D", "4-D")]
-    made += [{"kind": kind, "shape": "V2-104M", **common} for kind in ("predict", "explain")]
+    layers = {"V1-10M": None, "V2-104M": v2_layers}
+    made = [{"kind": "train", "shape": shape, "mask": mask, "checkpointing": checkpointing, "layers": layers[shape],
+             **common} for shape in SHAPES for checkpointing in (False, True) for mask in ("2-D", "4-D")]
+    made += [{"kind": kind, "shape": "V2-104M", "layers": v2_layers, **common} for kind in ("predict", "explain")]
     made += [{"kind": "checkpoint", "shape": shape, **common} for shape in SHAPES]
     return made
 
@@ -216,7 +223,8 @@ def table(rows: list[tuple[dict, dict]], small: bool) -> str:
              "|---|---|---|---|---|"]
     for case, result in rows:
         layers, hidden, _, _, _, length, batch, _ = shapes[case["shape"]]
-        where = f"{case['shape']} ({layers} x {hidden}, {length}, {batch})"
+        measured = f"{case['layers']} of {layers}" if case.get("layers") and case["kind"] != "checkpoint" else layers
+        where = f"{case['shape']} ({measured} x {hidden}, {length}, {batch})"
         if "error" in result:
             lines.append(f"| {case['kind']} | {where} | failed: {result['error'][:80]} | | |")
             continue
@@ -244,6 +252,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps a case, after one warm-up (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--v2-layers", type=int, help="V2-104M's training, predict and explain cases with only its "
+                                                      "first N of 12 layers (a step's time and activation memory grow "
+                                                      "with the layers; default: all 12)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -251,7 +262,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     rows = []
-    for case in cases(args.steps, args.threads, args.small):
+    for case in cases(args.steps, args.threads, args.small, args.v2_layers):
         rows.append((case, run_case(case) if args.small else in_a_process(case)))
         print(f"{case['kind']} {case['shape']} {case.get('mask', '')} "
               f"{'checkpointing' if case.get('checkpointing') else ''}: {rows[-1][1]}", flush=True)

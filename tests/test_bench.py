@@ -84,3 +84,14 @@ def test_the_model_scale_benchmark_prints_every_case():
         assert re.search(rf"^\| {re.escape(verb)} \| V2-104M .*\| \d+\.\d+ cells/s \|", result.stdout, re.MULTILINE)
     sizes = re.findall(r"best.ckpt with AdamW state -> weights only \| .*\| (\d+\.\d) -> (\d+\.\d) MiB", result.stdout)
     assert len(sizes) == 2 and all(float(after) < float(before) / 2 for before, after in sizes)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_in_its_smoke_setting_on_the_cpu():
+    result = run_script("bench/gpu_check.py", "--smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = re.findall(r"^train V2-104M, max_tokens (\d+) .*checkpointing (on|off): (\d+\.\d) cells/s, peak - GiB$",
+                         result.stdout, re.MULTILINE)
+    assert len(trained) == 4 and all(float(speed) > 0 for *_, speed in trained)
+    for verb, unit in (("predict", "cells/s"), ("perturb", "perturbations/s"), ("explain", "cells/s")):
+        assert re.search(rf"^{verb} \(.*\): \d+\.\d+ {unit}, peak - GiB$", result.stdout, re.MULTILINE), verb
