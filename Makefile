@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow docs bench bench-speed bench-scale gpu-check pretrain-demo donor-shift-study baseline-study notebook clean
+.PHONY: install train test test-slow docs bench bench-speed bench-scale gpu-check pretrain-demo donor-shift-study baseline-study trust-study notebook clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ donor-shift-study: $(STAMP)
 # <out>/baseline-study.md.
 baseline-study: $(STAMP)
 	$(BIN)/python bench/baseline_study.py
+
+# colon6 under cv=lodo x 3 seeds with calibration=temperature: which calls to trust on a new donor (error in the
+# least sure cells, coverage, abstention, conformal sets with and without temperature); <out>/trust-study.md.
+trust-study: $(STAMP)
+	$(BIN)/python bench/trust_study.py
 
 # notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
 # RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH). (Jupyter's IPC
