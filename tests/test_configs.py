@@ -36,8 +36,9 @@ def every_option() -> list[tuple[str, str]]:
 
 
 def test_every_group_has_options_and_the_groups_are_the_pluggable_parts():
-    assert GROUPS == ["augment", "baseline", "callbacks", "cv", "data", "debug", "experiment", "logger", "loss",
-                      "model", "optimizer", "paths", "robust", "scheduler", "sweep", "trainer"]
+    assert GROUPS == ["adapt", "augment", "baseline", "calibration", "callbacks", "cv", "data", "debug",
+                      "experiment", "logger", "loss", "model", "optimizer", "paths", "robust", "scheduler",
+                      "sweep", "trainer"]
     assert all(options(group) for group in GROUPS)
 
 

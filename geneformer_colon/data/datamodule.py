@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Iterator, Sequence
@@ -296,6 +297,14 @@ class CellDataModule(pl.LightningDataModule):
                     f"(donors {self.split_donors(split)}, data.cell_types={self.cell_types}); choose other "
                     "data.val_donors/data.test_donors or drop the class from data.labels"
                 )
+
+    def training_on(self, dataset: TokenDataset) -> CellDataModule:
+        """A copy that trains on ``dataset`` (self-training's labelled and pseudo-labelled cells); the store and the
+        other splits shared."""
+        trained = copy.copy(self)
+        trained.splits = {**self.splits, TRAIN: dataset}
+        trained.train_loader, trained._sampler, trained.resume_position = None, None, None
+        return trained
 
     def split_cells(self, split: str) -> pd.DataFrame:
         """The store's metadata rows of a split, in dataset order (for prediction files)."""

@@ -25,6 +25,7 @@ from geneformer_colon.assembly.trust import RunTrust, check_calibration, head_lo
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, MONITOR, RUNNING, SPLITS, TRAIN, VAL, WORST_DONOR
 from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.model.adaptation import check_adaptation
 from geneformer_colon.model.callbacks import BestCheckpoint, LastCheckpoint, RecordEpochs
 from geneformer_colon.model.masked_genes import MaskingRates
 from geneformer_colon.model.module import CellClassifier
@@ -160,6 +161,7 @@ def check_recipe(cfg: DictConfig) -> None:
     tokenized: the known ranges (``runs.config.check_values``), and the parts built from the config alone
     (``augment``, ``loss`` where ``data.labels`` names the classes, ``robust``, ``pretrain.masking``) built once."""
     check_values(cfg)
+    check_adaptation(cfg)
     check_calibration(cfg.get("calibration"), cfg.data.get("val_donors"))
     labels = cfg.data.get("labels")
     parts = {"augment": {}, "robust": {"donors": ["a", "b"], "hidden_size": 2},
@@ -195,10 +197,14 @@ def classifier_for(cfg: DictConfig, datamodule: CellDataModule, fresh: bool) -> 
 
 
 @finishing_wandb_run
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, test the best checkpoint, write every file of the run; return its metrics.json record."""
-    run = fit_run(cfg, "train", classifier_for)
-    final = evaluate_best(run.trainer, run.module, run.datamodule, run.best_path, run.layout, cfg.run_name,
+def train(cfg: DictConfig, make_module: Callable[[DictConfig, CellDataModule, bool], CellClassifier] = classifier_for,
+          adapt: Callable[[FittedRun], str] | None = None) -> dict[str, Any]:
+    """Train, test the best checkpoint, write every file of the run; return its metrics.json record. ``make_module``
+    builds the classifier (as ``fit_run``'s); ``adapt(run)``, after fitting, adapts the best model and gives the
+    checkpoint to test instead (``jobs/adapt.py``)."""
+    run = fit_run(cfg, "train", make_module)
+    best_path = adapt(run) if adapt is not None else run.best_path
+    final = evaluate_best(run.trainer, run.module, run.datamodule, best_path, run.layout, cfg.run_name,
                           cfg.get("calibration"))
     selection = cfg.callbacks.get("model_checkpoint") or {}
     chosen = best_epoch(run.epochs, selection.get("monitor", MONITOR), selection.get("mode", "max"))

@@ -158,12 +158,19 @@ class DonorAdversary(DonorStrategy):
                                         nn.Linear(hidden_size, len(self.donors)))
 
     def forward(self, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        strength = reversal_schedule(batch.progress, self.schedule_gamma)
-        donor_logits = self.donor_head(reverse_gradient(batch.embeddings, strength))
-        donor_loss = F.cross_entropy(donor_logits.float(), batch.donors)
-        accuracy = (donor_logits.argmax(dim=-1) == batch.donors).float().mean()
-        return batch.loss(batch.logits, batch.targets) + self.weight * donor_loss, {
-            "robust/donor_accuracy": accuracy, "robust/donor_loss": donor_loss.detach()}
+        term, figures = self.donor_term(batch.embeddings, batch.donors, batch.progress)
+        return batch.loss(batch.logits, batch.targets) + term, figures
+
+    def donor_term(self, embeddings: torch.Tensor, donors: torch.Tensor, progress: float, prefix: str = "robust"
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``weight * donor_loss`` of these embeddings (each cell's index in ``donors``), and its figures logged
+        as ``<prefix>/donor_accuracy`` and ``<prefix>/donor_loss``."""
+        strength = reversal_schedule(progress, self.schedule_gamma)
+        donor_logits = self.donor_head(reverse_gradient(embeddings, strength))
+        donor_loss = F.cross_entropy(donor_logits.float(), donors)
+        accuracy = (donor_logits.argmax(dim=-1) == donors).float().mean()
+        return self.weight * donor_loss, {f"{prefix}/donor_accuracy": accuracy,
+                                          f"{prefix}/donor_loss": donor_loss.detach()}
 
 
 def coral_penalty(embeddings: torch.Tensor, donors: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ CONFIGURABLE_MODULES = (
     "geneformer_colon.model.losses",
     "geneformer_colon.model.augment",
     "geneformer_colon.model.robust",
+    "geneformer_colon.model.adaptation",
     "geneformer_colon.model.callbacks",
     "geneformer_colon.jobs.sweep",
     "geneformer_colon.jobs.study",

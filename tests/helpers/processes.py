@@ -45,3 +45,13 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
         assert process.poll() is None, f"the run ended before reaching the pause (exit {process.returncode})"
         assert time.monotonic() < deadline, "the run never reached the pause"
         time.sleep(0.1)
+
+
+def signal_at_pause(process: subprocess.Popen, marker: Path, signum: int, log: Path, timeout: float = 300) -> str:
+    """Once ``process`` reached its pause (``marker``), send it ``signum`` and let it go on; assert it ended with
+    128 + ``signum``; its log."""
+    wait_for(marker, process, timeout)
+    process.send_signal(signum)
+    marker.with_name(marker.name + ".sent").touch()
+    assert process.wait(timeout=timeout) == 128 + signum, log.read_text()[-3000:]
+    return log.read_text()
