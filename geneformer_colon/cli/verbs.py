@@ -116,14 +116,31 @@ def _perturb(args: argparse.Namespace) -> None:
     if args.max_tokens is not None:
         raise InputError(f"--max-tokens {args.max_tokens}: perturb batches a cell's variants by --batch-size "
                          "(default 64); use --batch-size")
-    from geneformer_colon.jobs.perturb import perturb
+    from geneformer_colon.jobs.perturb import merge_perturb, perturb
+    from geneformer_colon.jobs.perturb_shards import parse_shard
 
-    genes = args.genes if args.genes is not None else (None if args.gene_set else "all")
+    if args.merge:
+        print(f"{merge_perturb(args.merge, args.out)}: genes.csv, genes.md, shifts.h5ad, plots/")
+        return
+    if args.model is None or args.goal is None:
+        raise InputError("perturb: give RUN_DIR and --goal CLASS (or --merge SHARD_DIR... to merge shards)")
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    devices = [device.strip() for device in args.devices.split(",")] if args.devices else None
+    if devices is not None and (shard is not None or not all(devices)):
+        raise InputError(f"--devices {args.devices}: give devices separated by commas (e.g. cuda:0,cuda:1), "
+                         "without --shard (each device runs one shard)")
+    genes = args.genes if args.genes is not None else (None if args.gene_set or args.gene_sets else "all")
     out = perturb(args.model, args.goal, args.input, kind=args.perturb, where=args.where, genes=genes,
                   gene_sets=args.gene_set, min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed,
                   out_dir=args.out, name=args.name, label_key=args.label_key, gene_ids=_genes(args), layer=args.layer,
-                  batch_size=args.batch_size or 64, device=args.device, progress=sys.stderr.isatty(), fold=args.fold)
-    print(f"{out}: genes.csv, genes.md, shifts.h5ad, plots/")
+                  batch_size=args.batch_size or 64, device=args.device, progress=sys.stderr.isatty(), fold=args.fold,
+                  gmt=args.gene_sets, combos=args.combos, anchor_gene=args.anchor_gene, shard=shard,
+                  resume=args.resume, chunk_cells=args.chunk_cells, devices=devices, emb_mode=args.emb_mode,
+                  top_k=args.top_k)
+    if out.name.rsplit(".shard-", 1)[0] != out.name:
+        print(f"{out}: this shard's chunks; merge with perturb --merge once every shard is done")
+    else:
+        print(f"{out}: genes.csv, genes.md, shifts.h5ad, plots/")
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -139,8 +156,8 @@ def _explain(args: argparse.Namespace) -> None:
           f"{completeness['mean_abs_delta']:.3g} (relative {completeness['relative_mean_abs_delta']:.3g})")
 
 
-def _cell_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a run directory or an export")
+def _cell_options(parser: argparse.ArgumentParser, model_needed: bool = True) -> None:
+    parser.add_argument("model", nargs=None if model_needed else "?", help="a run directory or an export")
     parser.add_argument("input", nargs="?", help="an .h5ad of raw counts, read as predict reads it (default: the "
                                                  "run's validation and test cells)")
     parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
@@ -254,14 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(run=_embed)
 
     perturb = commands.add_parser("perturb", help="in-silico perturbation: which genes move cells toward a class")
-    _cell_options(perturb)
-    perturb.add_argument("--goal", required=True, help="the class the cells should move toward, e.g. Normal")
+    _cell_options(perturb, model_needed=False)
+    perturb.add_argument("--goal", help="the class the cells should move toward, e.g. Normal (required but with "
+                                        "--merge)")
     perturb.add_argument("--perturb", choices=("delete", "overexpress"), default="delete",
                          help="delete the gene's token, or move it to the front (default delete)")
     perturb.add_argument("--gene-set", action="append", default=[], metavar="FILE",
                          help="perturb this file's genes at once, reported as one row (repeatable)")
+    perturb.add_argument("--gene-sets", action="append", default=[], metavar="FILE.gmt",
+                         help="perturb each set of this GMT file (MSigDB's format) at once, one row a set "
+                              "(repeatable)")
+    perturb.add_argument("--combos", type=int, metavar="K",
+                         help="perturb every K genes of the --genes list at once (2: every pair), one row each")
+    perturb.add_argument("--anchor-gene", metavar="GENE",
+                         help="perturb GENE together with each other gene (of --genes), one row a pair")
     perturb.add_argument("--label-key", default="label",
                          help="obs column of classes, for the goal centroid (default label)")
+    perturb.add_argument("--shard", metavar="I/N",
+                         help="perturb the I-th (from 0) of N equal shares of the cells into <out>.shard-I-of-N; "
+                              "the last shard to finish merges them")
+    perturb.add_argument("--devices", metavar="DEVICE,...",
+                         help="one worker process a device (cuda:0,cuda:1 or cpu,cpu), a shard each, then merged")
+    perturb.add_argument("--resume", action="store_true",
+                         help="continue a stopped perturb (or shard) from its last finished chunk of cells")
+    perturb.add_argument("--chunk-cells", type=int, default=16,
+                         help="cells a chunk: what --resume keeps of a stopped run (default 16)")
+    perturb.add_argument("--emb-mode", choices=("cell", "cell_and_gene"), default="cell",
+                         help="cell_and_gene: also how far each perturbation moves every other gene's embedding in "
+                              "the cell (gene_shifts.csv, gene_shifts.h5ad)")
+    perturb.add_argument("--top-k", type=int, default=20,
+                         help="with --emb-mode cell_and_gene: the affected genes kept a perturbed gene (default 20)")
+    perturb.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
+                         help="merge the shard folders of one perturb into its outputs (--out, default the folder "
+                              "the shards name)")
     perturb.set_defaults(run=_perturb)
 
     explain = commands.add_parser("explain", help="integrated-gradients attributions of genes to a class (captum)")
