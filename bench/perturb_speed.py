@@ -17,7 +17,7 @@ Three ways, same cells, same perturbations, same threads (``torch.set_num_thread
 - ``plain batched forward``: every variant built beforehand (not timed), then ``--batch-size`` of them a forward
   pass, by length across cells (padded to the longest of the batch), and the unperturbed cells likewise: the
   forward passes alone, what no perturbation code can beat by much;
-- ``batched``: ``geneformer_colon.jobs.perturb.Perturber`` (a cell's variants built by one gather, stacked without
+- ``batched``: ``geneformer_colon.jobs.perturber.Perturber`` (a cell's variants built by one gather, stacked without
   padding, ``--batch-size`` variants a forward pass, one cell a batch, its unperturbed pass alone).
 
 Prints perturbations per second and each way's ratio to the first and to the plain forward, and checks that all
@@ -46,9 +46,9 @@ from geneformer_colon.data.dictionaries import GeneDictionaries, TokenizerSettin
 from geneformer_colon.data.token_rows import pad_tokens  # noqa: E402
 from geneformer_colon.data.tokenizer import TokenizedCells  # noqa: E402
 from geneformer_colon.jobs.cell_choice import CellSet  # noqa: E402
-from geneformer_colon.jobs.perturb import Perturber  # noqa: E402
 from geneformer_colon.jobs.perturb_columns import Columns  # noqa: E402
 from geneformer_colon.jobs.perturb_shards import share  # noqa: E402
+from geneformer_colon.jobs.perturber import Perturber  # noqa: E402
 from geneformer_colon.model.backbone import Vocabulary, new_bert  # noqa: E402
 from geneformer_colon.model.module import CellClassifier  # noqa: E402
 from geneformer_colon.model.perturbations import perturbed_tokens  # noqa: E402

@@ -27,8 +27,9 @@ from geneformer_colon.common.errors import InputError, Interrupted
 from geneformer_colon.common.output_folder import WRITTEN, output_folder
 from geneformer_colon.data.tokenizer import TokenizedCells
 from geneformer_colon.jobs.cell_choice import select_cells
-from geneformer_colon.jobs.perturb import Perturber, perturb
+from geneformer_colon.jobs.perturb import perturb
 from geneformer_colon.jobs.perturb_columns import choose_columns
+from geneformer_colon.jobs.perturber import Perturber
 from geneformer_colon.jobs.predict import GeneIds
 from geneformer_colon.model.perturbations import inserted_variants, perturbed_tokens, single_gene_variants
 
