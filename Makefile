@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow docs bench bench-speed bench-scale gpu-check pretrain-demo donor-shift-study baseline-study trust-study notebook clean
+.PHONY: install train test test-slow docs bench bench-speed bench-scale gpu-check pretrain-demo donor-shift-study baseline-study trust-study donor-adaptation-study notebook clean
 
 install: $(STAMP)
 
@@ -77,6 +77,12 @@ baseline-study: $(STAMP)
 # least sure cells, coverage, abstention, conformal sets with and without temperature); <out>/trust-study.md.
 trust-study: $(STAMP)
 	$(BIN)/python bench/trust_study.py
+
+# colon6 and each adapt method (mlm, self_training, dann, tent: the test donor's unlabelled cells) and scANVI
+# holding them unlabelled, under cv=lodo x 3 seeds at the donor-shift study's settings, KUL01's macro F1 beside
+# KUL19's; resumable; outputs/donor-adaptation-study/adaptation-study.md.
+donor-adaptation-study: $(STAMP)
+	$(BIN)/python bench/donor_adaptation_study.py
 
 # notebooks/compare_runs.ipynb run top to bottom into outputs/compare_runs.html (which runs: the notebook's
 # RUN_DIRS or $GENEFORMER_COLON_RUNS). The kernel is this environment's python (first on PATH). (Jupyter's IPC

@@ -108,9 +108,9 @@ def train_recipe(out: Path, setting: str, recipe: str, seeds: list[int], checkpo
     timed.write_text(f"{earlier + seconds:.0f}\n")
 
 
-def recipe_row(out: Path, setting: str, recipe: str) -> list[object]:
-    """Mean and worst-donor test macro F1, KUL19's F1 and Tumor recall, the paired comparison with colon6,
-    wall time."""
+def recipe_row(out: Path, setting: str, recipe: str, kept_donor: str | None = None) -> list[object]:
+    """Mean and worst-donor test macro F1, KUL19's F1 and Tumor recall (and ``kept_donor``'s F1), the paired
+    comparison with colon6, wall time."""
     run, plain = read_run(out / setting / recipe), read_run(out / setting / "colon6")
     aggregate = run.cv["aggregate"][TEST]["macro_f1"]
     folds = {fold["test_donor"]: fold for fold in run.cv["folds"]}
@@ -127,17 +127,21 @@ def recipe_row(out: Path, setting: str, recipe: str) -> list[object]:
         paired = f"{pair.differences.mean():+.3f} (p {p:.2f}{within})" if p is not None else "+0.000"
     return [setting, recipe, f"{aggregate['mean']:.3f} {interval} ({aggregate['n']} donors)",
             f"{worst[TEST]['macro_f1']:.3f} ({worst['test_donor']}{f', seed sd {sd:.3f}' if sd is not None else ''})",
-            hard.get("macro_f1"), hard.get("recall/Tumor"), paired, f"{int(timed.read_text()) / 60:.1f} min"
+            hard.get("macro_f1"), hard.get("recall/Tumor"),
+            *([folds.get(kept_donor, {}).get(TEST, {}).get("macro_f1")] if kept_donor else []), paired,
+            f"{int(timed.read_text()) / 60:.1f} min"
             if (timed := seconds_file(out, setting, recipe)).is_file() else "-"]
 
 
 def main(description: str = __doc__, recipes: dict[str, list[str]] = RECIPES, scripts: dict[str, str] | None = None,
-         pretrained: set[str] = PRETRAINED, table_file: str = "study.md", title: str = "Donor-shift study") -> None:
+         pretrained: set[str] = PRETRAINED, table_file: str = "study.md", title: str = "Donor-shift study",
+         kept_donor: str | None = None, default_out: str = "outputs/donor-shift-study") -> None:
     """The study of ``recipes`` (each run by ``train.py`` unless ``scripts`` names another), its table in
-    ``<out>/<table_file>``; ``pretrained``: the recipes that start from the setting's pretrained checkpoint."""
+    ``<out>/<table_file>`` (``--out``, ``default_out`` when not given); ``pretrained``: the recipes that start from
+    the setting's pretrained checkpoint; ``kept_donor``: a donor whose test macro F1 gets a column of its own."""
     scripts = scripts or {}
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/donor-shift-study")
+    parser.add_argument("--out", default=default_out)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--recipes", nargs="+", default=list(recipes), choices=list(recipes))
@@ -162,11 +166,11 @@ def main(description: str = __doc__, recipes: dict[str, list[str]] = RECIPES, sc
                                                        args.overrides, recipes, scripts.get(task[1], "train.py"),
                                                        pretrained),
                           tasks))
-    rows = [recipe_row(out, setting, recipe) for setting, recipe in tasks
+    rows = [recipe_row(out, setting, recipe, kept_donor) for setting, recipe in tasks
             if read_run(out / setting / recipe).cv.get("folds") and read_run(out / setting / "colon6").cv]
     headers = ["setting", "recipe", "test macro F1, mean over donors [95% CI]", "worst donor",
-               f"{HARD_DONOR} macro F1", f"{HARD_DONOR} Tumor recall", "vs colon6 (mean diff, Wilcoxon p)",
-               "wall time"]
+               f"{HARD_DONOR} macro F1", f"{HARD_DONOR} Tumor recall",
+               *([f"{kept_donor} macro F1"] if kept_donor else []), "vs colon6 (mean diff, Wilcoxon p)", "wall time"]
     total = "" if args.table_only else f", {(time.monotonic() - start) / 60:.1f} min in all"
     table = (f"# {title}: {args.cells} cells, {args.epochs} epochs, seeds {args.seeds}, test donors "
              f"{', '.join(args.folds or ['all'])}, {args.jobs} jobs at a time{total}"

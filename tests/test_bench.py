@@ -74,6 +74,25 @@ def test_the_donor_shift_study_tables_its_recipes_and_goes_on_where_it_stopped(t
 
 
 @pytest.mark.slow
+def test_the_donor_adaptation_study_tables_kul01_beside_the_shift_studys_columns(tmp_path, shared_dirs):
+    out = tmp_path / "study"
+    result = run_script("bench/donor_adaptation_study.py", "--out", str(out), "--seeds", "0", "--folds", "KUL01",
+                        "KUL19", "--recipes", "tent", "--settings", "technical", "--cells", "480", "--epochs", "1",
+                        "--",
+                        f"paths.data_dir={shared_dirs['data']}", f"paths.cache_dir={shared_dirs['cache']}",
+                        "data.source.n_genes=300", "model.tokenizer.input_size=128", *TINY_ENCODER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (out / "adaptation-study.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| setting |")).strip("| ").split(" | ")
+    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith("| technical |")]
+    assert [row[1] for row in rows] == ["colon6", "tent"] and header[6] == "KUL01 macro F1"
+    for row in rows:
+        kul01 = json.loads((out / "technical" / row[1] / "folds" / "KUL01" / "metrics.json").read_text())
+        assert float(row[6]) == pytest.approx(kul01["test"]["macro_f1"], abs=2e-3)
+    assert (out / "technical/tent/folds/KUL01/adaptation.json").is_file()
+
+
+@pytest.mark.slow
 def test_the_model_scale_benchmark_prints_every_case():
     result = run_script("bench/model_scale.py", "--small")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,8 +26,6 @@ from geneformer_colon.assembly.builders import read_checkpoint
 from geneformer_colon.cli import train as train_entry
 from geneformer_colon.jobs import donor_cv
 from geneformer_colon.jobs.adapt import train_adapted
-from geneformer_colon.model.adaptation import layer_norm_parameters
-from geneformer_colon.model.module import CellClassifier
 
 # A short colon6 run of the split test KUL01, validation KUL19: one fold of cv=lodo, or the same split alone.
 SHORT = ["experiment=colon6", "logger=csv", "trainer.limit_train_batches=3"]
@@ -118,8 +116,7 @@ def test_each_method_writes_complete_fold_runs_and_reads_no_target_label(method,
     if method == "tent":  # only LayerNorm affine parameters moved from the fitted model
         fitted = read_checkpoint(run / "checkpoints/fitted.ckpt")["state_dict"]
         changed = {name for name, tensor in best["state_dict"].items() if not torch.equal(tensor, fitted[name])}
-        module = CellClassifier(**best["hyper_parameters"])
-        assert changed and changed <= set(layer_norm_parameters(module))
+        assert changed and all(".LayerNorm." in name for name in changed), changed
     if method == "mlm":  # fine-tuned from the fold's pretraining, cached apart from the run
         encoder = OmegaConf.load(run / "config.yaml").model.encoder
         assert encoder._target_.endswith("pretrained_bert") and "adapt-mlm" in encoder.pretrained
