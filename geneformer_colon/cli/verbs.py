@@ -113,9 +113,6 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _perturb(args: argparse.Namespace) -> None:
-    if args.max_tokens is not None:
-        raise InputError(f"--max-tokens {args.max_tokens}: perturb batches a cell's variants by --batch-size "
-                         "(default 64); use --batch-size")
     from geneformer_colon.jobs.perturb import merge_perturb, perturb
     from geneformer_colon.jobs.perturb_shards import parse_shard
 
@@ -133,10 +130,10 @@ def _perturb(args: argparse.Namespace) -> None:
     out = perturb(args.model, args.goal, args.input, kind=args.perturb, where=args.where, genes=genes,
                   gene_sets=args.gene_set, min_cells=args.min_cells, max_cells=args.max_cells, seed=args.seed,
                   out_dir=args.out, name=args.name, label_key=args.label_key, gene_ids=_genes(args), layer=args.layer,
-                  batch_size=args.batch_size or 64, device=args.device, progress=sys.stderr.isatty(), fold=args.fold,
+                  batch_size=args.batch_size, device=args.device, progress=sys.stderr.isatty(), fold=args.fold,
                   gmt=args.gene_sets, combos=args.combos, anchor_gene=args.anchor_gene, shard=shard,
                   resume=args.resume, chunk_cells=args.chunk_cells, devices=devices, emb_mode=args.emb_mode,
-                  top_k=args.top_k)
+                  top_k=args.top_k, max_tokens=args.max_tokens)
     if out.name.rsplit(".shard-", 1)[0] != out.name:
         print(f"{out}: this shard's chunks; merge with perturb --merge once every shard is done")
     else:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from geneformer_colon.assembly.batching import token_budget
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import remove
@@ -89,10 +90,15 @@ class Asked:
     label_key: str = "label"
     gene_ids: GeneIds = GeneIds()
     layer: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = 64
     fold: str | None = None
     emb_mode: str = "cell"
     top_k: int = 20
+    max_tokens: int | None = None
+
+    def budget(self, model: TrainedClassifier) -> tuple[int, int | None]:
+        """Rows a forward pass and padded tokens a pass (``assembly.batching.token_budget``: the verbs' one)."""
+        return token_budget(self.batch_size, self.max_tokens, model.settings.resolved_input_size)
 
     def check(self) -> None:
         """Everything that needs no model or data, one line each."""
@@ -123,8 +129,8 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
     columns = choose_columns(choice.names, cells, asked.genes, asked.gene_sets, asked.min_cells, framed, asked.gmt,
                              asked.combining)
     centroid, centroid_from = goal_centroid(model, choice.every, asked.label_key, goal, choice.run_dir,
-                                            asked.batch_size, device)
-    perturber = Perturber(model, asked.kind, centroid, asked.batch_size, insert_absent=asked.genes not in (None, "all"))
+                                            asked.budget(model)[0], device)
+    perturber = Perturber(model, asked.kind, centroid, insert_absent=asked.genes not in (None, "all"))
     costs = perturber.count(cells, columns) * cells.tokens.lengths[cells.rows]
     goal_state = choice.every.subset(goal_cells(choice.every.obs)) if asked.label_key in choice.every.obs else None
     annotations = column_annotations(columns, cells, goal_state, framed)
@@ -133,7 +139,8 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
                 "gene_sets": list(asked.gene_sets), "gmt": list(asked.gmt), "combos": asked.combining.combos,
                 "anchor_gene": asked.combining.anchor, "min_cells": asked.min_cells, "max_cells": asked.max_cells,
                 "seed": asked.seed, "cells": len(cells.rows), "columns": len(columns), "goal_centroid": centroid_from,
-                "batch_size": asked.batch_size, "emb_mode": asked.emb_mode, "top_k": asked.top_k,
+                "batch_size": asked.budget(model)[0], "max_tokens": asked.budget(model)[1],
+                "emb_mode": asked.emb_mode, "top_k": asked.top_k,
                 "cells_digest": digest(list(cells.obs.index)),
                 "columns_digest": digest(columns.names), "centroid_digest": digest(centroid.astype(np.float32))}
     obs = cells.obs.copy()
@@ -163,7 +170,7 @@ def perturb(
     label_key: str = "label",
     gene_ids: GeneIds = GeneIds(),
     layer: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     device: str = "cpu",
     progress: bool = True,
     fold: str | None = None,
@@ -177,6 +184,7 @@ def perturb(
     merge_when_done: bool = True,
     emb_mode: str = "cell",
     top_k: int = 20,
+    max_tokens: int | None = None,
 ) -> Path:
     """Perturb the chosen cells' genes toward ``goal``; write genes.csv, genes.md, shifts.h5ad and plots (see the
     module docstring); return the output folder. A CV run: the ensemble of its folds, or its ``fold``. ``shard``
@@ -184,7 +192,7 @@ def perturb(
     finish, with ``merge_when_done``); ``devices``: one worker process a device over as many shards, then merged."""
     asked = Asked(goal, input_path, kind, tuple(where), genes, tuple(gene_sets), tuple(gmt),
                   Combining(combos, anchor_gene), min_cells, max_cells, seed, label_key, gene_ids, layer, batch_size,
-                  fold, emb_mode, top_k)
+                  fold, emb_mode, top_k, max_tokens)
     asked.check()
     if chunk_cells < 1:
         raise InputError(f"--chunk-cells {chunk_cells}: give a number of cells >= 1")
@@ -215,8 +223,9 @@ def compute_shard(model_path: str | Path, asked: Asked, out: Path, shard: tuple[
     """The shard's chunks computed (those a stopped run left kept, with ``resume``); its folder."""
     model, plan, cells, columns, centroid, obs = plan_job(model_path, asked, shard, chunk_cells, device)
     folder = shard_dir(out, *shard)
-    perturber = Perturber(model, asked.kind, centroid, asked.batch_size, device,
-                          insert_absent=asked.genes not in (None, "all"), network=asked.emb_mode == "cell_and_gene")
+    rows, tokens = asked.budget(model)
+    perturber = Perturber(model, asked.kind, centroid, rows, device, insert_absent=asked.genes not in (None, "all"),
+                          network=asked.emb_mode == "cell_and_gene", max_tokens=tokens)
     with progress_bar() if progress else contextlib.nullcontext() as bar:
         task = bar.add_task("perturbing", total=None) if bar is not None else None
 
@@ -239,7 +248,8 @@ def perturb_on_devices(model_path: str | Path, asked: Asked, out: Path, devices:
                      "max_cells": asked.max_cells, "seed": asked.seed, "out_dir": str(out),
                      "label_key": asked.label_key, "gene_ids": asked.gene_ids, "layer": asked.layer,
                      "batch_size": asked.batch_size, "fold": asked.fold, "emb_mode": asked.emb_mode,
-                     "top_k": asked.top_k, "resume": resume, "chunk_cells": chunk_cells,
+                     "top_k": asked.top_k, "max_tokens": asked.max_tokens, "resume": resume,
+                     "chunk_cells": chunk_cells,
                      "progress": False, "merge_when_done": False}
         run_on_devices(devices, perturb, arguments)
         folders = [shard_dir(out, index, len(devices)) for index in range(len(devices))]

@@ -32,8 +32,10 @@ class Perturber:
     """Runs every perturbation of a set of cells through the model, a cell at a time (see the module docstring)."""
 
     def __init__(self, model: TrainedClassifier, kind: str, centroid: np.ndarray, batch_size: int = 64,
-                 device: str = "cpu", insert_absent: bool = False, network: bool = False) -> None:
+                 device: str = "cpu", insert_absent: bool = False, network: bool = False,
+                 max_tokens: int | None = None) -> None:
         self.model, self.kind, self.batch_size, self.device, self.network = model, kind, batch_size, device, network
+        self.max_tokens = max_tokens
         self.centroid = centroid / max(float(np.linalg.norm(centroid)), 1e-12)
         self.insert_absent = insert_absent and kind == "overexpress"
         self.framed = bool(FRAME_TOKENS[model.settings.model_version])
@@ -82,7 +84,8 @@ class Perturber:
                          for row in cells.rows], dtype=np.int64)
 
     def batches(self, cell: np.ndarray, columns: Columns) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
-        """A cell's unperturbed tokens, then its variants, in batches of ``batch_size`` rows (the last fewer):
+        """A cell's unperturbed tokens, then its variants, in batches of ``batch_size`` rows, fewer where
+        ``max_tokens`` holds fewer rows of the cell's length (the last batch fewer):
         (blocks of token rows, columns, ranks; the unperturbed row has column -1). Never two cells in a batch: a
         cell's numbers do not depend on the cells beside it (shards merge exactly)."""
         blocks, chosen, ranks = self.cell_variants(cell, columns)
@@ -90,8 +93,10 @@ class Perturber:
         chosen, ranks = np.concatenate([[-1], chosen]), np.concatenate([[np.nan], ranks])
         block_of = np.concatenate([np.full(len(block), index) for index, block in enumerate(blocks)])
         within = np.concatenate([np.arange(len(block)) for block in blocks])
-        for start in range(0, len(chosen), self.batch_size):
-            part = slice(start, start + self.batch_size)
+        rows = self.batch_size if self.max_tokens is None else max(1, min(self.batch_size,
+                                                                         self.max_tokens // (len(cell) + 1)))
+        for start in range(0, len(chosen), rows):
+            part = slice(start, start + rows)
             parts = [blocks[block][within[part][block_of[part] == block]] for block in np.unique(block_of[part])]
             yield parts, chosen[part], ranks[part].astype(np.float32)
 
@@ -110,7 +115,8 @@ class Perturber:
                     input_ids, attention_mask = pad_tokens(blocks, self.model.pad_id)
                     probabilities, embeddings = self.model.infer(input_ids, attention_mask, self.device)
                     cosine = cosines(embeddings, self.centroid)
-                    states = hidden.pop() if self.network else None
+                    states = np.concatenate(hidden) if self.network else None  # a batch halved: its parts
+                    hidden.clear()
                     first = int(column[0] == -1)  # the cell's first batch leads with the unperturbed cell
                     if first:
                         base[index], base_cosine, base_states = probabilities[0], cosine[0], states

@@ -301,3 +301,27 @@ def test_a_cv_runs_fold_is_perturbed_on_its_own_cells(two_fold_cv_run, tmp_path)
     assert json.loads((out / "settings.json").read_text())["model"] == str(fold)
     donors = json.loads((fold / "metrics.json").read_text())["donors"]
     assert set(ad.read_h5ad(out / "shifts.h5ad").obs["donor"]) == {*donors["val"], *donors["test"]}
+
+
+def test_max_tokens_bounds_every_pass_and_changes_no_result(trained_runs):
+    model = TrainedClassifier.load(trained_runs[0])
+    choice = select_cells(model, trained_runs[0], None, ["label=Tumor"], 3, 0, GeneIds(), None)
+    columns = choose_columns(choice.names, choice.cells, "all", (), 2, False)
+    centroid = np.ones(model.hidden_size, np.float32)
+    positions = np.arange(len(choice.cells.rows))
+    passes = []
+    infer = model.infer
+
+    def recorded(input_ids, attention_mask, device="cpu"):
+        passes.append(input_ids.numel())
+        return infer(input_ids, attention_mask, device)
+
+    plain = Perturber(model, "delete", centroid, batch_size=64).run(choice.cells, positions, columns)
+    model.infer = recorded
+    longest = int(choice.cells.tokens.lengths[choice.cells.rows].max())
+    bounded = Perturber(model, "delete", centroid, batch_size=64, max_tokens=3 * (longest + 1)).run(
+        choice.cells, positions, columns)
+    assert max(passes) <= 3 * (longest + 1) and len(passes) > 3 * len(positions)
+    for key in ("cell", "column"):
+        np.testing.assert_array_equal(bounded[key], plain[key])
+    np.testing.assert_allclose(bounded["delta"], plain["delta"], atol=1e-6)

@@ -148,6 +148,7 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(trained_runs, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_merging_shards_of_different_jobs_is_refused(trained_runs, tmp_path, capsys):
     out = tmp_path / "out"
     first = perturb(trained_runs[0], out_dir=out, shard=(0, 2), **CHOSEN)
