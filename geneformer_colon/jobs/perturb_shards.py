@@ -127,10 +127,7 @@ def read_chunk(path: Path, cells: np.ndarray) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, EOFError) as error:
-        log.warning("%s: unreadable (%s); doing its cells again", path, error)
-        return None
-    except Exception as error:  # a damaged zip raises zipfile's own errors
+    except Exception as error:  # OSError, ValueError, EOFError, or zipfile's own errors of a damaged file
         log.warning("%s: unreadable (%s); doing its cells again", path, error)
         return None
     if "base_cells" not in arrays or not np.array_equal(arrays["base_cells"], cells):
