@@ -22,7 +22,7 @@ from helpers.tiny import CLASSES, compose_tiny, compose_train, datamodule_of, ti
 from omegaconf import OmegaConf
 from test_reliability import refused
 
-from geneformer_colon.assembly.builders import read_checkpoint
+from geneformer_colon.assembly.builders import classifier_from_checkpoint, read_checkpoint
 from geneformer_colon.cli import train as train_entry
 from geneformer_colon.jobs import donor_cv
 from geneformer_colon.jobs.adapt import train_adapted
@@ -103,6 +103,7 @@ def test_each_method_writes_complete_fold_runs_and_reads_no_target_label(method,
 
     run = runs["as_is"]
     best = read_checkpoint(run / "checkpoints/best.ckpt")
+    classifier_from_checkpoint(run)  # what eval.py, predict and export load: rebuilt from the checkpoint alone
     if method == "dann":  # the donor head over the four training donors and the target, in the checkpoints
         assert best["hyper_parameters"]["robust"]["target_donors"] == ["KUL01"]
         assert best["state_dict"]["robust.adversary.donor_head.2.bias"].shape == (5,)
