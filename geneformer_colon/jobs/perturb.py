@@ -109,8 +109,9 @@ class Asked:
 
 
 def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk_cells: int, device: str
-             ) -> tuple[TrainedClassifier, Plan, CellSet, Columns, np.ndarray, pd.DataFrame]:
-    """The model, the shard's plan, the chosen cells, the columns, the goal centroid and the cells' obs."""
+             ) -> tuple[TrainedClassifier, Plan, CellSet, Columns, np.ndarray, pd.DataFrame, np.ndarray]:
+    """The model, the shard's plan, the chosen cells, the columns, the goal centroid, the cells' obs and each cell's
+    number of perturbations."""
     model = TrainedClassifier.load(model_path, asked.fold)
     model_path = fold_path(model_path, asked.fold)
     check_network(model, asked.emb_mode, asked.top_k)
@@ -131,7 +132,8 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
     centroid, centroid_from = goal_centroid(model, choice.every, asked.label_key, goal, choice.run_dir,
                                             asked.budget(model)[0], device)
     perturber = Perturber(model, asked.kind, centroid, insert_absent=asked.genes not in (None, "all"))
-    costs = perturber.count(cells, columns) * cells.tokens.lengths[cells.rows]
+    counts = perturber.count(cells, columns)
+    costs = counts * cells.tokens.lengths[cells.rows]
     goal_state = choice.every.subset(goal_cells(choice.every.obs)) if asked.label_key in choice.every.obs else None
     annotations = column_annotations(columns, cells, goal_state, framed)
     identity = {"command": "perturb", "model": str(model_path), "input": str(asked.input_path or "run val/test cells"),
@@ -151,7 +153,7 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
         named.update(gene_tokens=[str(token) for token in tokens], gene_ids=ids, gene_symbols=choice.names.symbols(ids))
     plan = Plan(identity, shard[0], shard[1], share(costs, *shard), chunk_cells, named,
                 {name: [float(value) for value in values] for name, values in annotations.items()})
-    return model, plan, cells, columns, centroid, obs
+    return model, plan, cells, columns, centroid, obs, counts
 
 
 def perturb(
@@ -221,13 +223,13 @@ def perturb(
 def compute_shard(model_path: str | Path, asked: Asked, out: Path, shard: tuple[int, int], chunk_cells: int,
                   device: str, resume: bool, progress: bool) -> Path:
     """The shard's chunks computed (those a stopped run left kept, with ``resume``); its folder."""
-    model, plan, cells, columns, centroid, obs = plan_job(model_path, asked, shard, chunk_cells, device)
+    model, plan, cells, columns, centroid, obs, counts = plan_job(model_path, asked, shard, chunk_cells, device)
     folder = shard_dir(out, *shard)
     rows, tokens = asked.budget(model)
     perturber = Perturber(model, asked.kind, centroid, rows, device, insert_absent=asked.genes not in (None, "all"),
                           network=asked.emb_mode == "cell_and_gene", max_tokens=tokens)
     with progress_bar() if progress else contextlib.nullcontext() as bar:
-        task = bar.add_task("perturbing", total=None) if bar is not None else None
+        task = bar.add_task("perturbing", total=int(counts[plan.cells].sum())) if bar is not None else None
 
         def compute(positions: np.ndarray) -> dict[str, np.ndarray]:
             return perturber.run(cells, positions, columns,
