@@ -36,6 +36,7 @@ def test_combos_make_n_choose_2_columns_and_an_anchor_one_a_gene(chosen):
     assert anchored.names == [f"{listed[2]}+{gene}" for gene in listed if gene != listed[2]]
 
 
+@pytest.mark.slow
 def test_pairs_and_anchored_pairs_are_one_cell_at_a_time_passes(trained_runs, chosen, tmp_path):
     model, choice = chosen
     cells = choice.cells
