@@ -152,7 +152,7 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
         ids = list(choice.names.ids(tokens))
         named.update(gene_tokens=[str(token) for token in tokens], gene_ids=ids, gene_symbols=choice.names.symbols(ids))
     plan = Plan(identity, shard[0], shard[1], share(costs, *shard), chunk_cells, named,
-                {name: [float(value) for value in values] for name, values in annotations.items()})
+                {name: values.tolist() for name, values in annotations.items()})  # counts stay integers
     return model, plan, cells, columns, centroid, obs, counts
 
 

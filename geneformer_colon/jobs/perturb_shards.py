@@ -94,7 +94,7 @@ class Plan:
     cells: np.ndarray  # positions in the chosen cells, the shard's share, longest first
     chunk_cells: int
     columns: dict[str, list[str]]
-    annotations: dict[str, list[float]]
+    annotations: dict[str, list[float] | list[int]]
 
     def document(self) -> dict[str, Any]:
         return {"identity": self.identity, "shard": [self.index, self.count], "cells": self.cells.tolist(),
@@ -159,8 +159,9 @@ def open_shard(folder: Path, plan: Plan, obs: pd.DataFrame, resume: bool) -> Non
                              "to continue it, or remove the folder to start again")
     remove(folder)
     folder.mkdir(parents=True)
-    with atomic_path(folder / CELLS) as tmp:
-        ad.AnnData(obs=obs).write_h5ad(tmp)
+    with atomic_path(folder / CELLS) as tmp:  # text columns as categories, as h5ad keeps them (and without its note)
+        ad.AnnData(obs=obs.astype({column: "category" for column in obs.columns if obs[column].dtype == object})
+                   ).write_h5ad(tmp)
     write_json(folder / PLAN, plan.document())
 
 
