@@ -297,12 +297,14 @@ def run_on_devices(devices: Sequence[str], work: Callable[..., Any], arguments: 
     try:
         for process in workers:
             process.join()
-    except (Interrupted, KeyboardInterrupt):
+    except Interrupted as stop:
         for process in workers:
             process.terminate()
         for process in workers:
             process.join()
-        raise
+        raise Interrupted(stop.signum, f"perturb stopped; the workers' finished chunks are kept in "
+                                       f"{arguments['out_dir']}.shard-*-of-{len(devices)}: continue with the same "
+                                       "command and --resume") from None
     failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
     failures += [(index, f"worker on {devices[index]} ended with exit code {process.exitcode}", False)
                  for index, process in enumerate(workers) if process.exitcode and
