@@ -217,3 +217,17 @@ def test_a_dann_run_paused_by_sigterm_resumes_to_the_run_left_alone(tmp_path, sh
     expected, finished = metrics_of(outputs / "straight"), metrics_of(outputs / "paused")
     assert finished["epochs"] == expected["epochs"] and finished["test"] == expected["test"]
     assert_same_weights(outputs / "straight/checkpoints/last.ckpt", outputs / "paused/checkpoints/last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mlm", "self_training"])
+def test_a_method_that_trains_beside_the_fine_tuning_runs_under_two_process_ddp(method, tmp_path, shared_dirs):
+    """mlm pretrains on one device before the fine-tuning's processes start; self-training's rounds are Trainers of
+    their own in every process."""
+    result = run_script("train.py", *tiny_overrides(tmp_path / "outputs", shared_dirs), *SHORT, *METHODS[method],
+                        "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.eval_batch_size=16",
+                        "run_name=ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "ddp"
+    assert metrics_of(run_dir)["status"] == "finished" and (run_dir / "train_ddp_process_1.log").is_file()
+    assert len(pd.read_csv(run_dir / "predictions/test.csv")) == metrics_of(run_dir)["cells"]["test"]
