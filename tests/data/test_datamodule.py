@@ -143,7 +143,8 @@ def test_spawned_loader_workers_open_the_token_store_by_its_path(tiny_cfg):
     pickled = pickle.dumps(dataset)  # what each worker receives under spawn / forkserver
     assert len(pickled) < store.tokens.nbytes / 4, "the tokens travel in the pickle"
     copy = pickle.loads(pickled)
-    assert isinstance(copy.store.tokens, np.memmap) and str(copy.store.tokens.filename) == str(store.directory / "tokens.bin")
+    assert isinstance(copy.store.tokens, np.memmap)
+    assert str(copy.store.tokens.filename) == str(store.directory / "tokens.bin")
     sampler = EvalBatchSampler(datamodule.split_cells("val")["length"].to_numpy(), 16)
     alone = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch))
     spawned = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=pad_batch, num_workers=2,
