@@ -162,7 +162,11 @@ def check_recipe(cfg: DictConfig) -> None:
     (``augment``, ``loss`` where ``data.labels`` names the classes, ``robust``, ``pretrain.masking``) built once."""
     check_values(cfg)
     check_adaptation(cfg)
-    check_calibration(cfg.get("calibration"), cfg.data.get("val_donors"))
+    cv = cfg.get("cv") or {}
+    # under cv=lodo each fold names its own validation donors (cv.val_donors of them), whatever data.val_donors says
+    val_donors = ([f"fold's validation donor {k}" for k in range(int(cv.get("val_donors", 1)))]
+                  if cv.get("strategy") == "lodo" else cfg.data.get("val_donors"))
+    check_calibration(cfg.get("calibration"), val_donors)
     labels = cfg.data.get("labels")
     parts = {"augment": {}, "robust": {"donors": ["a", "b"], "hidden_size": 2},
              "loss": {"class_names": list(labels)} if labels else None}

@@ -18,11 +18,12 @@ from helpers.tiny import CLASSES, compose_train, tiny_overrides
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
 from geneformer_colon.assembly.builders import build_datamodule, build_module
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.data.dictionaries import load_pickle_dict
 from geneformer_colon.data.kul3 import write_geo_matrix
 from geneformer_colon.data.samplers import EvalBatchSampler
 from geneformer_colon.data.synthetic import generate_counts, write_synthetic_kul3
-from geneformer_colon.jobs.train import train
+from geneformer_colon.jobs.train import check_recipe, train
 from geneformer_colon.model.module import CellClassifier
 
 
@@ -205,3 +206,9 @@ def test_kul3_with_geneformer_v1_trains_on_real_dictionaries(tmp_path, shared_di
     assert "Geneformer-V1-10M" in config and "gene_dictionaries_30m/token_dictionary_gc30M.pkl" in config
     saved = load_pickle_dict(tmp_path / "outputs" / "colon6" / "dictionaries" / "token_dictionary.pkl")
     assert len(saved) == len(token)
+
+
+def test_a_calibration_needs_a_validation_donor_but_under_lodo_each_fold_names_its_own(tiny_cfg):
+    check_recipe(tiny_cfg("calibration=temperature", "data.val_donors=[]", "cv=lodo"))
+    with pytest.raises(InputError, match="calibration=temperature is fitted on the validation donors' cells"):
+        check_recipe(tiny_cfg("calibration=temperature", "data.val_donors=[]"))
