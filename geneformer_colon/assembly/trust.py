@@ -115,8 +115,9 @@ class RunTrust:
                                             "fitted_on": self.fitted_on, "cells_file": CELLS_FILE})
 
     @classmethod
-    def load(cls, directory: Path) -> RunTrust | None:
+    def load(cls, directory: Path | str) -> RunTrust | None:
         """A run's or an export's trust, None where it has no ``calibration.json`` (a run from before it)."""
+        directory = Path(directory)
         path = directory / TRUST_FILE
         if not path.is_file():
             return None
