@@ -136,6 +136,7 @@ def test_fold_plans_and_their_errors():
         donor_cv.plan_folds([*donors, "KUL28"], None, "KUL19", 2)
 
 
+@pytest.mark.slow  # six fold runs: make test-slow, in CI
 def test_seeds_repeat_each_fold_and_the_summary_averages_them(tmp_path, shared_dirs, capsys):
     """Two folds x two seeds, two validation donors a fold, checkpoints chosen by the worst of them."""
     overrides = tiny_overrides(tmp_path, shared_dirs) + [  # W&B offline too (logger=default)

@@ -130,6 +130,7 @@ def test_an_optuna_study_run_twice_is_one_study_and_one_wandb_group(tmp_path, sh
             assert len(re.sub(r"e[-+]\d+$|^0\.0*|\.|-", "", value)) <= 3, run.name
 
 
+@pytest.mark.slow  # a sweep of four job processes: make test-slow, in CI
 def test_grid_sweep_records_the_failed_job_and_goes_on(grid_sweep):
     sweep_dir, output_dir = grid_sweep()
     job_dirs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
