@@ -24,9 +24,12 @@ class RunDirBusy(InputError):
 @contextlib.contextmanager
 def removed_if_left_empty(root: Path) -> Iterator[None]:
     """A start that fails before writing anything leaves no empty directory behind (Hydra makes its output
-    directory before the job runs)."""
+    directory before the job runs). A start refused because another process holds the directory leaves it be:
+    the holder may not have written into it yet."""
     try:
         yield
+    except RunDirBusy:
+        raise
     except BaseException:
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()

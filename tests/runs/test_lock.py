@@ -15,7 +15,8 @@ from helpers.tiny import compose_train, tiny_overrides
 from geneformer_colon.jobs import donor_cv
 from geneformer_colon.jobs.baseline import run_baseline
 from geneformer_colon.jobs.train import train
-from geneformer_colon.runs.lock import RunDirBusy
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.lock import RunDirBusy, holding, removed_if_left_empty
 
 
 @pytest.mark.slow
@@ -77,3 +78,17 @@ def test_cv_jobs_of_one_run_hold_their_own_folds(tiny_cfg, tmp_path):
     assert seen["same fold"] == seen["one split"] == "refused" and seen["other folds"] > 0
     cv = json.loads((tmp_path / "outputs" / "cv" / "cv.json").read_text())
     assert sorted(fold["test_donor"] for fold in cv["folds"]) == ["KUL01", "KUL19"]
+
+
+def test_a_refused_start_leaves_the_holders_empty_directory_in_place(tmp_path):
+    """The holder's directory may still be empty when a second start is refused (Hydra made it, nothing is written
+    yet); the refused start must not remove it from under the holder (the CI failure of the twin-process test)."""
+    layout = RunLayout(tmp_path / "outputs" / "twin")
+    layout.root.mkdir(parents=True)
+    with holding(layout):
+        with pytest.raises(RunDirBusy), removed_if_left_empty(layout.root), holding(layout):
+            pass
+        assert layout.root.is_dir()
+    with pytest.raises(ValueError), removed_if_left_empty(layout.root):
+        raise ValueError("a bad value before anything was written")
+    assert not layout.root.exists()  # a start that failed on its own still leaves no empty folder
