@@ -30,6 +30,7 @@ from geneformer_colon.model.uncertainty import (
     EmbeddingIndex,
     abstention_figures,
     aurc,
+    macro_f1,
     threshold_for,
     uncertainty_scores,
 )
@@ -269,6 +270,42 @@ class TrustAsked:
                                         "cells; a new donor is not exchangeable with them (donor shift), so its "
                                         "coverage may fall below 1 - alpha"}
         return pd.DataFrame(columns, index=labels.index), uns
+
+    def figures(self, targets: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, trust: RunTrust | None
+                ) -> dict[str, Any]:
+        """How the asked abstention and conformal sets did on cells whose true classes are known (``targets``;
+        ``labels``: predict's calls, :data:`UNKNOWN` where it abstained; ``probabilities`` calibrated):
+        ``abstain`` (the share answered, the accuracy and macro F1 of the answered cells and of all) and
+        ``conformal`` (coverage and set size at the asked alpha)."""
+        figures: dict[str, Any] = {}
+        if self.abstain is not None:
+            answered = labels != UNKNOWN
+            predicted = probabilities.argmax(axis=1)
+            figures["abstain"] = {"coverage_asked": self.abstain, "coverage": float(answered.mean()),
+                                  **({"accuracy": float(np.mean(targets[answered] == predicted[answered])),
+                                      "macro_f1": macro_f1(targets[answered], predicted[answered])}
+                                     if answered.any() else {"accuracy": None, "macro_f1": None}),
+                                  "accuracy_all": float(np.mean(targets == predicted)),
+                                  "macro_f1_all": macro_f1(targets, predicted)}
+        if self.conformal is not None:
+            figures["conformal"] = set_figures(trust.conformal.sets(probabilities, self.conformal), targets,
+                                               self.conformal)
+        return figures
+
+
+def asked_line(name: str, figures: Mapping[str, Any]) -> str:
+    """One line of :meth:`TrustAsked.figures` for the log."""
+    parts = []
+    if "abstain" in figures:
+        abstain = figures["abstain"]
+        answered = "none answered" if abstain["accuracy"] is None else \
+            f"accuracy {abstain['accuracy']:.3f} (all cells {abstain['accuracy_all']:.3f})"
+        parts.append(f"answered {abstain['coverage']:.3f} of the cells, {answered}")
+    if "conformal" in figures:
+        conformal = figures["conformal"]
+        parts.append(f"conformal coverage {conformal['coverage']:.3f} at alpha {conformal['alpha']}, mean set size "
+                     f"{conformal['mean_set_size']:.2f}")
+    return f"{name}: " + "; ".join(parts)
 
 
 SCORE_MEANINGS = {

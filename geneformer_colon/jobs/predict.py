@@ -45,10 +45,10 @@ from rich.progress import Progress
 from geneformer_colon.assembly.batching import token_budget
 from geneformer_colon.assembly.scoring import group_metrics, prediction_table, score_split
 from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
-from geneformer_colon.assembly.trust import TrustAsked
+from geneformer_colon.assembly.trust import TrustAsked, asked_line
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path
-from geneformer_colon.common.names import FINISHED, METRICS, TEST
+from geneformer_colon.common.names import FINISHED, GROUPINGS, METRICS, TEST
 from geneformer_colon.common.output_folder import output_folder
 from geneformer_colon.data.canonical import check_gene_ids, obs_n_counts, obs_strings
 from geneformer_colon.data.counts import CellCounts
@@ -216,7 +216,8 @@ def predict_h5ad(
         log.warning("%s: %d cells have no gene of the model's vocabulary: no prediction", input_path, missing)
     if truth is not None:
         with output_folder(metrics_dir(out_path).root, "predict", ("metrics.json", "predictions", "plots")) as written:
-            write_labelled_metrics(RunLayout(written), truth, probabilities, classes, model, input_path, donor_key)
+            write_labelled_metrics(RunLayout(written), truth, probabilities, classes, model, input_path, donor_key,
+                                   asked, added[f"{prefix}_label"].astype(str).to_numpy())
     return added
 
 
@@ -254,13 +255,26 @@ def labelled_cells(obs: pd.DataFrame, classes: Sequence[str], label_key: str, do
 
 
 def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str],
-                           model: TrainedClassifier, input_path: Path, donor_key: str | None = None) -> dict[str, Any]:
+                           model: TrainedClassifier, input_path: Path, donor_key: str | None = None,
+                           asked: TrustAsked = TrustAsked(), labels: np.ndarray | None = None) -> dict[str, Any]:
     """The whole file's metrics, each donor's and cell type's, as a run directory has them (cells with a
-    prediction); with ``donor_key``, the model's held-out and training donors apart (``by_training``)."""
+    prediction); with ``donor_key``, the model's held-out and training donors apart (``by_training``); with
+    ``--abstain`` or ``--conformal``, how they did (``asked``, overall and each donor's; ``labels``: predict's
+    calls)."""
     scored = ~np.isnan(probabilities[:, 0])
     cells = truth[scored]
+    targets = cells["target"].to_numpy()
     title = f"{model.origin.get('run_name', 'model')} on {input_path.name}"
-    entry = score_split(layout, TEST, cells, cells["target"].to_numpy(), probabilities[scored], classes, title)
+    entry = score_split(layout, TEST, cells, targets, probabilities[scored], classes, title)
+    if asked.abstain is not None or asked.conformal is not None:
+        donors = cells["donor"].astype(str).to_numpy()
+        entry["asked"] = asked.figures(targets, labels[scored], probabilities[scored], model.trust)
+        log.info(asked_line(input_path.name, entry["asked"]))
+        for donor, figures in entry.get(GROUPINGS["donor"], {}).items():  # where the file has several donors
+            rows = donors == donor
+            figures["asked"] = asked.figures(targets[rows], labels[scored][rows], probabilities[scored][rows],
+                                             model.trust)
+            log.info(asked_line(donor, figures["asked"]))
     record = run_record(f"predict {input_path.name}", "predict", FINISHED, {TEST: sorted(set(cells["donor"]))},
                         {TEST: int(scored.sum())}, final={TEST: entry},
                         recipe={"input": str(input_path), **{k: str(v) for k, v in model.origin.items()}})

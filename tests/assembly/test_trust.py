@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -21,14 +20,6 @@ from geneformer_colon.model.calibration import calibration_figures
 from geneformer_colon.report.cv_summary import aggregate
 from geneformer_colon.report.wandb_run import summary_values
 from geneformer_colon.runs.layout import RunLayout
-
-
-def val_donor_cells(trained_runs, cohort, folder: Path) -> Path:
-    """The run's validation donor's cells (KUL19), as the cohort holds them."""
-    cells = ad.read_h5ad(cohort(trained_runs[0]))
-    path = folder / "kul19.h5ad"
-    cells[cells.obs["donor"] == "KUL19"].copy().write_h5ad(path)
-    return path
 
 
 def test_a_trained_run_records_its_calibration_and_its_trust_figures(trained_runs):
@@ -93,23 +84,41 @@ def test_temperature_scaling_tames_an_over_confident_model_and_predict_applies_i
 
 def test_predict_abstains_on_a_fifth_of_the_validation_donor_and_writes_conformal_sets(trained_runs, cohort,
                                                                                       tmp_path, capsys):
-    cells = val_donor_cells(trained_runs, cohort, tmp_path)
+    """On a labelled file of the validation donor (KUL19, whose cells set the threshold and the sets) and the test
+    donor: the calls, the sets, and the metrics of how they did, the file's and each donor's."""
+    cells = ad.read_h5ad(cohort(trained_runs[0]))
+    cells = cells[cells.obs["donor"].isin(["KUL19", "KUL01"])].copy()
+    cells.write_h5ad(tmp_path / "two_donors.h5ad")
     out = tmp_path / "abstained.h5ad"
-    cli.main(["predict", str(trained_runs[0]), str(cells), "--out", str(out), "--ensembl-key", "ensembl_id",
-              "--abstain", "0.8", "--conformal", "0.1", "--uncertainty", "entropy"])
+    cli.main(["predict", str(trained_runs[0]), str(tmp_path / "two_donors.h5ad"), "--out", str(out), "--ensembl-key",
+              "ensembl_id", "--abstain", "0.8", "--conformal", "0.1", "--uncertainty", "entropy", "--label-key",
+              "label", "--donor-key", "donor"])
     printed = capsys.readouterr().out
     obs, uns = ad.read_h5ad(out).obs, ad.read_h5ad(out).uns["gfc"]
-    unknown = (obs["gfc_label"] == "unknown").mean()
-    assert 0.15 <= unknown <= 0.25 and obs["gfc_label"].isin([*CLASSES, "unknown"]).all()
-    assert uns["abstain"]["coverage_reached"] == pytest.approx(1 - unknown)
-    assert f"coverage reached {1 - unknown:.3f}" in printed
+    kul19 = obs["donor"] == "KUL19"
+    unknown = (obs["gfc_label"] == "unknown")
+    assert 0.15 <= unknown[kul19].mean() <= 0.25 and obs["gfc_label"].isin([*CLASSES, "unknown"]).all()
+    assert uns["abstain"]["coverage_reached"] == pytest.approx(1 - unknown.mean())
+    assert f"coverage reached {1 - unknown.mean():.3f}" in printed
     assert uns["uncertainty"] == "entropy" and obs["gfc_uncertainty"].notna().all()
-    answered = obs["gfc_label"] != "unknown"
-    assert obs["gfc_uncertainty"][answered].max() <= obs["gfc_uncertainty"][~answered].min()
+    assert obs["gfc_uncertainty"][~unknown].max() <= obs["gfc_uncertainty"][unknown].min()
     sets = obs["gfc_conformal_set"].astype(str).str.split("|")
     assert sets.map(lambda chosen: set(chosen) <= set(CLASSES)).all() and uns["conformal"]["alpha"] == 0.1
+    covered = pd.Series([label in chosen for label, chosen in zip(obs["label"], sets)], index=obs.index)
     # the calibration cells themselves: Mondrian coverage at least 1 - alpha within each class
-    assert np.mean([label in chosen for label, chosen in zip(obs["label"], sets)]) >= 0.9
+    assert covered[kul19].mean() >= 0.9
+
+    test = json.loads((tmp_path / "abstained_metrics" / "metrics.json").read_text())["test"]
+    probabilities = ad.read_h5ad(out).obsm["gfc_probabilities"]
+    called = np.asarray(CLASSES)[probabilities.argmax(axis=1)]
+    for donor, rows in (("all", np.ones(len(obs), dtype=bool)), ("KUL19", kul19), ("KUL01", ~kul19)):
+        asked = test["asked"] if donor == "all" else test["by_donor"][donor]["asked"]
+        answered = rows & ~unknown
+        assert asked["abstain"]["coverage"] == pytest.approx(answered.sum() / rows.sum(), abs=1e-4)
+        assert asked["abstain"]["accuracy"] == pytest.approx(
+            np.mean(called[answered] == obs["label"][answered]), abs=1e-4)
+        assert asked["conformal"]["coverage"] == pytest.approx(covered[rows].mean(), abs=1e-4)
+        assert asked["conformal"]["mean_set_size"] == pytest.approx(sets[rows].map(len).mean(), abs=1e-4)
 
 
 def test_bad_trust_requests_get_one_line_and_write_nothing(trained_runs, new_cells, tmp_path, capsys):
