@@ -13,7 +13,8 @@ classifier is fitted on the training donors' cells alone (scANVI also gets every
 held-out cells without their labels: :class:`~geneformer_colon.model.baselines.Scanvi`). Metrics come from
 the same :class:`ClassificationMetrics` as training (through
 :func:`geneformer_colon.assembly.scoring.score_split`); ``loss`` is the mean negative log-likelihood of the
-true class.
+true class. ``calibration`` is fitted on the validation cells' probabilities as training fits it
+(``calibration.json``): the calibrated, abstention and conformal figures of a baseline and the network compare.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from sklearn.pipeline import Pipeline
 from geneformer_colon.assembly.builders import build_datamodule, load_weights, vocabulary_of
 from geneformer_colon.assembly.scoring import score_split
 from geneformer_colon.assembly.trained_classifier import TrainedClassifier
-from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, SPLITS
+from geneformer_colon.assembly.trust import RunTrust, sample_rows, trust_settings
+from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, SPLITS, TRAIN, VAL
 from geneformer_colon.data.datamodule import CellDataModule
+from geneformer_colon.jobs.train import check_run_calibration
 from geneformer_colon.model.baselines import check_fits
 from geneformer_colon.model.module import CellClassifier
 from geneformer_colon.report.history import write_history
@@ -101,6 +104,21 @@ def predicted(model: Pipeline, features: sp.csr_matrix, targets: np.ndarray, don
     return probabilities, float(-log_probabilities[np.arange(len(targets)), targets].mean())
 
 
+def fit_baseline_trust(cfg: DictConfig, datamodule: CellDataModule, val_probabilities: np.ndarray,
+                       val_targets: np.ndarray, embeddings: dict[str, np.ndarray] | None) -> RunTrust:
+    """The ``calibration`` fitted on the validation cells' probabilities, as a training run's is, so a baseline's
+    calibrated, abstention and conformal figures stand beside the network's; a probe of embeddings also gets the
+    kNN score (a sample of the training cells' embeddings as reference). A baseline has no logits: no energy
+    score."""
+    settings = trust_settings(cfg.get("calibration"))
+    reference = None
+    if embeddings is not None:
+        train = embeddings[TRAIN]
+        reference = train[sample_rows(len(train), settings["knn_reference_cells"], datamodule.seed)]
+    return RunTrust.fit(settings, val_probabilities, val_targets, None,
+                        embeddings[VAL] if embeddings is not None else None, reference, datamodule.split_donors(VAL))
+
+
 # The keys of a baseline option that make its features, not its classifier.
 FEATURE_KEYS = ("name", "features", "target_sum", "log1p", "embed_batch_size")
 
@@ -133,6 +151,7 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     """Fit on the training donors, score val and test, write the run directory; return its metrics.json record."""
     layout = RunLayout(cfg.paths.run_dir)
     check_values(cfg)
+    check_run_calibration(cfg)
     datamodule = build_datamodule(cfg)
     targets = {split: datamodule.splits[split].label_ids.astype(np.int64) for split in SPLITS}
     class_names = datamodule.class_names
@@ -159,11 +178,14 @@ def run_baseline(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s fitted on %d training cells x %d %s", cfg.baseline.name, *features["train"].shape,
              "embedding dimensions" if embeds else "genes")
 
-    final: dict[str, Any] = {}
-    for split in EVAL_SPLITS:
-        probabilities, loss = predicted(model, features[split], targets[split], donors[split] if by_donor else None)
-        final[split] = score_split(layout, split, datamodule.split_cells(split), targets[split], probabilities,
-                                   class_names, cfg.run_name, loss=loss)
+    scored = {split: predicted(model, features[split], targets[split], donors[split] if by_donor else None)
+              for split in EVAL_SPLITS}
+    trust = fit_baseline_trust(cfg, datamodule, scored[VAL][0], targets[VAL], features if embeds else None)
+    final = {split: score_split(layout, split, datamodule.split_cells(split), targets[split], probabilities,
+                                class_names, cfg.run_name, loss=loss, trust=trust,
+                                embeddings=features[split] if embeds else None)
+             for split, (probabilities, loss) in scored.items()}
+    trust.save(layout.root)
     record = run_record(cfg.run_name, "baseline", FINISHED, {split: datamodule.split_donors(split) for split in SPLITS},
                         {split: len(datamodule.splits[split]) for split in SPLITS}, final=final,
                         success=check_success(cfg.success_criteria, final), recipe=recipe(),

@@ -162,11 +162,7 @@ def check_recipe(cfg: DictConfig) -> None:
     (``augment``, ``loss`` where ``data.labels`` names the classes, ``robust``, ``pretrain.masking``) built once."""
     check_values(cfg)
     check_adaptation(cfg)
-    cv = cfg.get("cv") or {}
-    # under cv=lodo each fold names its own validation donors (cv.val_donors of them), whatever data.val_donors says
-    val_donors = ([f"fold's validation donor {k}" for k in range(int(cv.get("val_donors", 1)))]
-                  if cv.get("strategy") == "lodo" else cfg.data.get("val_donors"))
-    check_calibration(cfg.get("calibration"), val_donors)
+    check_run_calibration(cfg)
     labels = cfg.data.get("labels")
     parts = {"augment": {}, "robust": {"donors": ["a", "b"], "hidden_size": 2},
              "loss": {"class_names": list(labels)} if labels else None}
@@ -175,6 +171,15 @@ def check_recipe(cfg: DictConfig) -> None:
             instantiate_trusted(cfg[key], key, **arguments)
     if cfg.get("pretrain") is not None:
         MaskingRates(**plain(cfg.pretrain.masking))
+
+
+def check_run_calibration(cfg: DictConfig) -> None:
+    """``calibration`` and a validation donor to fit it on (a training run's or a baseline's)."""
+    cv = cfg.get("cv") or {}
+    # under cv=lodo each fold names its own validation donors (cv.val_donors of them), whatever data.val_donors says
+    val_donors = ([f"fold's validation donor {k}" for k in range(int(cv.get("val_donors", 1)))]
+                  if cv.get("strategy") == "lodo" else cfg.data.get("val_donors"))
+    check_calibration(cfg.get("calibration"), val_donors)
 
 
 def check_split(cfg: DictConfig, datamodule: CellDataModule) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -180,6 +181,27 @@ def test_logreg_is_celltypists_recipe_on_the_training_donors(h5ad_cohorts, tmp_p
         rows = adata.obs_names.get_indexer(predictions["cell_id"])
         np.testing.assert_allclose(predictions[[f"prob_{name}" for name in CLASSES]].to_numpy(),
                                    model.predict_proba(np.minimum(scaler.transform(values[rows]), 10)), atol=1e-6)
+
+
+def test_a_baseline_is_calibrated_and_gets_conformal_sets_like_a_training_run(h5ad_cohorts, tmp_path, shared_dirs):
+    """calibration=temperature on a baseline: fitted on the validation donor's probabilities (its NLL falls there),
+    the calls unchanged, the calibrated, abstention and conformal figures in metrics.json, calibration.json written;
+    a probe of embeddings also gets the kNN score."""
+    runs = {method: h5ad_baseline(h5ad_cohorts["plain"], tmp_path / method, shared_dirs["cache"], "baseline=logreg",
+                                  "baseline.n_genes=60", f"calibration={method}") for method in ("none", "temperature")}
+    plain, calibrated = (metrics_of(runs[method]) for method in ("none", "temperature"))
+    for split in ("val", "test"):
+        assert calibrated[split]["macro_f1"] == plain[split]["macro_f1"] and "calibrated" not in plain[split]
+    assert calibrated["val"]["calibrated"]["nll"] < calibrated["val"]["nll"]
+    assert calibrated["test"]["conformal"]["alpha"] == 0.1 and calibrated["test"]["conformal"]["coverage"] > 0
+    assert plain["test"]["conformal"]["mean_set_size"] >= 1 and calibrated["test"]["abstention"]["at_80"]
+    assert json.loads((runs["temperature"] / "calibration.json").read_text())["method"] == "temperature"
+
+    probe = h5ad_baseline(h5ad_cohorts["plain"], tmp_path / "probe", shared_dirs["cache"], "baseline=frozen_probe",
+                          *TINY_ENCODER)
+    test = pd.read_csv(probe / "predictions" / "test.csv")
+    assert test["uncertainty_knn"].notna().all() and test["uncertainty_energy"].isna().all()
+    assert "knn" in metrics_of(probe)["test"]["abstention"]["aurc_by_score"]
 
 
 # Each baseline's settings on the tiny cohort (scANVI: a few epochs of a small model).
