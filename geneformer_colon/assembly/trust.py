@@ -22,6 +22,7 @@ import torch
 
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path, read_json, write_json
+from geneformer_colon.common.names import CLASS_SEPARATOR
 from geneformer_colon.model.calibration import Calibration, calibration_figures, check_method
 from geneformer_colon.model.conformal import DEFAULT_ALPHA, ConformalSets, check_alpha, set_figures, set_labels
 from geneformer_colon.model.uncertainty import (
@@ -82,11 +83,11 @@ class RunTrust:
         settings = trust_settings(settings)
         calibration = Calibration.fit(settings["method"], probabilities, targets)
         calibrated = calibration.apply(probabilities)
-        index = EmbeddingIndex(reference, settings["knn_k"]) if reference is not None else None
-        distances = index.distances(embeddings) if index is not None and embeddings is not None else None
-        return cls(calibration, calibrated, np.asarray(targets, dtype=np.int64),
-                   uncertainty_scores(calibrated, logits, distances), reference, settings["alpha"],
-                   settings["knn_k"], {"donors": list(donors), "cells": len(targets)})
+        trust = cls(calibration, calibrated, np.asarray(targets, dtype=np.int64), {}, reference, settings["alpha"],
+                    settings["knn_k"], {"donors": list(donors), "cells": len(targets)})
+        distances = trust.index.distances(embeddings) if trust.index is not None and embeddings is not None else None
+        trust.val_scores = uncertainty_scores(calibrated, logits, distances)
+        return trust
 
     @cached_property
     def index(self) -> EmbeddingIndex | None:
@@ -206,13 +207,17 @@ class TrustAsked:
     abstain: float | None = None
     conformal: float | None = None
 
-    def check(self, trust: RunTrust | None, ensemble: bool, model: str) -> None:
-        """Every request the model can answer, before anything is read or written."""
+    def check(self, trust: RunTrust | None, ensemble: bool, model: str, classes: Sequence[str] = ()) -> None:
+        """Every request the model (of ``classes``) can answer, before anything is read or written."""
         if self.uncertainty not in SCORES:
             raise InputError(f"--uncertainty {self.uncertainty!r}: choose one of {', '.join(SCORES)}")
         if self.abstain is not None and not 0 < self.abstain <= 1:
             raise InputError(f"--abstain {self.abstain}: the share of cells to answer; give a number in (0, 1], "
                              "e.g. 0.8 to call the least sure 20% unknown")
+        if self.abstain is not None and UNKNOWN in classes:
+            raise InputError(f"{model}: --abstain labels the cells it does not call '{UNKNOWN}', which is also a class "
+                             "of this model; drop --abstain and read obs['<prefix>_uncertainty'], or train with that "
+                             "class renamed")
         if self.conformal is not None:
             check_alpha(self.conformal, "--conformal")
         needs = [option for option, asked in (("--abstain", self.abstain is not None),
@@ -264,7 +269,7 @@ class TrustAsked:
             sets[present] = trust.conformal.sets(probabilities[present], self.conformal)
             columns[f"{prefix}_conformal_set"] = pd.Categorical(
                 np.where(present, set_labels(sets, classes), ""))
-            uns["conformal"] = {"alpha": self.conformal, "key": f"{prefix}_conformal_set", "separator": "|",
+            uns["conformal"] = {"alpha": self.conformal, "key": f"{prefix}_conformal_set", "separator": CLASS_SEPARATOR,
                                 "calibrated_on": trust.fitted_on,
                                 "note": "split conformal, class-conditional (Mondrian) on the validation donors' "
                                         "cells; a new donor is not exchangeable with them (donor shift), so its "

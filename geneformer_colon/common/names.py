@@ -12,6 +12,9 @@ TRUST_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "brier": "Brier
 # A prediction-table column a split is broken down by -> its metrics.json key.
 GROUPINGS = {"donor": "by_donor", "cell_type": "by_cell_type"}
 
+# Joins the classes of a cell's conformal set in one text column (``Normal|Border``): no class name may hold it.
+CLASS_SEPARATOR = "|"
+
 FINISHED, RUNNING, FAILED, INTERRUPTED = "finished", "running", "failed", "interrupted"
 
 

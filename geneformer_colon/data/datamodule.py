@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from geneformer_colon.common.cpus import available_cpus
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path
-from geneformer_colon.common.names import SPLITS, TEST, TRAIN, VAL
+from geneformer_colon.common.names import CLASS_SEPARATOR, SPLITS, TEST, TRAIN, VAL
 from geneformer_colon.data.dictionaries import GeneDictionaries
 from geneformer_colon.data.h5ad import CanonicalCells
 from geneformer_colon.data.samplers import EvalBatchSampler, TrainBatchSampler
@@ -201,6 +201,11 @@ class CellDataModule(pl.LightningDataModule):
                 raise InputError(f"{self.source.describe()}: data.labels=null and the training donors have no cell; "
                                  "choose data.val_donors/data.test_donors that leave donors to train on")
             log.info("data.labels=null: the classes of the training donors are %s", self._class_names)
+        joined = [name for name in self._class_names if CLASS_SEPARATOR in name]
+        if joined:
+            raise InputError(f"{self.source.describe()}: the classes {joined} hold '{CLASS_SEPARATOR}', which joins "
+                             "the classes of a conformal set in one column; rename them in the label column (and "
+                             "data.labels)")
         return self._class_names
 
     def _filter_frame(self, cells: pd.DataFrame) -> pd.DataFrame:

@@ -179,7 +179,7 @@ def predict_h5ad(
         raise InputError(f"--prefix {prefix!r}: names obs, obsm and uns entries; give a name without '/'")
     classes = model.class_names
     asked.check(model.trust, isinstance(model, FoldEnsemble), model.origin.get("run_dir") or
-                model.origin.get("export") or model.origin.get("cv_run_dir") or "the model")
+                model.origin.get("export") or model.origin.get("cv_run_dir") or "the model", classes)
     with H5adReader(input_path, layer, layer_setting="--layer") as source:
         truth = labelled_cells(source.obs, classes, label_key, donor_key, cell_type_key, input_path) \
             if label_key is not None else None

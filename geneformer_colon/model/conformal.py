@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from geneformer_colon.common.errors import InputError
+from geneformer_colon.common.names import CLASS_SEPARATOR
 
 DEFAULT_ALPHA = 0.1
 
@@ -27,7 +28,8 @@ def check_alpha(alpha: float, setting: str) -> None:
 
 
 class ConformalSets:
-    """A Mondrian conformal classifier fitted on calibration cells' probabilities and true classes."""
+    """A Mondrian conformal classifier fitted on calibration cells' probabilities and true classes (crepes'
+    ``ConformalClassifier``, its hinge scores and its non-smoothed p-values)."""
 
     def __init__(self, probabilities: np.ndarray, targets: np.ndarray) -> None:
         from crepes import ConformalClassifier
@@ -38,23 +40,30 @@ class ConformalSets:
         self.scores = hinge(probabilities, np.arange(self.n_classes), targets)
         self.classes = targets
         self.classifier = ConformalClassifier().fit(self.scores, bins=targets)
+        self.sorted_by_class = [np.sort(self.classifier.alphas[self.classifier.bins == k])
+                                for k in range(self.n_classes)]
 
     def sets(self, probabilities: np.ndarray, alpha: float) -> np.ndarray:
-        """A boolean matrix (cells x classes): whether each class is in each cell's set at level ``1 - alpha``."""
+        """A boolean matrix (cells x classes): whether each class is in each cell's set at level ``1 - alpha``.
+
+        Class ``k`` enters when the p-value of its hinge score against class ``k``'s calibration scores,
+        ``(#{calibration scores >= score} + 1) / (n_k + 1)``, is at least ``alpha``: crepes' ``predict_set`` with
+        ``bins=k`` and ``smoothing=False`` (equal in the tests), by a sorted search instead of its loop over
+        cells and classes (10 classes x 100,000 cells: 37 s there)."""
         from crepes.extras import hinge
 
         check_alpha(alpha, "alpha")
         scores = hinge(probabilities)
         chosen = np.zeros(probabilities.shape, dtype=bool)
-        for k in range(self.n_classes):  # each candidate class against its own class's calibration cells
-            chosen[:, k] = self.classifier.predict_set(scores, bins=np.full(len(scores), k), confidence=1 - alpha,
-                                                       smoothing=False)[:, k].astype(bool)
+        for k, calibration in enumerate(self.sorted_by_class):  # each class against its own calibration cells
+            at_least = len(calibration) - np.searchsorted(calibration, scores[:, k], side="left")
+            chosen[:, k] = (at_least + 1) / (len(calibration) + 1) >= alpha
         return chosen
 
 
 def set_labels(sets: np.ndarray, class_names: Sequence[str]) -> list[str]:
     """Each cell's set as one string: its classes joined by ``|`` (empty for an empty set)."""
-    return ["|".join(name for name, chosen in zip(class_names, row) if chosen) for row in sets]
+    return [CLASS_SEPARATOR.join(name for name, chosen in zip(class_names, row) if chosen) for row in sets]
 
 
 def set_figures(sets: np.ndarray, targets: np.ndarray, alpha: float) -> dict[str, Any]:

@@ -75,9 +75,10 @@ def aurc(correct: np.ndarray, uncertainty: np.ndarray) -> float:
 
 def threshold_for(coverage: float, reference: np.ndarray) -> float:
     """The score at or below which ``coverage`` of the ``reference`` scores lie (the ceil(coverage * n)-th
-    smallest): cells scored at most this are answered."""
+    smallest; the product rounded to 9 decimals first, so 0.07 x 100 is 7, not 8): cells scored at most this are
+    answered."""
     ordered = np.sort(np.asarray(reference, dtype=np.float64))
-    return float(ordered[max(int(np.ceil(coverage * len(ordered))) - 1, 0)])
+    return float(ordered[max(int(np.ceil(round(coverage * len(ordered), 9))) - 1, 0)])
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:

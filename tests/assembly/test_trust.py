@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from helpers.tiny import CLASSES
 
-from geneformer_colon.assembly.trust import RunTrust
+from geneformer_colon.assembly.trust import RunTrust, TrustAsked
 from geneformer_colon.cli import verbs as cli
+from geneformer_colon.common.errors import InputError
 from geneformer_colon.jobs.export import export_run
 from geneformer_colon.model.calibration import calibration_figures
 from geneformer_colon.report.cv_summary import aggregate
@@ -138,3 +139,9 @@ def test_bad_trust_requests_get_one_line_and_write_nothing(trained_runs, new_cel
         lines = capsys.readouterr().err.strip().splitlines()
         assert ended.value.code == 2 and len(lines) == 1 and expected in lines[0], (number, lines)
         assert not out.exists() and not list(tmp_path.glob(f"{number}*"))
+
+
+def test_abstaining_when_a_class_is_named_unknown_is_refused():
+    """The abstained cells' label would be read as that class's calls."""
+    with pytest.raises(InputError, match=r"^run: --abstain labels the cells it does not call 'unknown', which is"):
+        TrustAsked(abstain=0.8).check(None, False, "run", ["B cells", "unknown"])

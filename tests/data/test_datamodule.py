@@ -53,6 +53,12 @@ def test_a_class_absent_from_a_split_is_an_error(tiny_cfg):
         dm.setup()
 
 
+def test_a_class_name_holding_the_conformal_separator_is_refused(tiny_cfg):
+    dm = datamodule_of(tiny_cfg("data.labels=['Normal|Border', Tumor]"))
+    with pytest.raises(InputError, match=r"the classes \['Normal\|Border'\] hold '\|', which joins"):
+        dm.setup()
+
+
 def test_batches_pad_to_their_longest_cell(tiny_cfg):
     dm = datamodule_of(tiny_cfg())
     dm.setup()

@@ -40,3 +40,23 @@ def test_sets_cover_exchangeable_cells_and_shrink_as_the_model_improves():
     for alpha in (0.0, 1.0, -0.2):
         with pytest.raises(InputError, match="between 0 and 1"):
             ConformalSets(probabilities, targets).sets(probabilities, alpha)
+
+
+def test_the_sets_are_crepes_own_non_smoothed_mondrian_sets():
+    """Scores with ties (probabilities rounded to 0.1) and a class without calibration cells: every set equals
+    crepes' predict_set with bins=k, smoothing=False."""
+    from crepes.extras import hinge
+
+    rng = np.random.default_rng(3)
+    probabilities = np.round(rng.dirichlet(np.ones(4), 600), 1)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    targets = rng.choice(3, 300)  # class 3 never among the calibration cells
+    conformal = ConformalSets(probabilities[:300], targets)
+    for alpha in (0.05, 0.1, 0.3):
+        ours = conformal.sets(probabilities[300:], alpha)
+        scores = hinge(probabilities[300:])
+        for k in range(4):
+            theirs = conformal.classifier.predict_set(scores, bins=np.full(300, k), confidence=1 - alpha,
+                                                      smoothing=False)[:, k].astype(bool)
+            np.testing.assert_array_equal(ours[:, k], theirs)
+        assert ours[:, 3].all()

@@ -44,6 +44,7 @@ def test_scores_thresholds_and_the_embedding_index():
     assert scores["energy"] == pytest.approx([-2.0, -2.0])  # logsumexp(log p + 2) = 2
     assert threshold_for(0.8, np.arange(10.0)) == 7.0  # 8 of 10 at or below
     assert threshold_for(1.0, np.arange(10.0)) == 9.0
+    assert threshold_for(0.07, np.arange(100.0)) == 6.0  # 7 of 100, although 0.07 * 100 is 7.000000000000001
     reference = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
     index = EmbeddingIndex(reference, k=3)
     queries = np.vstack([reference[:2] + 0.01, np.full((1, 4), np.nan)])
