@@ -48,6 +48,11 @@ def is_export(path: Path) -> bool:
     return (path / EXPORT_SETTINGS).is_file() or (path / ENSEMBLE_SETTINGS).is_file()
 
 
+def bf16_autocast(device: str | torch.device) -> bool:
+    """Whether inference on ``device`` runs under bf16 autocast (a GPU that has it), not in float32."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def finished_folds(run_dir: Path) -> list[str]:
     """The test donors of a CV run's finished folds, sorted."""
     folds = RunLayout(run_dir).folds
@@ -158,8 +163,7 @@ class TrainedClassifier:
         device_type = torch.device(device).type
 
         def forward(rows: slice) -> CellOutputs:
-            with torch.autocast(device_type, dtype=torch.bfloat16,
-                                enabled=device_type == "cuda" and torch.cuda.is_bf16_supported()):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_autocast(device)):
                 outputs = module.infer(input_ids[rows].to(device), attention_mask[rows].to(device))
             return CellOutputs(outputs.logits.float().cpu(), outputs.embeddings.float().cpu())
 

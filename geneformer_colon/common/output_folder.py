@@ -30,6 +30,10 @@ WRITTEN = ".written.json"
 HASH_CHUNK = 1 << 20
 
 
+class FolderBusy(InputError):
+    """Another command is writing the output folder."""
+
+
 def file_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -102,7 +106,7 @@ def output_folder(final: str | os.PathLike[str], command: str, own_names: Collec
         try:
             stack.enter_context(held_lock(final.with_name(f".{final.name}.lock"), holder, remove_after=True))
         except LockHeld as held:
-            raise InputError(f"{final}: being written by {held.holder}; wait for it to end or give another folder"
+            raise FolderBusy(f"{final}: being written by {held.holder}; wait for it to end or give another folder"
                              ) from None
         check_replaceable(final, command, own_names, overwrite)
         tmp = temporary_sibling(final)
