@@ -13,6 +13,7 @@
       csv/                        Lightning's CSV log
       dictionaries/               the gene dictionaries the run used
       history.md                  the run as a training-log entry
+      adaptation.json             adapt=self_training|tent: what the adaptation did (jobs.adapt)
       wandb/                      the offline W&B run and its id (wandb/run_id)
       eval/<name>/                eval.py on other cells: metrics.json, predictions/, plots/
       folds/<test donor>/         cv=lodo: one complete run directory a fold (with cv.seeds of two or more:
@@ -61,6 +62,7 @@ class RunLayout:
     cv_plot = property(lambda self: self.root / "plots" / "cv_per_donor.png")
     loss_plot = property(lambda self: self.root / "plots" / "loss.png")
     hf = property(lambda self: self.root / "hf")
+    adaptation = property(lambda self: self.root / "adaptation.json")
     trust = property(lambda self: self.root / TRUST_FILE)
     calibration_cells = property(lambda self: self.root / CELLS_FILE)
     embeddings = property(lambda self: self.root / "embed")
@@ -100,7 +102,7 @@ class RunLayout:
         """What a run wrote here (Hydra's own .hydra/ and log file are not the run's)."""
         names = (self.config, self.metrics, self.history, self.checkpoints, self.predictions, self.plots, self.csv,
                  self.dictionaries, self.wandb, self.evaluations, self.folds, self.cv_json, self.cv_markdown,
-                 self.hf, self.embeddings, self.trust, self.calibration_cells)
+                 self.hf, self.embeddings, self.trust, self.calibration_cells, self.adaptation)
         return [path for path in names if path.exists()]
 
     def holds_a_run(self) -> bool:
