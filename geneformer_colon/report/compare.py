@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,15 +88,30 @@ def ranked(runs: Iterable[Run]) -> list[Run]:
     return sorted(runs, key=lambda run: -run.headline(VAL, PAIRED_METRIC) if run.finished else np.inf)
 
 
+# A config node (``optimizer``, ``trainer``) of which one run alone sets more keys than this is counted in that
+# run's OWN_SETTINGS cell, not given a column each: a network beside a baseline sets dozens the baseline lacks.
+OWN_KEYS_SHOWN = 3
+OWN_SETTINGS = "set by this run alone"
+
+
 def comparison_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
     """One row a run, in the order given: status, best epoch (folds for a CV run), final metrics, and
-    the config that differs."""
+    the config that differs (a column a key; the nodes of which one run alone sets many keys counted in its
+    :data:`OWN_SETTINGS` cell)."""
+    flats = [flatten(run.config) for run in runs]
     keys = differing_keys([run.config for run in runs])
+    owned = [[key for key in keys if key in flat and sum(key in other for other in flats) == 1] for flat in flats]
+    counted = [{node: count for node, count in Counter(key.split(".")[0] for key in own).items()
+                if count > OWN_KEYS_SHOWN} for own in owned]
+    summarised = {key for own, nodes in zip(owned, counted) for key in own if key.split(".")[0] in nodes}
+    columns = [key for key in keys if key not in summarised]
     rows = []
-    for label, run in zip(labels, runs):
-        flat = flatten(run.config)
-        rows.append({"run": label, **run_row(run), **{key: display(flat[key]) if key in flat else "-" for key in keys}})
-    return runs_frame(rows, ["run", *RUN_COLUMNS, *keys])
+    for label, run, flat, nodes in zip(labels, runs, flats, counted):
+        own = {OWN_SETTINGS: ", ".join(f"{node}.* ({count})" for node, count in nodes.items()) or "-"} \
+            if summarised else {}
+        rows.append({"run": label, **run_row(run), **{key: display(flat[key]) if key in flat else "-"
+                                                       for key in columns}, **own})
+    return runs_frame(rows, ["run", *RUN_COLUMNS, *columns, *([OWN_SETTINGS] if summarised else [])])
 
 
 # ---- per donor, and the paired test ----

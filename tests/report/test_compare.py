@@ -3,6 +3,7 @@ paired test of two CV runs across donors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -18,17 +19,20 @@ from scipy import stats
 from geneformer_colon.cli import verbs as cli
 from geneformer_colon.report.compare import (
     EPOCH_PLOT,
+    OWN_SETTINGS,
     RECALL_PLOT,
     TABLE_FILE,
     WIDTH,
     PairedComparison,
     compare_runs,
+    comparison_frame,
     per_cell_type,
     plot_epochs,
     print_comparison,
 )
 from geneformer_colon.report.run_tables import METRIC_COLUMNS, TRUST_COLUMNS
-from geneformer_colon.runs.reading import Run
+from geneformer_colon.runs.config import flatten
+from geneformer_colon.runs.reading import Run, read_run
 
 
 def assert_png(path: Path) -> None:
@@ -83,6 +87,22 @@ def test_two_runs_side_by_side_with_the_config_that_differs(trained_runs, tmp_pa
 def rewrite_metrics(run_dir: Path, **changes) -> None:
     metrics = {**metrics_of(run_dir), **changes}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_node_only_one_run_sets_is_counted_not_given_a_column_a_key(trained_runs):
+    """A network beside a baseline: the network's dozens of trainer/optimizer keys the baseline lacks are counted in
+    one cell; a key two runs set, or a node one run sets a few keys of, keeps its columns."""
+    network = read_run(trained_runs[0])
+    config = {key: value for key, value in network.config.items() if key not in ("trainer", "optimizer")}
+    baselines = [dataclasses.replace(network, config={**config, "baseline": {"name": name, **extra}})
+                 for name, extra in (("logreg", {"C": 1.0}), ("scanvi", {"n_latent": 10}))]
+    frame = comparison_frame([network, *baselines], ["network", "logreg", "scanvi"]).set_index("run")
+    trainer_keys = len([key for key in flatten(network.config) if key.startswith("trainer.")])
+    assert trainer_keys > 3 and not any(column.startswith(("trainer.", "optimizer.")) for column in frame.columns)
+    assert f"trainer.* ({trainer_keys})" in frame.loc["network", OWN_SETTINGS]
+    assert frame.loc["logreg", OWN_SETTINGS] == frame.loc["scanvi", OWN_SETTINGS] == "-"
+    assert frame.loc["logreg", "baseline.C"] == "1.0" and frame.loc["scanvi", "baseline.name"] == "scanvi"
+    assert frame.loc["network", "baseline.name"] == "-"
 
 
 def test_sweep_root_lists_runs_at_any_depth_and_unfinished_ones_by_status(trained_runs, tmp_path):
