@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from geneformer_colon.assembly.batching import token_budget
-from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier, bf16_autocast
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import remove
-from geneformer_colon.common.output_folder import output_folder
+from geneformer_colon.common.output_folder import FolderBusy, output_folder
 from geneformer_colon.data.dictionaries import FRAME_TOKENS
 from geneformer_colon.jobs.cell_choice import CellSet, check_cell_counts, goal_centroid, select_cells
 from geneformer_colon.jobs.perturb_columns import (
@@ -46,9 +47,9 @@ from geneformer_colon.jobs.perturb_shards import (
     Merged,
     Plan,
     digest,
-    is_complete,
     merge_shards,
     merged_out,
+    ready_to_merge,
     run_on_devices,
     run_shard,
     shard_dir,
@@ -142,7 +143,8 @@ def plan_job(model_path: str | Path, asked: Asked, shard: tuple[int, int], chunk
                 "anchor_gene": asked.combining.anchor, "min_cells": asked.min_cells, "max_cells": asked.max_cells,
                 "seed": asked.seed, "cells": len(cells.rows), "columns": len(columns), "goal_centroid": centroid_from,
                 "batch_size": asked.budget(model)[0], "max_tokens": asked.budget(model)[1],
-                "emb_mode": asked.emb_mode, "top_k": asked.top_k,
+                "emb_mode": asked.emb_mode, "top_k": asked.top_k, "device_type": torch.device(device).type,
+                "precision": "bf16" if bf16_autocast(device) else "fp32",
                 "cells_digest": digest(list(cells.obs.index)),
                 "columns_digest": digest(columns.names), "centroid_digest": digest(centroid.astype(np.float32))}
     obs = cells.obs.copy()
@@ -205,13 +207,11 @@ def perturb(
     if shard is not None:
         folder = compute_shard(model_path, asked, out, shard, chunk_cells, device, resume, progress)
         siblings = sibling_shards(folder)
-        if merge_when_done and all(is_complete(sibling) for sibling in siblings):
+        if merge_when_done and ready_to_merge(siblings):
             try:
                 return merge_perturb(siblings, out)
-            except InputError as error:  # another shard finishing at the same time merges
-                if "being written by" not in str(error):
-                    raise
-                log.info("%s: merged by another shard", out)
+            except FolderBusy:  # another shard finishing at the same time merges
+                log.info("%s: being merged by another shard", out)
         return folder
     with output_folder(out, "perturb", OWN_NAMES) as written:
         folder = compute_shard(model_path, asked, out, (0, 1), chunk_cells, device, resume, progress)
@@ -241,19 +241,12 @@ def compute_shard(model_path: str | Path, asked: Asked, out: Path, shard: tuple[
 
 def perturb_on_devices(model_path: str | Path, asked: Asked, out: Path, devices: list[str], resume: bool,
                        chunk_cells: int) -> Path:
-    """One worker process a device, each a shard of ``len(devices)``, then the merge into ``out``."""
+    """One worker process a device, each a shard of ``len(devices)`` (``compute_shard`` of the same ``asked``, which
+    pickles), then the merge into ``out``."""
     with output_folder(out, "perturb", OWN_NAMES) as written:
-        arguments = {"model_path": str(model_path), "goal": asked.goal, "input_path": asked.input_path,
-                     "kind": asked.kind, "where": list(asked.where), "genes": asked.genes,
-                     "gene_sets": list(asked.gene_sets), "gmt": list(asked.gmt), "combos": asked.combining.combos,
-                     "anchor_gene": asked.combining.anchor, "min_cells": asked.min_cells,
-                     "max_cells": asked.max_cells, "seed": asked.seed, "out_dir": str(out),
-                     "label_key": asked.label_key, "gene_ids": asked.gene_ids, "layer": asked.layer,
-                     "batch_size": asked.batch_size, "fold": asked.fold, "emb_mode": asked.emb_mode,
-                     "top_k": asked.top_k, "max_tokens": asked.max_tokens, "resume": resume,
-                     "chunk_cells": chunk_cells,
-                     "progress": False, "merge_when_done": False}
-        run_on_devices(devices, perturb, arguments)
+        arguments = {"model_path": model_path, "asked": asked, "out": out, "chunk_cells": chunk_cells,
+                     "resume": resume, "progress": False}
+        run_on_devices(devices, compute_shard, arguments, out)
         folders = [shard_dir(out, index, len(devices)) for index in range(len(devices))]
         write_outputs(written, merge_shards(folders), out)
     for folder in folders:

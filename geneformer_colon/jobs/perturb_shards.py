@@ -4,15 +4,17 @@
   cell's work: its length x its perturbations; largest first, each to the least loaded share), and shard I
   perturbs its share into ``<out>.shard-I-of-N/``. A job that is not sharded is shard 0 of 1, whose folder goes
   once its output is written.
-- **Chunks**: a shard's cells, longest first, ``--chunk-cells`` at a time; a chunk's results are written whole
+- **Chunks**: a shard's cells, most work first, ``--chunk-cells`` at a time; a chunk's results are written whole
   (``chunks/<n>.npz``, under a temporary name then renamed) when its last cell is done. ``--resume`` continues from
-  the chunks a stopped job left (SIGTERM, Ctrl-C, a time limit); a chunk that cannot be read back, or that holds
-  other cells than the plan's, is done again.
-- **Merge** (``--merge DIR...``, or the last shard to finish): the shards' chunks, checked to come from the same
-  job (``plan.json``: settings, cells, columns, goal centroid), each cell once, give the outputs a single process
-  gives, byte for byte: every cell's perturbations are batched within the cell alone (so a cell's numbers do not
-  depend on which other cells share its process), and the pairs are put in one order (cell, column) before any sum.
-- **Devices** (``--devices cuda:0,cuda:1``): one worker process a device, shard I on the I-th, then the merge.
+  the chunks a stopped job left (SIGTERM, Ctrl-C, a time limit), cut as that job cut them (its ``--chunk-cells``);
+  a chunk that cannot be read back, or that holds other cells than the plan's, is done again.
+- **Merge** (``--merge DIR...``, or the last shard to finish, when its siblings are the same job's): the shards'
+  chunks, checked to come from the same job (``plan.json``: settings, device type and precision, cells, columns,
+  goal centroid), each cell once, give the outputs a single process gives, byte for byte: every cell's
+  perturbations are batched within the cell alone (so a cell's numbers do not depend on which other cells share
+  its process), and the pairs are put in one order (cell, column) before any sum.
+- **Devices** (``--devices cuda:0,cuda:1``): one worker process a device, shard I on the I-th, then the merge; a
+  Ctrl-C reaches the parent alone, which ends the workers.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +70,7 @@ def merged_out(shard: Path) -> Path:
 
 def share(costs: np.ndarray, index: int, count: int) -> np.ndarray:
     """The cells of shard ``index`` of ``count``: each cell, most work first, to the share with the least work so
-    far (ties: the lower share); returned longest first."""
+    far (ties: the lower share); returned most work first."""
     load = np.zeros(count)
     owner = np.empty(len(costs), dtype=np.int64)
     order = np.argsort(-np.asarray(costs, dtype=np.float64), kind="stable")
@@ -91,7 +94,7 @@ class Plan:
     identity: dict[str, Any]
     index: int
     count: int
-    cells: np.ndarray  # positions in the chosen cells, the shard's share, longest first
+    cells: np.ndarray  # positions in the chosen cells, the shard's share, most work first
     chunk_cells: int
     columns: dict[str, list[str]]
     annotations: dict[str, list[float] | list[int]]
@@ -142,8 +145,9 @@ def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(handle, **arrays)
 
 
-def open_shard(folder: Path, plan: Plan, obs: pd.DataFrame, resume: bool) -> None:
-    """Start ``folder`` for ``plan``, or, with ``resume``, check that it holds the same job's chunks."""
+def open_shard(folder: Path, plan: Plan, obs: pd.DataFrame, resume: bool) -> Plan:
+    """Start ``folder`` for ``plan``, or, with ``resume``, check that it holds the same job's chunks; the plan to
+    follow (resumed: cut in the stopped job's chunks, which its ``plan.json`` names and the merge reads)."""
     held = sorted((folder / CHUNKS).glob("*.npz")) if (folder / CHUNKS).is_dir() else []
     if folder.is_dir() and (folder / PLAN).is_file():
         before = read_plan(folder)
@@ -153,7 +157,10 @@ def open_shard(folder: Path, plan: Plan, obs: pd.DataFrame, resume: bool) -> Non
                 raise InputError(f"{folder}: holds chunks of another perturb (it differs in "
                                  f"{', '.join(changed) or 'its shard or cells'}); run the command that started it, "
                                  "or remove the folder to start again")
-            return
+            if before["chunk_cells"] != plan.chunk_cells:
+                log.info("%s: --chunk-cells %d, as the stopped run cut its chunks (not %d)", folder,
+                         before["chunk_cells"], plan.chunk_cells)
+            return replace(plan, chunk_cells=int(before["chunk_cells"]))
         if held:
             raise InputError(f"{folder}: holds {len(held)} finished chunks of an interrupted perturb; add --resume "
                              "to continue it, or remove the folder to start again")
@@ -163,13 +170,14 @@ def open_shard(folder: Path, plan: Plan, obs: pd.DataFrame, resume: bool) -> Non
         ad.AnnData(obs=obs.astype({column: "category" for column in obs.columns if obs[column].dtype == object})
                    ).write_h5ad(tmp)
     write_json(folder / PLAN, plan.document())
+    return plan
 
 
 def run_shard(folder: Path, plan: Plan, obs: pd.DataFrame, compute: Callable[[np.ndarray], dict[str, np.ndarray]],
               resume: bool, device: str) -> None:
     """Every chunk of ``plan`` not yet done, each written as it ends; ``done.json`` once all are."""
     with holding(folder):
-        open_shard(folder, plan, obs, resume)
+        plan = open_shard(folder, plan, obs, resume)
         chunks = plan.chunks
         done = [read_chunk(chunk_path(folder, number), cells) is not None for number, cells in enumerate(chunks)]
         if any(done):
@@ -187,8 +195,13 @@ def run_shard(folder: Path, plan: Plan, obs: pd.DataFrame, compute: Callable[[np
             kept = sum(chunk_path(folder, number).is_file() for number in range(len(chunks)))
             raise Interrupted(stop.signum, f"perturb stopped; {kept} of {len(chunks)} chunks of cells kept in "
                                            f"{folder}: continue with the same command and --resume") from None
-        seconds = sum(float(np.load(chunk_path(folder, n))["seconds"]) for n in range(len(chunks)))
+        seconds = sum(chunk_seconds(chunk_path(folder, number)) for number in range(len(chunks)))
         write_json(folder / DONE, {"seconds": seconds, "device": device})
+
+
+def chunk_seconds(path: Path) -> float:
+    with np.load(path, allow_pickle=False) as stored:
+        return float(stored["seconds"])
 
 
 @contextlib.contextmanager
@@ -226,6 +239,10 @@ def check_shards(folders: Sequence[Path]) -> list[dict[str, Any]]:
     plans = [read_plan(folder) for folder in folders]
     first = plans[0]
     for folder, plan in zip(folders, plans):
+        if arithmetic(plan) != arithmetic(first):
+            raise InputError(f"--merge: {folder} was computed on {arithmetic(plan)}, {folders[0]} on "
+                             f"{arithmetic(first)}: together they give numbers no single process gives; run every "
+                             "shard on one kind of device")
         changed = differing(first["identity"], plan["identity"])
         if changed or plan["shard"][1] != first["shard"][1]:
             raise InputError(f"--merge: {folder} is a shard of another perturb than {folders[0]} (it differs in "
@@ -243,6 +260,24 @@ def check_shards(folders: Sequence[Path]) -> list[dict[str, Any]]:
     if unfinished:
         raise InputError(f"--merge: {', '.join(unfinished)} not finished; run it again with --resume, then merge")
     return plans
+
+
+def arithmetic(plan: dict[str, Any]) -> str:
+    """The device type and precision a shard's numbers come from, e.g. ``cuda bf16``."""
+    return f"{plan['identity'].get('device_type')} {plan['identity'].get('precision')}"
+
+
+def ready_to_merge(folders: Sequence[Path]) -> bool:
+    """Whether ``folders`` are one job's shards, every one complete (the last shard to finish then merges them); a
+    complete folder of another job among them (an earlier command's) is named in one log line, and left."""
+    if not all(is_complete(folder) for folder in folders):
+        return False
+    try:
+        check_shards(folders)
+    except InputError as error:
+        log.warning("the shards are not merged: %s", error)
+        return False
+    return True
 
 
 def merge_shards(folders: Sequence[Path]) -> Merged:
@@ -284,27 +319,31 @@ def sibling_shards(folder: Path) -> list[Path]:
     return [shard_dir(merged_out(folder), index, count) for index in range(count)]
 
 
-def run_on_devices(devices: Sequence[str], work: Callable[..., Any], arguments: dict[str, Any]) -> None:
+def run_on_devices(devices: Sequence[str], work: Callable[..., Any], arguments: dict[str, Any], out: Path) -> None:
     """``work(**arguments, shard=(i, N), device=devices[i])`` in one spawned process a device, all at once; the
-    first failure (an input error as one line) raised once every worker ended."""
+    first failure (an input error as one line) raised once every worker ended. The workers ignore Ctrl-C (they
+    start with SIGINT ignored, as the terminal sends it to them too): the parent ends them (SIGTERM) when it
+    stops, saying where their chunks of ``out`` are kept."""
     context = multiprocessing.get_context("spawn")
     errors = context.Queue()
     workers = [context.Process(target=worker, args=(work, {**arguments, "shard": (index, len(devices)),
                                                           "device": device}, len(devices), errors))
                for index, device in enumerate(devices)]
-    for process in workers:
-        process.start()
     try:
+        with sigint_ignored():  # inherited through the exec, kept by Python's start
+            for process in workers:
+                process.start()
         for process in workers:
             process.join()
     except Interrupted as stop:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            process.join()
         raise Interrupted(stop.signum, f"perturb stopped; the workers' finished chunks are kept in "
-                                       f"{arguments['out_dir']}.shard-*-of-{len(devices)}: continue with the same "
-                                       "command and --resume") from None
+                                       f"{out}.shard-*-of-{len(devices)}: continue with the same command and "
+                                       "--resume") from None
+    finally:
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+                process.join()
     failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
     failures += [(index, f"worker on {devices[index]} ended with exit code {process.exitcode}", False)
                  for index, process in enumerate(workers) if process.exitcode and
@@ -312,6 +351,15 @@ def run_on_devices(devices: Sequence[str], work: Callable[..., Any], arguments: 
     if failures:
         index, message, is_input = sorted(failures)[0]
         raise (InputError if is_input else RuntimeError)(f"shard {index} on {devices[index]}: {message}")
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def worker(work: Callable[..., Any], arguments: dict[str, Any], workers: int, errors: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -17,6 +19,8 @@ from helpers.processes import run_script, wait_for
 
 from geneformer_colon.cli import verbs as cli
 from geneformer_colon.common.errors import InputError, Interrupted
+from geneformer_colon.common.output_folder import output_folder
+from geneformer_colon.jobs import perturb as perturb_module
 from geneformer_colon.jobs import perturb_shards
 from geneformer_colon.jobs.perturb import TIMING, merge_perturb, perturb
 from geneformer_colon.jobs.perturb_shards import parse_shard, shard_dir, share
@@ -45,10 +49,17 @@ def one_process(trained_runs, tmp_path_factory) -> Path:
     return perturb(trained_runs[0], out_dir=tmp_path_factory.mktemp("one") / "out", **CHOSEN)
 
 
-def test_three_shards_merged_equal_one_process_byte_for_byte(trained_runs, one_process, tmp_path):
-    out = tmp_path / "out"
-    folders = [perturb(trained_runs[0], out_dir=out, shard=(index, 3), merge_when_done=False, **CHOSEN)
-               for index in range(3)]
+@pytest.fixture(scope="module")
+def three_shards(trained_runs, tmp_path_factory) -> list[Path]:
+    """The three shards of CHOSEN, not merged (a test that changes them works on a copy)."""
+    out = tmp_path_factory.mktemp("three") / "out"
+    return [perturb(trained_runs[0], out_dir=out, shard=(index, 3), merge_when_done=False, **CHOSEN)
+            for index in range(3)]
+
+
+def test_three_shards_merged_equal_one_process_byte_for_byte(three_shards, one_process):
+    folders = three_shards
+    out = folders[0].with_name("out")
     assert folders == [shard_dir(out, index, 3) for index in range(3)] and not out.exists()
     cells = [set(json.loads((folder / "plan.json").read_text())["cells"]) for folder in folders]
     assert all(cells) and set.union(*cells) == set(range(7)) and sum(map(len, cells)) == 7  # each cell once
@@ -57,6 +68,31 @@ def test_three_shards_merged_equal_one_process_byte_for_byte(trained_runs, one_p
     settings = json.loads((out / "settings.json").read_text())
     assert settings["shards"] == 3 and settings["devices"] == ["cpu"] * 3
     assert "seconds" not in (out / "genes.md").read_text()  # timing in settings.json alone
+    assert settings["device_type"] == "cpu" and settings["precision"] == "fp32"
+
+
+def test_a_finished_shard_merges_only_its_own_jobs_shards_and_leaves_a_merge_under_way(
+        trained_runs, three_shards, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="geneformer_colon.jobs")
+    folders = [Path(shutil.copytree(folder, tmp_path / folder.name)) for folder in three_shards]
+    out = tmp_path / "out"
+    monkeypatch.setattr(perturb_module, "compute_shard", lambda *args, **kwargs: folders[2])  # shard 2 just ended
+    plan = json.loads((folders[1] / "plan.json").read_text())
+
+    def sibling_of(**identity: str) -> None:
+        (folders[1] / "plan.json").write_text(json.dumps({**plan, "identity": {**plan["identity"], **identity}}))
+
+    sibling_of(goal="Border")  # shard 1 of an earlier command toward another goal, complete
+    assert perturb(trained_runs[0], out_dir=out, shard=(2, 3), **CHOSEN) == folders[2] and not out.exists()
+    assert "the shards are not merged: --merge:" in caplog.text and "differs in goal" in caplog.text
+    sibling_of()
+    with output_folder(out, "perturb"):  # another shard, finishing at the same time, is merging
+        assert perturb(trained_runs[0], out_dir=out, shard=(2, 3), **CHOSEN) == folders[2]
+    assert "being merged by another shard" in caplog.text
+    sibling_of(device_type="cuda", precision="bf16")
+    with pytest.raises(InputError, match=r"^--merge: .*out.shard-1-of-3 was computed on cuda bf16, .*out.shard-0-of-3 "
+                                         r"on cpu fp32: together they give numbers no single process gives"):
+        merge_perturb(folders)
 
 
 @pytest.mark.slow
@@ -67,7 +103,9 @@ def test_the_last_shard_to_finish_merges(trained_runs, one_process, tmp_path):
     assert outputs(out) == outputs(one_process)
 
 
-def test_a_run_stopped_between_chunks_resumes_to_the_run_left_alone(trained_runs, one_process, tmp_path, monkeypatch):
+def test_a_run_stopped_between_chunks_resumes_to_the_run_left_alone(trained_runs, one_process, tmp_path, monkeypatch,
+                                                                    caplog):
+    caplog.set_level(logging.INFO, logger="geneformer_colon.jobs")
     out = tmp_path / "out"
     written = []
     real = perturb_shards.write_chunk
@@ -90,8 +128,9 @@ def test_a_run_stopped_between_chunks_resumes_to_the_run_left_alone(trained_runs
     rewritten = []
     monkeypatch.setattr(perturb_shards, "write_chunk", lambda path, arrays: (rewritten.append(path.name),
                                                                            real(path, arrays)))
-    perturb(trained_runs[0], out_dir=out, resume=True, **CHOSEN)
+    perturb(trained_runs[0], out_dir=out, resume=True, **{**CHOSEN, "chunk_cells": 3})  # cut as the stopped run
     assert rewritten == ["00002.npz", "00003.npz"]  # the two chunks kept were read back, not done again
+    assert "--chunk-cells 2, as the stopped run cut its chunks (not 3)" in caplog.text
     assert outputs(out) == outputs(one_process)
     assert not shard_dir(out, 0, 1).exists()  # the work folder goes with the output written
 
