@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from geneformer_colon.data.store import TokenStore
-from geneformer_colon.data.token_rows import pad_tokens
+from geneformer_colon.data.token_rows import pad_tokens, padded_length
 
 
 class UnlabelledCells(Dataset):
@@ -33,9 +33,15 @@ class UnlabelledCells(Dataset):
         return {"tokens": self.store.cell_tokens(int(self.positions[item])), "index": int(self.positions[item]),
                 "donor": int(self.donor_ids[item])}
 
-    def batch(self, rows: Sequence[int] | np.ndarray | torch.Tensor, pad_id: int = 0) -> dict[str, torch.Tensor]:
-        """The padded batch of these rows."""
-        return pad_unlabelled([self[int(row)] for row in rows], pad_id)
+    def batch(self, rows: Sequence[int] | np.ndarray | torch.Tensor, pad_id: int = 0, max_tokens: int | None = None
+              ) -> dict[str, torch.Tensor]:
+        """The padded batch of these rows; with ``max_tokens``, of the first of them whose batch fits that many
+        padded tokens (cells x the longest, counted as the samplers count it), one at least."""
+        items = [self[int(row)] for row in rows]
+        if max_tokens is not None:
+            longest = np.maximum.accumulate([padded_length(max(len(item["tokens"]), 1)) for item in items])
+            items = items[: max(1, int((np.arange(1, len(items) + 1) * longest <= max_tokens).sum()))]
+        return pad_unlabelled(items, pad_id)
 
 
 def pad_unlabelled(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ cells without labels (:class:`~geneformer_colon.data.unlabelled.UnlabelledCells`
 the validation donors' labels.
 
 - ``none``: no adaptation.
-- ``mlm``: masked-gene pretraining continued on the training and target donors' cells, then fine-tuning
+- ``mlm``: masked-gene pretraining continued on the training and target donors' cells alone, then fine-tuning
   (``jobs/adapt.py``: the pretraining is ``jobs/pretrain.py``'s, cached per fold).
 - ``self_training``: rounds of class-balanced pseudo-labels above a confidence threshold (:func:`pseudo_labels`,
   :func:`self_train`), each round trained on the labelled and pseudo-labelled cells.
@@ -36,6 +36,7 @@ TARGET_CHOICES = ("test", "val_and_test")
 METHOD_KEYS = {"none": (), "mlm": ("epochs", "seed", "masking"), "self_training": ("threshold", "rounds", "epochs"),
                "dann": ("weight", "schedule_gamma"), "tent": ("steps", "lr")}
 _WHERE = "the model's settings (checkpoint hyper-parameters)"
+MLM_VAL = "adapt=mlm holds the validation donors out of its pretraining for the masked-gene loss that selects its epoch"
 
 
 def _number(value: Any, key: str, expected: str, valid: Callable[[float], bool], integer: bool = False) -> Any:
@@ -102,7 +103,8 @@ class AdaptSettings:
 
     def target_donors(self, val_donors: Sequence[str], test_donors: Sequence[str]) -> list[str]:
         """The target donors of a split: its test donors (``test``), its validation and test donors
-        (``val_and_test``), or the list, each a validation or test donor (no target's labels may train)."""
+        (``val_and_test``), or the list, each a validation or test donor (no target's labels may train); for
+        ``mlm``, never a validation donor."""
         held_out = [*val_donors, *test_donors]
         if self.targets == "test":
             targets = list(test_donors)
@@ -118,6 +120,10 @@ class AdaptSettings:
         if not targets:
             raise InputError(f"adapt={self.name} adapts to the target donors' cells, and adapt.targets={self.targets} "
                              "names none (data.test_donors is empty); name test donors or list adapt.targets")
+        validation = [donor for donor in targets if donor in val_donors]
+        if self.name == "mlm" and validation:
+            raise InputError(f"{MLM_VAL}, so the validation donor(s) {validation} cannot be targets; use "
+                             "adapt.targets=test or list test donors only")
         return targets
 
 
@@ -134,8 +140,11 @@ def check_adaptation(cfg: Mapping[str, Any]) -> AdaptSettings:
         raise InputError(f"adapt={settings.name} adapts the best epoch's model, and callbacks.model_checkpoint is "
                          "null; keep the model checkpoint (callbacks=default)")
     if settings.name == "mlm" and settings.targets == "val_and_test":
-        raise InputError("adapt=mlm holds the validation donors out of its pretraining for the masked-gene loss that "
-                         "selects its epoch, so they cannot be targets; use adapt.targets=test")
+        raise InputError(f"{MLM_VAL}, so they cannot be targets; use adapt.targets=test")
+    if settings.name == "mlm" and cfg.get("init_from"):
+        raise InputError(f"adapt=mlm pretrains model.encoder on the target's cells and fine-tunes from that, and "
+                         f"init_from={cfg.get('init_from')} would copy that run's weights over it; set init_from=null "
+                         "(experiment=colon4 and colon5 set it)")
     return settings
 
 
@@ -191,8 +200,10 @@ class TargetAdversary(DonorStrategy):
     """``dann``: the ``inner`` strategy's loss (the run's ``robust`` node) plus a :class:`DonorAdversary`'s term
     over the training donors and the target donors, its donor head seeing the batch's training cells and as many
     target cells (drawn each step, after every other draw of the step, so the training cells' own draws are those
-    of the run without it). ``weight=0``: the inner strategy's run exactly. The target cells and the encoder are
-    attached (:meth:`attach`) before training; without them (a model loaded to predict) the inner loss alone."""
+    of the run without it; under a token budget, only as many of them as fit it). ``weight=0``: no target cell is
+    drawn or encoded (the donor head sees the training cells alone, its term zero, as ``DonorAdversary``'s of
+    weight 0), so the run is the inner strategy's exactly. The target cells and the encoder are attached
+    (:meth:`attach`) before training; without them (a model loaded to predict) the inner loss alone."""
 
     def __init__(self, donors: Sequence[str], hidden_size: int, target_donors: Sequence[str],
                  inner: Mapping[str, Any] | None = None, weight: float = 0.1, schedule_gamma: float = 10.0) -> None:
@@ -201,29 +212,33 @@ class TargetAdversary(DonorStrategy):
             else PlainTraining(self.donors, hidden_size)
         self.target_donors = list(target_donors)
         self.adversary = DonorAdversary(self.donors + self.target_donors, hidden_size, weight, schedule_gamma)
-        self._attached: tuple[Callable[..., torch.Tensor], UnlabelledCells, torch.Tensor, int] | None = None
+        self._attached: tuple[Callable[..., torch.Tensor], UnlabelledCells, torch.Tensor, int, int | None] | None \
+            = None
 
     def attach(self, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cells: UnlabelledCells,
-               donor_names: Sequence[str], pad_id: int) -> None:
-        """The encoder and the target cells; ``donor_names``: the names behind the cells' donor indices."""
+               donor_names: Sequence[str], pad_id: int, max_tokens: int | None = None) -> None:
+        """The encoder and the target cells; ``donor_names``: the names behind the cells' donor indices;
+        ``max_tokens``: the padded tokens a batch of target cells may hold (``data.max_tokens``)."""
         lookup = torch.tensor([self.target_donors.index(name) + len(self.donors) if name in self.target_donors
                                else -1 for name in donor_names], dtype=torch.long)
         if (lookup[torch.as_tensor(cells.donor_ids, dtype=torch.long)] < 0).any():
             raise InputError(f"adapt=dann: target cells of donors outside {self.target_donors}")
-        self._attached = (encode, cells, lookup, pad_id)
+        self._attached = (encode, cells, lookup, pad_id, max_tokens)
 
     def forward(self, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, figures = self.inner(batch)
         if not self.training or self._attached is None:
             return loss, figures
-        encode, cells, lookup, pad_id = self._attached
-        rows = torch.randint(len(cells), (len(batch.embeddings),))
-        target = cells.batch(rows, pad_id)
-        device = batch.embeddings.device
-        embeddings = encode(target["input_ids"].to(device), target["attention_mask"].to(device))
-        donors = torch.cat([batch.donors, lookup[target["donors"]].to(device)])
-        both = torch.cat([batch.embeddings, embeddings.to(batch.embeddings.dtype)])
-        term, adversary = self.adversary.donor_term(both, donors, batch.progress, prefix="adapt")
+        embeddings, donors = batch.embeddings, batch.donors
+        if self.adversary.weight != 0:  # at 0 the head sees the training cells alone (DDP wants every parameter used)
+            encode, cells, lookup, pad_id, max_tokens = self._attached
+            rows = torch.randint(len(cells), (len(batch.embeddings),))
+            target = cells.batch(rows, pad_id, max_tokens)
+            device = batch.embeddings.device
+            encoded = encode(target["input_ids"].to(device), target["attention_mask"].to(device))
+            donors = torch.cat([donors, lookup[target["donors"]].to(device)])
+            embeddings = torch.cat([embeddings, encoded.to(embeddings.dtype)])
+        term, adversary = self.adversary.donor_term(embeddings, donors, batch.progress, prefix="adapt")
         return loss + term, {**figures, **adversary}
 
     def epoch_figures(self) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """Adapting to the test donor's unlabelled cells (adapt.py): every method trains a tiny fold under cv=lodo into complete
 run directories and never reads a target label (the target donor's labels permuted: the same model); tent of zero
 steps and an adversary of weight zero are the unadapted run exactly; a dann run paused by SIGTERM resumes to the
-run left alone; self-training and tent adapt again from the kept fitted model; mlm's pretraining is shared by a
-fold's seeds and a model of another vocabulary is refused with one line."""
+run left alone; self-training and tent adapt again from the kept fitted model, or from a resumed run's newer best
+epoch; mlm's pretraining is shared by a fold's seeds, reads no test donor but its targets, and a model of another
+vocabulary is refused with one line; self-training's predictions keep data.max_tokens; a target donor without cells
+is refused; overwrite=true removes adaptation.json."""
 
 from __future__ import annotations
 
@@ -22,10 +24,21 @@ from helpers.tiny import CLASSES, compose_tiny, compose_train, datamodule_of, ti
 from omegaconf import OmegaConf
 from test_reliability import refused
 
-from geneformer_colon.assembly.builders import classifier_from_checkpoint, read_checkpoint
+from geneformer_colon.assembly.builders import build_module, classifier_from_checkpoint, read_checkpoint
 from geneformer_colon.cli import train as train_entry
+from geneformer_colon.common.errors import InputError
+from geneformer_colon.data.token_rows import padded_length
 from geneformer_colon.jobs import donor_cv
-from geneformer_colon.jobs.adapt import train_adapted
+from geneformer_colon.jobs.adapt import (
+    keep_fitted,
+    pretraining_config,
+    probabilities,
+    target_cells,
+    train_adapted,
+)
+from geneformer_colon.model.adaptation import AdaptSettings
+from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.start import prepare_run_dir
 
 # A short colon6 run of the split test KUL01, validation KUL19: one fold of cv=lodo, or the same split alone.
 SHORT = ["experiment=colon6", "logger=csv", "trainer.limit_train_batches=3"]
@@ -70,7 +83,7 @@ def fold_run(tmp_path, shared_dirs, run_name: str, *overrides: str, cells: str |
     return tmp_path / "outputs" / run_name / ("folds/KUL01" if lodo else "")
 
 
-def probabilities(run_dir, split: str = "test") -> pd.DataFrame:
+def predicted(run_dir, split: str = "test") -> pd.DataFrame:
     table = pd.read_csv(run_dir / "predictions" / f"{split}.csv").set_index("cell_id").sort_index()
     return table[[column for column in table.columns if column.startswith("prob")]]
 
@@ -96,7 +109,7 @@ def test_each_method_writes_complete_fold_runs_and_reads_no_target_label(method,
         assert (run.parent.parent / "cv.json").is_file()
     # the target's labels permuted: the same model, the same probabilities, other true labels in its predictions
     assert_same_weights(runs["as_is"] / "checkpoints/best.ckpt", runs["permuted"] / "checkpoints/best.ckpt")
-    pd.testing.assert_frame_equal(probabilities(runs["as_is"]), probabilities(runs["permuted"]))
+    pd.testing.assert_frame_equal(predicted(runs["as_is"]), predicted(runs["permuted"]))
     truths = [pd.read_csv(run / "predictions/test.csv").set_index("cell_id").sort_index()["true"] for run in
               runs.values()]
     assert (truths[0] != truths[1]).any()
@@ -130,7 +143,7 @@ def test_tent_of_zero_steps_and_an_adversary_of_weight_zero_are_the_unadapted_ru
     tent = fold_run(tmp_path, shared_dirs, "tent", "adapt=tent", "adapt.steps=0")
     dann = fold_run(tmp_path, shared_dirs, "dann", "adapt=dann", "adapt.weight=0")
     for run in (tent, dann):
-        pd.testing.assert_frame_equal(probabilities(run), probabilities(plain))
+        pd.testing.assert_frame_equal(predicted(run), predicted(plain))
         assert metrics_of(run)["epochs"] == metrics_of(plain)["epochs"]
     assert_same_weights(plain / "checkpoints/best.ckpt", tent / "checkpoints/best.ckpt")
     assert_same_weights(plain / "checkpoints/best.ckpt", dann / "checkpoints/best.ckpt")
@@ -143,8 +156,9 @@ def test_an_adaptation_interrupted_after_fitting_adapts_again_from_the_kept_fitt
     run = fold_run(tmp_path, shared_dirs, method, *METHODS[method], lodo=False)
     fitted = fingerprints(run / "checkpoints")["fitted.ckpt"]
     shutil.copy(run / "checkpoints/best.ckpt", tmp_path / "adapted.ckpt")
-    # as if stopped while adapting: best.ckpt already overwritten by something else, the run not finished
-    shutil.copy(run / "checkpoints/last.ckpt", run / "checkpoints/best.ckpt")
+    # as if stopped after adapting, the run not finished: best.ckpt adapted (here an adapted-looking other model)
+    torch.save({**read_checkpoint(run / "checkpoints/last.ckpt"), "adaptation": {"method": method}},
+               run / "checkpoints/best.ckpt")
     record = metrics_of(run)
     (run / "metrics.json").write_text(json.dumps({**record, "status": "running"}))
     fold_run(tmp_path, shared_dirs, method, *METHODS[method], "resume=true", lodo=False)
@@ -152,6 +166,55 @@ def test_an_adaptation_interrupted_after_fitting_adapts_again_from_the_kept_fitt
     assert fingerprints(run / "checkpoints")["fitted.ckpt"] == fitted
     assert metrics_of(run)["test"] == record["test"]
     assert read_checkpoint(run / "checkpoints/best.ckpt")["adaptation"]["method"] == method
+
+
+def test_the_model_to_adapt_is_a_fresh_best_epoch_or_the_one_an_adapted_best_came_from(tmp_path):
+    best, fitted = tmp_path / "best.ckpt", tmp_path / "fitted.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, fitted)  # the first run's best epoch
+    torch.save({"state_dict": {"w": torch.ones(1)}, "adaptation": {"method": "tent"}}, best)  # adapted from it
+    keep_fitted(best, fitted)  # a run interrupted after adapting: adapts again from the same model
+    assert torch.equal(read_checkpoint(fitted)["state_dict"]["w"], torch.zeros(1))
+    torch.save({"state_dict": {"w": torch.full((1,), 2.0)}}, best)  # resumed with more epochs: a newer best epoch
+    keep_fitted(best, fitted)
+    assert torch.equal(read_checkpoint(fitted)["state_dict"]["w"], torch.full((1,), 2.0))
+    torch.save({"state_dict": {}, "adaptation": {}}, best)
+    fitted.unlink()
+    with pytest.raises(InputError, match="fitted.ckpt, the model it was adapted from, is missing"):
+        keep_fitted(best, fitted)
+
+
+def test_overwrite_removes_the_adaptation_record(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    layout.checkpoints.mkdir(parents=True)
+    layout.checkpoint().write_bytes(b"")
+    layout.adaptation.write_text("{}")
+    prepare_run_dir(layout, overwrite=True)
+    assert not layout.adaptation.exists() and not layout.checkpoints.exists()
+
+
+def test_mlm_pretrains_on_no_test_donor_but_its_targets(tmp_path, shared_dirs):
+    cfg = compose_tiny(tmp_path, shared_dirs, "data.test_donors=[KUL01,KUL21]", "adapt=mlm", "adapt.targets=[KUL01]")
+    pre = pretraining_config(cfg, AdaptSettings.of(cfg.adapt), ["KUL01"])
+    assert pre.data.test_donors == ["KUL21"] and pre.data.val_donors == ["KUL19"] and pre.data.train_donors is None
+
+
+def test_self_trainings_predictions_keep_the_token_budget_and_a_target_without_cells_is_refused(tmp_path,
+                                                                                                shared_dirs):
+    cfg = compose_tiny(tmp_path, shared_dirs, "data.max_tokens=512")
+    datamodule = datamodule_of(cfg)
+    datamodule.prepare_data()
+    datamodule.setup()
+    module = build_module(cfg, datamodule)
+    cells = target_cells(datamodule, ["KUL01"])
+    shapes = []
+    infer = module.infer
+    module.infer = lambda ids, mask: shapes.append(ids.shape) or infer(ids, mask)
+    budgeted = probabilities(module, datamodule, cells)
+    assert len(shapes) > 1 and all(rows * padded_length(length) <= 512 or rows == 1 for rows, length in shapes)
+    datamodule.max_tokens = None
+    assert np.allclose(probabilities(module, datamodule, cells), budgeted, atol=1e-5)
+    with pytest.raises(InputError, match=r"target donor\(s\) \['KUL21'\] have no cell .*data.cell_types=None"):
+        target_cells(datamodule, ["KUL01", "KUL21"])
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import torch
 from transformers import BertConfig
 
 from geneformer_colon.common.errors import InputError
+from geneformer_colon.data.token_rows import padded_length
 from geneformer_colon.data.unlabelled import UnlabelledCells
 from geneformer_colon.model.adaptation import (
     AdaptSettings,
@@ -48,6 +49,9 @@ def test_targets_are_held_out_donors_never_a_training_donor():
         AdaptSettings.of({"name": "tent", "targets": ["KUL01", "KUL21"]}).target_donors(["KUL19"], ["KUL01"])
     with pytest.raises(InputError, match="names none"):
         AdaptSettings.of({"name": "dann"}).target_donors(["KUL19"], [])
+    # mlm's validation donors select its pretraining's epoch: named as a target in a list, refused as in val_and_test
+    with pytest.raises(InputError, match=r"validation donor\(s\) \['KUL19'\] cannot be targets"):
+        AdaptSettings.of({"name": "mlm", "targets": ["KUL01", "KUL19"]}).target_donors(["KUL19"], ["KUL01"])
 
 
 def test_combinations_that_cannot_work_are_refused_before_any_data():
@@ -58,6 +62,8 @@ def test_combinations_that_cannot_work_are_refused_before_any_data():
         check_adaptation({"adapt": {"name": "tent"}, "callbacks": {"model_checkpoint": None}})
     with pytest.raises(InputError, match="use adapt.targets=test"):
         check_adaptation({"adapt": {"name": "mlm", "targets": "val_and_test"}})
+    with pytest.raises(InputError, match="init_from=outputs/colon3 would copy that run's weights over it; set init_"):
+        check_adaptation({"adapt": {"name": "mlm"}, "init_from": "outputs/colon3"})
     assert check_adaptation({"adapt": {"name": "dann"}, "robust": robust}).name == "dann"
 
 
@@ -162,13 +168,26 @@ def test_the_target_adversary_adds_a_donor_head_term_over_training_and_target_do
                           targets, embeddings, torch.tensor([0, 1, 0, 1]), 0.5)
     plain = PlainTraining(donors, hidden)(batch)[0]
     for weight in (0.0, 0.5):
+        encoded = []
         adversary = TargetAdversary(donors, hidden, ["T"], weight=weight)
-        adversary.attach(encode, cells, ["A", "B", "T"], pad_id=0)
+        adversary.attach(lambda ids, mask: encoded.append(ids.shape) or encode(ids, mask), cells, ["A", "B", "T"],
+                         pad_id=0)
+        state = torch.random.get_rng_state()
         loss, figures = adversary(batch)
         assert adversary.adversary.donor_head[-1].out_features == 3 and "adapt/donor_accuracy" in figures
         assert (loss == plain) == (weight == 0.0)
+        # weight 0: no target cell drawn or encoded, the random state the inner strategy's run leaves
+        assert (encoded == []) == torch.equal(torch.random.get_rng_state(), state) == (weight == 0.0)
+    assert encoded[0][0] == len(batch.embeddings)  # as many target cells as training cells
     loss.backward()
     assert encoder[0].weight.grad.abs().sum() > 0  # the target cells' gradient reaches the encoder
+    # under a token budget (data.max_tokens), only as many target cells as fit it (cells pad to 8 or 16 tokens here)
+    encoded.clear()
+    adversary.attach(lambda ids, mask: encoded.append(ids.shape) or encode(ids, mask), cells, ["A", "B", "T"],
+                     pad_id=0, max_tokens=30)
+    torch.manual_seed(0)
+    adversary(batch)
+    assert 1 <= encoded[0][0] < len(batch.embeddings) and encoded[0][0] * padded_length(encoded[0][1]) <= 30
     inner = TargetAdversary(donors, hidden, ["T"], inner={"_target_": "geneformer_colon.model.robust.GroupDRO"})
     assert isinstance(inner.inner, GroupDRO)
     with pytest.raises(InputError, match="target cells of donors outside"):
