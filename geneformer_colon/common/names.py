@@ -9,6 +9,10 @@ METRICS = {"accuracy": "acc", "macro_f1": "macro F1", "macro_auroc": "ROC AUC"}
 # Which calls to trust: a split's calibration (ECE, Brier, NLL) and abstention (AURC) figures, each lower for a
 # better model, and their short titles.
 TRUST_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "brier": "Brier", "nll": "NLL", "aurc": "AURC"}
+# The calibration figures after the run's post-hoc calibration (a split's ``calibrated`` node in metrics.json), as
+# the flat keys of a CV summary and a table of runs, and their short titles.
+CALIBRATED_METRICS = {f"calibrated_{metric}": f"{title} calibrated" for metric, title in TRUST_METRICS.items()
+                      if metric != "aurc"}
 # A prediction-table column a split is broken down by -> its metrics.json key.
 GROUPINGS = {"donor": "by_donor", "cell_type": "by_cell_type"}
 
@@ -16,6 +20,19 @@ GROUPINGS = {"donor": "by_donor", "cell_type": "by_cell_type"}
 CLASS_SEPARATOR = "|"
 
 FINISHED, RUNNING, FAILED, INTERRUPTED = "finished", "running", "failed", "interrupted"
+
+
+def split_figure(entry: dict, key: str) -> float | None:
+    """A figure of a split's metrics.json entry: its own ``key``, or a :data:`CALIBRATED_METRICS` key read from its
+    ``calibrated`` node (None where absent)."""
+    if key in CALIBRATED_METRICS:
+        return (entry.get("calibrated") or {}).get(key.removeprefix("calibrated_"))
+    return entry.get(key)
+
+
+def lower_is_better(key: str) -> bool:
+    """A calibration or abstention figure (its worst fold is its highest)."""
+    return key in TRUST_METRICS or key in CALIBRATED_METRICS
 
 
 def logged(split: str, metric: str) -> str:

@@ -25,6 +25,7 @@ from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.figures import plot_per_donor
 from geneformer_colon.common.io import atomic_path, file_lock, read_json, rounded, write_json
 from geneformer_colon.common.names import (
+    CALIBRATED_METRICS,
     EVAL_SPLITS,
     FINISHED,
     GROUPINGS,
@@ -34,7 +35,9 @@ from geneformer_colon.common.names import (
     TRUST_METRICS,
     VAL,
     column,
+    lower_is_better,
     per_class,
+    split_figure,
 )
 from geneformer_colon.common.text_tables import markdown_table
 from geneformer_colon.runs.layout import RunLayout
@@ -74,7 +77,7 @@ def fold_row(layout: RunLayout, class_names: Sequence[str]) -> dict[str, Any] | 
         "cells": run.metrics.get("cells", {}),
         "best_epoch": run.metrics.get("best_epoch"),
         "run_dir": layout.root.name,
-        **{split: {key: run.metrics[split].get(key) for key in keys} for split in EVAL_SPLITS},
+        **{split: {key: split_figure(run.metrics[split], key) for key in keys} for split in EVAL_SPLITS},
         "chance_macro_f1": chance_macro_f1(run.metrics[TEST]["confusion_matrix"]),
         column(TEST, "macro_f1", GROUPINGS["cell_type"]): {
             cell_type: values["macro_f1"]
@@ -125,8 +128,8 @@ def chance_macro_f1(confusion: Sequence[Sequence[int]]) -> float:
 
 def fold_figures(class_names: Sequence[str]) -> list[str]:
     """What cv.json keeps of each fold's splits: the headline metrics, each class's recall, and the calibration
-    and abstention figures."""
-    return [*METRICS, *(per_class("recall", name) for name in class_names), *TRUST_METRICS]
+    and abstention figures, raw and after the run's calibration."""
+    return [*METRICS, *(per_class("recall", name) for name in class_names), *TRUST_METRICS, *CALIBRATED_METRICS]
 
 
 def worst_fold(folds: Sequence[Mapping[str, Any]], split: str, key: str) -> dict[str, Any] | None:
@@ -135,7 +138,7 @@ def worst_fold(folds: Sequence[Mapping[str, Any]], split: str, key: str) -> dict
     present = [fold for fold in folds if fold[split].get(key) is not None]
     if not present:
         return None
-    pick = max if key in TRUST_METRICS else min
+    pick = max if lower_is_better(key) else min
     fold = pick(present, key=lambda fold: fold[split][key])
     return {"donor": fold["test_donor"], "value": fold[split][key]}
 
@@ -144,7 +147,7 @@ def aggregate(folds: Sequence[Mapping[str, Any]], class_names: Sequence[str]) ->
     """Each figure's spread over the folds (:func:`spread`; NLL is not bounded by 1) and its worst fold."""
     keys = fold_figures(class_names)
     return {split: {key: {**spread([fold[split].get(key) for fold in folds],
-                                   (0.0, math.inf) if key == "nll" else (0.0, 1.0)),
+                                   (0.0, math.inf) if key.endswith("nll") else (0.0, 1.0)),
                           "worst": worst_fold(folds, split, key)} for key in keys} for split in EVAL_SPLITS}
 
 
@@ -191,12 +194,16 @@ def cv_markdown(cv: Mapping[str, Any]) -> str:
 
 
 def across_folds_markdown(cv: Mapping[str, Any]) -> str:
-    """Each figure's mean, sd, min, max and 95% interval over the folds (what a CV run prints at its end)."""
+    """Each figure's mean, sd, min, max and 95% interval over the folds (what a CV run prints at its end); a figure
+    no fold has (the calibrated ones of a run without calibration) is left out."""
     rows = []
     for split in EVAL_SPLITS:
         for key, values in cv["aggregate"][split].items():
+            if not values["n"]:
+                continue
             # recall/<class>: the class name as it is
-            title = METRICS.get(key) or TRUST_METRICS.get(key) or " ".join(key.partition("/")[::2])
+            title = METRICS.get(key) or TRUST_METRICS.get(key) or CALIBRATED_METRICS.get(key) or \
+                " ".join(key.partition("/")[::2])
             interval = "-" if values["ci95"] is None else f"{values['ci95'][0]:.3f} to {values['ci95'][1]:.3f}"
             worst = values.get("worst")
             rows.append([f"{split} {title}", values["n"], values["mean"], values["sd"], values["min"], values["max"],

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geneformer_colon.common.names import EVAL_SPLITS, METRICS, TEST, TRUST_METRICS, column
+from geneformer_colon.common.names import CALIBRATED_METRICS, EVAL_SPLITS, METRICS, TEST, TRUST_METRICS, column
 from geneformer_colon.common.text_tables import markdown_table
 from geneformer_colon.runs.reading import Run
 
@@ -18,7 +18,7 @@ SPREAD_METRIC = "macro_f1"
 METRIC_COLUMNS = [column(split, metric) for split in EVAL_SPLITS for metric in METRICS]
 SPREAD_COLUMNS = [column(split, SPREAD_METRIC, SPREAD) for split in EVAL_SPLITS]
 # The test donors' calibration and abstention figures (lower is better); absent from runs made before them.
-TRUST_COLUMNS = [column(TEST, metric) for metric in TRUST_METRICS]
+TRUST_COLUMNS = [column(TEST, metric) for metric in (*TRUST_METRICS, *CALIBRATED_METRICS)]
 RUN_COLUMNS = ["status", "best_epoch", "folds", *METRIC_COLUMNS, *SPREAD_COLUMNS, *TRUST_COLUMNS]
 # Columns a table leaves out when no row has a value (no CV run among its runs, no run with calibration figures).
 OPTIONAL_COLUMNS = ("folds", *SPREAD_COLUMNS, *TRUST_COLUMNS)
@@ -29,7 +29,7 @@ TITLES = {
     "run_dir": "run dir",
     **{column(split, metric): f"{split} {title}" for split in EVAL_SPLITS for metric, title in METRICS.items()},
     **{column(split, SPREAD_METRIC, SPREAD): f"{split} {METRICS[SPREAD_METRIC]} {SPREAD}" for split in EVAL_SPLITS},
-    **{column(TEST, metric): f"{TEST} {title}" for metric, title in TRUST_METRICS.items()},
+    **{column(TEST, metric): f"{TEST} {title}" for metric, title in (TRUST_METRICS | CALIBRATED_METRICS).items()},
 }
 
 
@@ -52,7 +52,7 @@ def run_row(run: Run | None, status: str | None = None) -> dict[str, Any]:
         row.update({column(split, metric): run.headline(split, metric) if finished else np.nan for metric in METRICS})
         row[column(split, SPREAD_METRIC, SPREAD)] = run.spread(split, SPREAD_METRIC) if finished else np.nan
     row.update({name: run.headline(TEST, metric) if finished else np.nan
-                for name, metric in zip(TRUST_COLUMNS, TRUST_METRICS)})
+                for name, metric in zip(TRUST_COLUMNS, (*TRUST_METRICS, *CALIBRATED_METRICS))})
     return row
 
 

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import read_json
-from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, RUNNING, VAL, logged, per_class
+from geneformer_colon.common.names import EVAL_SPLITS, FINISHED, RUNNING, VAL, logged, per_class, split_figure
 from geneformer_colon.runs.config import renamed_targets
 from geneformer_colon.runs.layout import RunLayout
 from geneformer_colon.runs.record import EPOCHS_FROM
@@ -65,7 +65,7 @@ class Run:
         """A final figure: the run's own, or for a CV run the mean over its folds (NaN if absent)."""
         if self.is_cv:
             return self._across_folds(split, metric, "mean")
-        value = self.metrics.get(split, {}).get(metric)
+        value = split_figure(self.metrics.get(split, {}), metric)
         return np.nan if value is None else float(value)
 
     def spread(self, split: str, metric: str) -> float:

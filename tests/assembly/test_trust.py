@@ -46,10 +46,11 @@ def test_a_trained_run_records_its_calibration_and_its_trust_figures(trained_run
         [f"prob_{name}" for name in CLASSES]].to_numpy(), atol=1e-6)
     assert metrics["test"]["conformal"]["alpha"] == 0.1 and "conformal" not in metrics["val"]
     assert summary_values(metrics)["test/ece"] == metrics["test"]["ece"]
-    folds = [{"test_donor": donor, "val": {}, "test": {"ece": ece, "macro_f1": f1}}
-             for donor, ece, f1 in (("A", 0.1, 0.5), ("B", 0.3, 0.7))]
+    folds = [{"test_donor": donor, "val": {}, "test": {"ece": ece, "macro_f1": f1, "calibrated_nll": nll}}
+             for donor, ece, f1, nll in (("A", 0.1, 0.5, 2.5), ("B", 0.3, 0.7, 1.5))]
     across = aggregate(folds, [])["test"]
     assert across["ece"]["worst"] == {"donor": "B", "value": 0.3} and across["macro_f1"]["worst"]["donor"] == "A"
+    assert across["calibrated_nll"]["worst"]["donor"] == "A" and across["calibrated_nll"]["ci95"][1] > 1
 
 
 def test_temperature_scaling_tames_an_over_confident_model_and_predict_applies_it_from_run_and_export(

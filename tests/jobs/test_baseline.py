@@ -196,6 +196,9 @@ def test_a_baseline_is_calibrated_and_gets_conformal_sets_like_a_training_run(h5
     assert calibrated["test"]["conformal"]["alpha"] == 0.1 and calibrated["test"]["conformal"]["coverage"] > 0
     assert plain["test"]["conformal"]["mean_set_size"] >= 1 and calibrated["test"]["abstention"]["at_80"]
     assert json.loads((runs["temperature"] / "calibration.json").read_text())["method"] == "temperature"
+    frame = compare_runs(list(runs.values()), tmp_path / "compared").frame.set_index("run")
+    assert frame.loc["temperature/run", "test_calibrated_ece"] == pytest.approx(calibrated["test"]["calibrated"]["ece"])
+    assert np.isnan(frame.loc["none/run", "test_calibrated_ece"])
 
     probe = h5ad_baseline(h5ad_cohorts["plain"], tmp_path / "probe", shared_dirs["cache"], "baseline=frozen_probe",
                           *TINY_ENCODER)
