@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -72,7 +73,7 @@ def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellD
         with unlogged(trainer):
             evaluate(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True, verbose=False)
         results[split] = module.results[split]
-    trust = fit_trust(calibration, module, datamodule, results[VAL])
+    trust = fit_trust(calibration, module, datamodule, results[VAL], trainer.strategy.root_device)
     final = {}
     for split, result in results.items():
         # under DDP every rank holds the gathered results: one writes them
@@ -87,14 +88,16 @@ def evaluate_best(trainer: pl.Trainer, module: CellClassifier, datamodule: CellD
 
 
 def fit_trust(calibration: Mapping[str, Any] | None, module: CellClassifier, datamodule: CellDataModule,
-              val: Mapping[str, Any]) -> RunTrust:
+              val: Mapping[str, Any], device: torch.device) -> RunTrust:
     """The run's calibration fitted on the validation cells' results, with a sample of the training cells'
-    embeddings (through the one inference path) for the kNN score."""
+    embeddings (through the one inference path, on the trainer's ``device``: evaluation's end left the module on
+    the CPU; batched by ``data.max_tokens`` where set) for the kNN score."""
     settings = trust_settings(calibration)
     positions = datamodule.splits[TRAIN].positions
     rows = positions[sample_rows(len(positions), settings["knn_reference_cells"], datamodule.seed)]
     model = TrainedClassifier(module, datamodule.dictionaries, datamodule.settings, {})
-    reference = model.apply(datamodule.store, rows, batch_size=datamodule.eval_batch_size, device=module.device)[1]
+    reference = model.apply(datamodule.store, rows, batch_size=datamodule.eval_batch_size,
+                            max_tokens=datamodule.max_tokens, device=device)[1]
     return RunTrust.fit(settings, val["probabilities"], val["targets"], head_logits(module.head, val["embeddings"]),
                         val["embeddings"], reference, datamodule.split_donors(VAL))
 
