@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from geneformer_colon.assembly.batching import OomHalving
 from geneformer_colon.assembly.builders import classifier_from_checkpoint
-from geneformer_colon.assembly.trust import RunTrust
+from geneformer_colon.assembly.trust import RunTrust, TrustSource
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.names import FINISHED
 from geneformer_colon.data.dictionaries import GeneDictionaries, load_settings, special_token_ids
@@ -170,6 +170,10 @@ class TrainedClassifier:
         parts = self.oom(forward, len(input_ids))
         return CellOutputs(torch.cat([part.logits for part in parts]), torch.cat([part.embeddings for part in parts]))
 
+    def trust_sources(self) -> list[TrustSource]:
+        """Whose validation cells judge this model's calls (predict's abstention and conformal sets): its own."""
+        return [TrustSource(self.trust, self.module.head)]
+
     @property
     def pad_id(self) -> int:
         return special_token_ids(self.dictionaries.token, self.settings.model_version)["<pad>"]
@@ -226,6 +230,12 @@ class FoldEnsemble(TrainedClassifier):
         origin.update(folds=folds, trained_on=trained_on, validated_on=validated_on,
                       checkpoint=", ".join(str(member.origin.get("checkpoint")) for member in members))
         return cls(first.module, first.dictionaries, first.settings, origin, members=members)
+
+    def trust_sources(self) -> list[TrustSource]:
+        """Each fold's, with its part of the embeddings :meth:`infer` puts side by side."""
+        ends = np.cumsum([member.hidden_size for member in self.members])
+        return [TrustSource(member.trust, member.module.head, slice(int(end - member.hidden_size), int(end)))
+                for member, end in zip(self.members, ends)]
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: str | torch.device = "cpu"
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -198,17 +198,77 @@ UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
+class TrustSource:
+    """One classifier's trust (None: a run without ``calibration.json``), its head, and its part of the model's
+    embeddings: the model itself, or one fold of a cross-validated ensemble (its slice of the folds' embeddings
+    side by side)."""
+
+    trust: RunTrust | None
+    head: torch.nn.Module
+    part: slice = field(default_factory=lambda: slice(None))
+
+    def answers(self, embeddings: np.ndarray, score: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """This classifier's own calibrated probabilities of cells from their embeddings, and its uncertainty
+        scores of them (``knn`` where asked by ``score``)."""
+        own = embeddings[:, self.part]
+        logits = head_logits(self.head, own)
+        probabilities = softmax(logits)
+        if self.trust is not None:
+            probabilities = self.trust.calibration.apply(probabilities)
+        distances = self.trust.index.distances(own) if score == "knn" else None
+        return probabilities, uncertainty_scores(probabilities, logits, distances)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class CellAnswers:
+    """What predict answers of each cell beyond its class: the asked uncertainty score, whether it abstained, its
+    conformal set (cells x classes); filled a chunk of cells at a time."""
+
+    uncertainty: np.ndarray
+    abstained: np.ndarray | None
+    sets: np.ndarray | None
+
+    @classmethod
+    def empty(cls, cells: int, classes: int, asked: TrustAsked) -> CellAnswers:
+        return cls(np.full(cells, np.nan), np.zeros(cells, dtype=bool) if asked.abstain is not None else None,
+                   np.zeros((cells, classes), dtype=bool) if asked.conformal is not None else None)
+
+    def rows(self, chosen: np.ndarray) -> CellAnswers:
+        """The answers of the ``chosen`` cells (a boolean mask or indices)."""
+        return CellAnswers(self.uncertainty[chosen], None if self.abstained is None else self.abstained[chosen],
+                           None if self.sets is None else self.sets[chosen])
+
+    def fill(self, rows: slice, chunk: CellAnswers) -> None:
+        self.uncertainty[rows] = chunk.uncertainty
+        if self.abstained is not None:
+            self.abstained[rows] = chunk.abstained
+        if self.sets is not None:
+            self.sets[rows] = chunk.sets
+
+
+@dataclass(frozen=True)
 class TrustAsked:
     """What predict is asked beyond each cell's class: which ``uncertainty`` score it writes, abstention at a
     coverage (``abstain``: cells less sure than the validation donors' ``abstain`` share are called
-    :data:`UNKNOWN`), conformal sets at a miscoverage rate (``conformal``)."""
+    :data:`UNKNOWN`), conformal sets at a miscoverage rate (``conformal``).
+
+    A cross-validated ensemble answers from its folds, each against its own validation donors: a cell is
+    :data:`UNKNOWN` when most folds' classifiers are less sure of it than their threshold, and its conformal set
+    is the union of the folds' sets (each holds the true class with probability at least 1 - alpha where the
+    cells are exchangeable with that fold's validation cells, so the union does too; it is larger)."""
 
     uncertainty: str = DEFAULT_SCORE
     abstain: float | None = None
     conformal: float | None = None
 
-    def check(self, trust: RunTrust | None, ensemble: bool, model: str, classes: Sequence[str] = ()) -> None:
-        """Every request the model (of ``classes``) can answer, before anything is read or written."""
+    def check(self, sources: Sequence[TrustSource], model: str, classes: Sequence[str] = ()) -> None:
+        """Every request the model (of ``classes``, answering through ``sources``) can answer, before anything is
+        read or written."""
         if self.uncertainty not in SCORES:
             raise InputError(f"--uncertainty {self.uncertainty!r}: choose one of {', '.join(SCORES)}")
         if self.abstain is not None and not 0 < self.abstain <= 1:
@@ -224,67 +284,89 @@ class TrustAsked:
                                               ("--conformal", self.conformal is not None),
                                               (f"--uncertainty {self.uncertainty}", self.uncertainty == "knn"))
                  if asked]
-        if needs and trust is None:
-            where = ("a cross-validated ensemble, whose folds each have their own validation donors; use one "
-                     "fold with --fold") if ensemble else \
-                f"no {TRUST_FILE} (a run trained before calibration was recorded); train the run again"
-            raise InputError(f"{model}: {' and '.join(needs)} need the validation donors' cells of the run, but it "
-                             f"is {where}")
-        if self.uncertainty == "energy" and ensemble:
+        if needs and any(source.trust is None for source in sources):
+            lacking = "one of its folds has" if len(sources) > 1 else "it has"
+            raise InputError(f"{model}: {' and '.join(needs)} need the validation donors' cells of the run, but "
+                             f"{lacking} no {TRUST_FILE} (a run trained before calibration was recorded); train the "
+                             "run again")
+        if self.uncertainty == "energy" and len(sources) > 1:
             raise InputError(f"{model}: --uncertainty energy needs one classifier's logits, not an ensemble's; use "
                              "--fold or another score")
-        if self.uncertainty == "knn" and trust is not None and trust.reference is None:
+        if self.uncertainty == "knn" and any(source.trust.reference is None for source in sources):
             raise InputError(f"{model}: --uncertainty knn needs the training cells' embeddings, which this run "
                              f"lacks (its {CELLS_FILE} has none); choose another score")
 
-    def scores(self, probabilities: np.ndarray, embeddings: np.ndarray, head: torch.nn.Module,
-               trust: RunTrust | None) -> np.ndarray:
-        """The asked score of cells whose probabilities are already calibrated (a chunk of predict's)."""
-        logits = head_logits(head, embeddings) if self.uncertainty == "energy" else None
-        distances = trust.index.distances(embeddings) if self.uncertainty == "knn" else None
-        return uncertainty_scores(probabilities, logits, distances)[self.uncertainty]
+    def answer(self, probabilities: np.ndarray, embeddings: np.ndarray, sources: Sequence[TrustSource]
+               ) -> CellAnswers:
+        """A chunk of cells' answers from the model's (calibrated) ``probabilities`` and its embeddings: the asked
+        score, abstention against the validation cells' threshold and the conformal set; an ensemble's score is
+        that of its mean probabilities (``knn``: its folds' mean distance), its abstention and sets its folds'
+        (see the class). Cells without a prediction (NaN) get none."""
+        present = ~np.isnan(probabilities[:, 0])
+        if len(sources) == 1:
+            logits = head_logits(sources[0].head, embeddings[present]) if self.uncertainty == "energy" else None
+            distances = sources[0].trust.index.distances(embeddings[present]) if self.uncertainty == "knn" else None
+            own = [(probabilities[present], uncertainty_scores(probabilities[present], logits, distances))]
+            scores = own[0][1]
+        else:
+            own = [source.answers(embeddings[present], self.uncertainty) for source in sources]
+            distances = np.mean([scores["knn"] for _, scores in own], axis=0) if self.uncertainty == "knn" else None
+            scores = uncertainty_scores(probabilities[present], None, distances)
+        uncertainty = np.full(len(probabilities), np.nan)
+        uncertainty[present] = scores[self.uncertainty]
+        abstained = sets = None
+        if self.abstain is not None:
+            votes = np.mean([scores[self.uncertainty] > source.trust.threshold(self.uncertainty, self.abstain)
+                             for source, (_, scores) in zip(sources, own)], axis=0)
+            abstained = np.zeros(len(probabilities), dtype=bool)
+            abstained[present] = votes > 0.5
+        if self.conformal is not None:
+            sets = np.zeros(probabilities.shape, dtype=bool)
+            sets[present] = np.logical_or.reduce([source.trust.conformal.sets(own_probabilities, self.conformal)
+                                                  for source, (own_probabilities, _) in zip(sources, own)])
+        return CellAnswers(uncertainty, abstained, sets)
 
-    def columns(self, labels: pd.Series, probabilities: np.ndarray, uncertainty: np.ndarray, prefix: str,
-                classes: Sequence[str], trust: RunTrust | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    def columns(self, labels: pd.Series, probabilities: np.ndarray, answers: CellAnswers, prefix: str,
+                classes: Sequence[str], sources: Sequence[TrustSource]) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The obs columns (``<prefix>_label`` with abstention, ``<prefix>_uncertainty``, with conformal sets
         ``<prefix>_conformal_set``) and what ``uns[prefix]`` says of them."""
         predicted = labels.astype(str).to_numpy()
         present = ~np.isnan(probabilities[:, 0])
+        trusts = [source.trust for source in sources]
         uns: dict[str, Any] = {"uncertainty": self.uncertainty, "uncertainty_key": f"{prefix}_uncertainty",
                                "uncertainty_meaning": SCORE_MEANINGS[self.uncertainty]}
-        if trust is not None:
-            uns["calibration"] = trust.calibration.method
+        if all(trust is not None for trust in trusts):
+            uns["calibration"] = ", ".join(sorted({trust.calibration.method for trust in trusts}))
         columns = {}
-        if self.abstain is not None:
-            threshold = trust.threshold(self.uncertainty, self.abstain)
-            abstained = present & (uncertainty > threshold)
-            predicted = np.where(abstained, UNKNOWN, predicted)
-            uns["abstain"] = {"coverage_asked": self.abstain, "threshold": threshold,
-                              "coverage_reached": float(1 - abstained.sum() / max(present.sum(), 1)),
-                              "threshold_from": trust.fitted_on}
+        if answers.abstained is not None:
+            predicted = np.where(answers.abstained, UNKNOWN, predicted)
+            thresholds = [trust.threshold(self.uncertainty, self.abstain) for trust in trusts]
+            uns["abstain"] = {"coverage_asked": self.abstain,
+                              "threshold": thresholds[0] if len(trusts) == 1 else thresholds,
+                              "coverage_reached": float(1 - answers.abstained.sum() / max(present.sum(), 1)),
+                              "threshold_from": fitted_on(trusts)}
+            if len(trusts) > 1:
+                uns["abstain"]["rule"] = "unknown where most folds' classifiers are less sure than their threshold"
         columns[f"{prefix}_label"] = pd.Categorical(predicted)
-        columns[f"{prefix}_uncertainty"] = uncertainty
-        if self.conformal is not None:
-            sets = np.zeros(probabilities.shape, dtype=bool)
-            sets[present] = trust.conformal.sets(probabilities[present], self.conformal)
+        columns[f"{prefix}_uncertainty"] = answers.uncertainty
+        if answers.sets is not None:
             columns[f"{prefix}_conformal_set"] = pd.Categorical(
-                np.where(present, set_labels(sets, classes), ""))
+                np.where(present, set_labels(answers.sets, classes), ""))
             uns["conformal"] = {"alpha": self.conformal, "key": f"{prefix}_conformal_set", "separator": CLASS_SEPARATOR,
-                                "calibrated_on": trust.fitted_on,
+                                "calibrated_on": fitted_on(trusts),
                                 "note": "split conformal, class-conditional (Mondrian) on the validation donors' "
-                                        "cells; a new donor is not exchangeable with them (donor shift), so its "
-                                        "coverage may fall below 1 - alpha"}
+                                        "cells" + (", the union of the folds' sets" if len(trusts) > 1 else "")
+                                        + "; a new donor is not exchangeable with them (donor shift), so its "
+                                          "coverage may fall below 1 - alpha"}
         return pd.DataFrame(columns, index=labels.index), uns
 
-    def figures(self, targets: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, trust: RunTrust | None
-                ) -> dict[str, Any]:
-        """How the asked abstention and conformal sets did on cells whose true classes are known (``targets``;
-        ``labels``: predict's calls, :data:`UNKNOWN` where it abstained; ``probabilities`` calibrated):
-        ``abstain`` (the share answered, the accuracy and macro F1 of the answered cells and of all) and
-        ``conformal`` (coverage and set size at the asked alpha)."""
+    def figures(self, targets: np.ndarray, probabilities: np.ndarray, answers: CellAnswers) -> dict[str, Any]:
+        """How the asked abstention and conformal sets (``answers``) did on cells whose true classes are known
+        (``targets``; ``probabilities`` calibrated): ``abstain`` (the share answered, the accuracy and macro F1 of
+        the answered cells and of all) and ``conformal`` (coverage and set size at the asked alpha)."""
         figures: dict[str, Any] = {}
-        if self.abstain is not None:
-            answered = labels != UNKNOWN
+        if answers.abstained is not None:
+            answered = ~answers.abstained
             predicted = probabilities.argmax(axis=1)
             figures["abstain"] = {"coverage_asked": self.abstain, "coverage": float(answered.mean()),
                                   **({"accuracy": float(np.mean(targets[answered] == predicted[answered])),
@@ -292,10 +374,15 @@ class TrustAsked:
                                      if answered.any() else {"accuracy": None, "macro_f1": None}),
                                   "accuracy_all": float(np.mean(targets == predicted)),
                                   "macro_f1_all": macro_f1(targets, predicted)}
-        if self.conformal is not None:
-            figures["conformal"] = set_figures(trust.conformal.sets(probabilities, self.conformal), targets,
-                                               self.conformal)
+        if answers.sets is not None:
+            figures["conformal"] = set_figures(answers.sets, targets, self.conformal)
         return figures
+
+
+def fitted_on(trusts: Sequence[RunTrust]) -> dict[str, Any]:
+    """The validation donors and cells the trusts were fitted on (of all the folds of an ensemble)."""
+    return {"donors": sorted({donor for trust in trusts for donor in trust.fitted_on.get("donors", [])}),
+            "cells": sum(int(trust.fitted_on.get("cells", 0)) for trust in trusts)}
 
 
 def asked_line(name: str, figures: Mapping[str, Any]) -> str:

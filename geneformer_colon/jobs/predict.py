@@ -44,8 +44,8 @@ from rich.progress import Progress
 
 from geneformer_colon.assembly.batching import token_budget
 from geneformer_colon.assembly.scoring import group_metrics, prediction_table, score_split
-from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
-from geneformer_colon.assembly.trust import TrustAsked, asked_line
+from geneformer_colon.assembly.trained_classifier import TrainedClassifier
+from geneformer_colon.assembly.trust import CellAnswers, TrustAsked, asked_line
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path
 from geneformer_colon.common.names import FINISHED, GROUPINGS, METRICS, TEST
@@ -178,8 +178,9 @@ def predict_h5ad(
     if not prefix or "/" in prefix:
         raise InputError(f"--prefix {prefix!r}: names obs, obsm and uns entries; give a name without '/'")
     classes = model.class_names
-    asked.check(model.trust, isinstance(model, FoldEnsemble), model.origin.get("run_dir") or
-                model.origin.get("export") or model.origin.get("cv_run_dir") or "the model", classes)
+    sources = model.trust_sources()
+    asked.check(sources, model.origin.get("run_dir") or model.origin.get("export") or model.origin.get("cv_run_dir")
+                or "the model", classes)
     with H5adReader(input_path, layer, layer_setting="--layer") as source:
         truth = labelled_cells(source.obs, classes, label_key, donor_key, cell_type_key, input_path) \
             if label_key is not None else None
@@ -188,7 +189,7 @@ def predict_h5ad(
         obs = source.obs.copy()
         n_cells = source.shape[0]
         probabilities = np.full((n_cells, len(classes)), np.nan)
-        uncertainty = np.full(n_cells, np.nan)
+        answers = CellAnswers.empty(n_cells, len(classes), asked)
         with atomic_path(out_path) as tmp:
             shutil.copyfile(input_path, tmp)
             with h5py.File(tmp, "r+") as handle, Progress(transient=True) as progress:
@@ -196,12 +197,11 @@ def predict_h5ad(
                 embedding = new_obsm_array(handle, f"X_{prefix}", (n_cells, model.hidden_size))
                 for rows, chunk_probabilities, chunk_embeddings in itertools.chain([first], chunks):
                     probabilities[rows], embedding[rows] = chunk_probabilities, chunk_embeddings
-                    uncertainty[rows] = asked.scores(chunk_probabilities, chunk_embeddings, model.module.head,
-                                                     model.trust)
+                    answers.fill(rows, asked.answer(chunk_probabilities, chunk_embeddings, sources))
                     progress.update(task, completed=rows.stop)
                 new_obsm_array(handle, probabilities_key(prefix), probabilities.shape, np.float64)[:] = probabilities
                 added, trusted = asked.columns(prediction_columns(probabilities, classes, prefix, obs.index)[
-                    f"{prefix}_label"], probabilities, uncertainty, prefix, classes, model.trust)
+                    f"{prefix}_label"], probabilities, answers, prefix, classes, sources)
                 write_elem(handle, "obs", pd.concat([obs.drop(columns=added.columns, errors="ignore"), added], axis=1))
                 uns = read_elem(handle["uns"]) if "uns" in handle else {}
                 origin = {key: str(value) for key, value in model.origin.items() if not isinstance(value, list)}
@@ -217,7 +217,7 @@ def predict_h5ad(
     if truth is not None:
         with output_folder(metrics_dir(out_path).root, "predict", ("metrics.json", "predictions", "plots")) as written:
             write_labelled_metrics(RunLayout(written), truth, probabilities, classes, model, input_path, donor_key,
-                                   asked, added[f"{prefix}_label"].astype(str).to_numpy())
+                                   asked, answers)
     return added
 
 
@@ -256,11 +256,11 @@ def labelled_cells(obs: pd.DataFrame, classes: Sequence[str], label_key: str, do
 
 def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities: np.ndarray, classes: Sequence[str],
                            model: TrainedClassifier, input_path: Path, donor_key: str | None = None,
-                           asked: TrustAsked = TrustAsked(), labels: np.ndarray | None = None) -> dict[str, Any]:
+                           asked: TrustAsked = TrustAsked(), answers: CellAnswers | None = None) -> dict[str, Any]:
     """The whole file's metrics, each donor's and cell type's, as a run directory has them (cells with a
     prediction); with ``donor_key``, the model's held-out and training donors apart (``by_training``); with
-    ``--abstain`` or ``--conformal``, how they did (``asked``, overall and each donor's; ``labels``: predict's
-    calls)."""
+    ``--abstain`` or ``--conformal``, how they did (``asked``, overall and each donor's, from predict's
+    ``answers``)."""
     scored = ~np.isnan(probabilities[:, 0])
     cells = truth[scored]
     targets = cells["target"].to_numpy()
@@ -268,12 +268,12 @@ def write_labelled_metrics(layout: RunLayout, truth: pd.DataFrame, probabilities
     entry = score_split(layout, TEST, cells, targets, probabilities[scored], classes, title)
     if asked.abstain is not None or asked.conformal is not None:
         donors = cells["donor"].astype(str).to_numpy()
-        entry["asked"] = asked.figures(targets, labels[scored], probabilities[scored], model.trust)
+        answered = answers.rows(scored)
+        entry["asked"] = asked.figures(targets, probabilities[scored], answered)
         log.info(asked_line(input_path.name, entry["asked"]))
         for donor, figures in entry.get(GROUPINGS["donor"], {}).items():  # where the file has several donors
             rows = donors == donor
-            figures["asked"] = asked.figures(targets[rows], labels[scored][rows], probabilities[scored][rows],
-                                             model.trust)
+            figures["asked"] = asked.figures(targets[rows], probabilities[scored][rows], answered.rows(rows))
             log.info(asked_line(donor, figures["asked"]))
     record = run_record(f"predict {input_path.name}", "predict", FINISHED, {TEST: sorted(set(cells["donor"]))},
                         {TEST: int(scored.sum())}, final={TEST: entry},

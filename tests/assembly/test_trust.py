@@ -21,6 +21,7 @@ from geneformer_colon.model.calibration import calibration_figures
 from geneformer_colon.report.cv_summary import aggregate
 from geneformer_colon.report.wandb_run import summary_values
 from geneformer_colon.runs.layout import RunLayout
+from geneformer_colon.runs.reading import read_run
 
 
 def test_a_trained_run_records_its_calibration_and_its_trust_figures(trained_runs):
@@ -145,4 +146,34 @@ def test_bad_trust_requests_get_one_line_and_write_nothing(trained_runs, new_cel
 def test_abstaining_when_a_class_is_named_unknown_is_refused():
     """The abstained cells' label would be read as that class's calls."""
     with pytest.raises(InputError, match=r"^run: --abstain labels the cells it does not call 'unknown', which is"):
-        TrustAsked(abstain=0.8).check(None, False, "run", ["B cells", "unknown"])
+        TrustAsked(abstain=0.8).check([], "run", ["B cells", "unknown"])
+
+
+def test_a_cv_ensemble_abstains_where_most_folds_do_and_its_sets_are_the_union_of_theirs(two_fold_cv_run, cohort,
+                                                                                         tmp_path):
+    """Each fold judged against its own validation donor: with two folds a cell is unknown where both folds, each
+    alone (--fold), abstain, and its set holds every class either fold's set holds. On cells of neither fold's
+    validation donor (a validation cell sits on its fold's threshold, where float noise could tip it)."""
+    validation = {donor for fold in ("KUL01", "KUL19") for donor in read_run(two_fold_cv_run / "folds" / fold).donors(
+        "val")}
+    cells = ad.read_h5ad(cohort(two_fold_cv_run))
+    cells[~cells.obs["donor"].isin(validation)].copy().write_h5ad(tmp_path / "cells.h5ad")
+    asked = ["--ensembl-key", "ensembl_id", "--abstain", "0.5", "--conformal", "0.2"]
+
+    def predicted(name: str, *fold: str) -> ad.AnnData:
+        cli.main(["predict", str(two_fold_cv_run), str(tmp_path / "cells.h5ad"), "--out",
+                  str(tmp_path / f"{name}.h5ad"), *asked, *fold])
+        return ad.read_h5ad(tmp_path / f"{name}.h5ad")
+
+    ensemble, *folds = (predicted(name, *fold) for name, fold in (("ensemble", ()), ("KUL01", ("--fold", "KUL01")),
+                                                                  ("KUL19", ("--fold", "KUL19"))))
+    unknown = [predicted.obs["gfc_label"].eq("unknown").to_numpy() for predicted in (ensemble, *folds)]
+    assert unknown[1].any() and unknown[2].any() and not (unknown[1] & unknown[2]).all()
+    np.testing.assert_array_equal(unknown[0], unknown[1] & unknown[2])
+    sets = [predicted.obs["gfc_conformal_set"].astype(str).map(lambda chosen: set(chosen.split("|")) - {""})
+            for predicted in (ensemble, *folds)]
+    assert [len(chosen) for chosen in sets[0]] != [len(chosen) for chosen in sets[1]]
+    assert all(mine == first | second for mine, first, second in zip(*sets))
+    uns = ensemble.uns["gfc"]
+    assert len(uns["abstain"]["threshold"]) == 2 and "most folds" in uns["abstain"]["rule"]
+    assert "union of the folds' sets" in uns["conformal"]["note"]
