@@ -363,10 +363,12 @@ def sigint_ignored() -> Iterator[None]:
 
 
 def worker(work: Callable[..., Any], arguments: dict[str, Any], workers: int, errors: Any) -> None:
-    """One shard in a spawned process, with its share of the CPUs as torch threads."""
+    """One shard in a spawned process, with its share of the CPUs as torch threads; its log lines shown as the
+    command shows its own (a spawned process starts with none)."""
     from geneformer_colon.common.console import quiet_libraries
     from geneformer_colon.common.cpus import available_cpus, use_threads
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
     use_threads(max(1, available_cpus() // workers))
     try:
