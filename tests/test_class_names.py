@@ -55,10 +55,15 @@ def test_class_names_with_spaces_plus_and_slash_go_through_every_command(named_c
 
         predicted = tmp_path / "predicted.h5ad"
         cli.main(["predict", str(run_dir), str(named_cohort), "--ensembl-key", "ensembl_id", "--label-key",
-                  "cell_class", "--donor-key", "donor", "--out", str(predicted)])
-        assert set(ad.read_h5ad(predicted).obs["gfc_label"]) <= set(NAMES.values())
+                  "cell_class", "--donor-key", "donor", "--out", str(predicted), "--abstain", "0.8", "--conformal",
+                  "0.1", "--uncertainty", "knn"])
+        obs = ad.read_h5ad(predicted).obs
+        assert set(obs["gfc_label"]) <= {*NAMES.values(), "unknown"} and obs["gfc_label"].eq("unknown").any()
+        sets = obs["gfc_conformal_set"].astype(str).map(lambda chosen: set(chosen.split("|")) - {""})
+        assert set().union(*sets) <= set(NAMES.values()) and sets.map(len).max() > 1
         metrics = json.loads((tmp_path / "predicted_metrics" / "metrics.json").read_text())
         assert {f"recall/{name}" for name in NAMES.values()} <= set(metrics["test"])
+        assert metrics["test"]["asked"]["conformal"]["alpha"] == 0.1
 
         cli.main(["embed", str(run_dir), str(named_cohort), "--ensembl-key", "ensembl_id", "--label-key",
                   "cell_class", "--out", str(tmp_path / "embed")])
