@@ -27,7 +27,7 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 from geneformer_colon.assembly.batching import DEFAULT_EXPLAIN_CELLS, token_budget
-from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier
+from geneformer_colon.assembly.trained_classifier import FoldEnsemble, TrainedClassifier, bf16_autocast
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import write_json
 from geneformer_colon.common.output_folder import output_folder
@@ -72,7 +72,7 @@ def integrated_gradients(model: TrainedClassifier, cells: CellSet, targets: np.n
     deltas, differences = np.zeros(len(cells.rows)), np.zeros(len(cells.rows))
     lengths = cells.tokens.lengths[cells.rows]
     device_type = torch.device(device).type
-    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bf16_autocast(device)
     for batch in EvalBatchSampler(lengths, batch_size, max_tokens=max_tokens):
         all_ids, all_masks = cells.tokens.padded(cells.rows[batch], model.pad_id)
         internal = batch_size if max_tokens is None else max(1, max_tokens // all_ids.shape[1])
