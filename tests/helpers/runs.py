@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 # Hydra-style job folders of a sweep over these overrides (on top of experiment=colon6): conftest's trained_runs.
@@ -67,6 +68,9 @@ def bad_checkpoints(folder: Path) -> dict[str, Path]:
 
 
 def fingerprints(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (relative path) to the sha256 of its bytes."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    """Every file under ``folder`` (relative path) to the sha256 of its bytes; a symbolic link to where it points
+    (W&B links each run's ``logs/debug-core.log`` to its service's one log of the whole process, which grows on its
+    own schedule)."""
+    return {str(path.relative_to(folder)): f"link to {os.readlink(path)}" if path.is_symlink()
+            else hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_symlink() or path.is_file()}
