@@ -27,6 +27,7 @@ def run_dir(trained_runs, tmp_path) -> Path:
     return Path(shutil.copytree(trained_runs[0], tmp_path / "moved" / "run"))
 
 
+@pytest.mark.slow  # eval.py as a process: make test-slow, in CI
 def test_eval_scores_the_best_checkpoint_on_several_donors_and_reports_each(run_dir):
     result = run_script("eval.py", f"run_dir={run_dir}", "data.test_donors=[KUL21,KUL28]",
                         "allow_training_donors=true")
@@ -50,6 +51,7 @@ def test_eval_scores_the_best_checkpoint_on_several_donors_and_reports_each(run_
     assert "test by donor" in result.stdout and "KUL28" in result.stdout
 
 
+@pytest.mark.slow  # eval.py as a process: make test-slow, in CI
 def test_a_donor_the_run_trained_on_is_refused_unless_allowed(run_dir):
     with pytest.raises(InputError, match=r"data.test_donors: \['KUL21'\] trained the run.*allow_training_donors"):
         run_evaluation(run_dir, ["data.test_donors=[KUL21]"], CONF)
@@ -77,6 +79,7 @@ def test_group_overrides_evaluate_another_h5ad(run_dir, cohort, tmp_path):
                                   atol=1e-5)
 
 
+@pytest.mark.slow  # eval.py as a process: make test-slow, in CI
 def test_a_crafted_config_is_refused_and_nothing_is_written(run_dir, tmp_path):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["data"]["source"] = {"_target_": "shutil.copyfile", "src": str(run_dir / "config.yaml"),

@@ -348,6 +348,7 @@ def test_two_runs_differing_in_robust_differ_in_the_config_key_that_names_it(tmp
     assert pd.DataFrame(table["data"], columns=table["columns"]).equals(predictions.head(5))
 
 
+@pytest.mark.slow  # four fold runs: make test-slow, in CI
 def test_a_cv_run_names_its_folds_and_seeds_and_pools_their_confusion_matrices(tmp_path, shared_dirs):
     from geneformer_colon.jobs import donor_cv
 
