@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import softmax
 
 from geneformer_colon.common.errors import InputError
 from geneformer_colon.common.io import atomic_path, read_json, write_json
@@ -212,16 +213,11 @@ class TrustSource:
         scores of them (``knn`` where asked by ``score``)."""
         own = embeddings[:, self.part]
         logits = head_logits(self.head, own)
-        probabilities = softmax(logits)
+        probabilities = softmax(logits, axis=1)
         if self.trust is not None:
             probabilities = self.trust.calibration.apply(probabilities)
         distances = self.trust.index.distances(own) if score == "knn" else None
         return probabilities, uncertainty_scores(probabilities, logits, distances)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 @dataclass
